@@ -1,0 +1,499 @@
+"""Benchmark channels_mini against Channels 4 and a bare floor; print a Markdown table.
+
+Run from the repository root:
+
+    python bench/run.py            # full run (about 5-10 minutes on 2 cores)
+    python bench/run.py --quick    # short run (under 2 minutes)
+    python bench/run.py --rounds 7 # more rounds for layer + echo benchmarks
+
+Every benchmark runs its implementations back to back (channels_mini, Channels 4, floor;
+the order is reversed on odd rounds), and each ratio is computed inside a round and then
+summarised as the median over rounds. Figures from different runs are never compared.
+Results also go to bench/results.json. See bench/README.md for what each row measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.apps.settings_mini")
+
+import django  # noqa: E402
+
+django.setup()
+
+from bench import layerbench, webbench  # noqa: E402
+
+IMPLS = ("mini", "ch4", "floor")
+HEADERS = {"mini": "channels_mini", "ch4": "Channels 4", "floor": "floor"}
+
+
+def log(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def raise_file_limit(wanted: int = 65536) -> int:
+    """Lift RLIMIT_NOFILE (inherited by the servers) so 1,000+ sockets fit on both ends."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# -- configuration -----------------------------------------------------------------------
+
+def make_config(args) -> dict:
+    quick = args.quick
+    rounds = args.rounds or (2 if quick else 5)
+    heavy = args.heavy_rounds or (1 if quick else min(rounds, 3))
+    return {
+        "quick": quick,
+        "rounds": rounds,
+        "heavy_rounds": heavy,
+        "roundtrip_n": 5_000 if quick else 20_000,
+        "group_members": [10, 100, 1000],
+        "group_deliveries": 3_000 if quick else 10_000,
+        "fanout_members": 1000,
+        "fanout_repeats": 3 if quick else 7,
+        "layer_capacity": 100,
+        "echo_clients": [1, 50],
+        "echo_seconds": 0.5 if quick else 2.0,
+        "broadcast_clients": 200,
+        "broadcast_sends": 200,
+        "broadcast_idle_timeout": 3.0,
+        "broadcast_hard_timeout": 20.0 if quick else 30.0,
+        "memory_sockets": 1000,
+        "memory_settle": 0.5 if quick else 1.0,
+    }
+
+
+# -- result bookkeeping ----------------------------------------------------------------------
+
+class Row:
+    """One table row: per-round figures for each implementation, plus how to show them."""
+
+    def __init__(self, key, label, unit, higher_is_better, fmt="{:.2f}", metric=None):
+        self.key, self.label, self.unit = key, label, unit
+        self.higher_is_better, self.fmt = higher_is_better, fmt
+        self.metric = metric  # for dict results: the key that ratios and medians use
+        self.rounds: list[dict] = []  # [{impl: value-or-dict-or-{"error":..}}]
+
+    def value(self, cell):
+        if cell is None or (isinstance(cell, dict) and "error" in cell):
+            return None
+        return cell[self.metric] if self.metric else cell
+
+    def median(self, impl):
+        values = [self.value(r.get(impl)) for r in self.rounds]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    def ratio(self, a, b):
+        ratios = []
+        for r in self.rounds:
+            va, vb = self.value(r.get(a)), self.value(r.get(b))
+            if va is not None and vb not in (None, 0):
+                ratios.append(va / vb)
+        return (statistics.median(ratios), len(ratios)) if ratios else (None, 0)
+
+    def cell(self, impl) -> str:
+        errors = [r[impl]["error"] for r in self.rounds
+                  if isinstance(r.get(impl), dict) and "error" in r[impl]]
+        median = self.median(impl)
+        if median is None:
+            return "ERROR" if errors else "n/a"
+        text = self.fmt.format(median)
+        extra = self.extra(impl)
+        if extra:
+            text += f" ({extra})"
+        if errors:
+            text += f" [{len(errors)} failed]"
+        return text
+
+    def extra(self, impl) -> str:
+        return ""
+
+    def ratio_text(self) -> str:
+        parts = []
+        for a, b, name in (("mini", "ch4", "mini/ch4"), ("mini", "floor", "mini/floor")):
+            value, n = self.ratio(a, b)
+            if value is not None:
+                parts.append(f"{name} {value:.2f}×")
+        return ", ".join(parts) or "n/a"
+
+    def to_json(self) -> dict:
+        return {
+            "label": self.label, "unit": self.unit, "higher_is_better": self.higher_is_better,
+            "median": {impl: self.median(impl) for impl in IMPLS},
+            "ratio_mini_over_ch4": self.ratio("mini", "ch4")[0],
+            "ratio_mini_over_floor": self.ratio("mini", "floor")[0],
+            "rounds": self.rounds,
+        }
+
+
+class EchoRow(Row):
+    def extra(self, impl):
+        p50 = [r[impl]["p50_ms"] for r in self.rounds if self.value(r.get(impl)) is not None]
+        p99 = [r[impl]["p99_ms"] for r in self.rounds if self.value(r.get(impl)) is not None]
+        if not p50:
+            return ""
+        return f"p50 {statistics.median(p50):.2f} ms, p99 {statistics.median(p99):.2f} ms"
+
+    def ratio_text(self):
+        text = super().ratio_text()
+        p99 = Row(self.key, "", "", False, metric="p99_ms")
+        p99.rounds = self.rounds
+        value, _ = p99.ratio("mini", "ch4")
+        if value is not None:
+            text += f"; p99 mini/ch4 {value:.2f}×"
+        return text
+
+
+class BroadcastRow(Row):
+    def extra(self, impl):
+        got = [(r[impl]["received"], r[impl]["expected"]) for r in self.rounds
+               if self.value(r.get(impl)) is not None]
+        if not got:
+            return ""
+        received = statistics.median(g[0] for g in got)
+        lowest = min(g[0] for g in got)
+        text = f"{received:.0f}/{got[0][1]} received"
+        if lowest != received:
+            text += f", min {lowest}"
+        return text
+
+    def ratio_text(self):
+        text = super().ratio_text()
+        incomplete = [impl for impl in IMPLS for r in self.rounds
+                      if self.value(r.get(impl)) is not None and not r[impl]["complete"]]
+        if incomplete:
+            names = sorted({HEADERS[i] for i in incomplete})
+            text += f" — incomplete: {', '.join(names)} (time = last arrival)"
+        return text
+
+
+def measure(fn, *args, **kwargs):
+    """Run one measurement; an exception becomes {"error": ...} instead of ending the run."""
+    failed = [a for a in args if isinstance(a, Exception)]  # e.g. a server that never started
+    if failed:
+        log(f"    ! {fn.__name__} skipped: {failed[0]!r}"[:800])
+        return {"error": repr(failed[0])[:500]}
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # recorded in the results and shown in the table
+        log(f"    ! {fn.__name__} failed: {exc!r}")
+        log("      " + traceback.format_exc().replace("\n", "\n      ")[-1500:])
+        return {"error": repr(exc)[:500]}
+
+
+def ordered(items, round_index):
+    """Interleave: A B C on even rounds, C B A on odd ones, so drift hits both sides."""
+    return list(items) if round_index % 2 == 0 else list(reversed(items))
+
+
+# -- 1. layer benchmarks -------------------------------------------------------------------
+
+def layer_factories(cfg, mini):
+    import channels.layers
+
+    capacity = cfg["layer_capacity"]
+    factories = {
+        "ch4": lambda: channels.layers.InMemoryChannelLayer(capacity=capacity),
+        "floor": layerbench.BareLayer,
+    }
+    if mini is not None:
+        factories["mini"] = lambda: mini.InMemoryChannelLayer(capacity=capacity)
+    return factories
+
+
+def run_layer(cfg, mini, rows):
+    factories = layer_factories(cfg, mini)
+    rt = Row("layer_roundtrip", "layer: send+receive round trip, one channel", "µs", False)
+    groups = {m: Row(f"group_send_{m}", f"layer: group_send to M={m}, each receives",
+                     "µs/delivery", False) for m in cfg["group_members"]}
+    fan = Row("fanout_waiting_1000", "layer: one group_send to 1,000 waiting receivers "
+              "(until all received)", "ms", False)
+    rows += [rt, *groups.values()]
+    scaling = Row("group_send_scaling", "layer: per-delivery cost M=1000 ÷ M=10", "×", False)
+    rows += [scaling, fan]
+    for r in range(cfg["rounds"]):
+        log(f"[layer] round {r + 1}/{cfg['rounds']}")
+        impls = ordered([i for i in IMPLS if i in factories], r)
+        cells = {"rt": {}, "fan": {}, **{m: {} for m in groups}}
+        for impl in impls:
+            cells["rt"][impl] = measure(layerbench.roundtrip, factories[impl], cfg["roundtrip_n"])
+        for m in groups:
+            for impl in impls:
+                cells[m][impl] = measure(layerbench.group_send_members, factories[impl], m,
+                                         cfg["group_deliveries"])
+        for impl in impls:
+            cells["fan"][impl] = measure(layerbench.fanout_waiting, factories[impl],
+                                         cfg["fanout_members"], cfg["fanout_repeats"])
+        rt.rounds.append(cells["rt"])
+        fan.rounds.append(cells["fan"])
+        for m, row in groups.items():
+            row.rounds.append(cells[m])
+        big, small = max(groups), min(groups)
+        scale = {}
+        for impl in impls:
+            a, b = groups[big].value(cells[big].get(impl)), groups[small].value(cells[small].get(impl))
+            scale[impl] = a / b if a is not None and b else {"error": "missing input"}
+        scaling.rounds.append(scale)
+        log("   ", {k: {i: _short(v) for i, v in c.items()} for k, c in cells.items()})
+
+
+def _short(value):
+    if isinstance(value, float):
+        return round(value, 3)
+    if isinstance(value, dict):
+        return {k: _short(v) for k, v in value.items() if k in
+                ("msgs_per_s", "p99_ms", "received", "seconds", "kib_per_socket", "error")}
+    return value
+
+
+# -- 2. web benchmarks ---------------------------------------------------------------------
+
+#: (row key, label, {impl: (server, path)})
+ECHO_FLAVOURS = [
+    ("sync", "sync handler", {"mini": ("mini", "/sync/"), "ch4": ("ch4", "/sync/"),
+                              "floor": ("bare", "/echo/")}),
+    ("async", "async handler", {"mini": ("mini", "/async/"), "ch4": ("ch4", "/async/"),
+                                "floor": ("bare", "/echo/")}),
+]
+BROADCAST_FLAVOURS = [
+    ("sync", "sync handler", {"mini": ("mini", "/broadcast/"), "ch4": ("ch4", "/broadcast/"),
+                              "floor": ("bare", "/broadcast/")}),
+    ("async", "async handler", {"mini": ("mini", "/broadcast-async/"),
+                                "ch4": ("ch4", "/broadcast-async/"),
+                                "floor": ("bare", "/broadcast/")}),
+]
+
+
+def run_echo(cfg, have_mini, rows, log_dir):
+    echo_rows = {}
+    for clients in cfg["echo_clients"]:
+        for key, label, _ in ECHO_FLAVOURS:
+            row = EchoRow(f"echo_{key}_{clients}",
+                          f"ws echo, {label}, {clients} client{'s' * (clients > 1)}",
+                          "msgs/s", True, fmt="{:,.0f}", metric="msgs_per_s")
+            echo_rows[(key, clients)] = row
+            rows.append(row)
+    apps = ["bare", "ch4"] + (["mini"] if have_mini else [])
+    with webbench.servers(apps, log_dir) as running:
+        for r in range(cfg["rounds"]):
+            log(f"[echo] round {r + 1}/{cfg['rounds']}")
+            for clients in cfg["echo_clients"]:
+                cells = {key: {} for key, _, _ in ECHO_FLAVOURS}
+                floor_result = None
+                # one floor run per round and client count, shared by both flavours
+                plan = [("floor", None)] + [(impl, key) for key, _, _ in ECHO_FLAVOURS
+                                            for impl in ("mini", "ch4")]
+                for impl, key in ordered(plan, r):
+                    if impl == "mini" and not have_mini:
+                        continue
+                    if impl == "floor":
+                        server, path = ECHO_FLAVOURS[0][2]["floor"]
+                        floor_result = measure(webbench.echo, running[server], path, clients,
+                                               cfg["echo_seconds"])
+                    else:
+                        server, path = dict((k, m) for k, _, m in ECHO_FLAVOURS)[key][impl]
+                        cells[key][impl] = measure(webbench.echo, running[server], path,
+                                                   clients, cfg["echo_seconds"])
+                for key in cells:
+                    cells[key]["floor"] = floor_result
+                    echo_rows[(key, clients)].rounds.append(cells[key])
+                log(f"    {clients} client(s):",
+                    {k: {i: _short(v) for i, v in c.items()} for k, c in cells.items()})
+
+
+def run_broadcast(cfg, have_mini, rows, log_dir):
+    n, k = cfg["broadcast_clients"], cfg["broadcast_sends"]
+    bc_rows = {}
+    for key, label, _ in BROADCAST_FLAVOURS:
+        row = BroadcastRow(f"broadcast_{key}", f"broadcast, {label}: {n} clients × {k} "
+                           f"group sends (s until all {n * k:,} received)", "s", False,
+                           metric="seconds")
+        bc_rows[key] = row
+        rows.append(row)
+    plan = [(key, impl) for key, _, _ in BROADCAST_FLAVOURS for impl in ("mini", "ch4")]
+    plan.insert(0, ("floor", "floor"))
+    for r in range(cfg["heavy_rounds"]):
+        log(f"[broadcast] round {r + 1}/{cfg['heavy_rounds']}")
+        cells = {key: {} for key in bc_rows}
+        floor_result = None
+        for key, impl in ordered(plan, r):
+            if impl == "mini" and not have_mini:
+                continue
+            server_name, path = (("bare", "/broadcast/") if impl == "floor" else
+                                 dict((k2, m) for k2, _, m in BROADCAST_FLAVOURS)[key][impl])
+            # a fresh server per run: no queues or groups left over from the previous run
+            result = measure(_broadcast_fresh, server_name, path, cfg, log_dir)
+            if impl == "floor":
+                floor_result = result
+            else:
+                cells[key][impl] = result
+        for key in cells:
+            cells[key]["floor"] = floor_result
+            bc_rows[key].rounds.append(cells[key])
+        log("   ", {k2: {i: _short(v) for i, v in c.items()} for k2, c in cells.items()})
+
+
+def _broadcast_fresh(server_name, path, cfg, log_dir):
+    with webbench.Server(server_name, log_dir) as server:
+        return webbench.broadcast(server, path, cfg["broadcast_clients"],
+                                  cfg["broadcast_sends"], cfg["broadcast_idle_timeout"],
+                                  cfg["broadcast_hard_timeout"])
+
+
+def run_memory(cfg, have_mini, rows, log_dir):
+    n = cfg["memory_sockets"]
+    mem_rows = {}
+    for key, label, _ in ECHO_FLAVOURS:
+        row = Row(f"memory_{key}", f"memory per idle socket, {label} consumer "
+                  f"({n:,} sockets, server RSS)", "KiB", False, fmt="{:.1f}",
+                  metric="kib_per_socket")
+        mem_rows[key] = row
+        rows.append(row)
+    plan = [("floor", "floor")] + [(key, impl) for key, _, _ in ECHO_FLAVOURS
+                                   for impl in ("mini", "ch4")]
+    for r in range(cfg["heavy_rounds"]):
+        log(f"[memory] round {r + 1}/{cfg['heavy_rounds']}")
+        cells = {key: {} for key in mem_rows}
+        floor_result = None
+        for key, impl in ordered(plan, r):
+            if impl == "mini" and not have_mini:
+                continue
+            server_name, path = (("bare", "/echo/") if impl == "floor" else
+                                 dict((k2, m) for k2, _, m in ECHO_FLAVOURS)[key][impl])
+            result = measure(_memory_fresh, server_name, path, cfg, log_dir)
+            if impl == "floor":
+                floor_result = result
+            else:
+                cells[key][impl] = result
+        for key in cells:
+            cells[key]["floor"] = floor_result
+            mem_rows[key].rounds.append(cells[key])
+        log("   ", {k2: {i: _short(v) for i, v in c.items()} for k2, c in cells.items()})
+
+
+def _memory_fresh(server_name, path, cfg, log_dir):
+    with webbench.Server(server_name, log_dir) as server:
+        return webbench.memory(server, path, cfg["memory_sockets"], cfg["memory_settle"])
+
+
+# -- output ----------------------------------------------------------------------------------
+
+def table(rows) -> str:
+    lines = [
+        "| benchmark | channels_mini | Channels 4 | floor (bare asyncio / bare ASGI) | ratio(s) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        arrow = "higher is better" if row.higher_is_better else "lower is better"
+        lines.append(f"| {row.label} [{row.unit}, {arrow}] | {row.cell('mini')} | "
+                     f"{row.cell('ch4')} | {row.cell('floor')} | {row.ratio_text()} |")
+    return "\n".join(lines)
+
+
+def environment(mini_path: Path) -> dict:
+    import channels
+    import uvicorn
+    import websockets
+
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "django": django.__version__,
+        "channels": channels.__version__,
+        "uvicorn": uvicorn.__version__,
+        "websockets": websockets.__version__,
+    }
+    if mini_path.exists():
+        env["channels_mini_sha256"] = hashlib.sha256(mini_path.read_bytes()).hexdigest()[:16]
+    try:
+        env["git_head"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                                         capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short run (under 2 minutes)")
+    parser.add_argument("--rounds", type=int, help="rounds for layer and echo benchmarks "
+                        "(default 5, quick 2)")
+    parser.add_argument("--heavy-rounds", type=int, help="rounds for broadcast and memory "
+                        "(default min(rounds, 3), quick 1)")
+    parser.add_argument("--only", nargs="+", choices=["layer", "echo", "broadcast", "memory"],
+                        help="run only these sections")
+    parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
+    parser.add_argument("--allow-missing-mini", action="store_true",
+                        help="development only: run without channels_mini if it fails to "
+                        "import (the table then shows n/a in its column)")
+    args = parser.parse_args(argv)
+    cfg = make_config(args)
+    sections = args.only or ["layer", "echo", "broadcast", "memory"]
+
+    try:
+        import channels_mini as mini
+    except Exception as exc:
+        if not args.allow_missing_mini:
+            log(f"cannot import channels_mini from {REPO_ROOT}: {exc!r}\n"
+                "Fix the import (or pass --allow-missing-mini while developing the harness).")
+            return 2
+        log(f"WARNING: channels_mini unavailable ({exc!r}); its column will be n/a")
+        mini = None
+
+    fd_limit = raise_file_limit()
+    log_dir = os.environ.get("BENCH_LOG_DIR") or str(Path("/tmp") / f"bench-logs-{os.getpid()}")
+    os.makedirs(log_dir, exist_ok=True)
+    log(f"config: {cfg}\nserver logs: {log_dir}\nfile limit: {fd_limit}")
+    started = time.perf_counter()
+    rows: list[Row] = []
+    runners = {"layer": lambda: run_layer(cfg, mini, rows),
+               "echo": lambda: run_echo(cfg, mini is not None, rows, log_dir),
+               "broadcast": lambda: run_broadcast(cfg, mini is not None, rows, log_dir),
+               "memory": lambda: run_memory(cfg, mini is not None, rows, log_dir)}
+    for section in sections:
+        t = time.perf_counter()
+        runners[section]()
+        log(f"[{section}] done in {time.perf_counter() - t:.1f}s")
+    elapsed = time.perf_counter() - started
+
+    markdown = table(rows)
+    print(markdown)
+    print(f"\n_{'quick' if cfg['quick'] else 'full'} run, {cfg['rounds']} rounds "
+          f"(broadcast/memory: {cfg['heavy_rounds']}), {elapsed:.0f} s; figures are medians "
+          "over rounds, ratios are medians of per-round ratios._")
+    results = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "elapsed_s": elapsed,
+        "config": cfg,
+        "environment": environment(REPO_ROOT / "channels_mini.py"),
+        "channels_mini_available": mini is not None,
+        "rows": {row.key: row.to_json() for row in rows},
+        "table_markdown": markdown,
+    }
+    Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    log(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

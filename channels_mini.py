@@ -1,0 +1,2245 @@
+"""Channels 1.x for today's ASGI servers, in one file.
+
+channels_mini brings the Django Channels 0.17/1.x programming model -- channels,
+groups, routes with filters, class-based consumers and data binding -- to ASGI 3
+servers (uvicorn, daphne, hypercorn). It needs only Django and asgiref. It keeps
+one process's messages in memory; for several processes or machines it plugs
+into Channels' own layers (``channels_redis``) through ``CHANNEL_LAYERS``.
+
+The file reads top to bottom in the order a message travels
+(``grep -n '^# ===' channels_mini.py`` prints this list):
+
+1. Channel layer   -- in-process queues, groups, capacity and expiry.
+2. Messages        -- ``Message``, ``Channel``, ``Group`` and deferred sends.
+3. Routing         -- ``route()``, ``route_class()``, ``include()``, filters.
+4. Consumers       -- functions, ``BaseConsumer``, WebSocket/JSON consumers.
+5. Binding         -- model signals to groups, and writes from clients.
+6. ASGI app        -- ``Application``: scopes and events become messages.
+7. Test helpers    -- ``WebsocketCommunicator``.
+8. Command line    -- ``python -m channels_mini runworker``.
+
+A complete chat server::
+
+    # chat/consumers.py
+    from channels_mini import WebsocketConsumer
+
+    class Chat(WebsocketConsumer):
+        def connection_groups(self, room, **kwargs):
+            return [f"chat-{room}"]          # joined on connect, left on disconnect
+
+        def receive(self, text=None, bytes=None, room=None, **kwargs):
+            self.group_send(f"chat-{room}", text=text)
+
+    # mysite/asgi.py
+    import os
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
+    import django
+    django.setup()
+    from channels_mini import Application
+    from chat.consumers import Chat
+
+    application = Application([Chat.as_route(path=r"^/chat/(?P<room>\\w+)/$")])
+
+    # shell:  uvicorn mysite.asgi:application
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import fnmatch
+import functools
+import importlib
+import inspect
+import itertools
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from asgiref.sync import async_to_sync, sync_to_async
+from django.core.exceptions import ImproperlyConfigured
+
+__all__ = [
+    # 0. errors
+    "ChannelFull", "DenyConnection", "SendNotAvailableOnDemultiplexer",
+    # 1. channel layer
+    "InMemoryChannelLayer", "get_channel_layer",
+    # 2. messages
+    "Message", "Channel", "Group", "consumer_context",
+    # 3. routing
+    "route", "route_class", "include", "Route", "RouteClass", "Include", "Router",
+    # 4. consumers
+    "BaseConsumer", "WebsocketConsumer", "JsonWebsocketConsumer",
+    "WebsocketDemultiplexer", "WebsocketMultiplexer",
+    # 5. binding
+    "Binding", "WebsocketBinding",
+    # 6. ASGI app
+    "Application", "application",
+    # 7. test helpers
+    "WebsocketCommunicator", "reset_channel_layers",
+    # 8. command line
+    "main",
+]
+
+logger = logging.getLogger("channels_mini")
+
+# ASGI types, named once (as Starlette's types.py does).
+Scope = MutableMapping[str, Any]
+ASGIMessage = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[ASGIMessage]]
+Send = Callable[[ASGIMessage], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ChannelFull(Exception):
+    """A channel holds as many messages as its capacity allows; nothing was queued."""
+
+
+class DenyConnection(Exception):
+    """Raise while handling ``websocket.connect`` to reject the socket (HTTP 403)."""
+
+
+class SendNotAvailableOnDemultiplexer(Exception):
+    """A demultiplexer cannot send by itself: send through a stream's multiplexer."""
+
+
+# === 1. Channel layer ===
+# A channel layer moves messages (dicts) between the parts of a program: a queue per
+# channel name, plus groups -- named sets of channels to broadcast to. This one lives
+# in one process, like Channels' InMemoryChannelLayer, but it is safe to call from any
+# thread and any event loop, and a group send costs O(members). It speaks the ASGI
+# channel-layer interface, so Channels' Redis layers can take its place for several
+# processes. `get_channel_layer()` picks the configured layer from settings.
+
+_CHANNEL_NAME = re.compile(r"^[a-zA-Z\d\-_.]+(![\d\w\-_.]*)?$")
+_GROUP_NAME = re.compile(r"^[a-zA-Z\d\-_.]+$")
+_MAX_NAME_LENGTH = 100
+
+
+def _require_name(kind: str, name: Any, pattern: re.Pattern) -> None:
+    """Raise ``TypeError``/``ValueError`` naming *name* if it is not a valid channel/group name."""
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} name must be a str (got {type(name).__name__} {name!r}).")
+    if len(name) >= _MAX_NAME_LENGTH or not pattern.match(name):
+        extra = ", and at most one '!' (process-local channels)" if kind == "Channel" else ""
+        raise ValueError(
+            f"{kind} name {name!r} is invalid: use fewer than {_MAX_NAME_LENGTH} ASCII "
+            f"letters, digits, '-', '_' or '.'{extra}. If the name comes from a URL, "
+            f"clean it first, e.g. re.sub(r'[^\\w.-]', '_', name)."
+        )
+
+
+def _require_dict(message: Any, what: str = "Message") -> None:
+    if not isinstance(message, dict):
+        raise TypeError(
+            f"{what} must be a dict (got {type(message).__name__} {message!r:.80}). "
+            f'Wrap the value, e.g. {{"text": ...}}.'
+        )
+
+
+class _Queue:
+    """One channel's messages and the receivers waiting on it."""
+
+    __slots__ = ("capacity", "messages", "waiters")
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.messages: deque[tuple[float, dict]] = deque()  # (expires_at, message)
+        self.waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class InMemoryChannelLayer:
+    """Keeps channels and groups in this process's memory.
+
+    Use it for development, tests and single-process servers (the default when
+    ``CHANNEL_LAYERS`` is not set). For several processes, configure
+    ``channels_redis.core.RedisChannelLayer`` instead: nothing here crosses a process.
+
+    Any thread may call it: state sits behind one lock, and a receiver waiting on one
+    event loop is woken with ``call_soon_threadsafe`` when a message arrives from
+    another thread or loop. The queue, not the wake-up, holds the message, so a
+    cancelled receiver loses nothing.
+    """
+
+    extensions = ["groups", "flush"]
+
+    def __init__(self, expiry: float = 60, group_expiry: float = 86400, capacity: int = 100,
+                 channel_capacity: dict | None = None):
+        self.expiry = expiry
+        self.group_expiry = group_expiry
+        self.capacity = capacity
+        self.channel_capacity = [
+            (pattern if isinstance(pattern, re.Pattern) else re.compile(fnmatch.translate(pattern)),
+             size)
+            for pattern, size in (channel_capacity or {}).items()
+        ]
+        #: Group messages skipped because a member was full, since the layer was made.
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._queues: dict[str, _Queue] = {}
+        self._groups: dict[str, dict[str, float]] = {}  # group -> {channel: joined_at}
+        self._memberships: dict[str, set[str]] = {}  # channel -> groups, for cleanup
+        self._last_drop_warning = 0.0
+        self._drops_unreported = 0
+
+    def __repr__(self) -> str:
+        return (f"<InMemoryChannelLayer channels={len(self._queues)} "
+                f"groups={len(self._groups)} capacity={self.capacity}>")
+
+    # -- channels --
+
+    async def send(self, channel: str, message: dict) -> None:
+        """Queue *message* on *channel*; raise ``ChannelFull`` if the channel is at capacity."""
+        self.send_now(channel, message)
+
+    def send_now(self, channel: str, message: dict) -> None:
+        """The same as ``send``, for synchronous code: it never waits."""
+        _require_name("Channel", channel, _CHANNEL_NAME)
+        _require_dict(message)
+        with self._lock:
+            if not self._put(channel, dict(message)):
+                raise ChannelFull(
+                    f"Channel {channel!r} holds {self._queues[channel].capacity} messages, its "
+                    f"capacity. Its receiver is slow or gone; raise 'capacity' or "
+                    f"'channel_capacity' if bursts are expected."
+                )
+
+    async def receive(self, channel: str) -> dict:
+        """Wait for and return the next unexpired message on *channel*."""
+        _require_name("Channel", channel, _CHANNEL_NAME)
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                message = self._take(channel)
+                if message is not None:
+                    return message
+                future = loop.create_future()
+                queue = self._queue(channel)
+                queue.waiters.append((loop, future))
+            try:
+                await future
+            except asyncio.CancelledError:
+                self._forget_waiter(channel, future)
+                raise
+
+    async def new_channel(self, prefix: str = "specific.") -> str:
+        """Return a fresh, unique, process-local channel name starting with *prefix*."""
+        name = f"{prefix.rstrip('.!')}.inmemory!{secrets.token_hex(8)}"
+        _require_name("Channel", name, _CHANNEL_NAME)
+        return name
+
+    # -- groups --
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Add *channel* to *group* (again: refreshes its ``group_expiry``)."""
+        self.group_add_now(group, channel)
+
+    def group_add_now(self, group: str, channel: str) -> None:
+        _require_name("Group", group, _GROUP_NAME)
+        _require_name("Channel", channel, _CHANNEL_NAME)
+        with self._lock:
+            self._groups.setdefault(group, {})[channel] = time.monotonic()
+            self._memberships.setdefault(channel, set()).add(group)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        """Remove *channel* from *group*; nothing happens if it was not a member."""
+        self.group_discard_now(group, channel)
+
+    def group_discard_now(self, group: str, channel: str) -> None:
+        _require_name("Group", group, _GROUP_NAME)
+        _require_name("Channel", channel, _CHANNEL_NAME)
+        with self._lock:
+            self._leave(group, channel)
+
+    async def group_send(self, group: str, message: dict) -> None:
+        """Queue *message* on every member of *group*; a member at capacity is skipped."""
+        self.group_send_now(group, message)
+
+    def group_send_now(self, group: str, message: dict) -> None:
+        _require_name("Group", group, _GROUP_NAME)
+        _require_dict(message)
+        skipped = []
+        with self._lock:
+            members = self._groups.get(group)
+            if not members:
+                return
+            stale_before = time.monotonic() - self.group_expiry
+            for channel, joined_at in list(members.items()):
+                if joined_at < stale_before:
+                    self._leave(group, channel)
+                elif not self._put(channel, dict(message)):
+                    skipped.append(channel)
+        if skipped:
+            self._report_drops(group, skipped)
+
+    # -- whole layer --
+
+    async def flush(self) -> None:
+        """Drop every message, channel and group."""
+        with self._lock:
+            for queue in self._queues.values():
+                queue.messages.clear()
+            self._groups.clear()
+            self._memberships.clear()
+            for channel in list(self._queues):
+                self._prune(channel)
+
+    async def close(self) -> None:
+        """Release resources: nothing to do for memory; present for the interface."""
+
+    def discard_channel(self, channel: str) -> None:
+        """Remove *channel* from every group and drop its queued messages.
+
+        ``Application`` calls this when a socket closes, so nothing stays behind.
+        """
+        with self._lock:
+            for group in list(self._memberships.get(channel, ())):
+                self._leave(group, channel)
+            queue = self._queues.get(channel)
+            if queue is not None:
+                queue.messages.clear()
+                self._prune(channel)
+
+    def stats(self) -> dict[str, int]:
+        """Counts a test or a status page can read: channels, groups, members, messages, dropped."""
+        with self._lock:
+            return {
+                "channels": len(self._queues),
+                "groups": len(self._groups),
+                "members": sum(len(members) for members in self._groups.values()),
+                "messages": sum(len(queue.messages) for queue in self._queues.values()),
+                "dropped": self.dropped,
+            }
+
+    # -- internals; the caller holds self._lock --
+
+    def _queue(self, channel: str) -> _Queue:
+        queue = self._queues.get(channel)
+        if queue is None:
+            queue = self._queues[channel] = _Queue(self._capacity_for(channel))
+        return queue
+
+    def _capacity_for(self, channel: str) -> int:
+        for pattern, size in self.channel_capacity:
+            if pattern.match(channel):
+                return size
+        return self.capacity
+
+    def _put(self, channel: str, message: dict) -> bool:
+        """Queue *message* and wake one receiver; False when the channel is full."""
+        queue = self._queue(channel)
+        now = time.monotonic()
+        if len(queue.messages) >= queue.capacity:
+            self._drop_expired(queue, now)
+            if len(queue.messages) >= queue.capacity:
+                return False
+        queue.messages.append((now + self.expiry, message))
+        self._wake_one(queue)
+        return True
+
+    def _take(self, channel: str) -> dict | None:
+        queue = self._queues.get(channel)
+        if queue is None:
+            return None
+        self._drop_expired(queue, time.monotonic())
+        message = queue.messages.popleft()[1] if queue.messages else None
+        if queue.messages:  # more for the next receiver, who may be asleep
+            self._wake_one(queue)
+        self._prune(channel)
+        return message
+
+    @staticmethod
+    def _drop_expired(queue: _Queue, now: float) -> None:
+        messages = queue.messages
+        while messages and messages[0][0] <= now:
+            messages.popleft()
+
+    @staticmethod
+    def _wake_one(queue: _Queue) -> None:
+        while queue.waiters:
+            loop, future = queue.waiters.popleft()
+            if future.done():
+                continue
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                future.set_result(None)
+                return
+            try:
+                loop.call_soon_threadsafe(_wake, future)
+                return
+            except RuntimeError:  # that loop is closed; wake someone else
+                continue
+
+    def _forget_waiter(self, channel: str, future: asyncio.Future) -> None:
+        """A receiver was cancelled: pass its wake-up on if it had one, then tidy up."""
+        with self._lock:
+            queue = self._queues.get(channel)
+            if queue is None:
+                return
+            queue.waiters = deque(w for w in queue.waiters if w[1] is not future)
+            if queue.messages:
+                self._wake_one(queue)
+            self._prune(channel)
+
+    def _prune(self, channel: str) -> None:
+        queue = self._queues.get(channel)
+        if queue is not None and not queue.messages and not queue.waiters:
+            del self._queues[channel]
+
+    def _leave(self, group: str, channel: str) -> None:
+        members = self._groups.get(group)
+        if members is not None:
+            members.pop(channel, None)
+            if not members:
+                del self._groups[group]
+        groups = self._memberships.get(channel)
+        if groups is not None:
+            groups.discard(group)
+            if not groups:
+                del self._memberships[channel]
+
+    def _report_drops(self, group: str, channels: list[str]) -> None:
+        """Count skipped deliveries and warn at most once a second, so a flood stays readable."""
+        with self._lock:
+            self.dropped += len(channels)
+            self._drops_unreported += len(channels)
+            now = time.monotonic()
+            if now - self._last_drop_warning < 1.0:
+                return
+            count, self._drops_unreported = self._drops_unreported, 0
+            self._last_drop_warning = now
+        logger.warning(
+            "Group %r: %d message(s) dropped since the last report because members were at "
+            "capacity (e.g. %r). A receiver is slow or gone; raise 'capacity' if bursts are "
+            "expected. Total dropped: %d.", group, count, channels[0], self.dropped)
+
+
+_layers: dict[str, Any] = {}
+_layers_lock = threading.Lock()
+
+
+def get_channel_layer(alias: str = "default") -> Any:
+    """Return the channel layer configured as ``settings.CHANNEL_LAYERS[alias]``.
+
+    The setting is the one Channels uses::
+
+        CHANNEL_LAYERS = {"default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [("127.0.0.1", 6379)]},
+        }}
+
+    Without the setting, ``"default"`` is one process-wide ``InMemoryChannelLayer``.
+    Layers are built once per alias and shared.
+    """
+    layer = _layers.get(alias)
+    if layer is None:
+        with _layers_lock:
+            layer = _layers.get(alias)
+            if layer is None:
+                layer = _layers[alias] = _build_layer(alias)
+    return layer
+
+
+def _build_layer(alias: str) -> Any:
+    from django.conf import settings
+
+    configs = getattr(settings, "CHANNEL_LAYERS", None) if settings.configured else None
+    if not configs:
+        if alias == "default":
+            return InMemoryChannelLayer()
+        raise ImproperlyConfigured(
+            f"Channel layer alias {alias!r} is not configured: settings.CHANNEL_LAYERS is "
+            f"empty. Add CHANNEL_LAYERS = {{{alias!r}: {{'BACKEND': ...}}}}."
+        )
+    if alias not in configs:
+        raise ImproperlyConfigured(
+            f"Channel layer alias {alias!r} is not in settings.CHANNEL_LAYERS (it has "
+            f"{sorted(configs)!r}). Add it, or use one of those aliases."
+        )
+    config = configs[alias]
+    backend = config.get("BACKEND") if isinstance(config, dict) else None
+    if not isinstance(backend, str):
+        raise ImproperlyConfigured(
+            f"settings.CHANNEL_LAYERS[{alias!r}] needs a 'BACKEND' dotted path string "
+            f"(got {config!r})."
+        )
+    if backend in ("channels.layers.InMemoryChannelLayer", "InMemoryChannelLayer"):
+        layer_class: Any = InMemoryChannelLayer  # Channels' name for the same thing
+    else:
+        layer_class = _import_by_path(backend, f"CHANNEL_LAYERS[{alias!r}]['BACKEND']")
+    try:
+        return layer_class(**config.get("CONFIG", {}))
+    except Exception as error:
+        raise ImproperlyConfigured(
+            f"Channel layer {alias!r} ({backend}) could not be built with CONFIG "
+            f"{config.get('CONFIG', {})!r}: {error}"
+        ) from error
+
+
+def _import_by_path(path: str, what: str) -> Any:
+    """Import ``"package.module.name"``; ``ImproperlyConfigured`` naming *what* if it fails."""
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ImproperlyConfigured(
+            f"{what}: cannot import {path!r} ({error}). Check the dotted path and that "
+            f"its module imports."
+        ) from error
+
+
+def _is_in_memory(layer: Any) -> bool:
+    return isinstance(layer, InMemoryChannelLayer)
+
+
+# === 2. Messages ===
+# A message is a dict on a channel. `Message` wraps one for a consumer, with its
+# reply channel and, for websockets, the socket's session state. `Channel` and
+# `Group` are the names users send to, exactly as in Channels 1.x: inside a consumer
+# their sync sends are deferred until the handler returns (so a handler's replies
+# leave together, in call order, even when it raises); elsewhere they act at once.
+
+_LAYER_OPERATIONS = ("send", "group_add", "group_discard", "group_send")
+_FULL_CHANNEL_PATIENCE = 2.0  # seconds a deferred direct send waits for room
+
+
+class _ConsumerState:
+    """What a running handler shares with the Channel/Group calls it makes."""
+
+    __slots__ = ("channel_layer", "deferred")
+
+    def __init__(self, channel_layer: Any):
+        self.channel_layer = channel_layer
+        self.deferred: list[tuple[str, Any, tuple]] = []  # (operation, layer, args)
+
+    async def apply(self) -> None:
+        """Carry out the deferred operations in call order."""
+        operations, self.deferred = self.deferred, []
+        for index, (operation, layer, args) in enumerate(operations):
+            if index:
+                await asyncio.sleep(0)  # a turn for the sockets to drain: no burst overflows them
+            if operation == "send":
+                await _send_patiently(layer, *args)
+            else:
+                await getattr(layer, operation)(*args)
+
+
+_consumer_state: contextvars.ContextVar[_ConsumerState | None] = contextvars.ContextVar(
+    "channels_mini_consumer_state", default=None)
+
+
+class consumer_context:
+    """Runs a block as a consumer handler runs: sends inside it are deferred until it ends.
+
+    ``Application`` wraps every handler in one; use it directly to run consumer code
+    outside the server, e.g. from a test or a script::
+
+        async with consumer_context(layer):
+            Group("news").send({"text": "hi"})   # queued
+        # ... sent here, also if the block raised
+
+    Inside, ``Channel``/``Group`` made without ``alias``/``channel_layer`` use *channel_layer*
+    (default: ``get_channel_layer()``).
+    """
+
+    def __init__(self, channel_layer: Any = None):
+        self.channel_layer = channel_layer
+
+    async def __aenter__(self) -> _ConsumerState:
+        self._state = _ConsumerState(self.channel_layer or get_channel_layer())
+        self._token = _consumer_state.set(self._state)
+        return self._state
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        _consumer_state.reset(self._token)
+        await self._state.apply()
+
+
+async def _send_patiently(layer: Any, channel: str, message: dict) -> None:
+    """Send, waiting up to two seconds for room in a full channel (SPEC: deferred sends)."""
+    deadline = time.monotonic() + _FULL_CHANNEL_PATIENCE
+    pause = 0.001
+    while True:
+        try:
+            return await layer.send(channel, message)
+        except ChannelFull:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+
+def _layer_operation(operation: str, layer: Any, args: tuple, immediately: bool) -> None:
+    """Defer a sync-form operation inside a consumer; otherwise do it now, never blocking a loop."""
+    state = _consumer_state.get()
+    if state is not None and not immediately:
+        state.deferred.append((operation, layer, args))
+    elif _is_in_memory(layer):
+        getattr(layer, operation + "_now")(*args)  # a lock and a deque: safe anywhere
+    else:
+        _run_layer_coroutine(getattr(layer, operation), args)
+
+
+def _run_layer_coroutine(function: Callable[..., Awaitable], args: tuple) -> None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        async_to_sync(function)(*args)  # a plain thread, or a sync handler's worker thread
+        return
+    # On an event-loop thread, waiting would freeze every socket: run it as a task.
+    loop.create_task(function(*args)).add_done_callback(_log_task_failure)
+
+
+def _log_task_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("Channel layer operation failed", exc_info=task.exception())
+
+
+def _resolve_layer(alias: str, channel_layer: Any) -> Any:
+    if channel_layer is not None:
+        return channel_layer
+    if alias == "default":
+        state = _consumer_state.get()
+        if state is not None:
+            return state.channel_layer
+    return get_channel_layer(alias)
+
+
+def _channel_name(channel: Any) -> str:
+    return channel.name if isinstance(channel, Channel) else channel
+
+
+class Channel:
+    """A named channel to send messages to.
+
+    ``Channel("email.send").send({"to": "a@example.com"})`` -- deferred inside a consumer
+    until its handler returns, immediate elsewhere; ``immediately=True`` skips the wait.
+    """
+
+    def __init__(self, name: str, alias: str = "default", channel_layer: Any = None):
+        _require_name("Channel", name, _CHANNEL_NAME)
+        self.name = name
+        self.alias = alias
+        self._channel_layer = channel_layer
+
+    @property
+    def channel_layer(self) -> Any:
+        return _resolve_layer(self.alias, self._channel_layer)
+
+    def send(self, content: dict, immediately: bool = False) -> None:
+        """Send *content* (a dict) to this channel."""
+        _require_dict(content, "Content")
+        _layer_operation("send", self.channel_layer, (self.name, content), immediately)
+
+    async def asend(self, content: dict) -> None:
+        """Send *content* now, from async code."""
+        _require_dict(content, "Content")
+        await self.channel_layer.send(self.name, content)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Channel) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"Channel({self.name!r})"
+
+
+class Group:
+    """A named set of channels; a message sent to it reaches every member.
+
+    ``Group("chat").add(message.reply_channel)`` then ``Group("chat").send({"text": "hi"})``.
+    """
+
+    def __init__(self, name: str, alias: str = "default", channel_layer: Any = None):
+        _require_name("Group", name, _GROUP_NAME)
+        self.name = name
+        self.alias = alias
+        self._channel_layer = channel_layer
+
+    @property
+    def channel_layer(self) -> Any:
+        return _resolve_layer(self.alias, self._channel_layer)
+
+    def add(self, channel: Channel | str, immediately: bool = False) -> None:
+        """Make *channel* a member of this group."""
+        args = (self.name, _channel_name(channel))
+        _layer_operation("group_add", self.channel_layer, args, immediately)
+
+    def discard(self, channel: Channel | str, immediately: bool = False) -> None:
+        """Remove *channel* from this group."""
+        args = (self.name, _channel_name(channel))
+        _layer_operation("group_discard", self.channel_layer, args, immediately)
+
+    def send(self, content: dict, immediately: bool = False) -> None:
+        """Send *content* (a dict) to every member."""
+        _require_dict(content, "Content")
+        _layer_operation("group_send", self.channel_layer, (self.name, content), immediately)
+
+    async def aadd(self, channel: Channel | str) -> None:
+        await self.channel_layer.group_add(self.name, _channel_name(channel))
+
+    async def adiscard(self, channel: Channel | str) -> None:
+        await self.channel_layer.group_discard(self.name, _channel_name(channel))
+
+    async def asend(self, content: dict) -> None:
+        _require_dict(content, "Content")
+        await self.channel_layer.group_send(self.name, content)
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r})"
+
+
+class Message:
+    """A message as a consumer sees it: dict-like over ``content``, plus where it came from.
+
+    WebSocket messages also carry ``channel_session`` (a dict that lives as long as the
+    socket), ``scope`` (the ASGI scope) and, for consumers with ``http_user = True``,
+    ``user`` and ``http_session`` from the handshake's Django session cookie.
+    """
+
+    def __init__(self, content: dict, channel_name: str, channel_layer: Any):
+        self.content = content
+        self.channel_name = channel_name
+        self.channel_layer = channel_layer
+        self.channel_session: dict | None = None
+        self.scope: Scope | None = None
+        self.user: Any = None
+        self.http_session: Any = None
+        self._socket: Any = None  # the app's per-socket state, for http_user
+        self._reply_channel: Channel | None = None
+
+    @property
+    def channel(self) -> Channel:
+        return Channel(self.channel_name, channel_layer=self.channel_layer)
+
+    @property
+    def reply_channel(self) -> Channel | None:
+        if self._reply_channel is None and self.content.get("reply_channel"):
+            self._reply_channel = Channel(self.content["reply_channel"],
+                                          channel_layer=self.channel_layer)
+        return self._reply_channel
+
+    def __getitem__(self, key: str) -> Any:
+        return self.content[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.content
+
+    def __iter__(self):
+        return iter(self.content)
+
+    def __len__(self) -> int:
+        return len(self.content)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.content.get(key, default)
+
+    def keys(self):
+        return self.content.keys()
+
+    def values(self):
+        return self.content.values()
+
+    def items(self):
+        return self.content.items()
+
+    def copy(self, **changes: Any) -> Message:
+        """A new message over a copy of the content (with *changes*), sharing the socket state."""
+        clone = Message({**self.content, **changes}, self.channel_name, self.channel_layer)
+        clone.channel_session, clone.scope = self.channel_session, self.scope
+        clone.user, clone.http_session, clone._socket = self.user, self.http_session, self._socket
+        return clone
+
+    def __repr__(self) -> str:
+        return f"<Message channel={self.channel_name!r} content={self.content!r:.120}>"
+
+
+# === 3. Routing ===
+# Routing picks the consumer for a message: a list of routes, each naming channels and
+# regex filters over message keys (`path=r"^/chat/(?P<room>\w+)/$"`). The first route
+# whose channel and filters all match wins; its named groups become the consumer's
+# keyword arguments. `include()` nests a routing under prefixes, as Channels 1.x did.
+
+def _compile_filters(filters: dict[str, Any], where: str) -> dict[str, re.Pattern]:
+    compiled = {}
+    for key, pattern in filters.items():
+        if isinstance(pattern, re.Pattern):
+            regex = pattern
+        elif isinstance(pattern, str):
+            regex = re.compile(pattern)
+        else:
+            raise TypeError(f"Filter {key!r} for {where} must be a regex string "
+                            f"(got {type(pattern).__name__} {pattern!r}).")
+        if regex.groups > len(regex.groupindex):
+            raise ValueError(
+                f"Filter {key!r} for {where} uses an unnamed group (got {regex.pattern!r}). "
+                f"Name it, e.g. (?P<room_id>\\d+), or make it non-capturing with (?:...)."
+            )
+        compiled[key] = regex
+    return compiled
+
+
+def _match_filters(filters: dict[str, re.Pattern], content: Any) -> tuple[dict, dict] | None:
+    """Match every filter; return (kwargs, matched parts by key), or None if one fails."""
+    kwargs: dict[str, Any] = {}
+    matched: dict[str, re.Match] = {}
+    for key, regex in filters.items():
+        value = content.get(key)
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+        elif not isinstance(value, str):
+            return None  # a missing key, or a value no regex can read
+        found = regex.match(value)
+        if found is None:
+            return None
+        kwargs.update(found.groupdict())
+        matched[key] = found
+    return kwargs, matched
+
+
+def _consumer_label(consumer: Any) -> str:
+    return f"{getattr(consumer, '__module__', '?')}.{getattr(consumer, '__qualname__', consumer)}"
+
+
+def _filters_repr(filters: dict[str, re.Pattern]) -> str:
+    return "".join(f", {key}={regex.pattern!r}" for key, regex in filters.items())
+
+
+class Route:
+    """Sends messages on *channels* that pass every filter to *consumer*.
+
+    ``route("websocket.receive", chat, path=r"^/chat/(?P<room>\\w+)/$")`` calls
+    ``chat(message, room="lobby")`` for a frame on ``/chat/lobby/``.
+    """
+
+    def __init__(self, channels: str | list[str], consumer: Any, **filters: Any):
+        names = [channels] if isinstance(channels, str) else list(channels)
+        if not names or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"A route needs a channel name or a list of them (got {channels!r}).")
+        self.channels = set(names)
+        self.consumer = _resolve_consumer(consumer, f"route({channels!r})")
+        self.filters = _compile_filters(filters, f"route {channels!r}")
+
+    def match(self, message: Message) -> tuple[Any, dict] | None:
+        return self._match(message.channel_name, message.content)
+
+    def _match(self, channel: str, content: Any) -> tuple[Any, dict] | None:
+        if channel not in self.channels:
+            return None
+        result = _match_filters(self.filters, content)
+        return None if result is None else (self.consumer, result[0])
+
+    def __repr__(self) -> str:
+        names = sorted(self.channels)
+        shown = names[0] if len(names) == 1 else names
+        return f"route({shown!r}, {_consumer_label(self.consumer)}{_filters_repr(self.filters)})"
+
+
+class RouteClass(Route):
+    """Routes every channel a consumer class lists in ``channel_names()`` to that class."""
+
+    def __init__(self, consumer: Any, **filters: Any):
+        consumer = _resolve_consumer(consumer, "route_class()")
+        names_of = getattr(consumer, "channel_names", None)
+        if names_of is None:
+            raise ValueError(f"route_class() needs a class with a channel_names() method "
+                             f"(got {consumer!r}). Subclass BaseConsumer.")
+        channels = sorted(names_of())
+        if not channels:
+            raise ValueError(f"{_consumer_label(consumer)}.channel_names() lists no channel; "
+                             f"fill its method_mapping.")
+        super().__init__(channels, consumer, **filters)
+
+    def __repr__(self) -> str:
+        return f"route_class({_consumer_label(self.consumer)}{_filters_repr(self.filters)})"
+
+
+class Include:
+    """Nests a routing under prefixes: each prefix regex must match the start of its key.
+
+    The matched part is cut off before the inner routes see the value, so
+    ``include("chat.routing", path=r"^/chat")`` lets inner routes match ``r"^/room/$"``.
+    The consumer still receives the original message.
+    """
+
+    def __init__(self, routing: Any, **prefixes: Any):
+        self.router = Router(routing)
+        self.prefixes = _compile_filters(prefixes, "include()")
+
+    @property
+    def channels(self) -> set[str]:
+        return self.router.channels
+
+    def match(self, message: Message) -> tuple[Any, dict] | None:
+        return self._match(message.channel_name, message.content)
+
+    def _match(self, channel: str, content: Any) -> tuple[Any, dict] | None:
+        if channel not in self.router.channels:
+            return None
+        result = _match_filters(self.prefixes, content)
+        if result is None:
+            return None
+        kwargs, matched = result
+        stripped = dict(content)
+        for key, found in matched.items():
+            stripped[key] = found.string[found.end():]
+        inner = self.router._match(channel, stripped)
+        if inner is None:
+            return None
+        consumer, inner_kwargs = inner
+        return consumer, {**kwargs, **inner_kwargs}  # the inner route's names win
+
+    def __repr__(self) -> str:
+        return f"include({self.router.routes!r}{_filters_repr(self.prefixes)})"
+
+
+route = Route
+route_class = RouteClass
+include = Include
+
+
+class Router:
+    """A routing table: ``match(message)`` returns ``(consumer, kwargs)`` or ``None``.
+
+    *routing* is a list of routes (``route``/``route_class``/``include``), a dict
+    ``{channel: consumer}``, or the dotted path of either.
+    """
+
+    def __init__(self, routing: Any):
+        if isinstance(routing, Router):
+            routing = routing.routes
+        if isinstance(routing, str):
+            routing = _import_by_path(routing, "Channel routing")
+        self.routes: list[Route | Include] = list(_expand_routing(routing))
+        self.channels: set[str] = set().union(*(r.channels for r in self.routes))
+
+    def match(self, message: Message) -> tuple[Any, dict] | None:
+        return self._match(message.channel_name, message.content)
+
+    def _match(self, channel: str, content: Any) -> tuple[Any, dict] | None:
+        for entry in self.routes:
+            result = entry._match(channel, content)
+            if result is not None:
+                return result
+        return None
+
+    def __repr__(self) -> str:
+        return "Router([\n" + "".join(f"    {entry!r},\n" for entry in self.routes) + "])"
+
+
+def _expand_routing(routing: Any) -> Iterable[Route | Include]:
+    if isinstance(routing, dict):
+        for channel, consumer in routing.items():
+            yield Route(channel, consumer)
+    elif isinstance(routing, (list, tuple)):
+        for entry in routing:
+            if isinstance(entry, (Route, Include)):
+                yield entry
+            elif isinstance(entry, (list, tuple, dict)):
+                yield from _expand_routing(entry)
+            else:
+                raise TypeError(f"Routing entries must be route(), route_class() or include() "
+                                f"(got {entry!r}).")
+    else:
+        raise TypeError(f"A routing is a list of routes, a dict {{channel: consumer}} or a "
+                        f"dotted path to one (got {type(routing).__name__} {routing!r}).")
+
+
+def _resolve_consumer(consumer: Any, where: str) -> Any:
+    if isinstance(consumer, str):
+        consumer = _import_by_path(consumer, f"Consumer for {where}")
+    if not callable(consumer):
+        raise TypeError(f"Consumer for {where} must be callable or a dotted path "
+                        f"(got {consumer!r}).")
+    return consumer
+
+
+# === 4. Consumers ===
+# A consumer is user code called as `consumer(message, **kwargs)`. `async def` code is
+# awaited on the event loop; plain functions run in a worker thread, with Django's
+# database connections tidied as around a request. `_call_handler` is the one place
+# that tells the two apart, so sync and async methods mix freely in one class. The
+# classes re-create Channels 1.x's generic consumers on top of `BaseConsumer`.
+
+_thread_pool = None
+_THREAD_POOL_SIZE = 32  # sync handlers running at once; a blocked one holds only its own socket
+
+
+async def _call_handler(handler: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Await *handler* if it is ``async def``; otherwise run it in a worker thread."""
+    if _is_coroutine_function(handler):
+        return await handler(*args, **kwargs)
+    return await _in_thread(handler, *args, **kwargs)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_coroutine_function_cached(function: Any) -> bool:
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None))
+
+
+def _is_coroutine_function(handler: Any) -> bool:
+    # Bound methods are new objects each time: cache on the function behind them.
+    try:
+        return _is_coroutine_function_cached(getattr(handler, "__func__", handler))
+    except TypeError:  # unhashable callable
+        return inspect.iscoroutinefunction(handler)
+
+
+async def _in_thread(function: Callable, *args: Any, **kwargs: Any) -> Any:
+    global _thread_pool
+    if _thread_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _thread_pool = ThreadPoolExecutor(_THREAD_POOL_SIZE, thread_name_prefix="consumer")
+    # asgiref's bridge, so async_to_sync inside the handler finds this loop again.
+    run = sync_to_async(_with_fresh_db_connections, thread_sensitive=False, executor=_thread_pool)
+    return await run(function, *args, **kwargs)
+
+
+def _with_fresh_db_connections(function: Callable, *args: Any, **kwargs: Any) -> Any:
+    _close_old_db_connections()
+    try:
+        return function(*args, **kwargs)
+    finally:
+        _close_old_db_connections()
+
+
+def _close_old_db_connections() -> None:
+    """What Django does around each request: drop connections that are broken or too old."""
+    from django.apps import apps
+
+    if apps.ready:
+        from django.db import close_old_connections
+        close_old_connections()
+
+
+async def _call_consumer(consumer: Any, message: Message, kwargs: dict) -> None:
+    if isinstance(consumer, type) and issubclass(consumer, BaseConsumer):
+        await consumer._run(message, kwargs)
+    else:
+        await _call_handler(consumer, message, **kwargs)
+
+
+_dispatch_later: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "channels_mini_dispatch_later", default=False)
+
+
+class BaseConsumer:
+    """A class-based consumer: one instance per message, dispatched by ``method_mapping``.
+
+    ``method_mapping = {"websocket.receive": "on_frame"}`` sends ``websocket.receive``
+    messages to ``self.on_frame(message, **kwargs)``. Methods may be sync or ``async def``.
+    """
+
+    #: Which method handles each channel: ``{channel name: method name}``.
+    method_mapping: dict[str, str] = {}
+    #: True loads ``message.user`` and ``message.http_session`` from the handshake's cookie.
+    http_user = False
+    #: Accepted for Channels 1.x code; ``message.channel_session`` is always there on sockets.
+    channel_session = False
+
+    def __init__(self, message: Message, **kwargs: Any):
+        self.message = message
+        self.kwargs = kwargs
+        if not _dispatch_later.get():
+            # Called directly, as in Channels 1.x: dispatch now, from sync code.
+            async_to_sync(self.dispatch)()
+
+    @classmethod
+    async def _run(cls, message: Message, kwargs: dict) -> None:
+        token = _dispatch_later.set(True)
+        try:
+            consumer = cls(message, **kwargs)
+        finally:
+            _dispatch_later.reset(token)
+        await consumer.dispatch()
+
+    async def dispatch(self) -> None:
+        """Call the method that ``method_mapping`` names for this message's channel."""
+        if self.http_user:
+            await _load_http_user(self.message)
+        channel = self.message.channel_name
+        name = self.method_mapping.get(channel)
+        if name is None:
+            raise ValueError(
+                f"{type(self).__name__} has no method for channel {channel!r}: its "
+                f"method_mapping is {self.method_mapping!r}. Add the channel, or route "
+                f"only the channels it lists."
+            )
+        await _call_handler(getattr(self, name), self.message, **self.kwargs)
+
+    @classmethod
+    def channel_names(cls) -> set[str]:
+        """The channels this class handles (the keys of ``method_mapping``)."""
+        return set(cls.method_mapping)
+
+    @classmethod
+    def as_route(cls, attrs: dict | None = None, **filters: Any) -> RouteClass:
+        """A route to this class -- or, with *attrs*, to a subclass with those attributes set."""
+        if attrs is not None:
+            if not isinstance(attrs, dict):
+                raise TypeError(f"as_route(attrs=...) takes a dict of class attributes "
+                                f"(got {type(attrs).__name__} {attrs!r}).")
+            cls = type(cls.__name__, (cls,), attrs)
+        return RouteClass(cls, **filters)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} channel={self.message.channel_name!r} kwargs={self.kwargs!r}>"
+
+
+def _frame(text: str | None = None, bytes: bytes | None = None, close: bool | int = False) -> dict:
+    """The reply-channel message for one outgoing frame (and/or a close)."""
+    if text is not None and bytes is not None:
+        raise ValueError("Send either text or bytes in one frame, not both.")
+    reply: dict[str, Any] = {}
+    if text is not None:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str (got {type(text).__name__} {text!r:.80}); "
+                            f"send binary data with bytes=.")
+        reply["text"] = text
+    elif bytes is not None:
+        reply["bytes"] = bytes
+    if close:
+        reply["close"] = close
+    if not reply:
+        raise ValueError("Nothing to send: pass text=, bytes= or close=.")
+    return reply
+
+
+def _overrides(consumer: Any, name: str, base: type) -> bool:
+    return getattr(type(consumer), name) is not getattr(base, name)
+
+
+class WebsocketConsumer(BaseConsumer):
+    """A WebSocket endpoint: override ``connect``, ``receive`` and ``disconnect``.
+
+    ``groups`` (or ``connection_groups(**kwargs)``) are joined before ``connect()`` and
+    left before ``disconnect()``, so a chat room is two lines::
+
+        class Room(WebsocketConsumer):
+            def connection_groups(self, room, **kwargs):
+                return [f"room-{room}"]
+
+            def receive(self, text=None, bytes=None, room=None, **kwargs):
+                self.group_send(f"room-{room}", text=text)
+    """
+
+    method_mapping = {
+        "websocket.connect": "raw_connect",
+        "websocket.receive": "raw_receive",
+        "websocket.disconnect": "raw_disconnect",
+    }
+    #: Groups every socket of this consumer joins on connect.
+    groups: list[str] | None = None
+    #: Accepted for Channels 1.x code; messages of one socket are always handled in order.
+    strict_ordering = False
+
+    @property
+    def path(self) -> str:
+        return self.message["path"]
+
+    def connection_groups(self, **kwargs: Any) -> list[str]:
+        """The groups to join on connect and leave on disconnect (default: ``groups``)."""
+        return list(self.groups or ())
+
+    # -- what the router calls --
+
+    async def raw_connect(self, message: Message, **kwargs: Any) -> None:
+        for name in self.connection_groups(**kwargs):
+            await Group(name, channel_layer=message.channel_layer).aadd(message.reply_channel)
+        if _overrides(self, "connect", WebsocketConsumer):
+            await _call_handler(self.connect, message, **kwargs)
+        else:
+            self.connect(message, **kwargs)  # the default only accepts: no thread needed
+
+    async def raw_receive(self, message: Message, **kwargs: Any) -> None:
+        if message.get("text") is not None:
+            await _call_handler(self.receive, text=message["text"], **kwargs)
+        else:
+            await _call_handler(self.receive, bytes=message.get("bytes"), **kwargs)
+
+    async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
+        for name in self.connection_groups(**kwargs):
+            await Group(name, channel_layer=message.channel_layer).adiscard(message.reply_channel)
+        if _overrides(self, "disconnect", WebsocketConsumer):
+            await _call_handler(self.disconnect, message, **kwargs)
+
+    # -- what you override --
+
+    def connect(self, message: Message, **kwargs: Any) -> None:
+        """Called on the handshake; accepts by default. Raise ``DenyConnection`` to reject."""
+        self.message.reply_channel.send({"accept": True})
+
+    def receive(self, text: str | None = None, bytes: bytes | None = None, **kwargs: Any) -> None:
+        """Called for each frame, with its ``text`` or ``bytes``."""
+
+    def disconnect(self, message: Message, **kwargs: Any) -> None:
+        """Called once the socket has closed; ``message["code"]`` is the close code."""
+
+    # -- what you call --
+
+    def send(self, text: str | None = None, bytes: bytes | None = None, close: bool | int = False) -> None:
+        """Send a frame to this socket; ``close=True`` (or a code) closes it after the frame."""
+        self.message.reply_channel.send(_frame(text, bytes, close))
+
+    def close(self, status: bool | int = True) -> None:
+        """Close this socket: ``True`` for code 1000, or a close code."""
+        self.message.reply_channel.send({"close": status})
+
+    @classmethod
+    def group_send(cls, name: str, text: str | None = None, bytes: bytes | None = None,
+                   close: bool | int = False) -> None:
+        """Send a frame to every socket in group *name*."""
+        Group(name).send(_frame(text, bytes, close))
+
+
+class JsonWebsocketConsumer(WebsocketConsumer):
+    """A WebSocket endpoint that speaks JSON: ``receive(content)`` and ``send(content)``.
+
+    A binary frame closes the socket with 1003 and invalid JSON with 1007; both log a
+    warning.
+    """
+
+    async def raw_receive(self, message: Message, **kwargs: Any) -> None:
+        text = message.get("text")
+        if text is None:
+            logger.warning("%s got a binary frame on %s; it takes JSON text. Closing with 1003.",
+                           type(self).__name__, message.get("path"))
+            self.close(1003)
+            return
+        try:
+            content = self.decode_json(text)
+        except ValueError as error:
+            logger.warning("%s got invalid JSON on %s (%s; received %r). Closing with 1007.",
+                           type(self).__name__, message.get("path"), error, text[:80])
+            self.close(1007)
+            return
+        await _call_handler(self.receive, content, **kwargs)
+
+    def receive(self, content: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Called with each frame's decoded JSON."""
+
+    def send(self, content: Any, close: bool | int = False) -> None:  # type: ignore[override]
+        """Send *content* as JSON; inside a demultiplexer, on this consumer's stream."""
+        multiplexer = self.kwargs.get("multiplexer")
+        if multiplexer is not None:
+            multiplexer.send(content)
+            if close:
+                self.close(close)
+        else:
+            super().send(text=self.encode_json(content), close=close)
+
+    @classmethod
+    def group_send(cls, name: str, content: Any, close: bool | int = False) -> None:  # type: ignore[override]
+        """Send *content* as JSON to every socket in group *name*."""
+        WebsocketConsumer.group_send.__func__(cls, name, text=cls.encode_json(content), close=close)
+
+    @classmethod
+    def encode_json(cls, content: Any) -> str:
+        return json.dumps(content)
+
+    @classmethod
+    def decode_json(cls, text: str) -> Any:
+        return json.loads(text)
+
+
+class WebsocketMultiplexer:
+    """One stream of a multiplexed socket: frames are ``{"stream": ..., "payload": {...}}``."""
+
+    def __init__(self, stream: str, reply_channel: Channel):
+        self.stream = stream
+        self.reply_channel = reply_channel
+
+    def send(self, payload: dict) -> None:
+        """Send *payload* on this stream."""
+        self.reply_channel.send({"text": self.encode(self.stream, payload)})
+
+    @classmethod
+    def group_send(cls, name: str, stream: str, payload: dict) -> None:
+        """Send *payload* on *stream* to every socket in group *name*."""
+        Group(name).send({"text": cls.encode(stream, payload)})
+
+    @staticmethod
+    def encode(stream: str, payload: dict) -> str:
+        return json.dumps({"stream": stream, "payload": payload})
+
+    def __repr__(self) -> str:
+        return f"<WebsocketMultiplexer stream={self.stream!r} {self.reply_channel!r}>"
+
+
+class WebsocketDemultiplexer(JsonWebsocketConsumer):
+    """Carries several streams over one socket, each to its own consumer.
+
+    ``consumers = {"chat": ChatConsumer, "items": ItemBinding.consumer}``. Each consumer
+    gets a ``multiplexer`` kwarg whose ``send(payload)`` answers on its stream;
+    connect and disconnect reach every consumer. A frame that is not
+    ``{"stream": str, "payload": dict}``, or names an unknown stream, is answered with
+    ``{"error": "<why>"}`` and the socket stays open.
+    """
+
+    #: ``{stream name: consumer}``; consumers are classes or functions, as in routing.
+    consumers: dict[str, Any] = {}
+    http_user = True  # so bindings behind it can check message.user
+
+    async def raw_connect(self, message: Message, **kwargs: Any) -> None:
+        await super().raw_connect(message, **kwargs)
+        for stream, consumer in self.consumers.items():
+            await self._forward(stream, consumer, message, kwargs)
+
+    async def raw_receive(self, message: Message, **kwargs: Any) -> None:
+        text = message.get("text")
+        try:
+            frame = self.decode_json(text) if text is not None else None
+        except ValueError:
+            frame = None
+        problem = _multiplexed_frame_problem(frame, self.consumers)
+        if problem:
+            logger.warning("%s on %s: %s", type(self).__name__, message.get("path"), problem)
+            WebsocketConsumer.send(self, text=self.encode_json({"error": problem}))
+            return
+        stream = frame["stream"]
+        forwarded = message.copy(text=self.encode_json(frame["payload"]))
+        forwarded.content.pop("bytes", None)
+        await self._forward(stream, self.consumers[stream], forwarded, kwargs)
+
+    async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
+        for stream, consumer in self.consumers.items():
+            await self._forward(stream, consumer, message, kwargs)
+        await super().raw_disconnect(message, **kwargs)
+
+    async def _forward(self, stream: str, consumer: Any, message: Message, kwargs: dict) -> None:
+        multiplexer = WebsocketMultiplexer(stream, message.reply_channel)
+        await _call_consumer(consumer, message, {**kwargs, "multiplexer": multiplexer})
+
+    def send(self, *args: Any, **kwargs: Any) -> None:
+        raise SendNotAvailableOnDemultiplexer(
+            f"{type(self).__name__}.send() cannot tell which stream to use. Send through a "
+            f"stream's multiplexer: WebsocketMultiplexer(stream, reply_channel).send(payload).")
+
+
+def _multiplexed_frame_problem(frame: Any, consumers: dict) -> str | None:
+    if not isinstance(frame, dict) or "stream" not in frame or "payload" not in frame:
+        return (f"Invalid multiplexed frame (received {frame!r:.80}): send JSON "
+                f'{{"stream": "<name>", "payload": {{...}}}}.')
+    if not isinstance(frame["payload"], dict):
+        return f"Payload of stream {frame['stream']!r} must be a JSON object (received {frame['payload']!r:.80})."
+    if not isinstance(frame["stream"], str) or frame["stream"] not in consumers:
+        return f"Unknown stream {frame['stream']!r:.80}; this socket has {sorted(consumers)!r}."
+    return None
+
+
+async def _load_http_user(message: Message) -> None:
+    """Fill ``message.user``/``http_session`` from the socket's session cookie, once per socket."""
+    socket = message._socket
+    if socket is None:
+        return
+    if not socket.user_loaded:
+        socket.http_session, socket.user = await _in_thread(_session_and_user, message.scope)
+        socket.user_loaded = True
+    message.http_session, message.user = socket.http_session, socket.user
+
+
+def _session_and_user(scope: Scope) -> tuple[Any, Any]:
+    from django.apps import apps
+    from django.conf import settings
+    from django.http.cookie import parse_cookie
+
+    cookie = b"; ".join(value for name, value in scope.get("headers", ()) if name == b"cookie")
+    session_key = parse_cookie(cookie.decode("latin-1")).get(settings.SESSION_COOKIE_NAME)
+    session = importlib.import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    if not apps.is_installed("django.contrib.auth"):
+        return session, None
+    from django.contrib.auth import get_user
+
+    class _Request:  # all that get_user() reads of a request
+        pass
+
+    request = _Request()
+    request.session = session
+    return session, get_user(request)
+
+
+# === 5. Binding ===
+# Data binding re-creates the Channels 1.x feature that 2.0 removed: a `Binding` watches
+# one model through Django's save/delete signals and sends each change to groups; a
+# `WebsocketBinding` sends it as a text frame on a demultiplexer stream, and applies
+# create/update/delete requests coming back from clients when `has_permission` allows.
+# Changes leave only when their transaction commits (Channels 1.x sent them at once).
+
+_bindings: list[type[Binding]] = []
+_ACTIONS = ("create", "update", "delete")
+
+
+class Binding:
+    """Sends a model's saves and deletes to groups, as ``{"stream", "payload"}`` messages.
+
+    Subclass it with ``model``, ``stream`` and ``fields`` (or ``exclude``), and say which
+    groups hear about an instance::
+
+        class OrderBinding(WebsocketBinding):
+            model = "shop.Order"
+            stream = "orders"
+            fields = ["status", "total"]
+
+            @classmethod
+            def group_names(cls, instance):
+                return [f"customer-{instance.customer_id}"]
+
+    The class works as soon as it is defined. ``model = None`` makes an abstract binding.
+    """
+
+    #: The model class, or its ``"app_label.ModelName"`` label.
+    model: Any = None
+    #: The stream name clients see in each frame.
+    stream: str | None = None
+    #: Fields to send and accept, or ``"__all__"``; give this or ``exclude``.
+    fields: list[str] | str | None = None
+    #: Fields never sent nor accepted; the others are.
+    exclude: list[str] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if cls.model is None:
+            return
+        if (cls.fields is None) == (cls.exclude is None):
+            raise ImproperlyConfigured(
+                f"{cls.__name__} must set exactly one of 'fields' or 'exclude' (got "
+                f"fields={cls.fields!r}, exclude={cls.exclude!r}). Use fields = "
+                f"['__all__'] to bind every field.")
+        _register_binding(cls)
+
+    # -- outbound: what you override --
+
+    @classmethod
+    def group_names(cls, instance: Any) -> list[str]:
+        """The groups that hear about *instance*."""
+        return []
+
+    def serialize(self, instance: Any, action: str) -> dict:
+        """The payload sent for *action* on *instance*; return ``{}`` to send nothing."""
+        record = self._serialized(instance)
+        return {"action": action, "pk": record["pk"], "data": record["fields"],
+                "model": instance._meta.label_lower}
+
+    def serialize_data(self, instance: Any) -> dict:
+        """The bound fields of *instance*, written as Django's JSON serializer writes them."""
+        return self._serialized(instance)["fields"]
+
+    @classmethod
+    def encode(cls, stream: str, payload: dict) -> dict:
+        """The message sent to groups for one change."""
+        return {"stream": stream, "payload": payload}
+
+    # -- inbound: what you override --
+
+    def has_permission(self, user: Any, action: str, pk: Any) -> bool:
+        """May *user* apply *action* to the row *pk*? The default denies every write."""
+        return False
+
+    # -- helpers --
+
+    @classmethod
+    def model_class(cls) -> Any:
+        if isinstance(cls.model, str):
+            from django.apps import apps
+            return apps.get_model(cls.model)
+        return cls.model
+
+    @classmethod
+    def _field_names(cls) -> list[str] | None:
+        """Bound field names; None means all of them."""
+        if cls.fields is not None:
+            return None if cls.fields in ("__all__", ["__all__"]) else list(cls.fields)
+        meta = cls.model_class()._meta
+        return [f.name for f in (*meta.concrete_fields, *meta.many_to_many)
+                if f.name not in cls.exclude and not f.primary_key]
+
+    def _serialized(self, instance: Any) -> dict:
+        from django.core import serializers
+        return json.loads(serializers.serialize("json", [instance], fields=self._field_names()))[0]
+
+    @classmethod
+    def _announce(cls, instance: Any, before: list[str], after: list[str], using: str) -> None:
+        """Queue, for commit time, delete/update/create to the groups left/kept/joined."""
+        from django.db import transaction
+
+        binding = cls()
+        messages = []
+        for action, groups in (("delete", [g for g in before if g not in after]),
+                               ("update", [g for g in before if g in after]),
+                               ("create", [g for g in after if g not in before])):
+            payload = binding.serialize(instance, action) if groups else None
+            if payload:
+                messages += [(group, cls.encode(cls.stream, payload)) for group in groups]
+        if messages:
+            transaction.on_commit(functools.partial(_send_to_groups, messages), using=using)
+
+    # -- inbound: the stream consumer --
+
+    @classmethod
+    def consumer(cls, message: Message, **kwargs: Any) -> None:
+        """Applies a client's ``{"action", "pk", "data"}``: put it in a demultiplexer's ``consumers``."""
+        if message.channel_name != "websocket.receive":
+            return  # connect and disconnect need nothing from a binding
+        binding = cls()
+        binding.message, binding.kwargs, binding.user = message, kwargs, message.user
+        request = json.loads(message["text"])
+        error = binding._apply_request(request)
+        if error is not None:
+            logger.info("%s refused %r: %s", cls.__name__, request, error)
+            reply = {"error": error, "action": request.get("action"), "pk": request.get("pk")}
+            kwargs["multiplexer"].send(reply)
+
+    def _apply_request(self, request: dict) -> str | None:
+        """Check and apply one write; return why it was refused, or None."""
+        from django.core.exceptions import ObjectDoesNotExist, ValidationError
+        from django.core.serializers.base import DeserializationError
+        from django.db import router, transaction
+
+        action, pk, data = request.get("action"), request.get("pk"), request.get("data", {})
+        problem = self._request_problem(action, pk, data)
+        if problem:
+            return problem
+        model = self.model_class()
+        try:
+            with transaction.atomic(using=router.db_for_write(model)):
+                getattr(self, f"_inbound_{action}")(model, pk, data)
+        except ObjectDoesNotExist:
+            return f"{model._meta.label_lower} with pk {pk!r} does not exist."
+        except ValidationError as error:
+            details = getattr(error, "message_dict", None) or error.messages
+            return f"Invalid data: {details}."
+        except (DeserializationError, ValueError, TypeError) as error:
+            return f"Invalid data: {error}."
+        return None
+
+    def _request_problem(self, action: Any, pk: Any, data: Any) -> str | None:
+        if action not in _ACTIONS:
+            return f"Unknown action {action!r}; use one of {list(_ACTIONS)!r}."
+        if action != "create" and pk is None:
+            return f"Action {action!r} needs a 'pk'."
+        if not self.has_permission(self.user, action, pk):
+            return f"Permission denied: {action} on pk {pk!r}."
+        if not isinstance(data, dict):
+            return f"'data' must be a JSON object of field values (received {data!r:.80})."
+        writable = self._writable_fields()
+        unknown = sorted(set(data) - set(writable))
+        if unknown:
+            return f"Unknown field(s) {unknown!r}; this binding accepts {sorted(writable)!r}."
+        return None
+
+    def _writable_fields(self) -> list[str]:
+        meta = self.model_class()._meta
+        names = self._field_names()
+        return [f.name for f in meta.concrete_fields
+                if f.editable and not f.primary_key and (names is None or f.name in names)]
+
+    def _deserialized(self, model: Any, pk: Any, data: dict) -> Any:
+        from django.core import serializers
+        record = {"model": model._meta.label_lower, "fields": data}
+        if pk is not None:
+            record["pk"] = pk
+        return next(serializers.deserialize("python", [record])).object
+
+    def _inbound_create(self, model: Any, pk: Any, data: dict) -> None:
+        instance = self._deserialized(model, pk, data)
+        instance.full_clean()
+        instance.save()
+
+    def _inbound_update(self, model: Any, pk: Any, data: dict) -> None:
+        instance = model._default_manager.get(pk=pk)
+        changes = self._deserialized(model, pk, data)
+        for name in data:  # only what the client sent
+            attname = model._meta.get_field(name).attname
+            setattr(instance, attname, getattr(changes, attname))
+        instance.full_clean()
+        instance.save()
+
+    def _inbound_delete(self, model: Any, pk: Any, data: dict) -> None:
+        model._default_manager.get(pk=pk).delete()
+
+
+class WebsocketBinding(Binding):
+    """A ``Binding`` whose messages are text frames on a ``WebsocketDemultiplexer`` stream."""
+
+    @classmethod
+    def encode(cls, stream: str, payload: dict) -> dict:
+        return {"text": WebsocketMultiplexer.encode(stream, payload)}
+
+
+def _send_to_groups(messages: list[tuple[str, dict]]) -> None:
+    for group, message in messages:
+        Group(group).send(message)
+
+
+def _register_binding(binding: type[Binding]) -> None:
+    if not _bindings:
+        _connect_model_signals()
+    _bindings.append(binding)
+
+
+def _connect_model_signals() -> None:
+    # Connected for every sender: a binding may name its model before the app registry
+    # can turn the label into a class.
+    from django.db.models import signals
+
+    for signal, receiver in ((signals.pre_save, _before_save), (signals.post_save, _after_save),
+                             (signals.pre_delete, _before_delete),
+                             (signals.post_delete, _after_delete)):
+        signal.connect(receiver, weak=False, dispatch_uid=f"{__name__}.{receiver.__name__}")
+
+
+def _bindings_for(model: Any) -> list[type[Binding]]:
+    label = model._meta.label_lower
+    return [b for b in _bindings
+            if b.model is model or (isinstance(b.model, str) and b.model.lower() == label)]
+
+
+def _before_save(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    bindings = _bindings_for(sender)
+    if not bindings:
+        return
+    stored = None
+    if instance.pk is not None:
+        stored = sender._default_manager.using(using).filter(pk=instance.pk).first()
+    instance._binding_groups_before = {
+        b: (list(b.group_names(stored)) if stored is not None else []) for b in bindings}
+
+
+def _after_save(sender: Any, instance: Any, created: bool, using: str, **kwargs: Any) -> None:
+    before_by_binding = instance.__dict__.pop("_binding_groups_before", {})
+    for binding in _bindings_for(sender):
+        before = [] if created else before_by_binding.get(binding, [])
+        binding._announce(instance, before, list(binding.group_names(instance)), using)
+
+
+def _before_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    bindings = _bindings_for(sender)
+    if bindings:
+        instance._binding_groups_before = {b: list(b.group_names(instance)) for b in bindings}
+
+
+def _after_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
+    before_by_binding = instance.__dict__.pop("_binding_groups_before", {})
+    for binding in _bindings_for(sender):
+        binding._announce(instance, before_by_binding.get(binding, []), [], using)
+
+
+# === 6. ASGI app ===
+# `Application` is what the server calls. A websocket scope becomes the Channels 1.x
+# messages `websocket.connect` / `websocket.receive` / `websocket.disconnect`, routed to
+# consumers one at a time per socket; what consumers send to the socket's reply channel
+# comes back out as ASGI events. HTTP goes to Django. Routed channels that are not
+# `websocket.*`/`http.*` are consumed from the layer by background worker tasks.
+
+_DEV_HOSTS = [".localhost", "127.0.0.1", "[::1]"]  # what Django allows when DEBUG has none
+_DEFAULT_PORTS = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
+
+
+class Application:
+    """The ASGI 3 application: websockets through *routing*, HTTP through Django.
+
+    ``application = Application(channel_routing)`` in ``asgi.py``, then
+    ``uvicorn mysite.asgi:application``. ``http`` replaces Django's ASGI handler;
+    ``channel_layer`` replaces ``get_channel_layer()``; ``allowed_origins`` replaces
+    ``ALLOWED_HOSTS`` for websocket ``Origin`` checks (same patterns, ``"*"`` for any,
+    ``"null"`` to allow the ``null`` origin); larger frames than ``max_message_size``
+    bytes close the socket with 1009.
+    """
+
+    def __init__(self, routing: Any, *, http: ASGIApp | None = None, channel_layer: Any = None,
+                 allowed_origins: list[str] | None = None, max_message_size: int = 1_048_576):
+        self.router = Router(routing) if routing is not None else None
+        self.http = http
+        self._channel_layer = channel_layer
+        self.allowed_origins = allowed_origins
+        self.max_message_size = max_message_size
+        self._workers: _BackgroundWorkers | None = None
+
+    def __repr__(self) -> str:
+        routes = len(self.router.routes) if self.router is not None else "from settings"
+        return f"<Application routes={routes} layer={self._channel_layer!r}>"
+
+    @property
+    def channel_layer(self) -> Any:
+        if self._channel_layer is None:
+            self._channel_layer = get_channel_layer()
+        return self._channel_layer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            return await self._lifespan(receive, send)
+        self._prepare()
+        if kind == "websocket":
+            await _Socket(self, scope, send).serve(receive)
+        elif kind == "http":
+            await self._http_app()(scope, receive, send)
+        else:
+            raise ValueError(f"Application cannot serve ASGI scope type {kind!r}; it serves "
+                             f"'websocket', 'http' and 'lifespan'.")
+
+    # -- start-up and shut-down --
+
+    def _prepare(self) -> None:
+        """Load the routing (module-level ``application``) and start workers, once per loop."""
+        if self.router is None:
+            self.router = Router(_routing_from_settings())
+        loop = asyncio.get_running_loop()
+        if self._workers is None or self._workers.loop is not loop:
+            self._workers = _BackgroundWorkers(self, background_channels(self.router))
+            self._workers.start()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            event = await receive()
+            if event["type"] == "lifespan.startup":
+                try:
+                    self._prepare()
+                except Exception as error:
+                    logger.exception("Application failed to start")
+                    await send({"type": "lifespan.startup.failed", "message": str(error)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif event["type"] == "lifespan.shutdown":
+                if self._workers is not None:
+                    await self._workers.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _http_app(self) -> ASGIApp:
+        if self.http is None:
+            from django.conf import settings
+            if settings.configured:
+                from django.core.asgi import get_asgi_application
+                self.http = get_asgi_application()
+            else:
+                self.http = _not_found
+        return self.http
+
+    # -- handling one message --
+
+    async def handle(self, message: Message) -> bool:
+        """Route *message* and run its consumer; False when no route matches."""
+        matched = self.router._match(message.channel_name, message.content)
+        if matched is None:
+            return False
+        consumer, kwargs = matched
+        async with consumer_context(self.channel_layer):
+            await _call_consumer(consumer, message, kwargs)
+        return True
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Is a handshake with this ``Origin`` header value allowed? (None: no header.)"""
+        if origin is None:
+            return True
+        patterns = self.allowed_origins
+        if patterns is None:
+            from django.conf import settings
+            patterns = list(settings.ALLOWED_HOSTS) if settings.configured else []
+            if not patterns and (not settings.configured or settings.DEBUG):
+                patterns = _DEV_HOSTS
+        return _origin_matches(origin, patterns)
+
+
+def background_channels(router: Router) -> list[str]:
+    """The routed channels consumed from the layer: all but ``websocket.*`` and ``http.*``."""
+    return sorted(c for c in router.channels if not c.startswith(("websocket.", "http.")))
+
+
+def _routing_from_settings() -> Any:
+    from django.conf import settings
+
+    _setup_django()
+    routing = getattr(settings, "CHANNEL_ROUTING", None)
+    if routing is None:
+        raise ImproperlyConfigured(
+            "settings.CHANNEL_ROUTING is not set, so the module-level 'application' has no "
+            "routes. Set it to a routing list or its dotted path, e.g. "
+            "CHANNEL_ROUTING = 'mysite.routing.channel_routing'.")
+    return routing
+
+
+def _setup_django() -> None:
+    from django.apps import apps
+
+    if not apps.ready:
+        import django
+        django.setup(set_prefix=False)
+
+
+def _origin_matches(origin: str, patterns: Iterable[str]) -> bool:
+    from django.http.request import split_domain_port
+    from django.utils.http import is_same_domain
+
+    patterns = list(patterns)
+    if origin == "null":  # sandboxed frames and file:// pages: never by a wildcard
+        return "null" in patterns
+    parts = urlsplit(origin)
+    host, port = split_domain_port(parts.netloc)
+    if parts.scheme not in _DEFAULT_PORTS or not host:
+        return False
+    port = port or _DEFAULT_PORTS[parts.scheme]
+    for pattern in patterns:
+        if pattern == "*":
+            return True
+        scheme, _, rest = pattern.rpartition("://")
+        pattern_host, pattern_port = split_domain_port(rest) if rest != "null" else ("", "")
+        if (pattern_host and (not scheme or scheme == parts.scheme)
+                and (not pattern_port or pattern_port == port)
+                and is_same_domain(host, pattern_host)):
+            return True
+    return False
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """The HTTP app when Django is not configured: every request is a 404."""
+    body = b"Not found: this server has no HTTP application (Django settings are not configured)."
+    await send({"type": "http.response.start", "status": 404,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Socket:
+    """One websocket connection: its messages in, its reply channel out."""
+
+    def __init__(self, app: Application, scope: Scope, send: Send):
+        self.app, self.scope, self._send = app, scope, send
+        self.layer = app.channel_layer
+        self.path: str = scope.get("path", "")
+        self.reply_channel = ""
+        self.channel_session: dict = {}
+        self.order = 0
+        self.state = "connecting"  # then "accepted", then "closed"
+        self.user_loaded, self.user, self.http_session = False, None, None
+        self._send_lock = asyncio.Lock()
+
+    async def serve(self, receive: Receive) -> None:
+        event = await receive()
+        if event["type"] != "websocket.connect":
+            return
+        origin = _header(self.scope, b"origin")
+        if not self.app.origin_allowed(origin):
+            logger.warning("Rejected websocket to %s from origin %r: not in the allowed "
+                           "origins (ALLOWED_HOSTS or allowed_origins).", self.path, origin)
+            await self._emit({"type": "websocket.close", "code": 1008})  # 403 before accepting
+            return
+        self.reply_channel = await self.layer.new_channel("websocket.send")
+        relay = None
+        try:
+            await self._connect()
+            relay = asyncio.create_task(self._relay_replies())
+            await self._serve_frames(receive)
+        finally:
+            if relay is not None:
+                relay.cancel()
+                await asyncio.gather(relay, return_exceptions=True)
+            if hasattr(self.layer, "discard_channel"):
+                self.layer.discard_channel(self.reply_channel)
+
+    # -- client to consumers --
+
+    async def _connect(self) -> None:
+        scope = self.scope
+        message = self._message("websocket.connect", {
+            "reply_channel": self.reply_channel, "path": self.path,
+            "query_string": scope.get("query_string", b""), "headers": scope.get("headers", []),
+            "client": scope.get("client"), "server": scope.get("server"),
+            "subprotocols": scope.get("subprotocols", []), "order": 0})
+        if self.app.router._match("websocket.connect", message.content) is not None:
+            await self._handle(message)
+        elif self.app.router._match("websocket.receive", message.content) is not None:
+            await self._emit({"type": "websocket.accept"})  # Channels 1.x: frames are routed, so accept
+            self.state = "accepted"
+        else:
+            logger.warning("Rejected websocket to %s: no route for websocket.connect or "
+                           "websocket.receive matches that path.", self.path)
+            await self._close(1000)
+
+    async def _serve_frames(self, receive: Receive) -> None:
+        while True:
+            event = await receive()
+            if event["type"] == "websocket.disconnect":
+                self.state = "closed"
+                self.order += 1
+                await self._handle(self._message("websocket.disconnect", {
+                    "reply_channel": self.reply_channel, "path": self.path,
+                    "order": self.order, "code": event.get("code", 1000)}))
+                return
+            if event["type"] != "websocket.receive" or self.state == "closed":
+                continue  # frames that arrive after we closed are dropped
+            if _frame_size(event) > self.app.max_message_size:
+                logger.warning("Closing websocket %s with 1009: a frame of %d bytes exceeds "
+                               "max_message_size=%d.", self.path, _frame_size(event),
+                               self.app.max_message_size)
+                await self._close(1009)
+                continue
+            self.order += 1
+            content = {"reply_channel": self.reply_channel, "path": self.path, "order": self.order}
+            if event.get("text") is not None:
+                content["text"] = event["text"]
+            else:
+                content["bytes"] = event.get("bytes") or b""
+            await self._handle(self._message("websocket.receive", content))
+
+    def _message(self, channel: str, content: dict) -> Message:
+        message = Message(content, channel, self.layer)
+        message.channel_session, message.scope, message._socket = (
+            self.channel_session, self.scope, self)
+        if self.user_loaded:
+            message.user, message.http_session = self.user, self.http_session
+        return message
+
+    async def _handle(self, message: Message) -> None:
+        try:
+            if not await self.app.handle(message) and message.channel_name == "websocket.receive":
+                logger.debug("No route for websocket.receive on %s; frame ignored.", self.path)
+        except DenyConnection:
+            if self.state == "connecting":
+                await self._close(1000)
+        except Exception:
+            logger.exception("Consumer failed on %s for %s (order %s); closing that socket "
+                             "with 1011.", message.channel_name, self.path, message.get("order"))
+            await self._close(1011)
+
+    # -- consumers to client --
+
+    async def _relay_replies(self) -> None:
+        while self.state != "closed":
+            try:
+                reply = await self.layer.receive(self.reply_channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("Cannot receive replies for websocket %s from the channel "
+                                 "layer; retrying in 1 s.", self.path)
+                await asyncio.sleep(1)
+                continue
+            await self._reply(reply)
+
+    async def _reply(self, reply: dict) -> None:
+        """Turn one reply-channel message into ASGI events (SPEC section 2, replies)."""
+        if self.state == "closed":
+            return
+        if "accept" in reply:
+            if not reply["accept"]:
+                return await self._close(1000)
+            if self.state == "connecting":
+                await self._accept(reply.get("subprotocol"))
+        for key, kind in (("text", str), ("bytes", bytes)):
+            if key in reply:
+                if not isinstance(reply[key], kind):
+                    logger.error("Reply on %s has %r of type %s; it must be %s. Not sent.",
+                                 self.reply_channel, key, type(reply[key]).__name__, kind.__name__)
+                    continue
+                if self.state == "connecting":
+                    await self._accept(None)
+                await self._emit({"type": "websocket.send", key: reply[key]})
+        close = reply.get("close")
+        if close:
+            await self._close(1000 if close is True else int(close))
+
+    async def _accept(self, subprotocol: str | None) -> None:
+        self.state = "accepted"
+        await self._emit({"type": "websocket.accept", "subprotocol": subprotocol})
+
+    async def _close(self, code: int) -> None:
+        """Close (or, before accepting, reject with HTTP 403) -- once."""
+        if self.state != "closed":
+            self.state = "closed"
+            await self._emit({"type": "websocket.close", "code": code})
+
+    async def _emit(self, event: dict) -> None:
+        async with self._send_lock:
+            try:
+                await self._send(event)
+            except OSError:  # the client went away; its disconnect event follows
+                self.state = "closed"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _frame_size(event: dict) -> int:
+    text = event.get("text")
+    if text is not None:
+        return len(text) if text.isascii() else len(text.encode("utf-8"))
+    return len(event.get("bytes") or b"")
+
+
+class _BackgroundWorkers:
+    """One task per background channel, receiving from the layer and running consumers."""
+
+    def __init__(self, app: Application, channels: list[str]):
+        self.app = app
+        self.channels = channels
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._idle: set[asyncio.Task] = set()  # waiting for a message: safe to cancel
+        self._stopping = False
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._tasks = [self.loop.create_task(self._consume(channel)) for channel in self.channels]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop receiving; a message in hand is finished (up to *timeout* seconds)."""
+        self._stopping = True
+        for task in self._idle:
+            task.cancel()
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+    async def _consume(self, channel: str) -> None:
+        task = asyncio.current_task()
+        layer = self.app.channel_layer
+        while not self._stopping:
+            self._idle.add(task)
+            try:
+                content = await layer.receive(channel)
+            except asyncio.CancelledError:
+                return
+            except Exception:
+                logger.exception("Background worker for %r cannot receive from the channel "
+                                 "layer; retrying in 1 s.", channel)
+                await asyncio.sleep(1)
+                continue
+            finally:
+                self._idle.discard(task)
+            await self._run(channel, content)
+
+    async def _run(self, channel: str, content: dict) -> None:
+        message = Message(content, channel, self.app.channel_layer)
+        try:
+            if not await self.app.handle(message):
+                logger.warning("No route matched a message on %r (keys %s); dropped.",
+                               channel, sorted(content))
+        except Exception:
+            logger.exception("Consumer failed on background channel %r", channel)
+
+
+# === 7. Test helpers ===
+# `WebsocketCommunicator` plays the server's part in-process, so tests drive an
+# `Application` the way a browser would, with the method names Channels users know.
+
+class WebsocketCommunicator:
+    """Drives an ASGI app as one websocket client would, without a server.
+
+    ::
+
+        communicator = WebsocketCommunicator(application, "/chat/lobby/")
+        connected, _ = await communicator.connect()
+        await communicator.send_to(text_data="hello")
+        assert await communicator.receive_from() == "hello"
+        await communicator.disconnect()
+    """
+
+    def __init__(self, application: ASGIApp, path: str, headers: list | None = None,
+                 subprotocols: list[str] | None = None):
+        from urllib.parse import unquote
+
+        path, _, query = path.partition("?")
+        self.application = application
+        self.scope: Scope = {
+            "type": "websocket", "asgi": {"version": "3.0"}, "scheme": "ws",
+            "path": unquote(path), "raw_path": path.encode(), "root_path": "",
+            "query_string": query.encode(),
+            "headers": [(_as_bytes(name).lower(), _as_bytes(value)) for name, value in headers or []],
+            "client": ["127.0.0.1", 50000], "server": ["127.0.0.1", 80],
+            "subprotocols": list(subprotocols or []),
+        }
+        self._input: asyncio.Queue = asyncio.Queue()
+        self._output: asyncio.Queue = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self._disconnect_sent = False
+
+    async def connect(self, timeout: float = 1) -> tuple[bool, Any]:
+        """Open the socket: ``(True, subprotocol)`` when accepted, ``(False, close_code)`` if not."""
+        self._task = asyncio.ensure_future(self.application(self.scope, self._input.get, self._send))
+        await self._input.put({"type": "websocket.connect"})
+        event = await self.receive_output(timeout)
+        if event["type"] == "websocket.accept":
+            return True, event.get("subprotocol")
+        if event["type"] == "websocket.close":
+            return False, event.get("code", 1000)
+        raise AssertionError(f"Expected websocket.accept or websocket.close, got {event!r}.")
+
+    async def send_to(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Send one frame to the app."""
+        event = {"type": "websocket.receive"}
+        event.update({"text": text_data} if text_data is not None else {"bytes": bytes_data})
+        await self._input.put(event)
+
+    async def send_json_to(self, data: Any) -> None:
+        await self.send_to(text_data=json.dumps(data))
+
+    async def receive_from(self, timeout: float = 1) -> str | bytes:
+        """The next frame's text or bytes; ``AssertionError`` if the app closed instead."""
+        event = await self.receive_output(timeout)
+        if event["type"] != "websocket.send":
+            raise AssertionError(f"Expected a websocket.send frame, got {event!r}.")
+        return event["text"] if event.get("text") is not None else event["bytes"]
+
+    async def receive_json_from(self, timeout: float = 1) -> Any:
+        payload = await self.receive_from(timeout)
+        if not isinstance(payload, str):
+            raise AssertionError(f"Expected a JSON text frame, got bytes {payload!r:.80}.")
+        return json.loads(payload)
+
+    async def receive_nothing(self, timeout: float = 0.1) -> bool:
+        """True if the app sends nothing within *timeout* seconds."""
+        if not self._output.empty():
+            return False
+        try:
+            await self.receive_output(timeout)
+        except asyncio.TimeoutError:
+            return True
+        return False
+
+    async def receive_output(self, timeout: float = 1) -> dict:
+        """The next raw ASGI event the app sent; re-raises the app's own exception."""
+        getter = asyncio.ensure_future(self._output.get())
+        waiting = {getter} | ({self._task} if self._task is not None else set())
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if self._task in done:
+            self._task.result()  # raises what the app raised
+            raise AssertionError("The application ended without sending anything.")
+        raise asyncio.TimeoutError(f"Nothing from the application within {timeout} s.")
+
+    async def disconnect(self, code: int = 1000, timeout: float = 1) -> None:
+        """Close from the client side and wait for the app to finish."""
+        if not self._disconnect_sent:
+            self._disconnect_sent = True
+            await self._input.put({"type": "websocket.disconnect", "code": code})
+        if self._task is not None:
+            done, _ = await asyncio.wait({self._task}, timeout=timeout)
+            if not done:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+                raise asyncio.TimeoutError(f"The application did not finish within {timeout} s "
+                                           f"of the disconnect.")
+            self._task.result()
+
+    async def _send(self, event: dict) -> None:
+        await self._output.put(event)
+        if event["type"] == "websocket.close" and not self._disconnect_sent:
+            # A server tells the app its socket is gone once it has closed it.
+            self._disconnect_sent = True
+            await self._input.put({"type": "websocket.disconnect", "code": event.get("code", 1000)})
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else value
+
+
+def reset_channel_layers() -> None:
+    """Forget every layer ``get_channel_layer()`` built, e.g. after tests change settings."""
+    with _layers_lock:
+        _layers.clear()
+
+
+# === 8. Command line ===
+# `python -m channels_mini runworker` consumes background channels from a layer shared
+# between processes (e.g. Redis), as `manage.py runworker` did in Channels 1.x.
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; ``python -m <this module> runworker --help`` tells more."""
+    import argparse
+    import os
+
+    program = f"python -m {__spec__.name if __spec__ else 'channels_mini'}"
+    parser = argparse.ArgumentParser(prog=program, description="channels_mini commands.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    worker = commands.add_parser("runworker", help="Consume background channels from a shared layer.")
+    worker.add_argument("--settings", help="Django settings module (else DJANGO_SETTINGS_MODULE).")
+    worker.add_argument("--layer", default="default", help="CHANNEL_LAYERS alias (default: default).")
+    worker.add_argument("--only-channels", nargs="+", metavar="PATTERN", default=None,
+                        help="Consume only channels matching these glob patterns.")
+    worker.add_argument("--exclude-channels", nargs="+", metavar="PATTERN", default=(),
+                        help="Do not consume channels matching these glob patterns.")
+    args = parser.parse_args(argv)
+    if args.settings:
+        os.environ["DJANGO_SETTINGS_MODULE"] = args.settings
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        _setup_django()
+        router = Router(_routing_from_settings())
+        layer = get_channel_layer(args.layer)
+    except ImproperlyConfigured as error:
+        logger.error("runworker cannot start: %s", error)
+        return 2
+    if _is_in_memory(layer):
+        logger.error("runworker cannot start: channel layer %r is an InMemoryChannelLayer, which "
+                     "lives inside one process, so nothing could ever reach this worker. Configure "
+                     "a shared layer such as channels_redis.core.RedisChannelLayer in "
+                     "CHANNEL_LAYERS.", args.layer)
+        return 2
+    channels = _select_channels(background_channels(router), args.only_channels, args.exclude_channels)
+    if not channels:
+        logger.error("runworker has no channel to consume: the routing's background channels are "
+                     "%r and the filters leave none.", background_channels(router))
+        return 2
+    logger.info("runworker listening on channels: %s", ", ".join(channels))
+    asyncio.run(_run_worker(Application(router, channel_layer=layer), channels))
+    logger.info("runworker stopped.")
+    return 0
+
+
+def _select_channels(channels: list[str], only: list[str] | None, exclude: Iterable[str]) -> list[str]:
+    return [c for c in channels
+            if (only is None or any(fnmatch.fnmatchcase(c, p) for p in only))
+            and not any(fnmatch.fnmatchcase(c, p) for p in exclude)]
+
+
+async def _run_worker(app: Application, channels: list[str]) -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    workers = _BackgroundWorkers(app, channels)
+    workers.start()
+    await stop.wait()
+    logger.info("runworker stopping: finishing the messages in hand.")
+    await workers.stop()
+
+
+application = Application(None)
+
+if __name__ == "__main__":
+    import sys
+
+    # Run the copy of this module that user code imports, not a second copy named __main__.
+    module = importlib.import_module(__spec__.name) if __spec__ else None
+    sys.exit((module.main if module else main)())

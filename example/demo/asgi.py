@@ -1,0 +1,46 @@
+"""The demo's ASGI entry point: `uvicorn demo.asgi:application`.
+
+One `Application` serves the whole site. WebSocket connections become
+Channels 1.x messages (websocket.connect / receive / disconnect) that the
+routes in demo/routing.py hand to consumers; HTTP requests go to Django as
+usual; the "jobs.run" channel is consumed by a background worker inside the
+same process.
+"""
+import os
+import sys
+from pathlib import Path
+
+EXAMPLE_DIR = Path(__file__).resolve().parent.parent
+REPO_ROOT = EXAMPLE_DIR.parent
+
+# Let `uvicorn demo.asgi:application` work from the repository root too, and
+# find channels_mini in a plain clone (an installed copy wins: appended).
+if str(EXAMPLE_DIR) not in sys.path:
+    sys.path.insert(0, str(EXAMPLE_DIR))
+if str(REPO_ROOT) not in sys.path:
+    sys.path.append(str(REPO_ROOT))
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo.settings")
+
+# 1. Set Django up before importing anything that touches models: the routing
+#    imports consumers, which import the binding, which needs the Item model.
+import django  # noqa: E402
+
+django.setup()
+
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+from channels_mini import Application  # noqa: E402
+from demo.routing import channel_routing  # noqa: E402
+
+# 2. HTTP: Django's own ASGI handler. In DEBUG, wrap it the way `runserver`
+#    does so /static/ (the admin's CSS) is served without collectstatic. In
+#    production a web server or WhiteNoise serves static files instead.
+http_app = get_asgi_application()
+if settings.DEBUG:
+    http_app = ASGIStaticFilesHandler(http_app)
+
+# 3. WebSockets and background channels: the Channels 1.x routing.
+application = Application(channel_routing, http=http_app)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs the channels_mini demo on http://127.0.0.1:8000 (or $PORT).
+#
+#   bash example/run.sh
+#
+# 1. installs channels_mini and uvicorn into the active Python
+#    (pip install -e '.[demo]'; a virtualenv is a good idea),
+# 2. creates or migrates the SQLite database (example/db.sqlite3),
+# 3. creates the superuser admin / admin if there is none,
+# 4. serves the site, WebSockets included, with uvicorn.
+#
+# Environment: PYTHON (default: python3), HOST (127.0.0.1), PORT (8000),
+# DEMO_SKIP_INSTALL=1 to skip step 1, DEMO_DB_PATH for another database file.
+set -euo pipefail
+
+EXAMPLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(dirname "$EXAMPLE_DIR")"
+PYTHON="${PYTHON:-python3}"
+HOST="${HOST:-127.0.0.1}"
+PORT="${PORT:-8000}"
+
+if [ "${DEMO_SKIP_INSTALL:-0}" != "1" ]; then
+    echo "==> Installing channels_mini with the demo extra (uvicorn)"
+    (cd "$REPO_ROOT" && "$PYTHON" -m pip install --quiet -e '.[demo]')
+fi
+
+cd "$EXAMPLE_DIR"
+
+echo "==> Migrating the database"
+"$PYTHON" manage.py migrate --noinput
+
+if "$PYTHON" manage.py shell -c "
+import sys
+from django.contrib.auth import get_user_model
+sys.exit(0 if get_user_model().objects.filter(username='admin').exists() else 1)
+" >/dev/null 2>&1; then
+    echo "==> Superuser admin exists"
+else
+    echo "==> Creating the superuser admin / admin (for /admin/ only; change it for anything real)"
+    DJANGO_SUPERUSER_PASSWORD=admin "$PYTHON" manage.py createsuperuser \
+        --noinput --username admin --email admin@example.com
+fi
+
+echo
+echo "==> channels_mini demo: http://$HOST:$PORT/   (admin: http://$HOST:$PORT/admin/, admin / admin)"
+echo "    Open a chat room or the live list in two windows. Ctrl-C stops the server."
+echo
+exec "$PYTHON" -m uvicorn demo.asgi:application --app-dir "$EXAMPLE_DIR" --host "$HOST" --port "$PORT"

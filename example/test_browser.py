@@ -1,0 +1,310 @@
+"""End-to-end test of the demo in a real browser.
+
+It starts the demo under a real uvicorn process on a free 127.0.0.1 port, with
+a fresh SQLite database, and drives Chromium through Playwright: two visitors
+chat, share the live item list, run a background job, and an edit in the
+admin reaches an open page. It also restarts the server under an open page
+to check that the page reconnects.
+
+Run it from the repository root:
+
+    python -m pytest example/test_browser.py
+
+It needs uvicorn, Playwright for Python and a Chromium binary
+(/usr/bin/chromium, or set CHROMIUM_PATH); without them it is skipped.
+
+The demo runs only in the subprocess: this file imports neither Django nor
+channels_mini, so it never clashes with the settings of test_channels_mini.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+if importlib.util.find_spec("uvicorn") is None:
+    pytest.skip("uvicorn is not installed (pip install -e '.[demo]')", allow_module_level=True)
+
+EXAMPLE_DIR = Path(__file__).resolve().parent
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"no Chromium at {CHROMIUM} (set CHROMIUM_PATH)", allow_module_level=True)
+
+expect = sync_api.expect
+TIMEOUT_MS = 10_000
+expect.set_options(timeout=TIMEOUT_MS)
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+# === the demo server ===
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class DemoServer:
+    """The demo under `python -m uvicorn`, with its own database and log file."""
+
+    def __init__(self, tmp_path: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "server.log"
+        self.env = dict(
+            os.environ,
+            DEMO_DB_PATH=str(tmp_path / "db.sqlite3"),
+            # Set, not defaulted: the parent's test run may have its own.
+            DJANGO_SETTINGS_MODULE="demo.settings",
+            DJANGO_SUPERUSER_PASSWORD="admin",
+            PYTHONUNBUFFERED="1",
+        )
+        self.process: subprocess.Popen | None = None
+
+    def manage(self, *args: str) -> None:
+        subprocess.run(
+            [sys.executable, "manage.py", *args], cwd=EXAMPLE_DIR, env=self.env,
+            check=True, capture_output=True, timeout=120,
+        )
+
+    def start(self) -> None:
+        log = open(self.log_path, "a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "demo.asgi:application",
+             "--app-dir", str(EXAMPLE_DIR), "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=EXAMPLE_DIR, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the demo server exited early:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        raise RuntimeError(f"the demo server did not answer within 30 s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    demo = DemoServer(tmp_path_factory.mktemp("demo"))
+    failed_before = request.session.testsfailed
+    try:
+        demo.manage("migrate", "--noinput")
+        demo.manage("createsuperuser", "--noinput", "--username", "admin",
+                    "--email", "admin@example.com")
+        demo.start()
+        yield demo
+    finally:
+        demo.stop()
+        if request.session.testsfailed > failed_before:
+            # Past pytest's capture, so it shows next to the failure.
+            sys.__stderr__.write(f"\n--- demo server log ---\n{demo.log()[-6000:]}\n")
+
+
+# === the browser ===
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=30_000,
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def visitors(browser, server):
+    """Return a function that opens a new browser context and picks a chat name."""
+    contexts = []
+
+    def visitor(name: str):
+        context = browser.new_context(base_url=server.url)
+        context.set_default_timeout(TIMEOUT_MS)
+        contexts.append(context)
+        page = context.new_page()
+        page.goto("/")
+        page.fill("#name-input", name)
+        page.click("#name-form button")
+        expect(page.locator("#current-name")).to_contain_text(name)
+        return page
+
+    try:
+        yield visitor
+    finally:
+        for context in contexts:
+            context.close()
+
+
+def open_online(page, path: str) -> None:
+    page.goto(path)
+    expect(page.locator("#status")).to_have_attribute("data-state", "online")
+
+
+def item_row(page, name: str):
+    return page.locator(f'#items li[data-name="{name}"]')
+
+
+# === tests ===
+
+
+def test_chat_message_reaches_the_other_tab(visitors):
+    alice, bob = visitors("alice"), visitors("bob")
+    open_online(alice, "/chat/lobby/")
+    open_online(bob, "/chat/lobby/")
+    # bob's join announcement reaching alice shows bob is in the room's group.
+    expect(alice.locator("#messages li.event", has_text="bob joined")).to_be_visible()
+
+    alice.fill("#chat-input", "hello from alice")
+    alice.press("#chat-input", "Enter")
+    expect(bob.locator("#messages li.chat", has_text="alice: hello from alice")).to_be_visible()
+    expect(alice.locator("#messages li.chat", has_text="alice: hello from alice")).to_be_visible()
+
+    bob.fill("#chat-input", "hi alice")
+    bob.click("#chat-form button")
+    expect(alice.locator("#messages li.chat", has_text="bob: hi alice")).to_be_visible()
+
+
+def test_chat_rooms_are_separate(visitors):
+    alice, bob = visitors("alice"), visitors("bob")
+    open_online(alice, "/chat/room-a/")
+    open_online(bob, "/chat/room-b/")
+    alice.fill("#chat-input", "only in room a")
+    alice.press("#chat-input", "Enter")
+    expect(alice.locator("#messages li.chat", has_text="only in room a")).to_be_visible()
+    bob.fill("#chat-input", "only in room b")
+    bob.press("#chat-input", "Enter")
+    expect(bob.locator("#messages li.chat", has_text="only in room b")).to_be_visible()
+    expect(bob.locator("#messages li.chat", has_text="only in room a")).to_have_count(0)
+
+
+def test_background_job_result_reaches_the_room(visitors):
+    alice, bob = visitors("alice"), visitors("bob")
+    open_online(alice, "/chat/jobs/")
+    open_online(bob, "/chat/jobs/")
+    expect(alice.locator("#messages li.event", has_text="bob joined")).to_be_visible()
+
+    alice.select_option("#job-kind", "reverse")
+    alice.fill("#job-text", "stressed")
+    started = time.monotonic()
+    alice.click("#job-form button")
+    expect(alice.locator("#messages li.event", has_text="job queued: reverse")).to_be_visible()
+    result = "reverse(stressed) = desserts"
+    expect(alice.locator("#messages li.job", has_text=result)).to_be_visible()
+    expect(bob.locator("#messages li.job", has_text=result)).to_be_visible()
+    # The job sleeps about a second before answering: it ran in the background.
+    assert time.monotonic() - started >= 0.9
+
+
+def test_live_list_follows_changes_from_another_tab(visitors):
+    alice, bob = visitors("alice"), visitors("bob")
+    open_online(alice, "/items/")
+    open_online(bob, "/items/")
+
+    # create, in alice's tab
+    alice.fill("#new-item", "milk")
+    alice.press("#new-item", "Enter")
+    expect(item_row(bob, "milk")).to_have_count(1)
+    expect(item_row(alice, "milk")).to_have_count(1)
+
+    # update "done", in bob's tab
+    item_row(bob, "milk").locator(".done").check()
+    expect(item_row(alice, "milk").locator(".done")).to_be_checked()
+
+    # update the name, in alice's tab (change fires when the field loses focus)
+    name = item_row(alice, "milk").locator(".name")
+    name.fill("oat milk")
+    name.press("Tab")
+    expect(item_row(bob, "oat milk")).to_have_count(1)
+    expect(item_row(bob, "oat milk").locator(".done")).to_be_checked()
+
+    # the initial list comes over HTTP: a new page shows what exists
+    carol = visitors("carol")
+    open_online(carol, "/items/")
+    expect(item_row(carol, "oat milk").locator(".done")).to_be_checked()
+
+    # delete, in bob's tab
+    item_row(bob, "oat milk").locator(".delete").click()
+    expect(item_row(alice, "oat milk")).to_have_count(0)
+    expect(item_row(carol, "oat milk")).to_have_count(0)
+
+
+def test_live_list_shows_refused_changes(visitors):
+    alice = visitors("alice")
+    open_online(alice, "/items/")
+    # An update of a row that does not exist comes back as an error payload.
+    alice.evaluate(
+        'sendItems({action: "update", pk: 999999, data: {name: "ghost", done: false}})'
+    )
+    expect(alice.locator("#item-error")).to_contain_text("Server refused update")
+    expect(item_row(alice, "ghost")).to_have_count(0)
+
+
+def test_admin_edit_reaches_an_open_page(visitors):
+    admin, bob = visitors("admin"), visitors("bob")
+    open_online(bob, "/items/")
+
+    admin.goto("/admin/login/?next=/admin/chat/item/add/")
+    admin.fill("#id_username", "admin")
+    admin.fill("#id_password", "admin")
+    admin.click("input[type=submit]")
+    admin.fill("#id_name", "from the admin")
+    admin.click("input[name=_save]")
+    expect(admin.locator(".messagelist")).to_contain_text("was added successfully")
+    expect(item_row(bob, "from the admin")).to_have_count(1)
+
+
+def test_page_reconnects_after_a_server_restart(visitors, server):
+    alice, bob = visitors("alice"), visitors("bob")
+    open_online(alice, "/chat/restart/")
+    open_online(bob, "/chat/restart/")
+
+    server.stop()
+    expect(alice.locator("#status")).to_have_attribute("data-state", "offline")
+    server.start()
+    # The first retry comes after 0.5 to 0.75 s, then 1 s, 2 s, ...
+    expect(alice.locator("#status")).to_have_attribute("data-state", "online")
+    expect(bob.locator("#status")).to_have_attribute("data-state", "online")
+
+    alice.fill("#chat-input", "still here")
+    alice.press("#chat-input", "Enter")
+    expect(bob.locator("#messages li.chat", has_text="alice: still here")).to_be_visible()
+
+
+def test_server_logged_no_errors(server):
+    log = server.log()
+    assert "Traceback" not in log, log[-6000:]
+    assert " ERROR " not in log and "ERROR:" not in log, log[-6000:]
