@@ -151,7 +151,10 @@ class EchoRow(Row):
         p99 = [r[impl]["p99_ms"] for r in self.rounds if self.value(r.get(impl)) is not None]
         if not p50:
             return ""
-        return f"p50 {statistics.median(p50):.2f} ms, p99 {statistics.median(p99):.2f} ms"
+        cpu = [r[impl]["server_cpu_us_per_msg"] for r in self.rounds
+               if self.value(r.get(impl)) is not None]
+        return (f"p50 {statistics.median(p50):.2f} ms, p99 {statistics.median(p99):.2f} ms, "
+                f"server CPU {statistics.median(cpu):.0f} µs/msg")
 
     def ratio_text(self):
         text = super().ratio_text()
@@ -160,6 +163,11 @@ class EchoRow(Row):
         value, _ = p99.ratio("mini", "ch4")
         if value is not None:
             text += f"; p99 mini/ch4 {value:.2f}×"
+        cpu = Row(self.key, "", "", False, metric="server_cpu_us_per_msg")
+        cpu.rounds = self.rounds
+        value, _ = cpu.ratio("mini", "ch4")
+        if value is not None:
+            text += f"; server CPU/msg mini/ch4 {value:.2f}×"
         return text
 
 
@@ -174,6 +182,12 @@ class BroadcastRow(Row):
         text = f"{received:.0f}/{got[0][1]} received"
         if lowest != received:
             text += f", min {lowest}"
+        disorder = max(r[impl].get("out_of_order", 0) for r in self.rounds
+                       if self.value(r.get(impl)) is not None)
+        if disorder:
+            text += f", {disorder} out of order"
+        cpu = [r[impl]["server_cpu_s"] for r in self.rounds if self.value(r.get(impl)) is not None]
+        text += f", server CPU {statistics.median(cpu):.2f} s"
         return text
 
     def ratio_text(self):
@@ -261,7 +275,8 @@ def _short(value):
         return round(value, 3)
     if isinstance(value, dict):
         return {k: _short(v) for k, v in value.items() if k in
-                ("msgs_per_s", "p99_ms", "received", "seconds", "kib_per_socket", "error")}
+                ("msgs_per_s", "p99_ms", "server_cpu_us_per_msg", "received", "seconds",
+                 "server_cpu_s", "kib_per_socket", "error")}
     return value
 
 

@@ -227,11 +227,23 @@ async def _echo(url: str, clients: int, duration: float, max_messages: int) -> d
     }
 
 
+def server_cpu_seconds(server: Server) -> float:
+    times = psutil.Process(server.pid).cpu_times()
+    return times.user + times.system
+
+
 def echo(server: Server, path: str, clients: int, duration: float,
          max_messages: int = 1_000_000) -> dict:
-    """Closed-loop echo: each client sends, waits for its reply, repeats until time is up."""
+    """Closed-loop echo: each client sends, waits for its reply, repeats until time is up.
+
+    Also reports the server's CPU time per message (connect and warm-up included), which
+    other load on the machine disturbs far less than the wall-clock figures.
+    """
     server.require_alive()
+    cpu_before = server_cpu_seconds(server)
     result = asyncio.run(_echo(server.url(path), clients, duration, max_messages))
+    result["server_cpu_s"] = server_cpu_seconds(server) - cpu_before
+    result["server_cpu_us_per_msg"] = result["server_cpu_s"] / max(1, result["messages"]) * 1e6
     server.require_alive()
     return result
 
@@ -244,14 +256,20 @@ async def _broadcast(url: str, clients: int, sends: int, idle_timeout: float,
     try:
         await asyncio.sleep(0.3)  # every consumer has joined its group by now
         counts = [0] * clients
+        out_of_order = [0]
         last_arrival = [0.0]
         expected = clients * sends
 
         async def reader(index, ws):
+            previous = -1
             while counts[index] < sends:
-                await ws.recv()
+                frame = await ws.recv()
                 counts[index] += 1
                 last_arrival[0] = time.perf_counter()
+                number = int(frame)
+                if number <= previous:
+                    out_of_order[0] += 1
+                previous = number
 
         readers = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(sockets)]
         start = time.perf_counter()
@@ -277,6 +295,7 @@ async def _broadcast(url: str, clients: int, sends: int, idle_timeout: float,
             "received": total,
             "expected": expected,
             "complete": total >= expected,
+            "out_of_order": out_of_order[0],
             "seconds": (last_arrival[0] - start) if total else float("nan"),
             "idle_timeout": idle_timeout,
         }
@@ -293,8 +312,10 @@ def broadcast(server: Server, path: str, clients: int = 200, sends: int = 200,
     ``hard_timeout`` s; ``received`` says how many of ``clients * sends`` arrived.
     """
     server.require_alive()
+    cpu_before = server_cpu_seconds(server)
     result = asyncio.run(_broadcast(server.url(path), clients, sends, idle_timeout,
                                     hard_timeout))
+    result["server_cpu_s"] = server_cpu_seconds(server) - cpu_before
     server.require_alive()
     return result
 
