@@ -276,7 +276,7 @@ def _short(value):
     if isinstance(value, dict):
         return {k: _short(v) for k, v in value.items() if k in
                 ("msgs_per_s", "p99_ms", "server_cpu_us_per_msg", "received", "seconds",
-                 "server_cpu_s", "kib_per_socket", "error")}
+                 "server_cpu_s", "kib_per_socket", "kib_per_socket_marginal", "error")}
     return value
 
 
@@ -377,17 +377,23 @@ def _broadcast_fresh(server_name, path, cfg, log_dir):
 def run_memory(cfg, have_mini, rows, log_dir):
     n = cfg["memory_sockets"]
     mem_rows = {}
-    for key, label, _ in ECHO_FLAVOURS:
-        row = Row(f"memory_{key}", f"memory per idle socket, {label} consumer "
-                  f"({n:,} sockets, server RSS)", "KiB", False, fmt="{:.1f}",
-                  metric="kib_per_socket")
-        mem_rows[key] = row
-        rows.append(row)
+    for metric, what in (("kib_per_socket", f"first {n:,} sockets"),
+                         ("kib_per_socket_marginal", f"next {n:,} sockets (marginal)")):
+        for key, label, _ in ECHO_FLAVOURS:
+            row = Row(f"memory_{key}" + ("_marginal" if "marginal" in metric else ""),
+                      f"memory per idle socket, {label} consumer, {what}, server RSS", "KiB",
+                      False, fmt="{:.1f}", metric=metric)
+            mem_rows[(metric, key)] = row
+            rows.append(row)
+    baseline = Row("memory_baseline", "server RSS after warm-up, before the sockets (sync "
+                   "consumer server)", "MiB", False, fmt="{:.1f}", metric="rss_before_mib")
+    mem_rows[("rss_before_mib", "sync")] = baseline
+    rows.append(baseline)
     plan = [("floor", "floor")] + [(key, impl) for key, _, _ in ECHO_FLAVOURS
                                    for impl in ("mini", "ch4")]
     for r in range(cfg["heavy_rounds"]):
         log(f"[memory] round {r + 1}/{cfg['heavy_rounds']}")
-        cells = {key: {} for key in mem_rows}
+        cells = {key: {} for key, _, _ in ECHO_FLAVOURS}
         floor_result = None
         for key, impl in ordered(plan, r):
             if impl == "mini" and not have_mini:
@@ -401,7 +407,8 @@ def run_memory(cfg, have_mini, rows, log_dir):
                 cells[key][impl] = result
         for key in cells:
             cells[key]["floor"] = floor_result
-            mem_rows[key].rounds.append(cells[key])
+        for (metric, key), row in mem_rows.items():
+            row.rounds.append(cells[key])
         log("   ", {k2: {i: _short(v) for i, v in c.items()} for k2, c in cells.items()})
 
 
