@@ -1252,7 +1252,7 @@ class JsonWebsocketConsumer(WebsocketConsumer):
     @classmethod
     def group_send(cls, name: str, content: Any, close: bool | int = False) -> None:  # type: ignore[override]
         """Send *content* as JSON to every socket in group *name*."""
-        WebsocketConsumer.group_send.__func__(cls, name, text=cls.encode_json(content), close=close)
+        super().group_send(name, text=cls.encode_json(content), close=close)
 
     @classmethod
     def encode_json(cls, content: Any) -> str:
@@ -1503,7 +1503,7 @@ class Binding:
             return  # connect and disconnect need nothing from a binding
         binding = cls()
         binding.message, binding.kwargs, binding.user = message, kwargs, message.user
-        request = json.loads(message["text"])
+        request = json.loads(message["text"])  # the demultiplexer checked it is an object
         error = binding._apply_request(request)
         if error is not None:
             logger.info("%s refused %r: %s", cls.__name__, request, error)
@@ -1556,6 +1556,16 @@ class Binding:
 
     def _deserialized(self, model: Any, pk: Any, data: dict) -> Any:
         from django.core import serializers
+        from django.core.exceptions import ValidationError
+
+        errors = {}
+        for name, value in data.items():  # per field, so the answer names the field
+            try:
+                model._meta.get_field(name).to_python(value)
+            except ValidationError as error:
+                errors[name] = error.messages
+        if errors:
+            raise ValidationError(errors)
         record = {"model": model._meta.label_lower, "fields": data}
         if pk is not None:
             record["pk"] = pk
@@ -1831,6 +1841,7 @@ class _Socket:
         self.channel_session: dict = {}
         self.order = 0
         self.state = "connecting"  # then "accepted", then "closed"
+        self.closing = False  # a close is on its way through the reply channel
         self.user_loaded, self.user, self.http_session = False, None, None
         self._send_lock = asyncio.Lock()
 
@@ -1886,7 +1897,7 @@ class _Socket:
                     "reply_channel": self.reply_channel, "path": self.path,
                     "order": self.order, "code": event.get("code", 1000)}))
                 return
-            if event["type"] != "websocket.receive" or self.state == "closed":
+            if event["type"] != "websocket.receive" or self.state == "closed" or self.closing:
                 continue  # frames that arrive after we closed are dropped
             if _frame_size(event) > self.app.max_message_size:
                 logger.warning("Closing websocket %s with 1009: a frame of %d bytes exceeds "
@@ -1920,7 +1931,17 @@ class _Socket:
         except Exception:
             logger.exception("Consumer failed on %s for %s (order %s); closing that socket "
                              "with 1011.", message.channel_name, self.path, message.get("order"))
-            await self._close(1011)
+            await self._close_after_replies(1011)
+
+    async def _close_after_replies(self, code: int) -> None:
+        """Close behind whatever the handler already sent, so those replies still arrive."""
+        if self.state == "closed" or self.closing:
+            return
+        self.closing = True  # no more frames go to consumers
+        try:
+            await self.layer.send(self.reply_channel, {"close": code})
+        except Exception:  # the layer cannot take it (full, or down): close at once
+            await self._close(code)
 
     # -- consumers to client --
 
@@ -2116,6 +2137,9 @@ class WebsocketCommunicator:
         """True if the app sends nothing within *timeout* seconds."""
         if not self._output.empty():
             return False
+        if self._task is not None and self._task.done():
+            self._task.result()  # re-raises what the app raised, as asgiref's communicator does
+            return True
         try:
             await self.receive_output(timeout)
         except asyncio.TimeoutError:

@@ -123,7 +123,10 @@ def ensure_database() -> None:
     """Create the tables once per test DB file (the servers share the file)."""
     global _database_ready
     if not _database_ready:
+        from django.apps import apps
         from django.core.management import call_command
+        # This file is its own app without a `models` submodule: tell Django where they are.
+        apps.get_app_config(__name__).models_module = sys.modules[__name__]
         call_command("migrate", run_syncdb=True, verbosity=0)
         _database_ready = True
 

@@ -487,6 +487,11 @@ def main(argv=None) -> int:
     os.makedirs(log_dir, exist_ok=True)
     log(f"config: {cfg}\nserver logs: {log_dir}\nfile limit: {fd_limit}")
     started = time.perf_counter()
+    if set(sections) & {"echo", "broadcast", "memory"}:
+        apps = ["bare", "ch4"] + (["mini"] if mini is not None else [])
+        problems = webbench.warm_bytecode_cache(apps)
+        log(f"bytecode cache {webbench.PYCACHE_DIR} warmed" +
+            (f"; problems: {problems}" if problems else ""))
     rows: list[Row] = []
     runners = {"layer": lambda: run_layer(cfg, mini, rows),
                "echo": lambda: run_echo(cfg, mini is not None, rows, log_dir),
