@@ -1069,7 +1069,7 @@ def test_readme_python_blocks_compile():
 
 
 def test_readme_standalone_blocks_run(tmp_path):
-    standalone = [b for b in readme_python_blocks() if not b.startswith("# mysite/")]
+    standalone = [b for b in readme_python_blocks() if not b.startswith(("# mysite/", "# shop/"))]
     assert standalone
     for block in standalone:
         result = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True,
@@ -1099,3 +1099,44 @@ def test_readme_chat_tutorial_runs_under_uvicorn(tmp_path):
 
     with running_server(app="mysite.asgi:application", cwd=str(project)) as server:
         assert run(chat(server)) == ["hello", "hello"]
+
+
+def test_readme_binding_example_runs():
+    import types
+
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    ensure_database()
+    block = next(b for b in readme_python_blocks() if b.startswith("# shop/bindings.py"))
+    shop = types.ModuleType("shop")
+    shop.models = types.ModuleType("shop.models")
+    shop.models.Item = Item  # the README's model is this file's Item
+    namespace: dict = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "shop", shop)
+        patch.setitem(sys.modules, "shop.models", shop.models)
+        exec(compile(block, "README.md", "exec"), namespace)
+    user, _ = User.objects.get_or_create(username="readme-binding")
+    client = Client()
+    client.force_login(user)
+    cookie = f"sessionid={client.cookies['sessionid'].value}"
+
+    async def scenario():
+        communicator = WebsocketCommunicator(namespace["application"], "/items/ws/",
+                                             headers=[(b"cookie", cookie.encode())])
+        assert (await communicator.connect())[0]
+        await communicator.send_json_to({"stream": "items", "payload": {
+            "action": "create", "data": {"name": "from readme", "team": "green"}}})
+        created = await communicator.receive_json_from(timeout=5)
+        await communicator.send_json_to({"stream": "items", "payload": {
+            "action": "rename", "pk": created["payload"]["pk"], "data": {}}})
+        refused = await communicator.receive_json_from(timeout=5)
+        await communicator.disconnect()
+        return created, refused
+
+    created, refused = run(scenario())
+    assert created["stream"] == "items"
+    assert created["payload"]["action"] == "create" and created["payload"]["data"]["name"] == "from readme"
+    assert Item.objects.filter(pk=created["payload"]["pk"], name="from readme").exists()
+    assert refused["payload"]["error"] == "Unknown action 'rename'; use one of ['create', 'update', 'delete']."

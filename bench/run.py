@@ -102,12 +102,17 @@ class Row:
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
-    def ratio(self, a, b):
+    def ratios(self, a, b) -> list[float]:
+        """The ratio a/b of every round in which both sides produced a figure."""
         ratios = []
         for r in self.rounds:
             va, vb = self.value(r.get(a)), self.value(r.get(b))
             if va is not None and vb not in (None, 0):
                 ratios.append(va / vb)
+        return ratios
+
+    def ratio(self, a, b):
+        ratios = self.ratios(a, b)
         return (statistics.median(ratios), len(ratios)) if ratios else (None, 0)
 
     def cell(self, impl) -> str:
@@ -141,6 +146,8 @@ class Row:
             "median": {impl: self.median(impl) for impl in IMPLS},
             "ratio_mini_over_ch4": self.ratio("mini", "ch4")[0],
             "ratio_mini_over_floor": self.ratio("mini", "floor")[0],
+            "ratios_mini_over_ch4_per_round": self.ratios("mini", "ch4"),
+            "ratios_mini_over_floor_per_round": self.ratios("mini", "floor"),
             "rounds": self.rounds,
         }
 
@@ -298,6 +305,14 @@ BROADCAST_FLAVOURS = [
 ]
 
 
+def target(flavours, key, impl):
+    """(server name, path) that serves flavour *key* for implementation *impl*."""
+    for flavour_key, _, targets in flavours:
+        if flavour_key == key:
+            return targets[impl]
+    raise KeyError(key)
+
+
 def run_echo(cfg, have_mini, rows, log_dir):
     echo_rows = {}
     for clients in cfg["echo_clients"]:
@@ -320,14 +335,13 @@ def run_echo(cfg, have_mini, rows, log_dir):
                 for impl, key in ordered(plan, r):
                     if impl == "mini" and not have_mini:
                         continue
+                    server, path = target(ECHO_FLAVOURS, key or "sync", impl)
+                    result = measure(webbench.echo, running[server], path, clients,
+                                     cfg["echo_seconds"])
                     if impl == "floor":
-                        server, path = ECHO_FLAVOURS[0][2]["floor"]
-                        floor_result = measure(webbench.echo, running[server], path, clients,
-                                               cfg["echo_seconds"])
+                        floor_result = result
                     else:
-                        server, path = dict((k, m) for k, _, m in ECHO_FLAVOURS)[key][impl]
-                        cells[key][impl] = measure(webbench.echo, running[server], path,
-                                                   clients, cfg["echo_seconds"])
+                        cells[key][impl] = result
                 for key in cells:
                     cells[key]["floor"] = floor_result
                     echo_rows[(key, clients)].rounds.append(cells[key])
@@ -353,8 +367,8 @@ def run_broadcast(cfg, have_mini, rows, log_dir):
         for key, impl in ordered(plan, r):
             if impl == "mini" and not have_mini:
                 continue
-            server_name, path = (("bare", "/broadcast/") if impl == "floor" else
-                                 dict((k2, m) for k2, _, m in BROADCAST_FLAVOURS)[key][impl])
+            server_name, path = target(BROADCAST_FLAVOURS, "sync" if key == "floor" else key,
+                                       impl)
             # a fresh server per run: no queues or groups left over from the previous run
             result = measure(_broadcast_fresh, server_name, path, cfg, log_dir)
             if impl == "floor":
@@ -398,8 +412,7 @@ def run_memory(cfg, have_mini, rows, log_dir):
         for key, impl in ordered(plan, r):
             if impl == "mini" and not have_mini:
                 continue
-            server_name, path = (("bare", "/echo/") if impl == "floor" else
-                                 dict((k2, m) for k2, _, m in ECHO_FLAVOURS)[key][impl])
+            server_name, path = target(ECHO_FLAVOURS, "sync" if key == "floor" else key, impl)
             result = measure(_memory_fresh, server_name, path, cfg, log_dir)
             if impl == "floor":
                 floor_result = result
@@ -486,6 +499,10 @@ def main(argv=None) -> int:
     log_dir = os.environ.get("BENCH_LOG_DIR") or str(Path("/tmp") / f"bench-logs-{os.getpid()}")
     os.makedirs(log_dir, exist_ok=True)
     log(f"config: {cfg}\nserver logs: {log_dir}\nfile limit: {fd_limit}")
+    load_before = os.getloadavg()
+    if load_before[0] > (os.cpu_count() or 1) * 0.5:
+        log(f"note: load average is {load_before[0]:.1f} on {os.cpu_count()} CPUs; other work "
+            "will add noise (the interleaved ratios are the figures to trust)")
     started = time.perf_counter()
     if set(sections) & {"echo", "broadcast", "memory"}:
         apps = ["bare", "ch4"] + (["mini"] if mini is not None else [])
@@ -502,17 +519,21 @@ def main(argv=None) -> int:
         runners[section]()
         log(f"[{section}] done in {time.perf_counter() - t:.1f}s")
     elapsed = time.perf_counter() - started
+    load_after = os.getloadavg()
 
     markdown = table(rows)
     print(markdown)
     print(f"\n_{'quick' if cfg['quick'] else 'full'} run, {cfg['rounds']} rounds "
           f"(broadcast/memory: {cfg['heavy_rounds']}), {elapsed:.0f} s; figures are medians "
-          "over rounds, ratios are medians of per-round ratios._")
+          "over rounds, ratios are medians of per-round ratios; 1-minute load average "
+          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after, {os.cpu_count()} CPUs._")
     results = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "elapsed_s": elapsed,
         "config": cfg,
         "environment": environment(REPO_ROOT / "channels_mini.py"),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
         "channels_mini_available": mini is not None,
         "rows": {row.key: row.to_json() for row in rows},
         "table_markdown": markdown,

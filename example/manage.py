@@ -7,12 +7,12 @@ from pathlib import Path
 EXAMPLE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = EXAMPLE_DIR.parent
 
-# `demo` and `chat` live next to this file. channels_mini comes from the
-# installed package (pip install -e '.[demo]') or, in a plain clone, from the
-# repository root: appended, so an installed copy wins.
-sys.path.insert(0, str(EXAMPLE_DIR))
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
+# `demo` and `chat` live next to this file, and channels_mini.py one folder
+# up. Putting the repository root first means the demo always runs the copy
+# of channels_mini it ships with, installed (pip install -e '.[demo]') or not.
+for folder in (REPO_ROOT, EXAMPLE_DIR):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 
 def main():

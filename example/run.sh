@@ -21,7 +21,12 @@ PORT="${PORT:-8000}"
 
 if [ "${DEMO_SKIP_INSTALL:-0}" != "1" ]; then
     echo "==> Installing channels_mini with the demo extra (uvicorn)"
-    (cd "$REPO_ROOT" && "$PYTHON" -m pip install --quiet -e '.[demo]')
+    if ! (cd "$REPO_ROOT" && "$PYTHON" -m pip install --quiet -e '.[demo]'); then
+        echo "run.sh: pip could not install into $("$PYTHON" -c 'import sys; print(sys.prefix)')." >&2
+        echo "  Use a virtualenv:  python3 -m venv .venv && . .venv/bin/activate && bash example/run.sh" >&2
+        echo "  or install Django and uvicorn yourself and run with DEMO_SKIP_INSTALL=1." >&2
+        exit 1
+    fi
 fi
 
 cd "$EXAMPLE_DIR"

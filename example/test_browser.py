@@ -10,8 +10,9 @@ Run it from the repository root:
 
     python -m pytest example/test_browser.py
 
-It needs uvicorn, Playwright for Python and a Chromium binary
-(/usr/bin/chromium, or set CHROMIUM_PATH); without them it is skipped.
+It needs uvicorn, Playwright for Python (the `test` extra) and a Chromium binary
+(/usr/bin/chromium, or set CHROMIUM_PATH; `.ci/run` installs Debian's). Without them it
+fails and says what is missing: a skipped browser test would read as a passing one.
 
 The demo runs only in the subprocess: this file imports neither Django nor
 channels_mini, so it never clashes with the settings of test_channels_mini.py.
@@ -30,14 +31,15 @@ from pathlib import Path
 
 import pytest
 
-sync_api = pytest.importorskip("playwright.sync_api")
-if importlib.util.find_spec("uvicorn") is None:
-    pytest.skip("uvicorn is not installed (pip install -e '.[demo]')", allow_module_level=True)
+if importlib.util.find_spec("playwright") is None or importlib.util.find_spec("uvicorn") is None:
+    raise ImportError("The browser test needs Playwright and uvicorn: pip install -e '.[test]'.")
+from playwright import sync_api  # noqa: E402
 
 EXAMPLE_DIR = Path(__file__).resolve().parent
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 if not os.path.exists(CHROMIUM):
-    pytest.skip(f"no Chromium at {CHROMIUM} (set CHROMIUM_PATH)", allow_module_level=True)
+    raise FileNotFoundError(f"No Chromium at {CHROMIUM}: apt-get install -y chromium, "
+                            f"or set CHROMIUM_PATH.")
 
 expect = sync_api.expect
 TIMEOUT_MS = 10_000

@@ -13,12 +13,12 @@ from pathlib import Path
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent
 REPO_ROOT = EXAMPLE_DIR.parent
 
-# Let `uvicorn demo.asgi:application` work from the repository root too, and
-# find channels_mini in a plain clone (an installed copy wins: appended).
-if str(EXAMPLE_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLE_DIR))
-if str(REPO_ROOT) not in sys.path:
-    sys.path.append(str(REPO_ROOT))
+# Let `uvicorn demo.asgi:application --app-dir example` work from anywhere,
+# and run the channels_mini.py of this repository, installed or not (as in
+# manage.py).
+for folder in (REPO_ROOT, EXAMPLE_DIR):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo.settings")
 
