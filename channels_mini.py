@@ -597,17 +597,65 @@ def _layer_operation(operation: str, layer: Any, args: tuple, immediately: bool)
 
 def _run_layer_coroutine(function: Callable[..., Awaitable], args: tuple) -> None:
     try:
-        loop = asyncio.get_running_loop()
+        asyncio.get_running_loop()
     except RuntimeError:
         async_to_sync(function)(*args)  # a plain thread, or a sync handler's worker thread
         return
-    # On an event-loop thread, waiting would freeze every socket: run it as a task.
-    loop.create_task(function(*args)).add_done_callback(_log_task_failure)
+    # On an event-loop thread, waiting would freeze every socket: hand it to the layer thread.
+    _LayerThread.get().submit(function, args)
 
 
-def _log_task_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("Channel layer operation failed", exc_info=task.exception())
+class _LayerThread:
+    """A thread with its own event loop that applies sync-form layer calls made on an event loop.
+
+    It keeps them in call order, never blocks the caller's loop, and outlives it (a task on
+    that loop would be cancelled with it). Only layers other than the in-memory one need it.
+    """
+
+    _instance: _LayerThread | None = None
+    _instance_lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> _LayerThread:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self):
+        import atexit
+
+        self.loop = asyncio.new_event_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.idle = threading.Event()
+        self.idle.set()
+        self._pending = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._main, daemon=True, name="channels-mini-layer").start()
+        atexit.register(self.idle.wait, 5)  # let queued sends leave before the process ends
+
+    def submit(self, function: Callable[..., Awaitable], args: tuple) -> None:
+        with self._lock:
+            self._pending += 1
+            self.idle.clear()
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (function, args))
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._apply_forever())
+
+    async def _apply_forever(self) -> None:
+        while True:
+            function, args = await self.queue.get()
+            try:
+                await function(*args)
+            except Exception:
+                logger.exception("Channel layer operation %s%r failed.",
+                                 getattr(function, "__name__", function), args)
+            with self._lock:
+                self._pending -= 1
+                if not self._pending:
+                    self.idle.set()
 
 
 def _resolve_layer(alias: str, channel_layer: Any) -> Any:
@@ -1863,8 +1911,7 @@ class _Socket:
             await self._serve_frames(receive)
         finally:
             if relay is not None:
-                relay.cancel()
-                await asyncio.gather(relay, return_exceptions=True)
+                await _cancel_and_wait(relay)
             if hasattr(self.layer, "discard_channel"):
                 self.layer.discard_channel(self.reply_channel)
 
@@ -1952,6 +1999,8 @@ class _Socket:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self.state == "closed":
+                    return  # the socket is gone: a late error from its receive is no news
                 logger.exception("Cannot receive replies for websocket %s from the channel "
                                  "layer; retrying in 1 s.", self.path)
                 await asyncio.sleep(1)
@@ -1998,6 +2047,13 @@ class _Socket:
                 self.state = "closed"
 
 
+async def _cancel_and_wait(task: asyncio.Task, interval: float = 0.1) -> None:
+    """Cancel *task* until it ends: a layer client (redis-py) can swallow one cancel."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=interval)
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
@@ -2030,12 +2086,13 @@ class _BackgroundWorkers:
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop receiving; a message in hand is finished (up to *timeout* seconds)."""
         self._stopping = True
-        for task in self._idle:
-            task.cancel()
-        if self._tasks:
-            done, pending = await asyncio.wait(self._tasks, timeout=timeout)
-            for task in pending:
-                task.cancel()
+        deadline = time.monotonic() + timeout
+        await asyncio.gather(*(_cancel_and_wait(task) for task in list(self._idle)))
+        busy = [task for task in self._tasks if not task.done()]
+        if busy:
+            await asyncio.wait(busy, timeout=max(0.0, deadline - time.monotonic()))
+        for task in busy:
+            await _cancel_and_wait(task)
 
     async def _consume(self, channel: str) -> None:
         task = asyncio.current_task()
@@ -2047,6 +2104,8 @@ class _BackgroundWorkers:
             except asyncio.CancelledError:
                 return
             except Exception:
+                if self._stopping:
+                    return
                 logger.exception("Background worker for %r cannot receive from the channel "
                                  "layer; retrying in 1 s.", channel)
                 await asyncio.sleep(1)
@@ -2137,14 +2196,16 @@ class WebsocketCommunicator:
         """True if the app sends nothing within *timeout* seconds."""
         if not self._output.empty():
             return False
-        if self._task is not None and self._task.done():
+        getter = asyncio.ensure_future(self._output.get())
+        waiting = {getter} | ({self._task} if self._task is not None else set())
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            await self._output.put(getter.result())  # keep it for the next receive
+            return False
+        getter.cancel()
+        if self._task in done:
             self._task.result()  # re-raises what the app raised, as asgiref's communicator does
-            return True
-        try:
-            await self.receive_output(timeout)
-        except asyncio.TimeoutError:
-            return True
-        return False
+        return True
 
     async def receive_output(self, timeout: float = 1) -> dict:
         """The next raw ASGI event the app sent; re-raises the app's own exception."""

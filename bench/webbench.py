@@ -311,13 +311,16 @@ async def _broadcast(url: str, clients: int, sends: int, idle_timeout: float,
                 break
         for task in readers:
             task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+        outcomes = await asyncio.gather(*readers, return_exceptions=True)
+        failures = [o for o in outcomes
+                    if isinstance(o, BaseException) and not isinstance(o, asyncio.CancelledError)]
         total = sum(counts)
         return {
             "received": total,
             "expected": expected,
             "complete": total >= expected,
             "out_of_order": out_of_order[0],
+            "reader_errors": [repr(f)[:200] for f in failures[:3]],
             "seconds": (last_arrival[0] - start) if total else float("nan"),
             "idle_timeout": idle_timeout,
         }
