@@ -1050,6 +1050,1934 @@ def test_routing_classes_behind_the_helpers():
     assert route is Route and route_class is RouteClass and include is Include
 
 
+# === 4. Consumers ===
+# Consumers report what they saw on the channel APP_OBSERVED (a deferred send, like any
+# other a handler makes); tests read those reports from the layer. Replies the client
+# must see go to the socket itself.
+
+APP_OBSERVED = "app.observed"
+
+
+def app_report(**facts) -> None:
+    """Inside a consumer: queue *facts* on APP_OBSERVED (sent when the handler returns)."""
+    Channel(APP_OBSERVED).send(facts)
+
+
+def app_where() -> dict:
+    """Where the calling code runs: on the main thread? with an event loop running?"""
+    try:
+        asyncio.get_running_loop()
+        on_loop = True
+    except RuntimeError:
+        on_loop = False
+    return {"main_thread": threading.current_thread() is threading.main_thread(),
+            "on_loop": on_loop}
+
+
+async def app_observed(layer, timeout: float = 5) -> dict:
+    """The next report a consumer made (fails after *timeout* seconds)."""
+    return await asyncio.wait_for(layer.receive(APP_OBSERVED), timeout)
+
+
+async def app_nothing_observed(layer, timeout: float = 0.3) -> bool:
+    try:
+        await asyncio.wait_for(layer.receive(APP_OBSERVED), timeout)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+async def app_close_code(communicator, timeout: float = 5) -> int:
+    """The code of the close the app sends next (fails if it sends anything else)."""
+    event = await communicator.receive_output(timeout)
+    assert event["type"] == "websocket.close", event
+    return event["code"]
+
+
+def app_setup(routing, **options):
+    """An Application on the default layer (fresh per test), and that layer."""
+    return Application(routing, **options), get_channel_layer()
+
+
+# -- function consumers --
+
+def app_sync_function(message, **kwargs):
+    if message.channel_name == "websocket.connect":
+        message.reply_channel.send({"accept": True})
+    elif message.channel_name == "websocket.receive":
+        message.reply_channel.send({"text": json.dumps(
+            {"flavour": "sync", "text": message["text"], "kwargs": kwargs, **app_where()})})
+    else:
+        app_report(flavour="sync", code=message["code"], kwargs=kwargs, **app_where())
+
+
+async def app_async_function(message, **kwargs):
+    if message.channel_name == "websocket.connect":
+        message.reply_channel.send({"accept": True})
+    elif message.channel_name == "websocket.receive":
+        message.reply_channel.send({"text": json.dumps(
+            {"flavour": "async", "text": message["text"], "kwargs": kwargs, **app_where()})})
+    else:
+        app_report(flavour="async", code=message["code"], kwargs=kwargs, **app_where())
+
+
+# -- class-based consumers --
+
+class AppMapped(BaseConsumer):
+    """method_mapping dispatch, one sync and one async method."""
+
+    method_mapping = {"websocket.connect": "on_connect", "websocket.receive": "on_frame"}
+
+    def on_connect(self, message, **kwargs):
+        message.reply_channel.send({"accept": True})
+
+    async def on_frame(self, message, **kwargs):
+        assert self.message is message
+        message.reply_channel.send({"text": json.dumps(
+            {"class": type(self).__name__, "kwargs": self.kwargs, "text": message["text"]})})
+
+
+class AppConnectOnly(BaseConsumer):
+    method_mapping = {"websocket.connect": "on_connect"}
+
+    def on_connect(self, message, **kwargs):
+        message.reply_channel.send({"accept": True})
+
+
+class AppPlain(WebsocketConsumer):
+    """No connect(): the default accepts. Joins `groups`."""
+
+    groups = ["plain-a", "plain-b"]
+
+
+class AppGroupProbe(WebsocketConsumer):
+    """Reports the layer's group membership seen inside connect() and disconnect()."""
+
+    groups = ["probe"]
+
+    def connect(self, message, **kwargs):
+        app_report(event="connect", stats=message.channel_layer.stats())
+        super().connect(message, **kwargs)
+
+    def disconnect(self, message, **kwargs):
+        app_report(event="disconnect", stats=message.channel_layer.stats())
+
+
+# The same chat room in three flavours of one hierarchy: all-sync, all-async, mixed.
+
+def app_room_connect(consumer, message, room):
+    app_report(event="connect", room=room, path=consumer.path,
+               members=message.channel_layer.stats()["members"], **app_where())
+    WebsocketConsumer.connect(consumer, message)
+
+
+def app_room_receive(consumer, text, bytes, room):
+    if bytes is not None:
+        consumer.send(bytes=bytes[::-1])
+    elif text == "where":
+        consumer.send(text=json.dumps({"room": room, "path": consumer.path, **app_where()}))
+    else:
+        consumer.group_send(f"room-{room}", text=f"{room}: {text}")
+
+
+def app_room_disconnect(consumer, message, room):
+    app_report(event="disconnect", room=room, code=message["code"],
+               members=message.channel_layer.stats()["members"], **app_where())
+
+
+class AppRoomSync(WebsocketConsumer):
+    def connection_groups(self, room, **kwargs):
+        return [f"room-{room}"]
+
+    def connect(self, message, room, **kwargs):
+        app_room_connect(self, message, room)
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        app_room_receive(self, text, bytes, room)
+
+    def disconnect(self, message, room, **kwargs):
+        app_room_disconnect(self, message, room)
+
+
+class AppRoomAsync(AppRoomSync):
+    async def connect(self, message, room, **kwargs):
+        app_room_connect(self, message, room)
+
+    async def receive(self, text=None, bytes=None, room=None, **kwargs):
+        app_room_receive(self, text, bytes, room)
+
+    async def disconnect(self, message, room, **kwargs):
+        app_room_disconnect(self, message, room)
+
+
+class AppRoomMixed(AppRoomAsync):
+    """Async connect/disconnect inherited, sync receive overridden."""
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        app_room_receive(self, text, bytes, room)
+
+
+class AppCloser(WebsocketConsumer):
+    """Frames name what to do: close, close with a code, send then close, binary."""
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        if text == "close":
+            self.close()
+        elif text == "close 4001":
+            self.close(4001)
+        elif text == "bye 4002":
+            self.send(text="bye", close=4002)
+        elif text == "bye":
+            self.send(text="bye", close=True)
+        elif text == "binary":
+            self.send(bytes=b"\x00\x01\xff")
+
+
+class AppSlowSync(WebsocketConsumer):
+    def receive(self, text=None, bytes=None, **kwargs):
+        if text == "slow":
+            time.sleep(1.5)
+        self.send(text=text)
+
+
+class AppSlowAsync(WebsocketConsumer):
+    async def receive(self, text=None, bytes=None, **kwargs):
+        if text == "slow":
+            await asyncio.sleep(1.5)
+        self.send(text=text)
+
+
+class AppDeferring(WebsocketConsumer):
+    groups = ["deferring"]
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        if text == "deferred":
+            self.send(text="sent before the pause")
+            time.sleep(1.0)  # nothing may reach the client during this
+            self.send(text="sent after the pause")
+        elif text == "immediately":
+            self.message.reply_channel.send({"text": "now"}, immediately=True)
+            time.sleep(2.0)
+            self.send(text="later")
+
+
+class AppFailingSync(WebsocketConsumer):
+    def receive(self, text=None, bytes=None, **kwargs):
+        if text == "fail":
+            self.send(text="about to fail")
+            raise RuntimeError("boom in receive")
+        if text == "fail loudly":
+            self.send(text="about to fail")
+            Group("watchers").send({"text": "a watcher is told"})
+            raise RuntimeError("boom in receive")
+        self.send(text=f"ok {text}")
+
+
+class AppFailingAsync(WebsocketConsumer):
+    async def receive(self, text=None, bytes=None, **kwargs):
+        if text == "fail":
+            self.send(text="about to fail")
+            raise RuntimeError("boom in receive")
+        if text == "fail loudly":
+            self.send(text="about to fail")
+            Group("watchers").send({"text": "a watcher is told"})
+            raise RuntimeError("boom in receive")
+        self.send(text=f"ok {text}")
+
+
+class AppWatcher(WebsocketConsumer):
+    groups = ["watchers"]
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=f"watcher {text}")
+
+
+class AppDenySync(WebsocketConsumer):
+    def connect(self, message, **kwargs):
+        app_report(event="connect")
+        raise DenyConnection
+
+
+class AppDenyAsync(WebsocketConsumer):
+    async def connect(self, message, **kwargs):
+        app_report(event="connect")
+        raise DenyConnection
+
+
+class AppJson(JsonWebsocketConsumer):
+    groups = ["json-fans"]
+
+    def receive(self, content, **kwargs):
+        if isinstance(content, dict) and "broadcast" in content:
+            self.group_send("json-fans", {"news": content["broadcast"]})
+        elif content == "last":
+            self.send({"goodbye": True}, close=4010)
+        else:
+            self.send({"echo": content})
+
+
+class AppStreamEcho(JsonWebsocketConsumer):
+    """A stream consumer: its send() answers on its own stream."""
+
+    def connect(self, message, multiplexer, **kwargs):
+        app_report(event="connect", stream=multiplexer.stream, path=message["path"])
+
+    def receive(self, content, multiplexer, **kwargs):
+        self.send({"echo": content, "stream": multiplexer.stream})
+
+    def disconnect(self, message, multiplexer, **kwargs):
+        app_report(event="disconnect", stream=multiplexer.stream)
+
+
+def app_stream_function(message, multiplexer, **kwargs):
+    if message.channel_name == "websocket.receive":
+        multiplexer.send({"got": json.loads(message["text"]),
+                          "multiplexer": type(multiplexer).__name__})
+    else:
+        app_report(event=message.channel_name.split(".")[1], stream=multiplexer.stream)
+
+
+class AppDemux(WebsocketDemultiplexer):
+    consumers = {"echo": AppStreamEcho, "func": app_stream_function}
+    groups = ["demux-fans"]
+
+    def connect(self, message, **kwargs):
+        try:
+            self.send({"not": "allowed"})
+        except SendNotAvailableOnDemultiplexer as error:
+            app_report(event="send refused", error=str(error))
+        super().connect(message, **kwargs)
+
+
+class AppSessionCounter(WebsocketConsumer):
+    def connect(self, message, **kwargs):
+        message.channel_session["count"] = 0
+        super().connect(message, **kwargs)
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        session = self.message.channel_session
+        session["count"] += 1
+        scope = self.message.scope
+        self.send(text=json.dumps({"count": session["count"], "type": scope["type"],
+                                   "path": scope["path"],
+                                   "query": scope["query_string"].decode()}))
+
+    def disconnect(self, message, **kwargs):
+        app_report(event="disconnect", count=message.channel_session["count"])
+
+
+class AppWhoAmI(WebsocketConsumer):
+    http_user = True
+
+    def connect(self, message, **kwargs):
+        app_report(event="connect", **app_describe_user(message))
+        super().connect(message, **kwargs)
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=json.dumps(app_describe_user(self.message)))
+
+
+def app_describe_user(message) -> dict:
+    user, session = message.user, message.http_session
+    return {"class": type(user).__name__, "authenticated": user.is_authenticated,
+            "username": user.get_username(), "pk": user.pk,
+            "session_key": session.session_key, "color": session.get("color")}
+
+
+# -- tests --
+
+@pytest.mark.parametrize("consumer", [app_sync_function, app_async_function], ids=["sync", "async"])
+def test_consumers_function_consumers_sync_and_async(consumer):
+    flavour = "async" if consumer is app_async_function else "sync"
+    app, layer = app_setup([route(["websocket.connect", "websocket.receive", "websocket.disconnect"],
+                                  consumer, path=r"^/fn/(?P<name>\w+)/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/fn/ada/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data="hello")
+        reply = json.loads(await communicator.receive_from(timeout=5))
+        await communicator.disconnect(code=4004)
+        return reply, await app_observed(layer)
+
+    reply, disconnected = run(scenario())
+    on_loop = flavour == "async"  # sync consumers run in worker threads, never on the loop
+    assert reply == {"flavour": flavour, "text": "hello", "kwargs": {"name": "ada"},
+                     "main_thread": on_loop, "on_loop": on_loop}
+    assert disconnected == {"flavour": flavour, "code": 4004, "kwargs": {"name": "ada"},
+                            "main_thread": on_loop, "on_loop": on_loop}
+
+
+def test_consumers_method_mapping_dispatches_to_sync_and_async_methods():
+    assert AppMapped.channel_names() == {"websocket.connect", "websocket.receive"}
+    app, _ = app_setup([AppMapped.as_route(path=r"^/mapped/(?P<slot>\d+)/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/mapped/7/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data="frame")
+        reply = json.loads(await communicator.receive_from(timeout=5))
+        await communicator.disconnect()
+        return reply
+
+    assert run(scenario()) == {"class": "AppMapped", "kwargs": {"slot": "7"}, "text": "frame"}
+
+
+def test_consumers_missing_method_mapping_entry_names_channel_class_and_mapping(caplog):
+    expected = ("AppConnectOnly has no method for channel 'websocket.receive': its "
+                "method_mapping is {'websocket.connect': 'on_connect'}. Add the channel, or "
+                "route only the channels it lists.")
+    # Called directly, as Channels 1.x code does: the constructor dispatches.
+    message = Message({"text": "x", "path": "/"}, "websocket.receive", InMemoryChannelLayer())
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        AppConnectOnly(message)
+
+    # Routed for a channel it does not map: logged, and the socket closes with 1011.
+    app, _ = app_setup([route(["websocket.connect", "websocket.receive"], AppConnectOnly,
+                              path=r"^/only/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/only/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data="x")
+        code = await app_close_code(communicator)
+        await communicator.disconnect()
+        return code
+
+    with caplog.at_level(logging.ERROR, logger="channels_mini"):
+        assert run(scenario()) == 1011
+    failures = [r for r in caplog.records if r.name == "channels_mini" and r.exc_info]
+    assert len(failures) == 1
+    assert str(failures[0].exc_info[1]) == expected
+
+
+def test_consumers_default_connect_accepts_and_class_groups_are_joined():
+    app, layer = app_setup([AppPlain.as_route(path=r"^/plain/$")])
+
+    async def scenario():
+        first = WebsocketCommunicator(app, "/plain/")
+        second = WebsocketCommunicator(app, "/plain/")
+        assert await first.connect(timeout=5) == (True, None)
+        assert await second.connect(timeout=5) == (True, None)
+        assert layer.stats()["groups"] == 2 and layer.stats()["members"] == 4
+        # group_send outside any consumer: at once, on the default layer.
+        AppPlain.group_send("plain-b", text="news")
+        received = [await first.receive_from(timeout=5), await second.receive_from(timeout=5)]
+        await first.disconnect()
+        await second.disconnect()
+        return received
+
+    assert run(scenario()) == ["news", "news"]
+    assert layer.stats()["members"] == 0 and layer.stats()["groups"] == 0
+
+
+def test_consumers_groups_joined_before_connect_and_left_before_disconnect():
+    app, layer = app_setup([AppGroupProbe.as_route(path=r"^/probe/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/probe/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        connected = await app_observed(layer)
+        await communicator.disconnect()
+        return connected, await app_observed(layer)
+
+    connected, disconnected = run(scenario())
+    assert (connected["event"], connected["stats"]["groups"], connected["stats"]["members"]) == (
+        "connect", 1, 1)
+    assert (disconnected["event"], disconnected["stats"]["groups"],
+            disconnected["stats"]["members"]) == ("disconnect", 0, 0)
+
+
+@pytest.mark.parametrize("consumer, async_handlers", [
+    (AppRoomSync, set()),
+    (AppRoomAsync, {"connect", "receive", "disconnect"}),
+    (AppRoomMixed, {"connect", "disconnect"}),
+], ids=["sync", "async", "mixed"])
+def test_consumers_websocket_consumer_handlers_sync_or_async(consumer, async_handlers):
+    app, layer = app_setup([consumer.as_route(path=r"^/room/(?P<room>\w+)/$")])
+
+    def placed(handler):  # async def handlers run on the loop, sync ones in a worker thread
+        on_loop = handler in async_handlers
+        return {"main_thread": on_loop, "on_loop": on_loop}
+
+    async def scenario():
+        alice = WebsocketCommunicator(app, "/room/blue/")
+        bob = WebsocketCommunicator(app, "/room/blue/")
+        carol = WebsocketCommunicator(app, "/room/red/")
+        for communicator in (alice, bob, carol):
+            assert await communicator.connect(timeout=5) == (True, None)
+        connects = [await app_observed(layer) for _ in range(3)]
+        assert connects == [
+            {"event": "connect", "room": room, "path": f"/room/{room}/", "members": members,
+             **placed("connect")}
+            for room, members in (("blue", 1), ("blue", 2), ("red", 3))
+        ]
+        await alice.send_to(text_data="hi")
+        assert await alice.receive_from(timeout=5) == "blue: hi"
+        assert await bob.receive_from(timeout=5) == "blue: hi"
+        assert await carol.receive_nothing(timeout=0.3)
+        await carol.send_to(text_data="where")
+        assert json.loads(await carol.receive_from(timeout=5)) == {
+            "room": "red", "path": "/room/red/", **placed("receive")}
+        await carol.send_to(bytes_data=b"abc")
+        assert await carol.receive_from(timeout=5) == b"cba"
+        await alice.disconnect(code=4001)
+        assert await app_observed(layer) == {"event": "disconnect", "room": "blue", "code": 4001,
+                                             "members": 2, **placed("disconnect")}
+        await bob.send_to(text_data="alone")
+        assert await bob.receive_from(timeout=5) == "blue: alone"
+        await bob.disconnect()
+        await carol.disconnect()
+        return [await app_observed(layer) for _ in range(2)]
+
+    last = run(scenario())
+    assert [(r["room"], r["code"], r["members"]) for r in last] == [("blue", 1000, 1), ("red", 1000, 0)]
+    assert layer.stats() == {"channels": 0, "groups": 0, "members": 0, "messages": 0, "dropped": 0}
+
+
+def test_consumers_send_close_and_close_codes():
+    app, _ = app_setup([AppCloser.as_route(path=r"^/closer/$")])
+
+    async def one(command):
+        communicator = WebsocketCommunicator(app, "/closer/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data=command)
+        frames = []
+        while True:
+            event = await communicator.receive_output(timeout=5)
+            if event["type"] == "websocket.close":
+                await communicator.disconnect()
+                return frames, event["code"]
+            frames.append(event.get("text") if event.get("text") is not None else event["bytes"])
+
+    async def scenario():
+        results = {c: await one(c) for c in ("close", "close 4001", "bye 4002", "bye")}
+        communicator = WebsocketCommunicator(app, "/closer/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data="binary")
+        results["binary"] = await communicator.receive_from(timeout=5)
+        assert await communicator.receive_nothing(timeout=0.2)
+        await communicator.disconnect()
+        return results
+
+    assert run(scenario()) == {
+        "close": ([], 1000), "close 4001": ([], 4001), "bye 4002": (["bye"], 4002),
+        "bye": (["bye"], 1000), "binary": b"\x00\x01\xff",
+    }
+
+
+@pytest.mark.parametrize("consumer", [AppSlowSync, AppSlowAsync], ids=["sync", "async"])
+def test_consumers_one_socket_in_order_and_a_slow_handler_delays_only_its_socket(consumer):
+    app, _ = app_setup([consumer.as_route(path=r"^/slow/$")])
+    frames = ["slow"] + [str(n) for n in range(20)]
+
+    async def scenario():
+        busy = WebsocketCommunicator(app, "/slow/")
+        other = WebsocketCommunicator(app, "/slow/")
+        assert await busy.connect(timeout=5) == (True, None)
+        assert await other.connect(timeout=5) == (True, None)
+        for frame in frames:
+            await busy.send_to(text_data=frame)
+        await other.send_to(text_data="fast")
+        assert await other.receive_from(timeout=5) == "fast"
+        # the other socket was answered while this one's first handler still sleeps
+        assert await busy.receive_nothing(timeout=0.01)
+        received = [await busy.receive_from(timeout=5) for _ in frames]
+        await busy.disconnect()
+        await other.disconnect()
+        return received
+
+    assert run(scenario()) == frames
+
+
+def test_consumers_sends_are_deferred_until_the_handler_returns():
+    app, _ = app_setup([AppDeferring.as_route(path=r"^/defer/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/defer/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data="deferred")
+        assert await communicator.receive_nothing(timeout=0.4)  # the handler sleeps 1 s
+        deferred = [await communicator.receive_from(timeout=5) for _ in range(2)]
+        await communicator.send_to(text_data="immediately")
+        now = await communicator.receive_from(timeout=1.5)  # the handler sleeps 2 s
+        later = await communicator.receive_from(timeout=5)
+        await communicator.disconnect()
+        return deferred, now, later
+
+    assert run(scenario()) == (["sent before the pause", "sent after the pause"], "now", "later")
+
+
+@pytest.mark.parametrize("consumer", [AppFailingSync, AppFailingAsync], ids=["sync", "async"])
+def test_consumers_exception_logged_with_traceback_closes_1011_deferred_sends_still_go(consumer, caplog):
+    app, _ = app_setup([consumer.as_route(path=r"^/fail/$"), AppWatcher.as_route(path=r"^/watch/$")])
+
+    async def failing_socket(command):
+        failing = WebsocketCommunicator(app, "/fail/")
+        assert await failing.connect(timeout=5) == (True, None)
+        await failing.send_to(text_data=command)
+        events = [await failing.receive_output(timeout=5) for _ in range(2)]
+        await failing.disconnect()
+        return events
+
+    async def scenario():
+        watcher = WebsocketCommunicator(app, "/watch/")
+        assert await watcher.connect(timeout=5) == (True, None)
+        loud = await failing_socket("fail loudly")
+        assert await watcher.receive_from(timeout=5) == "a watcher is told"
+        quiet = await failing_socket("fail")
+        # the server and the other sockets carry on
+        await watcher.send_to(text_data="still here")
+        assert await watcher.receive_from(timeout=5) == "watcher still here"
+        survivor = WebsocketCommunicator(app, "/fail/")
+        assert await survivor.connect(timeout=5) == (True, None)
+        await survivor.send_to(text_data="again")
+        assert await survivor.receive_from(timeout=5) == "ok again"
+        await survivor.disconnect()
+        await watcher.disconnect()
+        return loud, quiet
+
+    with caplog.at_level(logging.ERROR, logger="channels_mini"):
+        loud, quiet = run(scenario())
+    expected = [{"type": "websocket.send", "text": "about to fail"},
+                {"type": "websocket.close", "code": 1011}]
+    assert loud == expected
+    assert quiet == expected  # the one deferred send, then the close
+    failures = [r for r in caplog.records if r.name == "channels_mini" and r.levelno == logging.ERROR]
+    assert len(failures) == 2
+    for record in failures:
+        assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+        assert str(record.exc_info[1]) == "boom in receive"
+        assert "/fail/" in record.getMessage() and "1011" in record.getMessage()
+        assert "Traceback" in caplog.text
+
+
+@pytest.mark.parametrize("consumer", [AppDenySync, AppDenyAsync], ids=["sync", "async"])
+def test_consumers_deny_connection_rejects(consumer, caplog):
+    app, layer = app_setup([consumer.as_route(path=r"^/deny/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/deny/")
+        connected, _ = await communicator.connect(timeout=5)
+        await communicator.disconnect()
+        return connected, await app_observed(layer)
+
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        assert run(scenario()) == (False, {"event": "connect"})
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_consumers_json_consumer_echo_group_send_and_close():
+    app, _ = app_setup([AppJson.as_route(path=r"^/json/$")])
+
+    async def scenario():
+        first = WebsocketCommunicator(app, "/json/")
+        second = WebsocketCommunicator(app, "/json/")
+        assert await first.connect(timeout=5) == (True, None)
+        assert await second.connect(timeout=5) == (True, None)
+        await first.send_json_to({"x": [1, 2], "y": "é"})
+        assert await first.receive_json_from(timeout=5) == {"echo": {"x": [1, 2], "y": "é"}}
+        await first.send_json_to({"broadcast": "hello all"})
+        assert await first.receive_json_from(timeout=5) == {"news": "hello all"}
+        assert await second.receive_json_from(timeout=5) == {"news": "hello all"}
+        AppJson.group_send("json-fans", {"from": "outside"})
+        assert await second.receive_json_from(timeout=5) == {"from": "outside"}
+        assert await first.receive_json_from(timeout=5) == {"from": "outside"}
+        await second.send_json_to("last")
+        assert await second.receive_json_from(timeout=5) == {"goodbye": True}
+        assert await app_close_code(second) == 4010
+        await first.disconnect()
+        await second.disconnect()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("frame, code, logged", [
+    ({"bytes_data": b"\x01\x02"}, 1003, "binary frame"),
+    ({"text_data": "{not json"}, 1007, "invalid JSON"),
+], ids=["binary-1003", "invalid-json-1007"])
+def test_consumers_json_consumer_rejects_binary_and_invalid_json(frame, code, logged, caplog):
+    app, _ = app_setup([AppJson.as_route(path=r"^/json/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/json/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(**frame)
+        closed = await app_close_code(communicator)
+        await communicator.disconnect()
+        return closed
+
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        assert run(scenario()) == code
+    warnings = [r for r in caplog.records if r.name == "channels_mini" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert logged in warnings[0].getMessage() and str(code) in warnings[0].getMessage()
+
+
+def test_consumers_demultiplexer_streams_connect_disconnect_and_multiplexer():
+    ensure_database()  # the demultiplexer loads message.user (http_user = True)
+    app, layer = app_setup([AppDemux.as_route(path=r"^/demux/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/demux/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        connected = [await app_observed(layer) for _ in range(3)]
+        await communicator.send_json_to({"stream": "echo", "payload": {"a": 1}})
+        echo = await communicator.receive_json_from(timeout=5)
+        await communicator.send_json_to({"stream": "func", "payload": {"b": 2}})
+        function = await communicator.receive_json_from(timeout=5)
+        WebsocketMultiplexer.group_send("demux-fans", "func", {"hello": "fans"})
+        group = await communicator.receive_json_from(timeout=5)
+        await communicator.disconnect()
+        disconnected = [await app_observed(layer) for _ in range(2)]
+        return connected, echo, function, group, disconnected
+
+    connected, echo, function, group, disconnected = run(scenario())
+    assert connected == [
+        {"event": "send refused", "error": (
+            "AppDemux.send() cannot tell which stream to use. Send through a stream's "
+            "multiplexer: WebsocketMultiplexer(stream, reply_channel).send(payload).")},
+        {"event": "connect", "stream": "echo", "path": "/demux/"},
+        {"event": "connect", "stream": "func"},
+    ]
+    assert echo == {"stream": "echo", "payload": {"echo": {"a": 1}, "stream": "echo"}}
+    assert function == {"stream": "func",
+                        "payload": {"got": {"b": 2}, "multiplexer": "WebsocketMultiplexer"}}
+    assert group == {"stream": "func", "payload": {"hello": "fans"}}
+    assert sorted(disconnected, key=lambda r: r["stream"]) == [
+        {"event": "disconnect", "stream": "echo"}, {"event": "disconnect", "stream": "func"}]
+    assert layer.stats()["members"] == 0
+
+
+def test_consumers_demultiplexer_answers_bad_frames_with_error_and_stays_open(caplog):
+    ensure_database()
+    app, layer = app_setup([AppDemux.as_route(path=r"^/demux/$")])
+    bad_frames = [
+        {"text_data": "not json"},
+        {"text_data": json.dumps({"stream": "echo"})},
+        {"text_data": json.dumps({"payload": {}})},
+        {"text_data": json.dumps({"stream": "echo", "payload": [1, 2]})},
+        {"text_data": json.dumps({"stream": "nope", "payload": {}})},
+        {"bytes_data": b"\x00"},
+    ]
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/demux/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        answers = []
+        for frame in bad_frames:
+            await communicator.send_to(**frame)
+            answers.append(await communicator.receive_json_from(timeout=5))
+        await communicator.send_json_to({"stream": "echo", "payload": {"still": "open"}})
+        last = await communicator.receive_json_from(timeout=5)
+        await communicator.disconnect()
+        return answers, last
+
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        answers, last = run(scenario())
+    assert all(list(answer) == ["error"] and isinstance(answer["error"], str) for answer in answers)
+    assert "'nope'" in answers[4]["error"] and "['echo', 'func']" in answers[4]["error"]
+    assert last == {"stream": "echo", "payload": {"echo": {"still": "open"}, "stream": "echo"}}
+
+
+def test_consumers_channel_session_per_socket_and_scope():
+    app, layer = app_setup([AppSessionCounter.as_route(path=r"^/count/$")])
+
+    async def scenario():
+        first = WebsocketCommunicator(app, "/count/?who=first")
+        second = WebsocketCommunicator(app, "/count/")
+        assert await first.connect(timeout=5) == (True, None)
+        assert await second.connect(timeout=5) == (True, None)
+        replies = []
+        for communicator in (first, first, second, first):
+            await communicator.send_to(text_data="tick")
+            replies.append(json.loads(await communicator.receive_from(timeout=5)))
+        await first.disconnect()
+        return replies, await app_observed(layer), second
+
+    replies, disconnected, second = run(scenario())
+    assert replies == [
+        {"count": 1, "type": "websocket", "path": "/count/", "query": "who=first"},
+        {"count": 2, "type": "websocket", "path": "/count/", "query": "who=first"},
+        {"count": 1, "type": "websocket", "path": "/count/", "query": ""},
+        {"count": 3, "type": "websocket", "path": "/count/", "query": "who=first"},
+    ]
+    assert disconnected == {"event": "disconnect", "count": 3}
+
+
+def test_consumers_http_user_anonymous_without_cookie():
+    ensure_database()
+    app, layer = app_setup([AppWhoAmI.as_route(path=r"^/me/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/me/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data="who")
+        reply = json.loads(await communicator.receive_from(timeout=5))
+        await communicator.disconnect()
+        return await app_observed(layer), reply
+
+    anonymous = {"class": "AnonymousUser", "authenticated": False, "username": "", "pk": None,
+                 "session_key": None, "color": None}
+    assert run(scenario()) == ({"event": "connect", **anonymous}, anonymous)
+
+
+def test_consumers_http_user_from_django_session_cookie():
+    ensure_database()
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+    from django.contrib.auth.models import User
+    from django.contrib.sessions.backends.db import SessionStore
+
+    user = User.objects.create_user(f"app-{uuid.uuid4().hex[:10]}", password="pw-not-used")
+    session = SessionStore()
+    session[SESSION_KEY] = user._meta.pk.value_to_string(user)  # what auth.login() stores
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session["color"] = "teal"
+    session.save()
+    app, layer = app_setup([AppWhoAmI.as_route(path=r"^/me/$")])
+    cookie = f"theme=dark; {settings.SESSION_COOKIE_NAME}={session.session_key}"
+
+    async def scenario(cookie_value):
+        communicator = WebsocketCommunicator(app, "/me/", headers=[("cookie", cookie_value)])
+        assert await communicator.connect(timeout=5) == (True, None)
+        replies = []
+        for _ in range(2):  # on every message of the socket
+            await communicator.send_to(text_data="who")
+            replies.append(json.loads(await communicator.receive_from(timeout=5)))
+        await communicator.disconnect()
+        return await app_observed(layer), replies
+
+    logged_in = {"class": "User", "authenticated": True, "username": user.username, "pk": user.pk,
+                 "session_key": session.session_key, "color": "teal"}
+    assert run(scenario(cookie)) == ({"event": "connect", **logged_in}, [logged_in, logged_in])
+    # a cookie naming no stored session: anonymous, never an error
+    connected, replies = run(scenario(f"{settings.SESSION_COOKIE_NAME}=nosuchsessionkey12345"))
+    assert connected["class"] == "AnonymousUser" and replies[0]["authenticated"] is False
+
+
+# === 5. Binding ===
+# One WebsocketBinding on Item, heard by group "bind-items-all" and by one group per team,
+# and a demultiplexer that carries it on stream "items" (and a binding that keeps the
+# default has_permission on stream "deny"). Outbound tests listen on the default layer
+# with plain channel names; inbound tests drive the demultiplexer with the communicator.
+
+class bind_ItemBinding(WebsocketBinding):
+    model = Item
+    stream = "items"
+    fields = ["__all__"]
+
+    @classmethod
+    def group_names(cls, instance):
+        return ["bind-items-all", f"bind-items-{instance.team}"]
+
+    def has_permission(self, user, action, pk):
+        # Logged-in users may create, and change or delete rows nobody else owns.
+        if user is None or not user.is_authenticated:
+            return False
+        return action == "create" or not Item.objects.filter(pk=pk).exclude(owner=user).exists()
+
+
+class bind_DenyingItemBinding(WebsocketBinding):
+    model = Item
+    stream = "deny"
+    fields = ["name"]  # has_permission left as it is: denies every write
+
+
+class bind_Demultiplexer(WebsocketDemultiplexer):
+    consumers = {"items": bind_ItemBinding.consumer, "deny": bind_DenyingItemBinding.consumer}
+    groups = ["bind-items-all"]  # so every socket also hears the outbound frames
+
+
+bind_server_app = Application([bind_Demultiplexer.as_route(path=r"^/bind/ws/$")])
+
+
+bind_ALL_FIELDS = {"name", "price", "when", "uid", "owner", "team"}
+
+
+def bind_listen(*groups: str, channel: str = "bind.listener") -> str:
+    """Put *channel* in *groups* on the default layer; returns the channel name."""
+    layer = get_channel_layer()
+
+    async def join():
+        for group in groups:
+            await layer.group_add(group, channel)
+    run(join())
+    return channel
+
+
+def bind_frame(channel: str, timeout: float = 5) -> dict:
+    """The next message on *channel*: it must be a text frame; returns its decoded JSON."""
+    message = run(get_channel_layer().receive(channel), timeout)
+    assert set(message) == {"text"} and isinstance(message["text"], str), message
+    return json.loads(message["text"])
+
+
+def bind_nothing_on(channel: str, timeout: float = 0.3) -> bool:
+    """True when no message reaches *channel* within *timeout* seconds."""
+    try:
+        message = run(get_channel_layer().receive(channel), timeout)
+    except TimeoutError:
+        return True
+    print("unexpected message:", message)
+    return False
+
+
+def bind_user(name: str = "user"):
+    from django.contrib.auth.models import User
+    return User.objects.create(username=f"bind-{name}-{uuid.uuid4().hex[:8]}")
+
+
+def bind_cookie_headers(user) -> list:
+    """Headers carrying a valid Django session cookie for *user*."""
+    from django.test import Client
+    client = Client()
+    client.force_login(user)
+    session_id = client.cookies[settings.SESSION_COOKIE_NAME].value
+    return [(b"cookie", f"{settings.SESSION_COOKIE_NAME}={session_id}".encode())]
+
+
+def bind_label() -> str:
+    return f"{__name__}.item".lower()
+
+
+# -- outbound --
+
+def test_binding_create_update_delete_reach_the_groups_of_the_instance():
+    ensure_database()
+    red = bind_listen("bind-items-red", channel="bind.red")
+    blue = bind_listen("bind-items-blue", channel="bind.blue")
+
+    item = Item.objects.create(name="apple", team="red")
+    created = bind_frame(red)
+    item.name = "apple pie"
+    item.save()
+    updated = bind_frame(red)
+    pk = item.pk
+    item.delete()
+    deleted = bind_frame(red)
+
+    assert (created["stream"], created["payload"]["action"], created["payload"]["pk"]) == \
+        ("items", "create", pk)
+    assert (updated["payload"]["action"], updated["payload"]["data"]["name"]) == \
+        ("update", "apple pie")
+    assert (deleted["payload"]["action"], deleted["payload"]["pk"]) == ("delete", pk)
+    assert set(created) == {"stream", "payload"}
+    assert set(created["payload"]) == {"action", "pk", "data", "model"}
+    assert created["payload"]["model"] == bind_label()
+    assert bind_nothing_on(red) and bind_nothing_on(blue)
+
+
+def test_binding_payload_writes_values_as_djangos_json_serializer():
+    import datetime
+    from decimal import Decimal
+
+    from django.core import serializers
+    ensure_database()
+    owner = bind_user("owner")
+    listener = bind_listen("bind-items-green")
+
+    item = Item.objects.create(
+        name="typed", price=Decimal("12.50"), team="green",
+        when=datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=datetime.timezone.utc),
+        uid=uuid.UUID("12345678-1234-5678-1234-567812345678"), owner=owner)
+    frame = bind_frame(listener)
+
+    assert frame == {"stream": "items", "payload": {
+        "action": "create", "pk": item.pk, "model": bind_label(),
+        "data": {"name": "typed", "price": "12.50", "when": "2024-05-06T07:08:09.123Z",
+                 "uid": "12345678-1234-5678-1234-567812345678", "owner": owner.pk,
+                 "team": "green"}}}
+    # ... which is what Django's own JSON serializer writes for the row.
+    django_json = json.loads(serializers.serialize("json", [item]))[0]
+    assert frame["payload"]["data"] == django_json["fields"]
+
+
+def test_binding_changed_groups_get_delete_update_create_from_the_stored_row():
+    ensure_database()
+    item = Item.objects.create(name="mover", team="red")
+    stale = Item.objects.get(pk=item.pk)  # still says team "red" after the next save
+    item.team = "blue"
+    item.save()  # stored row: blue
+
+    left = bind_listen("bind-items-blue", channel="bind.left")
+    kept = bind_listen("bind-items-all", channel="bind.kept")
+    joined = bind_listen("bind-items-green", channel="bind.joined")
+    never = bind_listen("bind-items-red", channel="bind.never")
+    every = bind_listen("bind-items-blue", "bind-items-all", "bind-items-green", "bind-items-red",
+                        channel="bind.every")
+    stale.team = "green"
+    stale.save()  # groups before are those of the stored row (blue), not of `stale` (red)
+
+    assert bind_frame(left)["payload"]["action"] == "delete"
+    assert bind_frame(kept)["payload"]["action"] == "update"
+    created = bind_frame(joined)["payload"]
+    assert (created["action"], created["pk"], created["data"]["team"]) == \
+        ("create", item.pk, "green")
+    assert [bind_frame(every)["payload"]["action"] for _ in range(3)] == \
+        ["delete", "update", "create"]
+    assert bind_nothing_on(never) and bind_nothing_on(every)
+    assert bind_nothing_on(left) and bind_nothing_on(kept) and bind_nothing_on(joined)
+
+
+def test_binding_sends_nothing_for_a_rolled_back_transaction():
+    from django.db import transaction
+    ensure_database()
+    listener = bind_listen("bind-items-rollback")
+
+    with pytest.raises(RuntimeError, match="roll it back"):
+        with transaction.atomic():
+            item = Item.objects.create(name="ghost", team="rollback")
+            item.name = "ghost 2"
+            item.save()
+            raise RuntimeError("roll it back")
+
+    assert not Item.objects.filter(team="rollback").exists()
+    assert bind_nothing_on(listener, timeout=0.5)
+
+
+def test_binding_sends_once_when_the_transaction_commits():
+    from django.db import transaction
+    ensure_database()
+    listener = bind_listen("bind-items-commit")
+
+    with transaction.atomic():
+        item = Item.objects.create(name="committed", team="commit")
+        assert bind_nothing_on(listener)  # not before the commit
+
+    frame = bind_frame(listener)
+    assert (frame["payload"]["action"], frame["payload"]["pk"]) == ("create", item.pk)
+    assert bind_nothing_on(listener)
+
+
+def test_binding_accepts_a_string_model_label():
+    ensure_database()
+
+    class bind_LabelBinding(WebsocketBinding):
+        model = f"{__name__}.Item"  # "app_label.ModelName"
+        stream = "labelled"
+        fields = ["name"]
+
+        @classmethod
+        def group_names(cls, instance):
+            return ["bind-label"] if instance.team == "label" else []
+
+    listener = bind_listen("bind-label")
+    item = Item.objects.create(name="by label", team="label")
+
+    assert bind_frame(listener) == {"stream": "labelled", "payload": {
+        "action": "create", "pk": item.pk, "data": {"name": "by label"}, "model": bind_label()}}
+    assert bind_LabelBinding.model_class() is Item
+
+
+def test_binding_defined_before_django_setup_works():
+    script = r'''
+import asyncio, json
+from django.conf import settings
+settings.configure(
+    INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth"],
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+    DEFAULT_AUTO_FIELD="django.db.models.AutoField", USE_TZ=True)
+from channels_mini import WebsocketBinding, get_channel_layer
+
+class UserBinding(WebsocketBinding):  # the apps are not ready yet
+    model = "auth.User"
+    stream = "users"
+    fields = ["username"]
+
+    @classmethod
+    def group_names(cls, instance):
+        return ["users"]
+
+import django
+django.setup()
+from django.core.management import call_command
+call_command("migrate", run_syncdb=True, verbosity=0)
+from django.contrib.auth.models import User
+
+layer = get_channel_layer()
+asyncio.run(layer.group_add("users", "probe"))
+user = User.objects.create(username="early")
+message = asyncio.run(asyncio.wait_for(layer.receive("probe"), 10))
+print(json.dumps({"pk": user.pk, "message": message}))
+'''
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": ROOT, "DJANGO_SETTINGS_MODULE": ""})
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert json.loads(printed["message"]["text"]) == {"stream": "users", "payload": {
+        "action": "create", "pk": printed["pk"], "data": {"username": "early"},
+        "model": "auth.user"}}
+
+
+def test_binding_fields_exclude_and_all_choose_the_data_sent():
+    ensure_database()
+
+    class bind_FieldsBinding(WebsocketBinding):
+        model = Item
+        stream = "fields"
+        fields = ["name", "price"]
+
+        @classmethod
+        def group_names(cls, instance):
+            return ["bind-fields"]
+
+    class bind_ExcludeBinding(WebsocketBinding):
+        model = Item
+        stream = "exclude"
+        exclude = ["uid", "when"]
+
+        @classmethod
+        def group_names(cls, instance):
+            return ["bind-exclude"]
+
+    class bind_AllBinding(WebsocketBinding):
+        model = Item
+        stream = "all"
+        fields = ["__all__"]
+
+        @classmethod
+        def group_names(cls, instance):
+            return ["bind-all"]
+
+    only = bind_listen("bind-fields", channel="bind.fields")
+    excluded = bind_listen("bind-exclude", channel="bind.exclude")
+    everything = bind_listen("bind-all", channel="bind.all")
+    Item.objects.create(name="shape", team="fields")
+
+    assert set(bind_frame(only)["payload"]["data"]) == {"name", "price"}
+    assert set(bind_frame(excluded)["payload"]["data"]) == {"name", "price", "owner", "team"}
+    assert set(bind_frame(everything)["payload"]["data"]) == bind_ALL_FIELDS
+
+
+def test_binding_needs_exactly_one_of_fields_or_exclude():
+    with pytest.raises(ImproperlyConfigured, match=re.escape(
+            "bind_NeitherBinding must set exactly one of 'fields' or 'exclude' (got "
+            "fields=None, exclude=None). Use fields = ['__all__'] to bind every field.")):
+        class bind_NeitherBinding(WebsocketBinding):
+            model = Item
+            stream = "neither"
+
+    with pytest.raises(ImproperlyConfigured, match=re.escape(
+            "bind_BothBinding must set exactly one of 'fields' or 'exclude' (got "
+            "fields=['name'], exclude=['team']). Use fields = ['__all__'] to bind every field.")):
+        class bind_BothBinding(WebsocketBinding):
+            model = Item
+            stream = "both"
+            fields = ["name"]
+            exclude = ["team"]
+
+
+def test_binding_abstract_binding_registers_nothing_and_its_subclass_sends_once():
+    ensure_database()
+
+    class bind_TeamGroupsBinding(WebsocketBinding):  # abstract: no model, no fields needed
+        model = None
+        stream = "abstract"
+
+        @classmethod
+        def group_names(cls, instance):
+            return ["bind-abstract"] if instance.team == "abstract" else []
+
+    listener = bind_listen("bind-abstract")
+    Item.objects.create(name="unheard", team="abstract")
+    assert bind_nothing_on(listener)
+
+    class bind_ConcreteBinding(bind_TeamGroupsBinding):
+        model = Item
+        fields = ["name"]
+
+    item = Item.objects.create(name="heard", team="abstract")
+    frame = bind_frame(listener)
+    assert (frame["stream"], frame["payload"]["pk"], frame["payload"]["data"]) == \
+        ("abstract", item.pk, {"name": "heard"})
+    assert bind_nothing_on(listener)
+
+
+def test_binding_serialize_returning_empty_dict_sends_nothing():
+    ensure_database()
+
+    class bind_QuietBinding(WebsocketBinding):
+        model = Item
+        stream = "quiet"
+        fields = ["name"]
+
+        @classmethod
+        def group_names(cls, instance):
+            return ["bind-quiet"]
+
+        def serialize(self, instance, action):
+            if instance.name.startswith("quiet"):
+                return {}
+            return super().serialize(instance, action)
+
+    listener = bind_listen("bind-quiet")
+    quiet = Item.objects.create(name="quiet one", team="quiet")
+    quiet.delete()
+    assert bind_nothing_on(listener)
+
+    loud = Item.objects.create(name="loud one", team="quiet")
+    assert bind_frame(listener)["payload"] == {
+        "action": "create", "pk": loud.pk, "data": {"name": "loud one"}, "model": bind_label()}
+
+
+def test_binding_serialize_data_gives_the_bound_fields():
+    from decimal import Decimal
+    ensure_database()
+    item = Item.objects.create(name="data", price=Decimal("3.25"), team="red",
+                               uid=uuid.UUID("00000000-0000-0000-0000-000000000042"))
+
+    assert bind_ItemBinding().serialize_data(item) == {
+        "name": "data", "price": "3.25", "when": None,
+        "uid": "00000000-0000-0000-0000-000000000042", "owner": None, "team": "red"}
+    assert bind_DenyingItemBinding().serialize_data(item) == {"name": "data"}
+    assert bind_ItemBinding().serialize(item, "update") == {
+        "action": "update", "pk": item.pk, "model": bind_label(),
+        "data": bind_ItemBinding().serialize_data(item)}
+
+
+
+def test_binding_documented_limit_queryset_update_and_bulk_create_send_nothing():
+    from django.db import connection
+    ensure_database()
+    listener = bind_listen("bind-items-limits")
+
+    Item.objects.bulk_create([Item(name="bulk", team="limits")])
+    Item.objects.filter(team="limits").update(name="bulk updated")
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {Item._meta.db_table} SET name = %s WHERE team = %s",
+                       ["raw", "limits"])
+    assert bind_nothing_on(listener)
+
+    item = Item.objects.get(team="limits")  # a save() after the fact is bound again
+    item.save()
+    assert bind_frame(listener)["payload"]["data"]["name"] == "raw"
+
+
+# -- inbound --
+
+def bind_items_frame(action: str, pk=None, data=None, stream: str = "items") -> dict:
+    payload = {"action": action, "pk": pk}
+    if data is not None:
+        payload["data"] = data
+    return {"stream": stream, "payload": payload}
+
+
+async def bind_exchange(headers: list, frames: list[dict], replies: int) -> list[dict]:
+    """Open a demultiplexed socket, send *frames*, collect *replies* frames, close."""
+    application = Application([bind_Demultiplexer.as_route(path=r"^/bind/$")])
+    communicator = WebsocketCommunicator(application, "/bind/", headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected
+    for frame in frames:
+        await communicator.send_json_to(frame)
+    received = [await communicator.receive_json_from(timeout=5) for _ in range(replies)]
+    assert await communicator.receive_nothing(timeout=0.3)
+    await communicator.disconnect(timeout=5)
+    return received
+
+
+def test_binding_inbound_create_update_delete_when_allowed():
+    from decimal import Decimal
+    ensure_database()
+    user = bind_user()
+    headers = bind_cookie_headers(user)
+
+    [created] = run(bind_exchange(headers, [bind_items_frame("create", data={
+        "name": "from client", "price": "4.50", "team": "inbound", "owner": user.pk})], 1))
+    item = Item.objects.get(team="inbound")
+    assert (item.name, item.price, item.owner_id) == ("from client", Decimal("4.50"), user.pk)
+    assert created["stream"] == "items"  # the socket hears its own change through the group
+    assert (created["payload"]["action"], created["payload"]["pk"]) == ("create", item.pk)
+
+    [updated] = run(bind_exchange(headers, [
+        bind_items_frame("update", item.pk, {"name": "renamed"})], 1))
+    assert Item.objects.get(pk=item.pk).name == "renamed"
+    assert (updated["payload"]["action"], updated["payload"]["data"]["name"]) == \
+        ("update", "renamed")
+
+    [deleted] = run(bind_exchange(headers, [bind_items_frame("delete", item.pk)], 1))
+    assert not Item.objects.filter(pk=item.pk).exists()
+    assert (deleted["payload"]["action"], deleted["payload"]["pk"]) == ("delete", item.pk)
+
+
+def test_binding_inbound_update_changes_only_the_fields_sent():
+    import datetime
+    from decimal import Decimal
+    ensure_database()
+    user = bind_user()
+    when = datetime.datetime(2023, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    item = Item.objects.create(name="before", price=Decimal("9.99"), when=when, team="partial",
+                               owner=user)
+    before = Item.objects.get(pk=item.pk)
+
+    [updated] = run(bind_exchange(bind_cookie_headers(user), [
+        bind_items_frame("update", item.pk, {"price": "1.25"})], 1))
+
+    after = Item.objects.get(pk=item.pk)
+    assert after.price == Decimal("1.25")
+    assert (after.name, after.when, after.uid, after.owner_id, after.team) == \
+        (before.name, before.when, before.uid, before.owner_id, before.team)
+    assert updated["payload"]["data"]["price"] == "1.25"
+
+
+def bind_error(action, pk, error: str, stream: str = "items") -> dict:
+    return {"stream": stream, "payload": {"error": error, "action": action, "pk": pk}}
+
+
+def bind_check_refused(headers: list, frame: dict, expected_error: dict) -> None:
+    """*frame* is answered with *expected_error*, and a valid create after it still works."""
+    marker = f"after-{uuid.uuid4().hex[:8]}"
+    count_before = Item.objects.count()
+    rows_before = list(Item.objects.order_by("pk").values())
+    error, created = run(bind_exchange(headers, [
+        frame, bind_items_frame("create", data={"name": marker, "team": "refused"})], 2))
+
+    assert error == expected_error
+    assert (created["payload"]["action"], created["payload"]["data"]["name"]) == ("create", marker)
+    marked = Item.objects.get(name=marker)
+    assert Item.objects.count() == count_before + 1  # only the valid create was saved
+    assert list(Item.objects.exclude(pk=marked.pk).order_by("pk").values()) == rows_before
+
+
+def test_binding_inbound_denied_by_default_has_permission():
+    ensure_database()
+    headers = bind_cookie_headers(bind_user())
+    bind_check_refused(headers, bind_items_frame("create", data={"name": "nope"}, stream="deny"),
+                       bind_error("create", None, "Permission denied: create on pk None.",
+                                  stream="deny"))
+
+
+def test_binding_inbound_refused_for_an_anonymous_user():
+    ensure_database()
+    item = Item.objects.create(name="keep", team="anon")
+    errors = run(bind_exchange([], [bind_items_frame("update", item.pk, {"name": "changed"}),
+                                    bind_items_frame("create", data={"name": "anon"})], 2))
+    assert errors == [
+        bind_error("update", item.pk, f"Permission denied: update on pk {item.pk!r}."),
+        bind_error("create", None, "Permission denied: create on pk None.")]
+    assert Item.objects.get(pk=item.pk).name == "keep"
+    assert not Item.objects.filter(name="anon").exists()
+
+
+def test_binding_inbound_refuses_an_unknown_action():
+    ensure_database()
+    item = Item.objects.create(name="stay", team="refused")
+    bind_check_refused(bind_cookie_headers(bind_user()),
+                       bind_items_frame("rename", item.pk, {"name": "x"}),
+                       bind_error("rename", item.pk, "Unknown action 'rename'; use one of "
+                                  "['create', 'update', 'delete']."))
+
+
+@pytest.mark.parametrize("action", ["update", "delete"])
+def test_binding_inbound_refuses_a_missing_pk(action):
+    ensure_database()
+    Item.objects.create(name="stay", team="refused")
+    bind_check_refused(bind_cookie_headers(bind_user()),
+                       {"stream": "items", "payload": {"action": action, "data": {"name": "x"}}},
+                       bind_error(action, None, f"Action {action!r} needs a 'pk'."))
+
+
+def test_binding_inbound_refuses_an_unknown_field():
+    ensure_database()
+    bind_check_refused(bind_cookie_headers(bind_user()),
+                       bind_items_frame("create", data={"name": "x", "colour": "red"}),
+                       bind_error("create", None, "Unknown field(s) ['colour']; this binding "
+                                  "accepts ['name', 'owner', 'price', 'team', 'uid', 'when']."))
+
+
+def test_binding_inbound_refuses_a_too_long_name():
+    ensure_database()
+    bind_check_refused(bind_cookie_headers(bind_user()),
+                       bind_items_frame("create", data={"name": "n" * 60}),
+                       bind_error("create", None, "Invalid data: {'name': ['Ensure this value "
+                                  "has at most 50 characters (it has 60).']}."))
+
+
+def test_binding_inbound_refuses_a_non_numeric_price():
+    ensure_database()
+    user = bind_user()
+    item = Item.objects.create(name="priced", team="refused", owner=user)
+    bind_check_refused(bind_cookie_headers(user),
+                       bind_items_frame("update", item.pk, {"price": "abc"}),
+                       bind_error("update", item.pk, "Invalid data: {'price': "
+                                  "['“abc” value must be a decimal number.']}."))
+    assert Item.objects.get(pk=item.pk).price == 0
+
+
+def test_binding_inbound_answers_not_found():
+    ensure_database()
+    missing = (Item.objects.order_by("-pk").values_list("pk", flat=True).first() or 0) + 1000
+    bind_check_refused(bind_cookie_headers(bind_user()),
+                       bind_items_frame("update", missing, {"name": "x"}),
+                       bind_error("update", missing,
+                                  f"{bind_label()} with pk {missing!r} does not exist."))
+
+
+@pytest.mark.parametrize("action", ["update", "delete"])
+def test_binding_inbound_refuses_another_users_object(action):
+    ensure_database()
+    item = Item.objects.create(name="theirs", team="refused", owner=bind_user("owner"))
+    bind_check_refused(bind_cookie_headers(bind_user("intruder")),
+                       bind_items_frame(action, item.pk, {"name": "mine"}),
+                       bind_error(action, item.pk,
+                                  f"Permission denied: {action} on pk {item.pk!r}."))
+    assert Item.objects.get(pk=item.pk).name == "theirs"
+
+
+# -- end to end --
+
+def test_binding_model_saved_in_a_django_view_reaches_a_websocket_client_under_uvicorn():
+    ensure_database()
+    name = f"view-{uuid.uuid4().hex[:8]}"
+
+    async def scenario(server):
+        async with ws_connect(server.url("/bind/ws/")) as websocket:
+            status, body = await asyncio.to_thread(
+                http_get, server.url(f"/items/create/?name={name}&team=e2e", scheme="http"))
+            assert status == 200, body
+            frame = json.loads(await asyncio.wait_for(websocket.recv(), 10))
+            return json.loads(body)["pk"], frame
+
+    with running_server("uvicorn", app=f"{__name__}:bind_server_app") as server:
+        pk, frame = run(scenario(server), timeout=30)
+
+    assert frame["stream"] == "items"
+    assert frame["payload"]["action"] == "create"
+    assert frame["payload"]["pk"] == pk
+    assert (frame["payload"]["data"]["name"], frame["payload"]["data"]["team"]) == (name, "e2e")
+    assert Item.objects.get(pk=pk).name == name
+
+
+# === 6. ASGI app ===
+# `server_routing` / `server_app` are what the header's settings (CHANNEL_ROUTING) and
+# `running_server()` name: the real servers below import this module and serve them.
+
+class AppEcho(WebsocketConsumer):
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=text, bytes=bytes)
+
+
+class AppChat(WebsocketConsumer):
+    def connection_groups(self, room, **kwargs):
+        return [f"chat-{room}"]
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        self.group_send(f"chat-{room}", text=text)
+
+
+class AppCloseWithCode(WebsocketConsumer):
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text="bye")
+        self.close(4242)
+
+
+class AppMailer(WebsocketConsumer):
+    """Each frame is an address: it goes to the background channel with this socket to reply to."""
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        Channel("email.receive").send({"to_address": text, "subject": "from a socket",
+                                       "reply_channel": self.message.reply_channel.name})
+
+
+class AppMailroom(WebsocketConsumer):
+    groups = ["mailroom"]
+
+
+def app_email_consumer(message, user, **kwargs):
+    """A background consumer: `user` comes from the route's to_address filter."""
+    reply = {"text": f"mail for {user}: {message['subject']} ({json.dumps(app_where())})"}
+    if message.reply_channel is not None:
+        message.reply_channel.send(reply)
+    else:
+        Group("mailroom").send(reply)
+
+
+server_routing = [
+    AppEcho.as_route(path=r"^/echo/$"),
+    AppChat.as_route(path=r"^/chat/(?P<room>\w+)/$"),
+    AppCloseWithCode.as_route(path=r"^/close/$"),
+    AppMailer.as_route(path=r"^/mail/$"),
+    AppMailroom.as_route(path=r"^/mailroom/$"),
+    route("email.receive", app_email_consumer, to_address=r"^(?P<user>[^@]+)@example\.com$"),
+]
+
+server_app = Application(server_routing)
+
+APP_IN_THREAD = json.dumps({"main_thread": False, "on_loop": False})
+
+
+def app_record_message(message, **kwargs):
+    app_report(channel=message.channel_name, content=dict(message.content), kwargs=kwargs)
+    if message.channel_name == "websocket.connect":
+        message.reply_channel.send({"accept": True})
+
+
+def app_frame_echo(message, **kwargs):
+    message.reply_channel.send({"text": f"echo {message['text']}"})
+
+
+APP_CONNECT_REPLIES = {
+    "accept": {"accept": True},
+    "refuse": {"accept": False},
+    "close": {"close": True},
+    "text": {"text": "hello"},
+    "bytes": {"bytes": b"\x01\x02"},
+    "textclose": {"text": "bye", "close": 4000},
+    "subprotocol": {"accept": True, "subprotocol": "chat.v2"},
+}
+
+
+def app_connect_reply(message, reply, **kwargs):
+    message.reply_channel.send(APP_CONNECT_REPLIES[reply])
+
+
+def app_report_connect(message, **kwargs):
+    app_report(event="connect", origin=dict(message["headers"]).get(b"origin"))
+    message.reply_channel.send({"accept": True})
+
+
+def test_app_websocket_message_keys_and_order():
+    app, layer = app_setup([route(["websocket.connect", "websocket.receive", "websocket.disconnect"],
+                                  app_record_message, path=r"^/keys/(?P<tag>\w+)/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/keys/t1/?a=1&b=2", headers=[("X-Test", "yes")],
+                                             subprotocols=["p1", "p2"])
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data="one")
+        await communicator.send_to(bytes_data=b"two")
+        reports = [await app_observed(layer) for _ in range(3)]
+        await communicator.disconnect(code=4005)
+        reports.append(await app_observed(layer))
+        return reports, communicator.scope
+
+    (connect, first, second, disconnect), scope = run(scenario())
+    assert [r["channel"] for r in (connect, first, second, disconnect)] == [
+        "websocket.connect", "websocket.receive", "websocket.receive", "websocket.disconnect"]
+    assert all(r["kwargs"] == {"tag": "t1"} for r in (connect, first, second, disconnect))
+    connect, first, second, disconnect = (r["content"] for r in (connect, first, second, disconnect))
+    assert set(connect) == {"reply_channel", "path", "query_string", "headers", "client", "server",
+                            "subprotocols", "order"}
+    reply_channel = connect["reply_channel"]
+    assert isinstance(reply_channel, str) and reply_channel
+    assert (connect["path"], connect["query_string"], connect["order"]) == ("/keys/t1/", b"a=1&b=2", 0)
+    assert (b"x-test", b"yes") in [tuple(h) for h in connect["headers"]]
+    assert connect["subprotocols"] == ["p1", "p2"]
+    assert (connect["client"], connect["server"]) == (scope["client"], scope["server"])
+    assert first == {"reply_channel": reply_channel, "path": "/keys/t1/", "order": 1, "text": "one"}
+    assert second == {"reply_channel": reply_channel, "path": "/keys/t1/", "order": 2, "bytes": b"two"}
+    assert disconnect == {"reply_channel": reply_channel, "path": "/keys/t1/", "order": 3, "code": 4005}
+
+
+@pytest.mark.parametrize("reply, connected, frames, close_code", [
+    ("accept", (True, None), [], None),
+    ("refuse", False, [], None),
+    ("close", False, [], None),
+    ("text", (True, None), ["hello"], None),
+    ("bytes", (True, None), [b"\x01\x02"], None),
+    ("textclose", (True, None), ["bye"], 4000),
+    ("subprotocol", (True, "chat.v2"), [], None),
+])
+def test_app_reply_channel_messages(reply, connected, frames, close_code):
+    app, _ = app_setup([route("websocket.connect", app_connect_reply, path=r"^/reply/(?P<reply>\w+)/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, f"/reply/{reply}/",
+                                             subprotocols=["chat.v1", "chat.v2"])
+        result = await communicator.connect(timeout=5)
+        received, code = [], None
+        if result[0]:
+            for _ in frames:
+                received.append(await communicator.receive_from(timeout=5))
+            if close_code is not None:
+                code = await app_close_code(communicator)
+            else:
+                assert await communicator.receive_nothing(timeout=0.1)
+        await communicator.disconnect()
+        return result, received, code
+
+    result, received, code = run(scenario())
+    if connected is False:
+        assert result[0] is False  # rejected before accepting: HTTP 403 on a real server
+    else:
+        assert result == connected
+    assert (received, code) == (frames, close_code)
+
+
+def test_app_unrouted_connect_accepted_only_if_a_receive_route_matches(caplog):
+    app, _ = app_setup([route("websocket.receive", app_frame_echo, path=r"^/frames/$")])
+
+    async def scenario():
+        routed = WebsocketCommunicator(app, "/frames/")
+        assert await routed.connect(timeout=5) == (True, None)
+        await routed.send_to(text_data="x")
+        assert await routed.receive_from(timeout=5) == "echo x"
+        await routed.disconnect()
+        unrouted = WebsocketCommunicator(app, "/elsewhere/")
+        connected, _ = await unrouted.connect(timeout=5)
+        await unrouted.disconnect()
+        return connected
+
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        assert run(scenario()) is False
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "channels_mini" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "/elsewhere/" in warnings[0] and "no route" in warnings[0]
+
+
+@pytest.mark.parametrize("allowed_origins, origin, accepted", [
+    (None, None, True),                          # no Origin header: allowed
+    (None, "", False),                           # an empty one is not
+    (None, "http://127.0.0.1:8000", True),       # ALLOWED_HOSTS has 127.0.0.1 (any port)
+    (None, "https://testserver", True),
+    (None, "http://evil.example", False),
+    (None, "http://127.0.0.1.evil.example", False),
+    ([".example.com"], "https://chat.example.com", True),
+    ([".example.com"], "http://example.com", True),
+    ([".example.com"], "http://notexample.com", False),
+    ([".example.com"], "http://127.0.0.1", False),  # allowed_origins replaces ALLOWED_HOSTS
+    (["*"], "http://anything.test:1234", True),
+], ids=lambda value: repr(value))
+def test_app_origin_checks_before_any_consumer_runs(allowed_origins, origin, accepted, caplog):
+    app, layer = app_setup([route("websocket.connect", app_report_connect, path=r"^/o/$")],
+                           allowed_origins=allowed_origins)
+    headers = [] if origin is None else [("origin", origin)]
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/o/", headers=headers)
+        connected, _ = await communicator.connect(timeout=5)
+        await communicator.disconnect()
+        if accepted:
+            return connected, await app_observed(layer)
+        return connected, await app_nothing_observed(layer)
+
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        connected, observed = run(scenario())
+    warnings = [r for r in caplog.records if r.name == "channels_mini" and r.levelno == logging.WARNING]
+    if accepted:
+        assert connected is True
+        assert observed == {"event": "connect", "origin": None if origin is None else origin.encode()}
+        assert warnings == []
+    else:
+        assert connected is False and observed is True  # the consumer never ran
+        assert len(warnings) == 1 and repr(origin) in warnings[0].getMessage()
+
+
+def test_app_max_message_size_closes_with_1009(caplog):
+    app, _ = app_setup([AppEcho.as_route(path=r"^/echo/$")], max_message_size=64)
+
+    async def one(frame):
+        communicator = WebsocketCommunicator(app, "/echo/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(**frame)
+        event = await communicator.receive_output(timeout=5)
+        await communicator.disconnect()
+        return event
+
+    async def scenario():
+        return [await one({"text_data": "a" * 64}), await one({"text_data": "a" * 65}),
+                await one({"bytes_data": b"b" * 64}), await one({"bytes_data": b"b" * 65}),
+                await one({"text_data": "é" * 33})]  # 33 characters, 66 bytes of UTF-8
+
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        events = run(scenario())
+    close = {"type": "websocket.close", "code": 1009}
+    assert events == [{"type": "websocket.send", "text": "a" * 64}, close,
+                      {"type": "websocket.send", "bytes": b"b" * 64}, close, close]
+    assert sum("1009" in r.getMessage() for r in caplog.records if r.name == "channels_mini") == 3
+
+
+def test_app_background_channel_from_a_plain_thread_reaches_its_consumer_with_kwargs(caplog):
+    app, _ = app_setup(server_routing)
+
+    async def scenario():
+        mailroom = WebsocketCommunicator(app, "/mailroom/")  # starts the background workers
+        assert await mailroom.connect(timeout=5) == (True, None)
+
+        def send_from_thread(content):  # outside any consumer and any event loop
+            thread = threading.Thread(target=Channel("email.receive").send, args=(content,))
+            thread.start()
+            thread.join(5)
+
+        await asyncio.to_thread(send_from_thread, {"to_address": "ann@example.com", "subject": "hi"})
+        delivered = await mailroom.receive_from(timeout=5)
+        await asyncio.to_thread(send_from_thread, {"to_address": "bob@elsewhere.org", "subject": "no"})
+        nothing = await mailroom.receive_nothing(timeout=0.5)
+        # and from a socket: the background consumer replies on that socket's reply channel
+        mailer = WebsocketCommunicator(app, "/mail/")
+        assert await mailer.connect(timeout=5) == (True, None)
+        await mailer.send_to(text_data="cy@example.com")
+        replied = await mailer.receive_from(timeout=5)
+        await mailer.disconnect()
+        await mailroom.disconnect()
+        return delivered, nothing, replied
+
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        delivered, nothing, replied = run(scenario())
+    assert delivered == f"mail for ann: hi ({APP_IN_THREAD})"
+    assert nothing is True
+    assert replied == f"mail for cy: from a socket ({APP_IN_THREAD})"
+    dropped = [r.getMessage() for r in caplog.records if r.name == "channels_mini"]
+    assert len(dropped) == 1 and "'email.receive'" in dropped[0] and "No route matched" in dropped[0]
+
+
+def test_app_module_level_application_reads_channel_routing_setting():
+    import channels_mini as module
+
+    assert settings.CHANNEL_ROUTING == f"{__name__}.server_routing"
+
+    async def scenario():
+        echo = WebsocketCommunicator(module.application, "/echo/")
+        assert await echo.connect(timeout=5) == (True, None)
+        await echo.send_to(text_data="via settings")
+        echoed = await echo.receive_from(timeout=5)
+        first = WebsocketCommunicator(module.application, "/chat/settings/")
+        second = WebsocketCommunicator(module.application, "/chat/settings/")
+        assert await first.connect(timeout=5) == (True, None)
+        assert await second.connect(timeout=5) == (True, None)
+        await first.send_to(text_data="room message")
+        heard = [await first.receive_from(timeout=5), await second.receive_from(timeout=5)]
+        for communicator in (echo, first, second):
+            await communicator.disconnect()
+        return echoed, heard
+
+    assert run(scenario()) == ("via settings", ["room message", "room message"])
+
+
+def test_app_unknown_consumer_path_is_improperly_configured_at_construction():
+    missing = f"{__name__}.app_no_such_consumer"
+    expected = f"Consumer for route('email.receive'): cannot import {missing!r}"
+    with pytest.raises(ImproperlyConfigured, match=re.escape(expected)):
+        Application({"email.receive": missing})
+    with pytest.raises(ImproperlyConfigured,
+                       match=re.escape("Channel routing: cannot import 'app_no_such_module.routing'")):
+        Application("app_no_such_module.routing")
+
+
+class AppLeakProbe(WebsocketConsumer):
+    groups = ["leak-all"]
+
+    def connection_groups(self, n, **kwargs):
+        return [*self.groups, f"leak-{int(n) % 7}"]
+
+    async def receive(self, text=None, bytes=None, **kwargs):
+        if text == "close":
+            self.send(text="closing", close=4000)  # the app closes this one
+        else:
+            self.group_send("leak-all", text=text)
+
+
+async def app_leak_manual_join(message, **kwargs):
+    """Channels 1.x style: joins a group by hand and never leaves it."""
+    Group("leak-manual").add(message.reply_channel)
+    message.reply_channel.send({"accept": True})
+
+
+def test_app_no_leaks_after_1000_connect_disconnect_cycles():
+    layer = InMemoryChannelLayer()
+    app = Application([AppLeakProbe.as_route(path=r"^/leak/(?P<n>\d+)/$"),
+                       route("websocket.connect", app_leak_manual_join, path=r"^/manual/$")],
+                      channel_layer=layer)
+
+    async def scenario():
+        for n in range(1000):
+            manual = n % 4 == 3
+            communicator = WebsocketCommunicator(app, "/manual/" if manual else f"/leak/{n}/")
+            assert await communicator.connect(timeout=5) == (True, None)
+            if n == 0:
+                assert layer.stats()["members"] == 2  # leak-all and leak-0: really joined
+            if manual:
+                assert layer.stats()["members"] == 1  # the hand-made membership
+                await layer.group_send("leak-manual", {"text": "unread"})  # never read by the client
+            elif n % 2:
+                await communicator.send_to(text_data="close")
+                assert await communicator.receive_from(timeout=5) == "closing"
+                assert await app_close_code(communicator) == 4000
+            elif n % 10 == 0:
+                await communicator.send_to(text_data="hello")
+                assert await communicator.receive_from(timeout=5) == "hello"
+            await communicator.disconnect()
+        return layer.stats()
+
+    started = time.monotonic()
+    stats = run(scenario(), timeout=120)
+    assert stats == {"channels": 0, "groups": 0, "members": 0, "messages": 0, "dropped": 0}
+    assert time.monotonic() - started < 120
+
+
+# -- real servers: the same module served by uvicorn, daphne and hypercorn --
+
+@pytest.fixture(scope="module", params=["uvicorn", "daphne", "hypercorn"])
+def app_live_server(request):
+    with running_server(request.param) as server:
+        yield server
+
+
+async def app_recv(connection, timeout: float = 10):
+    return await asyncio.wait_for(connection.recv(), timeout)
+
+
+def test_app_server_echo(app_live_server):
+    async def scenario():
+        async with ws_connect(app_live_server.url("/echo/")) as connection:
+            await connection.send("ping")
+            text = await app_recv(connection)
+            await connection.send(b"\x00\xffbinary")
+            return text, await app_recv(connection)
+
+    assert run(scenario()) == ("ping", b"\x00\xffbinary")
+
+
+def test_app_server_group_broadcast_reaches_the_other_client(app_live_server):
+    room = f"r{uuid.uuid4().hex[:8]}"
+
+    async def scenario():
+        async with ws_connect(app_live_server.url(f"/chat/{room}/")) as alice, \
+                ws_connect(app_live_server.url(f"/chat/{room}/")) as bob, \
+                ws_connect(app_live_server.url("/chat/elsewhere/")) as carol:
+            await alice.send("hello room")
+            heard = [await app_recv(bob), await app_recv(alice)]
+            with pytest.raises(asyncio.TimeoutError):
+                await app_recv(carol, timeout=0.5)
+            return heard
+
+    assert run(scenario()) == ["hello room", "hello room"]
+
+
+def test_app_server_close_code_reaches_the_client(app_live_server):
+    from websockets.exceptions import ConnectionClosed
+
+    async def scenario():
+        async with ws_connect(app_live_server.url("/close/")) as connection:
+            await connection.send("please close")
+            text = await app_recv(connection)
+            with pytest.raises(ConnectionClosed) as closed:
+                await app_recv(connection)
+            return text, closed.value.rcvd.code
+
+    assert run(scenario()) == ("bye", 4242)
+
+
+def test_app_server_rejects_cross_origin_handshake_with_403(app_live_server):
+    from websockets.exceptions import InvalidStatus
+
+    async def scenario():
+        with pytest.raises(InvalidStatus) as rejected:
+            async with ws_connect(app_live_server.url("/echo/"), origin="http://evil.example"):
+                pass
+        own_origin = f"http://127.0.0.1:{app_live_server.port}"
+        async with ws_connect(app_live_server.url("/echo/"), origin=own_origin) as connection:
+            await connection.send("same origin")
+            return rejected.value.response.status_code, await app_recv(connection)
+
+    assert run(scenario()) == (403, "same origin")
+
+
+def test_app_server_serves_django_http_through_the_same_app(app_live_server):
+    assert http_get(app_live_server.url("/page/", scheme="http")) == (200, "django page ok")
+    status, _ = http_get(app_live_server.url("/no-such-page/", scheme="http"))
+    assert status == 404
+
+
+def test_app_server_background_channel_replies_to_the_socket(app_live_server):
+    async def scenario():
+        async with ws_connect(app_live_server.url("/mail/")) as connection:
+            await connection.send("dee@example.com")
+            return await app_recv(connection)
+
+    assert run(scenario()) == f"mail for dee: from a socket ({APP_IN_THREAD})"
+
+
+def test_app_uvicorn_lifespan_on_starts_and_stops_cleanly():
+    with running_server("uvicorn", extra_args=["--lifespan", "on", "--log-level", "info"]) as server:
+        async def scenario():
+            async with ws_connect(server.url("/mail/")) as connection:
+                await connection.send("eve@example.com")
+                return await app_recv(connection)
+
+        assert run(scenario()) == f"mail for eve: from a socket ({APP_IN_THREAD})"
+    assert server.process.returncode == 0
+    log = server.log()
+    assert "Application startup complete." in log and "Application shutdown complete." in log
+    assert "Traceback" not in log and "ERROR" not in log
+
+
+# === 7. Test helpers ===
+
+def app_query_echo(message, **kwargs):
+    if message.channel_name == "websocket.connect":
+        offered = message["subprotocols"]
+        message.reply_channel.send({"accept": True, "subprotocol": offered[0] if offered else None})
+    elif message.get("bytes") is not None:
+        message.reply_channel.send({"bytes": message["bytes"]})
+    elif message["text"] == "close":
+        message.reply_channel.send({"close": 4100})
+    else:
+        message.reply_channel.send({"text": json.dumps(
+            {"query": message.scope["query_string"].decode(), "path": message["path"],
+             "got": json.loads(message["text"])})})
+
+
+def test_helpers_communicator_round_trip():
+    app, _ = app_setup([route(["websocket.connect", "websocket.receive"], app_query_echo,
+                              path=r"^/helper/")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/helper/a%20b/?x=1&y=two", subprotocols=["v1", "v2"])
+        assert communicator.scope["query_string"] == b"x=1&y=two"
+        assert await communicator.connect(timeout=5) == (True, "v1")
+        assert await communicator.receive_nothing() is True
+        await communicator.send_json_to({"n": [1, "é"]})
+        assert await communicator.receive_json_from(timeout=5) == {
+            "query": "x=1&y=two", "path": "/helper/a b/", "got": {"n": [1, "é"]}}
+        await communicator.send_to(bytes_data=b"\x00raw")
+        assert await communicator.receive_from(timeout=5) == b"\x00raw"
+        await communicator.send_to(bytes_data=b"\x01")
+        with pytest.raises(AssertionError, match=re.escape("Expected a JSON text frame, got bytes")):
+            await communicator.receive_json_from(timeout=5)
+        with pytest.raises(asyncio.TimeoutError):
+            await communicator.receive_from(timeout=0.1)
+        await communicator.send_to(text_data="close")
+        with pytest.raises(AssertionError, match=re.escape("Expected a websocket.send frame, got ")):
+            await communicator.receive_from(timeout=5)
+        await communicator.disconnect()
+
+    run(scenario())
+
+
+def test_helpers_connect_reports_rejection_with_close_code():
+    app, _ = app_setup([AppDenySync.as_route(path=r"^/deny/$")], allowed_origins=["good.example"])
+
+    async def scenario():
+        denied = WebsocketCommunicator(app, "/deny/")
+        foreign = WebsocketCommunicator(app, "/deny/", headers=[("origin", "http://bad.example")])
+        results = [await denied.connect(timeout=5), await foreign.connect(timeout=5)]
+        await denied.disconnect()
+        await foreign.disconnect()
+        return results
+
+    for connected, code in run(scenario()):
+        assert connected is False and isinstance(code, int) and 1000 <= code < 5000
+
+
+def test_helpers_receive_nothing_after_the_app_closed_the_socket():
+    # As in Channels: nothing more arrives from an app that closed the socket and finished.
+    app, _ = app_setup([AppCloser.as_route(path=r"^/closer/$")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/closer/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data="close 4001")
+        assert await app_close_code(communicator) == 4001
+        nothing = await communicator.receive_nothing(timeout=0.2)
+        await communicator.disconnect()
+        return nothing
+
+    assert run(scenario()) is True
+
+
 # === Documentation ===
 # The README's code is run, not just shown.
 
@@ -1099,6 +3027,8 @@ def test_readme_chat_tutorial_runs_under_uvicorn(tmp_path):
 
     with running_server(app="mysite.asgi:application", cwd=str(project)) as server:
         assert run(chat(server)) == ["hello", "hello"]
+        # the rest of the site is Django's: the admin that startproject set up answers
+        assert http_get(server.url("/admin/login/", scheme="http"))[0] == 200
 
 
 def test_readme_binding_example_runs():
