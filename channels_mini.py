@@ -193,6 +193,7 @@ class InMemoryChannelLayer:
         self._memberships: dict[str, set[str]] = {}  # channel -> groups, for cleanup
         self._last_drop_warning = 0.0
         self._drops_unreported = 0
+        self._next_sweep = 0.0
 
     def __repr__(self) -> str:
         return (f"<InMemoryChannelLayer channels={len(self._queues)} "
@@ -315,6 +316,7 @@ class InMemoryChannelLayer:
     def stats(self) -> dict[str, int]:
         """Counts a test or a status page can read: channels, groups, members, messages, dropped."""
         with self._lock:
+            self._sweep(time.monotonic())
             return {
                 "channels": len(self._queues),
                 "groups": len(self._groups),
@@ -339,8 +341,9 @@ class InMemoryChannelLayer:
 
     def _put(self, channel: str, message: dict) -> bool:
         """Queue *message* and wake one receiver; False when the channel is full."""
-        queue = self._queue(channel)
         now = time.monotonic()
+        self._sweep(now)
+        queue = self._queue(channel)
         if len(queue.messages) >= queue.capacity:
             self._drop_expired(queue, now)
             if len(queue.messages) >= queue.capacity:
@@ -359,6 +362,15 @@ class InMemoryChannelLayer:
             self._wake_one(queue)
         self._prune(channel)
         return message
+
+    def _sweep(self, now: float) -> None:
+        """Now and then, drop expired messages everywhere: nobody may ever read those channels."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(self.expiry, 1.0)
+        for channel, queue in list(self._queues.items()):
+            self._drop_expired(queue, now)
+            self._prune(channel)
 
     @staticmethod
     def _drop_expired(queue: _Queue, now: float) -> None:
@@ -1277,7 +1289,7 @@ class JsonWebsocketConsumer(WebsocketConsumer):
             return
         try:
             content = self.decode_json(text)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: nested too deep to decode
             logger.warning("%s got invalid JSON on %s (%s; received %r). Closing with 1007.",
                            type(self).__name__, message.get("path"), error, text[:80])
             self.close(1007)
@@ -1358,7 +1370,7 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
         text = message.get("text")
         try:
             frame = self.decode_json(text) if text is not None else None
-        except ValueError:
+        except (ValueError, RecursionError):
             frame = None
         problem = _multiplexed_frame_problem(frame, self.consumers)
         if problem:
@@ -1562,7 +1574,7 @@ class Binding:
         """Check and apply one write; return why it was refused, or None."""
         from django.core.exceptions import ObjectDoesNotExist, ValidationError
         from django.core.serializers.base import DeserializationError
-        from django.db import router, transaction
+        from django.db import DatabaseError, router, transaction
 
         action, pk, data = request.get("action"), request.get("pk"), request.get("data", {})
         problem = self._request_problem(action, pk, data)
@@ -1578,7 +1590,9 @@ class Binding:
             details = getattr(error, "message_dict", None) or error.messages
             return f"Invalid data: {details}."
         except (DeserializationError, ValueError, TypeError) as error:
-            return f"Invalid data: {error}."
+            return f"Invalid data: {str(error).rstrip('.')}."
+        except DatabaseError as error:  # what full_clean() cannot see: NOT NULL, ranges, encodings
+            return f"The database refused the data: {str(error).rstrip('.')}."
         return None
 
     def _request_problem(self, action: Any, pk: Any, data: Any) -> str | None:
@@ -1620,7 +1634,7 @@ class Binding:
         return next(serializers.deserialize("python", [record])).object
 
     def _inbound_create(self, model: Any, pk: Any, data: dict) -> None:
-        instance = self._deserialized(model, pk, data)
+        instance = self._deserialized(model, None, data)  # the database picks the key, not the client
         instance.full_clean()
         instance.save()
 
