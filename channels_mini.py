@@ -127,13 +127,18 @@ def _require_name(kind: str, name: Any, pattern: re.Pattern) -> None:
     """Raise ``TypeError``/``ValueError`` naming *name* if it is not a valid channel/group name."""
     if not isinstance(name, str):
         raise TypeError(f"{kind} name must be a str (got {type(name).__name__} {name!r}).")
-    if len(name) >= _MAX_NAME_LENGTH or not pattern.match(name):
+    if not _is_valid_name(name, pattern):
         extra = ", and at most one '!' (process-local channels)" if kind == "Channel" else ""
         raise ValueError(
             f"{kind} name {name!r} is invalid: use fewer than {_MAX_NAME_LENGTH} ASCII "
             f"letters, digits, '-', '_' or '.'{extra}. If the name comes from a URL, "
             f"clean it first, e.g. re.sub(r'[^\\w.-]', '_', name)."
         )
+
+
+@functools.lru_cache(maxsize=4096)  # the same names come back on every message
+def _is_valid_name(name: str, pattern: re.Pattern) -> bool:
+    return len(name) < _MAX_NAME_LENGTH and pattern.match(name) is not None
 
 
 def _require_dict(message: Any, what: str = "Message") -> None:
@@ -223,11 +228,11 @@ class InMemoryChannelLayer:
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
-                message = self._take(channel)
-                if message is not None:
-                    return message
-                future = loop.create_future()
                 queue = self._queue(channel)
+                message = self._take(queue)
+                if message is not None:
+                    return message  # the queue stays for the next receive; sweeps free idle ones
+                future = loop.create_future()
                 queue.waiters.append((loop, future))
             try:
                 await future
@@ -300,6 +305,11 @@ class InMemoryChannelLayer:
     async def close(self) -> None:
         """Release resources: nothing to do for memory; present for the interface."""
 
+    def pending(self, channel: str) -> int:
+        """How many messages wait on *channel* (expired ones included until swept)."""
+        queue = self._queues.get(channel)
+        return len(queue.messages) if queue is not None else 0
+
     def discard_channel(self, channel: str) -> None:
         """Remove *channel* from every group and drop its queued messages.
 
@@ -316,7 +326,7 @@ class InMemoryChannelLayer:
     def stats(self) -> dict[str, int]:
         """Counts a test or a status page can read: channels, groups, members, messages, dropped."""
         with self._lock:
-            self._sweep(time.monotonic())
+            self._sweep(time.monotonic(), force=True)
             return {
                 "channels": len(self._queues),
                 "groups": len(self._groups),
@@ -352,20 +362,18 @@ class InMemoryChannelLayer:
         self._wake_one(queue)
         return True
 
-    def _take(self, channel: str) -> dict | None:
-        queue = self._queues.get(channel)
-        if queue is None:
-            return None
+    def _take(self, queue: _Queue) -> dict | None:
         self._drop_expired(queue, time.monotonic())
-        message = queue.messages.popleft()[1] if queue.messages else None
+        if not queue.messages:
+            return None
+        message = queue.messages.popleft()[1]
         if queue.messages:  # more for the next receiver, who may be asleep
             self._wake_one(queue)
-        self._prune(channel)
         return message
 
-    def _sweep(self, now: float) -> None:
-        """Now and then, drop expired messages everywhere: nobody may ever read those channels."""
-        if now < self._next_sweep:
+    def _sweep(self, now: float, force: bool = False) -> None:
+        """Now and then, drop expired messages and free idle queues: some are never read again."""
+        if now < self._next_sweep and not force:
             return
         self._next_sweep = now + min(self.expiry, 1.0)
         for channel, queue in list(self._queues.items()):
@@ -528,27 +536,33 @@ def _is_in_memory(layer: Any) -> bool:
 
 _LAYER_OPERATIONS = ("send", "group_add", "group_discard", "group_send")
 _FULL_CHANNEL_PATIENCE = 2.0  # seconds a deferred direct send waits for room
+_OPERATIONS_PER_TURN = 16  # deferred operations between two turns for the sockets to drain
 
 
 class _ConsumerState:
     """What a running handler shares with the Channel/Group calls it makes."""
 
-    __slots__ = ("channel_layer", "deferred")
+    __slots__ = ("channel_layer", "deferred", "socket")
 
     def __init__(self, channel_layer: Any):
         self.channel_layer = channel_layer
         self.deferred: list[tuple[str, Any, tuple]] = []  # (operation, layer, args)
+        self.socket: Any = None  # the socket whose message is being handled, if any
 
     async def apply(self) -> None:
         """Carry out the deferred operations in call order."""
         operations, self.deferred = self.deferred, []
         for index, (operation, layer, args) in enumerate(operations):
-            if index:
-                await asyncio.sleep(0)  # a turn for the sockets to drain: no burst overflows them
-            if operation == "send":
-                await _send_patiently(layer, *args)
-            else:
+            if index and not index % _OPERATIONS_PER_TURN:
+                # A turn for the sockets to drain their reply channels, so that a burst
+                # (200 group sends in one handler) never fills a member's queue.
+                await asyncio.sleep(0)
+            if operation != "send":
                 await getattr(layer, operation)(*args)
+            elif self.socket is not None and self.socket.takes_directly(layer, args[0]):
+                await self.socket.reply(args[1])  # a reply to our own socket: no queue hop
+            else:
+                await _send_patiently(layer, *args)
 
 
 _consumer_state: contextvars.ContextVar[_ConsumerState | None] = contextvars.ContextVar(
@@ -1041,7 +1055,7 @@ def _resolve_consumer(consumer: Any, where: str) -> Any:
 # that tells the two apart, so sync and async methods mix freely in one class. The
 # classes re-create Channels 1.x's generic consumers on top of `BaseConsumer`.
 
-_thread_pool = None
+_to_thread: Callable[..., Awaitable] | None = None  # asgiref's bridge, made once
 _THREAD_POOL_SIZE = 32  # sync handlers running at once; a blocked one holds only its own socket
 
 
@@ -1067,13 +1081,13 @@ def _is_coroutine_function(handler: Any) -> bool:
 
 
 async def _in_thread(function: Callable, *args: Any, **kwargs: Any) -> Any:
-    global _thread_pool
-    if _thread_pool is None:
+    global _to_thread
+    if _to_thread is None:
         from concurrent.futures import ThreadPoolExecutor
-        _thread_pool = ThreadPoolExecutor(_THREAD_POOL_SIZE, thread_name_prefix="consumer")
-    # asgiref's bridge, so async_to_sync inside the handler finds this loop again.
-    run = sync_to_async(_with_fresh_db_connections, thread_sensitive=False, executor=_thread_pool)
-    return await run(function, *args, **kwargs)
+        pool = ThreadPoolExecutor(_THREAD_POOL_SIZE, thread_name_prefix="consumer")
+        # asgiref's bridge, so async_to_sync inside the handler finds this loop again.
+        _to_thread = sync_to_async(_with_fresh_db_connections, thread_sensitive=False, executor=pool)
+    return await _to_thread(function, *args, **kwargs)
 
 
 def _with_fresh_db_connections(function: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -1817,7 +1831,8 @@ class Application:
         if matched is None:
             return False
         consumer, kwargs = matched
-        async with consumer_context(self.channel_layer):
+        async with consumer_context(self.channel_layer) as state:
+            state.socket = message._socket
             await _call_consumer(consumer, message, kwargs)
         return True
 
@@ -2019,9 +2034,15 @@ class _Socket:
                                  "layer; retrying in 1 s.", self.path)
                 await asyncio.sleep(1)
                 continue
-            await self._reply(reply)
+            await self.reply(reply)
 
-    async def _reply(self, reply: dict) -> None:
+    def takes_directly(self, layer: Any, channel: str) -> bool:
+        """May a reply to *channel* skip the layer? Only ours, and only with nothing queued
+        before it: the in-memory queue is then empty, so call order is kept."""
+        return (channel == self.reply_channel and layer is self.layer and _is_in_memory(layer)
+                and not layer.pending(channel))
+
+    async def reply(self, reply: dict) -> None:
         """Turn one reply-channel message into ASGI events (SPEC section 2, replies)."""
         if self.state == "closed":
             return
