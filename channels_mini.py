@@ -212,7 +212,8 @@ class InMemoryChannelLayer:
 
     def send_now(self, channel: str, message: dict) -> None:
         """The same as ``send``, for synchronous code: it never waits."""
-        _require_name("Channel", channel, _CHANNEL_NAME)
+        if channel not in self._queues:  # a queue exists only for a name checked before
+            _require_name("Channel", channel, _CHANNEL_NAME)
         _require_dict(message)
         with self._lock:
             if not self._put(channel, dict(message)):
@@ -224,11 +225,12 @@ class InMemoryChannelLayer:
 
     async def receive(self, channel: str) -> dict:
         """Wait for and return the next unexpired message on *channel*."""
-        _require_name("Channel", channel, _CHANNEL_NAME)
+        if channel not in self._queues:
+            _require_name("Channel", channel, _CHANNEL_NAME)
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
-                queue = self._queue(channel)
+                queue = self._queues.get(channel) or self._queue(channel)
                 message = self._take(queue)
                 if message is not None:
                     return message  # the queue stays for the next receive; sweeps free idle ones
@@ -349,25 +351,34 @@ class InMemoryChannelLayer:
                 return size
         return self.capacity
 
+    # _put and _take run for every message: they test before calling, to save calls.
+
     def _put(self, channel: str, message: dict) -> bool:
         """Queue *message* and wake one receiver; False when the channel is full."""
         now = time.monotonic()
-        self._sweep(now)
-        queue = self._queue(channel)
-        if len(queue.messages) >= queue.capacity:
+        if now >= self._next_sweep:
+            self._sweep(now)
+        queue = self._queues.get(channel) or self._queue(channel)
+        messages = queue.messages
+        if len(messages) >= queue.capacity:
             self._drop_expired(queue, now)
-            if len(queue.messages) >= queue.capacity:
+            if len(messages) >= queue.capacity:
                 return False
-        queue.messages.append((now + self.expiry, message))
-        self._wake_one(queue)
+        messages.append((now + self.expiry, message))
+        if queue.waiters:
+            self._wake_one(queue)
         return True
 
     def _take(self, queue: _Queue) -> dict | None:
-        self._drop_expired(queue, time.monotonic())
-        if not queue.messages:
+        messages = queue.messages
+        if not messages:
             return None
-        message = queue.messages.popleft()[1]
-        if queue.messages:  # more for the next receiver, who may be asleep
+        if messages[0][0] <= time.monotonic():
+            self._drop_expired(queue, time.monotonic())
+            if not messages:
+                return None
+        message = messages.popleft()[1]
+        if messages and queue.waiters:  # more for the next receiver, who may be asleep
             self._wake_one(queue)
         return message
 
