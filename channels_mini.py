@@ -571,7 +571,7 @@ class _ConsumerState:
             if operation != "send":
                 await getattr(layer, operation)(*args)
             elif self.socket is not None and self.socket.takes_directly(layer, args[0]):
-                await self.socket.reply(args[1])  # a reply to our own socket: no queue hop
+                await _reply_patiently(self.socket, args[1])  # our own socket: no queue hop
             else:
                 await _send_patiently(layer, *args)
 
@@ -619,6 +619,39 @@ async def _send_patiently(layer: Any, channel: str, message: dict) -> None:
                 raise
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+async def _reply_patiently(socket: Any, message: dict) -> None:
+    """Hand a reply straight to our own socket, with the patience a queued send would get.
+
+    One timer that cancels this task if the client stops reading; asyncio.timeout() would
+    do the same at three times the cost, on every reply.
+    """
+    task = asyncio.current_task()
+    expired = []
+
+    def expire() -> None:
+        expired.append(True)
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(_FULL_CHANNEL_PATIENCE, expire)
+    try:
+        await socket.reply(message)
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if hasattr(task, "uncancel"):  # Python 3.11+: this cancel was ours, and is handled
+            task.uncancel()
+        raise ChannelFull(
+            f"Websocket {socket.path} has not taken a reply for {_FULL_CHANNEL_PATIENCE:g} s: its "
+            f"client stopped reading. The handler counts as failed.") from None
+    finally:
+        timer.cancel()
+
+
+async def _within(seconds: float, awaitable: Awaitable) -> Any:
+    """Await with a time limit."""
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 def _layer_operation(operation: str, layer: Any, args: tuple, immediately: bool) -> None:
@@ -1918,6 +1951,9 @@ async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_RELAY_STOP = {"channels_mini.relay": "stop"}  # never a user reply: those hold accept/text/bytes/close
+
+
 class _Socket:
     """One websocket connection: its messages in, its reply channel out."""
 
@@ -1951,7 +1987,7 @@ class _Socket:
             await self._serve_frames(receive)
         finally:
             if relay is not None:
-                await _cancel_and_wait(relay)
+                await self._stop_relay(relay)
             if hasattr(self.layer, "discard_channel"):
                 self.layer.discard_channel(self.reply_channel)
 
@@ -2032,8 +2068,20 @@ class _Socket:
 
     # -- consumers to client --
 
+    async def _stop_relay(self, relay: asyncio.Task) -> None:
+        """Stop the relay with a message rather than a cancel: a Redis layer shares one
+        connection between the relays of a process, and a cancel landing mid-read can lose
+        another socket's reply."""
+        try:
+            await _within(2, self.layer.send(self.reply_channel, dict(_RELAY_STOP)))
+            await asyncio.wait({relay}, timeout=2)
+        except Exception:  # the layer is down or the channel full: cancelling is all that is left
+            pass
+        if not relay.done():
+            await _cancel_and_wait(relay)
+
     async def _relay_replies(self) -> None:
-        while self.state != "closed":
+        while True:
             try:
                 reply = await self.layer.receive(self.reply_channel)
             except asyncio.CancelledError:
@@ -2045,6 +2093,8 @@ class _Socket:
                                  "layer; retrying in 1 s.", self.path)
                 await asyncio.sleep(1)
                 continue
+            if reply == _RELAY_STOP:
+                return
             await self.reply(reply)
 
     def takes_directly(self, layer: Any, channel: str) -> bool:
