@@ -1658,6 +1658,10 @@ class Binding:
             return f"Unknown action {action!r}; use one of {list(_ACTIONS)!r}."
         if action != "create" and pk is None:
             return f"Action {action!r} needs a 'pk'."
+        if action != "create":  # checked before has_permission, which may look the pk up
+            problem = self._pk_problem(pk)
+            if problem:
+                return problem
         if not self.has_permission(self.user, action, pk):
             return f"Permission denied: {action} on pk {pk!r}."
         if not isinstance(data, dict):
@@ -1666,6 +1670,15 @@ class Binding:
         unknown = sorted(set(data) - set(writable))
         if unknown:
             return f"Unknown field(s) {unknown!r}; this binding accepts {sorted(writable)!r}."
+        return None
+
+    def _pk_problem(self, pk: Any) -> str | None:
+        from django.core.exceptions import ValidationError
+
+        try:
+            self.model_class()._meta.pk.to_python(pk)
+        except ValidationError as error:
+            return f"Invalid pk {pk!r}: {' '.join(error.messages)}"
         return None
 
     def _writable_fields(self) -> list[str]:

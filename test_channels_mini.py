@@ -2978,6 +2978,1691 @@ def test_helpers_receive_nothing_after_the_app_closed_the_socket():
     assert run(scenario()) is True
 
 
+# === 9. Reliability and security ===
+# What users rely on when things go wrong: nothing is lost silently, one socket's
+# trouble stays with that socket, nothing is left behind, hostile input and foreign
+# origins are turned away. Most tests run a real uvicorn server on `rel_app` below;
+# its tiny HTTP endpoint reports the server's `get_channel_layer().stats()`.
+
+import gc  # noqa: E402
+
+import psutil  # noqa: E402
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st  # noqa: E402
+from hypothesis.stateful import (  # noqa: E402
+    RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test,
+)
+
+REL_MARKERS_ENV = "CHANNELS_MINI_REL_MARKERS"  # where server-side consumers write marker files
+REL_ZERO_STATS = {"channels": 0, "groups": 0, "members": 0, "messages": 0}
+
+
+def rel_counts(stats: dict) -> dict:
+    """The stats that must return to zero ("dropped" is a running total)."""
+    return {key: stats[key] for key in REL_ZERO_STATS}
+
+
+# rel_app's background worker waits on 'rel.work', so its idle layer has that one channel.
+REL_IDLE_STATS = {**REL_ZERO_STATS, "channels": 1}
+
+
+def rel_write_marker(name: str, text: str = "") -> None:
+    """Leave a file the test process can look for (no-op when the env var is not set)."""
+    directory = os.environ.get(REL_MARKERS_ENV)
+    if directory:
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+class rel_Note(models.Model):
+    title = models.CharField(max_length=20)
+    count = models.IntegerField(default=0)
+    owner = models.ForeignKey("auth.User", null=True, blank=True, on_delete=models.CASCADE,
+                              related_name="+")
+
+    class Meta:
+        app_label = __name__
+
+
+class rel_FuzzNote(models.Model):
+    title = models.CharField(max_length=20, blank=True)
+    count = models.IntegerField(default=0)
+    when = models.DateTimeField(null=True, blank=True)
+    owner = models.ForeignKey("auth.User", null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
+
+    class Meta:
+        app_label = __name__
+
+
+class rel_PkNote(models.Model):
+    title = models.CharField(max_length=20)
+
+    class Meta:
+        app_label = __name__
+
+
+# -- consumers --
+
+class rel_SyncEcho(WebsocketConsumer):
+    """Echoes from a worker thread; 'block' holds the thread 5 s, 'raise' fails."""
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        if text == "block":
+            time.sleep(5)
+            self.send(text="unblocked")
+        elif text == "raise":
+            raise RuntimeError("rel_SyncEcho raised on purpose")
+        else:
+            self.send(text=text, bytes=bytes)
+
+
+class rel_AsyncEcho(WebsocketConsumer):
+    """The same on the event loop."""
+
+    async def receive(self, text=None, bytes=None, **kwargs):
+        if text == "block":
+            await asyncio.sleep(5)
+            self.send(text="unblocked")
+        elif text == "raise":
+            raise RuntimeError("rel_AsyncEcho raised on purpose")
+        else:
+            self.send(text=text, bytes=bytes)
+
+
+class rel_Fanout(WebsocketConsumer):
+    """Every socket joins one group; 'fanout N' group-sends N numbered frames in one handler."""
+
+    groups = ["rel-fanout"]
+
+    async def receive(self, text=None, bytes=None, **kwargs):
+        for number in range(int(text.split()[1])):
+            self.group_send("rel-fanout", text=str(number))
+
+
+class rel_Vanish(WebsocketConsumer):
+    """Joins a group; 'slow-sync'/'slow-async' answer after 1 s, to the socket and the group."""
+
+    groups = ["rel-vanish"]
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        if text == "slow-sync":
+            time.sleep(1)
+            self.send(text="late")
+            self.group_send("rel-vanish", text="late-group")
+
+
+class rel_AsyncVanish(rel_Vanish):
+    async def receive(self, text=None, bytes=None, **kwargs):
+        await asyncio.sleep(1)
+        self.send(text="late")
+        self.group_send("rel-vanish", text="late-group")
+
+
+class rel_Leak(WebsocketConsumer):
+    """Joins a group and echoes: what a connect/disconnect cycle exercises."""
+
+    groups = ["rel-leak"]
+
+    async def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=text)
+
+
+class rel_SyncLeak(rel_Leak):
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=text)
+
+
+class rel_Named(WebsocketConsumer):
+    """Builds group/channel names from a URL kwarg, as careless code does."""
+
+    def receive(self, text=None, bytes=None, name=None, **kwargs):
+        if text == "group":
+            Group(f"rel-{name}").add(self.message.reply_channel)
+        elif text == "channel":
+            Channel(f"rel.{name}").send({"text": "hello"})
+        self.send(text="ok")
+
+
+class rel_NamedOnConnect(WebsocketConsumer):
+    def connection_groups(self, name=None, **kwargs):
+        return [f"rel-{name}"]
+
+
+class rel_NonDict(WebsocketConsumer):
+    """Sends content that is not a dict."""
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        if text == "channel":
+            Channel("rel.nondict").send("plain text")
+        elif text == "group":
+            Group("rel-nondict").send(["a", "list"])
+        elif text == "reply":
+            self.message.reply_channel.send(None)
+
+
+class rel_Json(JsonWebsocketConsumer):
+    def receive(self, content, **kwargs):
+        self.send({"echo": content})
+
+
+class rel_JsonStream(JsonWebsocketConsumer):
+    async def receive(self, content, **kwargs):
+        self.send({"echo": content})
+
+
+class rel_NoteBinding(WebsocketBinding):
+    """Signed-in users create; only a note's owner updates or deletes it."""
+
+    model = rel_Note
+    stream = "notes"
+    fields = ["title", "count", "owner"]
+
+    def has_permission(self, user, action, pk):
+        if user is None or not user.is_authenticated:
+            return False
+        if action == "create":
+            return True
+        return rel_Note.objects.filter(pk=pk, owner=user).exists()
+
+
+class rel_DenyingNoteBinding(WebsocketBinding):
+    """has_permission is not overridden: every write is refused."""
+
+    model = rel_Note
+    stream = "denied"
+    fields = ["__all__"]
+
+
+class rel_OpenFuzzBinding(WebsocketBinding):
+    """Allows every write, so random requests reach deserialisation and the database."""
+
+    model = rel_FuzzNote
+    stream = "open"
+    fields = ["title", "count", "when", "owner"]
+
+    def has_permission(self, user, action, pk):
+        return True
+
+
+class rel_PkBinding(WebsocketBinding):
+    """Allows every write on a table of its own (a test here may exhaust its id range)."""
+
+    model = rel_PkNote
+    stream = "pick"
+    fields = ["title"]
+
+    def has_permission(self, user, action, pk):
+        return True
+
+
+class rel_Demux(WebsocketDemultiplexer):
+    consumers = {"echo": rel_JsonStream, "notes": rel_NoteBinding.consumer,
+                 "denied": rel_DenyingNoteBinding.consumer, "open": rel_OpenFuzzBinding.consumer,
+                 "pick": rel_PkBinding.consumer}
+
+
+class rel_Cswsh(WebsocketConsumer):
+    """Leaves a marker when its connect handler runs, naming the session's user."""
+
+    http_user = True
+
+    def connect(self, message, token=None, **kwargs):
+        rel_write_marker(f"cswsh-{token}", message.user.get_username())
+        message.reply_channel.send({"accept": True})
+        message.reply_channel.send({"text": f"hello {message.user.get_username()}"})
+
+
+class rel_Marker(WebsocketConsumer):
+    """Leaves a marker from its (sync) disconnect handler; 'work' starts a background job."""
+
+    def receive(self, text=None, bytes=None, name=None, **kwargs):
+        if text == "work":
+            Channel("rel.work").send({"name": name})
+        self.send(text="ok")
+
+    def disconnect(self, message, name=None, **kwargs):
+        rel_write_marker(f"disconnect-{name}", str(message["code"]))
+
+
+class rel_AsyncMarker(rel_Marker):
+    async def disconnect(self, message, name=None, **kwargs):
+        rel_write_marker(f"disconnect-{name}", str(message["code"]))
+
+
+async def rel_work(message):
+    """A background-channel consumer that takes 1.5 s."""
+    rel_write_marker(f"work-started-{message['name']}")
+    await asyncio.sleep(1.5)
+    rel_write_marker(f"work-done-{message['name']}")
+
+
+class rel_Flood(WebsocketConsumer):
+    """'group N SIZE' group-sends N frames of SIZE bytes to 'rel-flood'; listeners join it."""
+
+    groups = ["rel-flood"]
+
+    async def receive(self, text=None, bytes=None, **kwargs):
+        if text and text.startswith("group "):
+            _, count, size = text.split()
+            for number in range(int(count)):
+                self.group_send("rel-flood", text=f"{number:08d}".ljust(int(size), "."))
+        elif text and text.startswith("direct "):
+            for number in range(int(text.split()[1])):
+                self.send(text=str(number))
+
+
+class rel_FloodProducer(rel_Flood):
+    """The same commands, from a socket that is not in the group."""
+
+    groups = []
+
+
+async def rel_stats_http(scope, receive, send):
+    """GET anything: the server's channel layer stats as JSON."""
+    if scope["type"] != "http":
+        return
+    body = json.dumps(get_channel_layer().stats()).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+rel_routing = [
+    rel_SyncEcho.as_route(path=r"^/rel/echo/sync/$"),
+    rel_AsyncEcho.as_route(path=r"^/rel/echo/async/$"),
+    rel_Fanout.as_route(path=r"^/rel/fanout/$"),
+    rel_Vanish.as_route(path=r"^/rel/vanish/sync/$"),
+    rel_AsyncVanish.as_route(path=r"^/rel/vanish/async/$"),
+    rel_Leak.as_route(path=r"^/rel/leak/async/$"),
+    rel_SyncLeak.as_route(path=r"^/rel/leak/sync/$"),
+    rel_Named.as_route(path=r"^/rel/named/(?P<name>[^/]*)/$"),
+    rel_NamedOnConnect.as_route(path=r"^/rel/named-connect/(?P<name>[^/]*)/$"),
+    rel_NonDict.as_route(path=r"^/rel/nondict/$"),
+    rel_Json.as_route(path=r"^/rel/json/$"),
+    rel_Demux.as_route(path=r"^/rel/demux/$"),
+    rel_Cswsh.as_route(path=r"^/rel/cswsh/(?P<token>\w+)/$"),
+    rel_Marker.as_route(path=r"^/rel/marker/sync/(?P<name>\w+)/$"),
+    rel_AsyncMarker.as_route(path=r"^/rel/marker/async/(?P<name>\w+)/$"),
+    rel_Flood.as_route(path=r"^/rel/flood/$"),
+    rel_FloodProducer.as_route(path=r"^/rel/flood-producer/$"),
+    route("rel.work", rel_work),
+]
+
+rel_app = Application(rel_routing, http=rel_stats_http)
+
+# No background channel: an idle layer is all zeros.
+rel_leak_app = Application([rel_Leak.as_route(path=r"^/rel/leak/async/$"),
+                            rel_SyncLeak.as_route(path=r"^/rel/leak/sync/$")], http=rel_stats_http)
+
+
+# -- helpers --
+
+@pytest.fixture(scope="module")
+def rel_server(tmp_path_factory):
+    """One uvicorn server on `rel_app` (default settings) for the tests that can share it."""
+    markers = tmp_path_factory.mktemp("rel-markers")
+    with running_server(app=f"{__name__}:rel_app", env={REL_MARKERS_ENV: str(markers)}) as server:
+        server.markers = str(markers)
+        yield server
+
+
+def rel_stats(server: Server) -> dict:
+    status, body = http_get(server.url("/stats", scheme="http"))
+    assert status == 200, body
+    return json.loads(body)
+
+
+def rel_wait_for_stats(server: Server, expected: dict, timeout: float = 10) -> dict:
+    """Poll the server's layer stats until the *expected* keys match (or give up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = rel_stats(server)
+        if {key: stats[key] for key in expected} == expected or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+def rel_wait_for_log(server: Server, text: str, start: int = 0, timeout: float = 5) -> str:
+    """The server log from offset *start*, once it contains *text* (or after *timeout*)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = server.log()[start:]
+        if text in log or time.monotonic() > deadline:
+            return log
+        time.sleep(0.05)
+
+
+def rel_rss(pid: int | None = None) -> int:
+    gc.collect()
+    return psutil.Process(pid or os.getpid()).memory_info().rss
+
+
+async def rel_until_closed(websocket, timeout: float = 10, limit: int = 10_000) -> tuple[list, int | None]:
+    """Read frames until the server closes; (frames, close code). TimeoutError if it stays open."""
+    from websockets.exceptions import ConnectionClosed
+
+    frames: list = []
+    deadline = time.monotonic() + timeout
+    for _ in range(limit):
+        try:
+            frames.append(await asyncio.wait_for(websocket.recv(), max(deadline - time.monotonic(), 0.01)))
+        except ConnectionClosed as closed:
+            return frames, closed.rcvd.code if closed.rcvd is not None else None
+    raise AssertionError(f"more than {limit} frames before a close")
+
+
+async def rel_echo_works(server: Server, path: str = "/rel/echo/async/") -> bool:
+    """Another socket still gets its frame echoed: the server keeps serving."""
+    token = uuid.uuid4().hex
+    async with ws_connect(server.url(path)) as websocket:
+        await websocket.send(token)
+        return await asyncio.wait_for(websocket.recv(), 5) == token
+
+
+def rel_handshake_status(server: Server, path: str, **kwargs) -> int:
+    """Connect and return 101 if accepted, else the HTTP status of the refusal."""
+    from websockets.exceptions import InvalidStatus
+
+    async def attempt():
+        try:
+            async with ws_connect(server.url(path), **kwargs):
+                return 101
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    return run(attempt())
+
+
+def rel_login(username: str):
+    """A user and a Django session cookie for it (as a browser would hold after logging in)."""
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+    from django.contrib.auth.models import User
+    from django.contrib.sessions.backends.db import SessionStore
+
+    ensure_database()
+    user = User.objects.create_user(f"{username}-{uuid.uuid4().hex[:8]}", password="x")
+    session = SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.create()
+    return user, f"{settings.SESSION_COOKIE_NAME}={session.session_key}"
+
+
+@contextlib.contextmanager
+def rel_captured_logs(level: int = logging.WARNING):
+    """Records the 'channels_mini' logger emits inside the block (usable under hypothesis)."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Collect(level)
+    log = logging.getLogger("channels_mini")
+    log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+
+
+def rel_report(**figures) -> None:
+    """Print measured figures (visible with -s; the part's final report quotes them)."""
+    print("\nREL-FIGURES " + " ".join(f"{key}={value}" for key, value in figures.items()))
+
+
+async def rel_read(websocket, count: int, timeout: float) -> list:
+    """The next *count* frames, all within *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    return [await asyncio.wait_for(websocket.recv(), max(deadline - time.monotonic(), 0.01))
+            for _ in range(count)]
+
+
+class rel_StalledClient:
+    """ASGI middleware: outgoing frames wait until `resume` is set -- a client that stopped
+    reading, as a server's `send` waits while the socket's write buffer is full."""
+
+    def __init__(self, app):
+        self.app = app
+        self.resume: asyncio.Event | None = None
+
+    async def __call__(self, scope, receive, send):
+        self.resume = asyncio.Event()
+
+        async def stalled_send(event):
+            if event["type"] == "websocket.send":
+                await self.resume.wait()
+            await send(event)
+
+        await self.app(scope, receive, stalled_send)
+
+
+# -- 1. no silent loss --
+
+def test_reliability_group_fanout_delivers_every_frame_in_order(rel_server):
+    """One handler group-sends 200 frames to 200 sockets: all 40,000 arrive, each socket's in order."""
+    clients, frames = 200, 200
+    assert rel_counts(rel_wait_for_stats(rel_server, REL_IDLE_STATS)) == REL_IDLE_STATS
+    dropped_before = rel_stats(rel_server)["dropped"]
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            sockets = []
+            for _ in range(clients // 20):
+                sockets += await asyncio.gather(*(
+                    stack.enter_async_context(ws_connect(rel_server.url("/rel/fanout/")))
+                    for _ in range(20)))
+            members = rel_stats(rel_server)["members"]
+            start = time.monotonic()
+            await sockets[0].send(f"fanout {frames}")
+            received = await asyncio.gather(*(rel_read(ws, frames, 120) for ws in sockets))
+            return members, received, time.monotonic() - start
+
+    members, received, elapsed = run(scenario(), timeout=240)
+    assert members == clients
+    expected = [str(number) for number in range(frames)]
+    in_order = sum(frames_of_one == expected for frames_of_one in received)
+    assert in_order == clients, f"{clients - in_order} sockets missed frames or got them out of order"
+    assert rel_stats(rel_server)["dropped"] == dropped_before
+    assert rel_counts(rel_wait_for_stats(rel_server, REL_IDLE_STATS)) == REL_IDLE_STATS
+    rel_report(fanout_frames=clients * frames, fanout_seconds=round(elapsed, 2),
+               fanout_frames_per_second=round(clients * frames / elapsed))
+
+
+def test_reliability_drops_at_capacity_are_counted_and_logged_rate_limited(caplog):
+    """A member at capacity is skipped, never an exception; each drop is counted, warnings are rate-limited."""
+    layer = InMemoryChannelLayer(capacity=2, channel_capacity={"rel.wide": 5})
+
+    async def scenario():
+        for name in ("rel.a", "rel.b", "rel.wide"):
+            await layer.group_add("g", name)
+        for number in range(5):
+            await layer.group_send("g", {"n": number})
+        first = (layer.dropped, layer.stats()["dropped"])
+        await asyncio.sleep(1.1)  # past the warning's rate limit
+        await layer.group_send("g", {"n": 5})
+        queued = {name: [(await layer.receive(name))["n"] for _ in range(count)]
+                  for name, count in (("rel.a", 2), ("rel.b", 2), ("rel.wide", 5))}
+        return first, queued
+
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        first, queued = run(scenario())
+    assert first == (6, 6)  # messages 2, 3, 4 skipped on rel.a and rel.b
+    assert queued == {"rel.a": [0, 1], "rel.b": [0, 1], "rel.wide": [0, 1, 2, 3, 4]}
+    assert layer.dropped == layer.stats()["dropped"] == 9  # message 5 skipped by all three
+    warnings = [r.getMessage() for r in caplog.records if r.name == "channels_mini"
+                and "dropped since the last report" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "Group 'g': 2 message(s) dropped" in warnings[0] and "Total dropped: 2." in warnings[0]
+    assert "Group 'g': 7 message(s) dropped" in warnings[1] and "Total dropped: 9." in warnings[1]
+    assert layer.stats() == {**REL_ZERO_STATS, "groups": 1, "members": 3, "dropped": 9}
+
+
+# -- 2. ordering under load --
+
+def test_reliability_ordering_under_load(rel_server):
+    """50 sockets x 1,000 frames (half sync, half async consumers): every reply arrives, in order."""
+    sockets, per_socket = 50, 1000
+    dropped_before = rel_stats(rel_server)["dropped"]
+
+    async def one_socket(index: int) -> list:
+        path = "/rel/echo/sync/" if index % 2 else "/rel/echo/async/"
+        async with ws_connect(rel_server.url(path)) as websocket:
+            async def send_all():
+                for number in range(per_socket):
+                    await websocket.send(f"{index}:{number}")
+            sending = asyncio.create_task(send_all())
+            replies = await rel_read(websocket, per_socket, 150)
+            await sending
+            return replies
+
+    async def scenario():
+        start = time.monotonic()
+        results = await asyncio.gather(*(one_socket(index) for index in range(sockets)))
+        return results, time.monotonic() - start
+
+    results, elapsed = run(scenario(), timeout=200)
+    for index, replies in enumerate(results):
+        assert replies == [f"{index}:{number}" for number in range(per_socket)], f"socket {index}"
+    assert rel_stats(rel_server)["dropped"] == dropped_before
+    rel_report(ordering_round_trips=sockets * per_socket, ordering_seconds=round(elapsed, 2),
+               ordering_messages_per_second=round(sockets * per_socket / elapsed))
+
+
+# -- 3. slow and stuck code --
+
+def test_reliability_blocked_handler_stalls_only_its_own_socket(rel_server):
+    """A sync handler blocked 5 s in its thread and an async one awaiting 5 s hold only their sockets."""
+    async def scenario():
+        async with ws_connect(rel_server.url("/rel/echo/sync/")) as blocked_sync, \
+                ws_connect(rel_server.url("/rel/echo/async/")) as blocked_async:
+            start = time.monotonic()
+            for websocket in (blocked_sync, blocked_async):
+                await websocket.send("block")
+                await websocket.send("after")
+            latencies = []
+            async with ws_connect(rel_server.url("/rel/echo/sync/")) as other_sync, \
+                    ws_connect(rel_server.url("/rel/echo/async/")) as other_async:
+                while time.monotonic() - start < 3.5:
+                    for websocket in (other_sync, other_async):
+                        sent = time.monotonic()
+                        await websocket.send("ping")
+                        assert await asyncio.wait_for(websocket.recv(), 3) == "ping"
+                        latencies.append(time.monotonic() - sent)
+            fresh_socket_works = await rel_echo_works(rel_server, "/rel/echo/sync/")
+            replies = {}
+            for name, websocket in (("sync", blocked_sync), ("async", blocked_async)):
+                first = await asyncio.wait_for(websocket.recv(), 10)
+                replies[name] = (first, round(time.monotonic() - start, 1),
+                                 await asyncio.wait_for(websocket.recv(), 5))
+            return latencies, fresh_socket_works, replies
+
+    latencies, fresh_socket_works, replies = run(scenario())
+    assert len(latencies) >= 6 and max(latencies) < 2.0, latencies
+    assert fresh_socket_works
+    for name, (first, seconds, second) in replies.items():
+        assert (first, second) == ("unblocked", "after"), name
+        assert 4.5 <= seconds < 12, (name, seconds)
+
+
+def test_reliability_stalled_reader_group_sends_are_capped_dropped_and_counted(caplog):
+    """A client that stops reading holds at most `capacity` queued messages; the rest are dropped
+    and counted -- every message is either delivered, in order, or counted -- and the socket stays open."""
+    layer = InMemoryChannelLayer(capacity=5)
+    stalled = rel_StalledClient(Application([rel_Flood.as_route(path=r"^/rel/flood/$")],
+                                            channel_layer=layer))
+    frame = [f"{number:08d}".ljust(10, ".") for number in range(50)]
+
+    async def scenario():
+        client = WebsocketCommunicator(stalled, "/rel/flood/")
+        assert (await client.connect())[0]
+        await client.send_to(text_data="group 50 10")
+        for _ in range(200):  # until the handler's 50 group sends are applied
+            if layer.stats()["dropped"] + layer.stats()["messages"] >= 49:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        while_stalled = layer.stats()
+        stalled.resume.set()  # the client reads again
+        delivered = []
+        for _ in range(60):
+            try:
+                delivered.append(await client.receive_from(timeout=0.3))
+            except asyncio.TimeoutError:
+                break
+        await client.send_to(text_data="direct 1")
+        still_open = await client.receive_from()
+        await client.disconnect()
+        return while_stalled, delivered, still_open
+
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        while_stalled, delivered, still_open = run(scenario())
+    assert {key: while_stalled[key] for key in ("channels", "groups", "members", "messages")} == \
+        {"channels": 1, "groups": 1, "members": 1, "messages": 5}  # capacity reached, no more
+    assert len(delivered) in (5, 6), delivered  # the queue, plus one frame in the stalled send
+    assert len(delivered) + while_stalled["dropped"] == 50  # delivered or counted: nothing silent
+    assert delivered[0] == frame[0] and set(delivered) <= set(frame)
+    assert sorted(delivered) == delivered and len(set(delivered)) == len(delivered)  # in order
+    assert still_open == "0"
+    drop_warnings = [r for r in caplog.records if "dropped since the last report" in r.getMessage()]
+    assert len(drop_warnings) == 1  # rate-limited: one warning for the burst
+    assert layer.stats() == {**REL_ZERO_STATS, "dropped": while_stalled["dropped"]}
+
+
+def test_reliability_stalled_reader_direct_sends_fail_the_handler_after_2s(caplog):
+    """Deferred direct sends to a client that stopped reading wait at most 2 s, then fail the
+    handler: logged, and the socket closes with 1011; nothing beyond the capacity is held."""
+    layer = InMemoryChannelLayer(capacity=5)
+    stalled = rel_StalledClient(Application([rel_Flood.as_route(path=r"^/rel/flood/$")],
+                                            channel_layer=layer))
+
+    async def scenario():
+        client = WebsocketCommunicator(stalled, "/rel/flood/")
+        assert (await client.connect())[0]
+        start = time.monotonic()
+        await client.send_to(text_data="direct 20")
+        failed = None
+        for _ in range(400):
+            failed = next((r for r in caplog.records if r.name == "channels_mini"
+                           and r.levelno == logging.ERROR), None)
+            if failed is not None:
+                break
+            await asyncio.sleep(0.02)
+        waited = time.monotonic() - start
+        held = layer.stats()["messages"]
+        stalled.resume.set()
+        events = []
+        for _ in range(25):
+            events.append(await client.receive_output(timeout=3))
+            if events[-1]["type"] == "websocket.close":
+                break
+        await client.disconnect()
+        return failed, waited, held, events
+
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        failed, waited, held, events = run(scenario())
+    assert failed is not None, "the handler's failure was not logged"
+    assert failed.exc_info is not None
+    assert "closing that socket with 1011" in failed.getMessage()
+    assert 1.9 <= waited < 8, waited
+    assert held <= 5  # never more than the capacity
+    frames = [event.get("text") for event in events[:-1]]
+    assert frames == [str(number) for number in range(len(frames))] and len(frames) <= 6, events
+    assert events[-1] == {"type": "websocket.close", "code": 1011}
+    assert layer.stats() == {**REL_ZERO_STATS, "dropped": 0}
+
+
+def test_reliability_client_that_stops_reading_cannot_grow_server_memory():
+    """A real client stops reading while 50 MB are group-sent to it: the server holds at most
+    its reply channel's capacity (100 frames), drops and counts the rest, and its RSS stays flat."""
+    frames, size = 5000, 10_000
+    with running_server(app=f"{__name__}:rel_app") as server:
+        async def scenario():
+            async with ws_connect(server.url("/rel/flood/"), compression=None, max_queue=1) as stalled, \
+                    ws_connect(server.url("/rel/flood-producer/")) as producer:
+                before = rel_rss(server.process.pid)
+                for _ in range(frames // 100):
+                    await producer.send(f"group 100 {size}")
+                await producer.send("direct 1")
+                assert await asyncio.wait_for(producer.recv(), 60) == "0"  # every group send applied
+                await asyncio.sleep(0.5)
+                during = rel_stats(server), rel_rss(server.process.pid)
+                first = await asyncio.wait_for(stalled.recv(), 5)  # it can still read, from the start
+            return before, during, first
+
+        before, (stats, after), first = run(scenario(), timeout=120)
+        idle = rel_wait_for_stats(server, REL_IDLE_STATS)
+    assert first == "00000000".ljust(size, ".")
+    assert stats["members"] == 1 and stats["messages"] <= 100, stats
+    assert stats["dropped"] >= frames // 2, stats  # the kernel's socket buffers took some; the rest dropped
+    assert rel_counts(idle) == REL_IDLE_STATS
+    growth = (after - before) / 2**20
+    rel_report(stalled_offered_mb=round(frames * size / 2**20), stalled_dropped=stats["dropped"],
+               stalled_queued=stats["messages"], stalled_rss_growth_mb=round(growth, 2))
+    assert growth < 20
+
+
+# -- 4. faults --
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_reliability_raising_handler_closes_only_its_socket(rel_server, flavour):
+    """An exception closes that socket with 1011 and is logged with its traceback; others carry on."""
+    start = len(rel_server.log())
+
+    async def scenario():
+        async with ws_connect(rel_server.url(f"/rel/echo/{flavour}/")) as failing, \
+                ws_connect(rel_server.url(f"/rel/echo/{flavour}/")) as neighbour:
+            await failing.send("raise")
+            closed = await rel_until_closed(failing)
+            await neighbour.send("still here")
+            return closed, await asyncio.wait_for(neighbour.recv(), 5)
+
+    closed, neighbour_reply = run(scenario())
+    assert closed == ([], 1011)
+    assert neighbour_reply == "still here"
+    assert run(rel_echo_works(rel_server))
+    cls = "rel_SyncEcho" if flavour == "sync" else "rel_AsyncEcho"
+    log = rel_wait_for_log(rel_server, f"RuntimeError: {cls} raised on purpose", start)
+    assert (f"Consumer failed on websocket.receive for /rel/echo/{flavour}/ (order 1); "
+            f"closing that socket with 1011.") in log
+    assert "Traceback (most recent call last)" in log
+    assert f"RuntimeError: {cls} raised on purpose" in log
+
+
+def test_reliability_vanished_clients_leave_no_channel_or_membership(rel_server):
+    """Clients that vanish (TCP abort) while their handlers run leave zero channels and members."""
+    assert rel_counts(rel_wait_for_stats(rel_server, REL_IDLE_STATS)) == REL_IDLE_STATS
+    start = len(rel_server.log())
+
+    async def scenario():
+        sockets = []
+        for index in range(10):
+            flavour = "sync" if index % 2 else "async"
+            websocket = await ws_connect(rel_server.url(f"/rel/vanish/{flavour}/"))
+            sockets.append((websocket, f"slow-{flavour}"))
+        connected = rel_stats(rel_server)
+        for websocket, text in sockets:
+            await websocket.send(text)
+        await asyncio.sleep(0.3)  # the handlers are now sleeping
+        for websocket, _ in sockets:
+            websocket.transport.abort()
+        return connected
+
+    connected = run(scenario())
+    assert {key: connected[key] for key in ("channels", "groups", "members")} == \
+        {"channels": 11, "groups": 1, "members": 10}
+    assert rel_counts(rel_wait_for_stats(rel_server, REL_IDLE_STATS)) == REL_IDLE_STATS
+    time.sleep(1)  # the late replies have been attempted
+    assert rel_counts(rel_stats(rel_server)) == REL_IDLE_STATS
+    assert "Traceback" not in rel_server.log()[start:]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_reliability_shutdown_runs_disconnect_handlers_and_stops_workers(tmp_path, signal_name):
+    """SIGINT/SIGTERM with sockets open: every disconnect handler runs, the background job in
+    hand finishes, and the process exits promptly."""
+    names = ["sync0", "sync1", "async0", "async1"]
+    with running_server(app=f"{__name__}:rel_app", env={REL_MARKERS_ENV: str(tmp_path)}) as server:
+        async def scenario():
+            sockets = []
+            for name in names:
+                flavour = name[:-1]
+                websocket = await ws_connect(server.url(f"/rel/marker/{flavour}/{name}/"))
+                await websocket.send("work" if name == "sync0" else "hello")
+                assert await asyncio.wait_for(websocket.recv(), 5) == "ok"
+                sockets.append(websocket)
+            for _ in range(100):  # until the background job is running
+                if (tmp_path / "work-started-sync0").exists():
+                    break
+                await asyncio.sleep(0.05)
+            signalled = time.monotonic()
+            server.process.send_signal(getattr(signal, signal_name))
+            for _ in range(300):
+                if server.process.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            exited_after = time.monotonic() - signalled
+            codes = [(await rel_until_closed(websocket, timeout=5))[1] for websocket in sockets]
+            return exited_after, codes
+
+        exited_after, codes = run(scenario())
+        log = server.log()
+    # uvicorn re-raises the signal once its graceful shutdown is done
+    assert server.process.returncode in (0, -getattr(signal, signal_name)), log
+    assert exited_after < 8, exited_after
+    markers = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    assert {f"disconnect-{name}" for name in names} <= set(markers), markers
+    assert "work-done-sync0" in markers  # the message in hand was finished
+    assert "Traceback" not in log, log
+    assert set(codes) <= {1012, 1001, 1006, None}, codes
+    rel_report(**{f"shutdown_{signal_name}_seconds": round(exited_after, 2)})
+
+
+# -- 5. leaks --
+
+def test_reliability_communicator_cycles_leave_nothing_behind():
+    """10,000 connect/echo/disconnect cycles: zero channels and members; RSS grows < 10 MB."""
+    layer = InMemoryChannelLayer()
+    app = Application([rel_Leak.as_route(path=r"^/async/$"), rel_SyncLeak.as_route(path=r"^/sync/$")],
+                      channel_layer=layer)
+
+    async def cycles(count: int) -> None:
+        for index in range(count):
+            communicator = WebsocketCommunicator(app, "/sync/" if index % 2 else "/async/")
+            connected, _ = await communicator.connect()
+            assert connected
+            await communicator.send_to(text_data="x")
+            assert await communicator.receive_from() == "x"
+            await communicator.disconnect()
+
+    async def scenario():
+        await cycles(1000)  # warm-up: thread pool, caches, allocator arenas
+        before, tasks_before = rel_rss(), len(asyncio.all_tasks())
+        start = time.monotonic()
+        await cycles(10_000)
+        elapsed = time.monotonic() - start
+        await asyncio.sleep(0.1)
+        return before, rel_rss(), elapsed, len(asyncio.all_tasks()) - tasks_before
+
+    with rel_captured_logs() as records:
+        before, after, elapsed, tasks = run(scenario(), timeout=300)
+    assert layer.stats() == {**REL_ZERO_STATS, "dropped": 0}
+    assert tasks == 0  # no relay or handler task outlives its socket
+    assert records == []
+    growth = (after - before) / 2**20
+    rel_report(communicator_cycles=10_000, communicator_seconds=round(elapsed, 1),
+               communicator_rss_before_mb=round(before / 2**20, 1),
+               communicator_rss_growth_mb=round(growth, 2))
+    assert growth < 10
+
+
+def test_reliability_server_cycles_leave_nothing_behind():
+    """1,000 connect/echo/close cycles through uvicorn: zero channels and members; server RSS grows < 10 MB."""
+    async def cycle(index: int) -> None:
+        path = "/rel/leak/sync/" if index % 2 else "/rel/leak/async/"
+        async with ws_connect(rel_server.url(path)) as websocket:
+            await websocket.send("x")
+            assert await asyncio.wait_for(websocket.recv(), 5) == "x"
+
+    async def cycles(count: int) -> None:
+        for batch in range(0, count, 10):
+            await asyncio.gather(*(cycle(batch + index) for index in range(10)))
+
+    with running_server(app=f"{__name__}:rel_leak_app") as rel_server:
+        pid = rel_server.process.pid
+        run(cycles(200), timeout=120)  # warm-up
+        rel_wait_for_stats(rel_server, REL_ZERO_STATS)
+        before = rel_rss(pid)
+        start = time.monotonic()
+        run(cycles(1000), timeout=300)
+        elapsed = time.monotonic() - start
+        stats = rel_wait_for_stats(rel_server, REL_ZERO_STATS)
+        after = rel_rss(pid)
+    assert rel_counts(stats) == REL_ZERO_STATS
+    growth = (after - before) / 2**20
+    rel_report(server_cycles=1000, server_cycles_seconds=round(elapsed, 1),
+               server_rss_before_mb=round(before / 2**20, 1), server_rss_growth_mb=round(growth, 2))
+    assert growth < 10
+
+
+# -- expiry --
+
+def test_reliability_expired_messages_are_skipped_and_free_capacity():
+    """A message older than `expiry` is never delivered and no longer takes room in its channel."""
+    layer = InMemoryChannelLayer(expiry=0.2, capacity=1)
+
+    async def scenario():
+        await layer.send("rel.a", {"n": 1})
+        with pytest.raises(ChannelFull, match=re.escape(
+                "Channel 'rel.a' holds 1 messages, its capacity. Its receiver is slow or gone; "
+                "raise 'capacity' or 'channel_capacity' if bursts are expected.")):
+            await layer.send("rel.a", {"n": 2})
+        await asyncio.sleep(0.3)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(layer.receive("rel.a"), 0.05)
+        await layer.send("rel.a", {"n": 3})
+        return await asyncio.wait_for(layer.receive("rel.a"), 1)
+
+    assert run(scenario()) == {"n": 3}
+    assert layer.stats() == {**REL_ZERO_STATS, "dropped": 0}
+
+
+def test_reliability_group_membership_expires():
+    """A member older than `group_expiry` is dropped from the group and gets nothing."""
+    layer = InMemoryChannelLayer(group_expiry=0.2)
+
+    async def scenario():
+        await layer.group_add("g", "rel.old")
+        await asyncio.sleep(0.3)
+        await layer.group_add("g", "rel.new")
+        await layer.group_send("g", {"n": 1})
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(layer.receive("rel.old"), 0.05)
+        return await asyncio.wait_for(layer.receive("rel.new"), 1)
+
+    assert run(scenario()) == {"n": 1}
+    assert layer.stats() == {**REL_ZERO_STATS, "groups": 1, "members": 1, "dropped": 0}
+
+
+def test_reliability_expired_messages_on_unread_channels_are_freed():
+    """Replies sent to channels nobody reads any more (e.g. sockets that have gone) are freed
+    once expired, as Channels' in-memory layer does: they cannot pile up for the server's life."""
+    layer = InMemoryChannelLayer(expiry=0.1)
+
+    async def scenario():
+        for number in range(100):
+            await layer.send(f"websocket.send.gone{number}", {"text": "too late"})
+        await asyncio.sleep(0.2)
+        for _ in range(3):  # ordinary traffic goes on elsewhere
+            await layer.send("rel.live", {"n": 1})
+            await layer.receive("rel.live")
+
+    run(scenario())
+    assert layer.stats() == {**REL_ZERO_STATS, "dropped": 0}
+
+
+# -- 6. hostile input --
+
+async def rel_frames_then_close(server: Server, path: str, *frames, **connect_options):
+    """Send *frames* on a new socket; return (frames received, close code)."""
+    async with ws_connect(server.url(path), **connect_options) as websocket:
+        for frame in frames:
+            await websocket.send(frame)
+        return await rel_until_closed(websocket)
+
+
+async def rel_invalid_utf8_text_frame(server: Server):
+    """A text frame whose payload is not UTF-8, written raw: websocket clients refuse to build one."""
+    async with ws_connect(server.url("/rel/echo/async/"), compression=None) as websocket:
+        payload = b"\xff\xfe not utf-8"
+        mask = os.urandom(4)
+        masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+        websocket.transport.write(bytes([0x81, 0x80 | len(payload)]) + mask + masked)  # FIN+text, masked
+        return await rel_until_closed(websocket)
+
+
+rel_LONG_NAME = "a" * 200
+rel_HOSTILE_ROWS = [
+    # (id, scenario, expected (frames, close code), text the server log must show)
+    ("binary-to-json-consumer", lambda s: rel_frames_then_close(s, "/rel/json/", b"\x00\xff"),
+     ([], 1003), "rel_Json got a binary frame on /rel/json/; it takes JSON text. Closing with 1003."),
+    ("invalid-json", lambda s: rel_frames_then_close(s, "/rel/json/", "{not json"),
+     ([], 1007), "rel_Json got invalid JSON on /rel/json/"),
+    ("json-nested-too-deep-for-python", lambda s: rel_frames_then_close(
+        s, "/rel/json/", "[" * 100_000 + "]" * 100_000), ([], 1007), "rel_Json got invalid JSON on /rel/json/"),
+    ("invalid-utf8-text-frame", rel_invalid_utf8_text_frame, ([], 1007),
+     "Invalid UTF-8 sequence received from client."),
+    ("text-over-max-message-size", lambda s: rel_frames_then_close(
+        s, "/rel/echo/async/", "x" * (2**20 + 1)), ([], 1009),
+     "Closing websocket /rel/echo/async/ with 1009: a frame of 1048577 bytes exceeds max_message_size=1048576."),
+    ("multibyte-text-over-max-message-size", lambda s: rel_frames_then_close(
+        s, "/rel/echo/async/", "é" * (2**19 + 1)), ([], 1009), "a frame of 1048578 bytes exceeds"),
+    ("bytes-over-max-message-size", lambda s: rel_frames_then_close(
+        s, "/rel/echo/sync/", b"\x00" * (2**20 + 1)), ([], 1009), "a frame of 1048577 bytes exceeds"),
+    ("group-name-with-bang-from-url", lambda s: rel_frames_then_close(s, "/rel/named/a!b/", "group"),
+     ([], 1011), "ValueError: Group name 'rel-a!b' is invalid: use fewer than 100 ASCII letters"),
+    ("group-name-of-200-chars-from-url", lambda s: rel_frames_then_close(
+        s, f"/rel/named/{rel_LONG_NAME}/", "group"), ([], 1011), f"Group name 'rel-{rel_LONG_NAME}' is invalid"),
+    ("group-name-non-ascii-from-url", lambda s: rel_frames_then_close(s, "/rel/named/caf%C3%A9/", "group"),
+     ([], 1011), "Group name 'rel-café' is invalid"),
+    ("channel-name-with-two-bangs-from-url", lambda s: rel_frames_then_close(
+        s, "/rel/named/a!b!c/", "channel"), ([], 1011), "Channel name 'rel.a!b!c' is invalid"),
+    ("non-dict-channel-send", lambda s: rel_frames_then_close(s, "/rel/nondict/", "channel"),
+     ([], 1011), "TypeError: Content must be a dict (got str 'plain text')."),
+    ("non-dict-group-send", lambda s: rel_frames_then_close(s, "/rel/nondict/", "group"),
+     ([], 1011), "TypeError: Content must be a dict (got list ['a', 'list'])."),
+    ("non-dict-reply-send", lambda s: rel_frames_then_close(s, "/rel/nondict/", "reply"),
+     ([], 1011), "TypeError: Content must be a dict (got NoneType None)."),
+]
+
+
+@pytest.mark.parametrize("scenario, expected, logged", [row[1:] for row in rel_HOSTILE_ROWS],
+                         ids=[row[0] for row in rel_HOSTILE_ROWS])
+def test_reliability_hostile_input_closes_that_socket_only(rel_server, scenario, expected, logged):
+    """Each hostile frame closes its own socket with the documented code and is logged;
+    the server keeps serving."""
+    start = len(rel_server.log())
+    assert run(scenario(rel_server)) == expected
+    assert logged in rel_wait_for_log(rel_server, logged, start)
+    assert run(rel_echo_works(rel_server))
+
+
+def test_reliability_frame_at_max_message_size_is_accepted(rel_server):
+    """Exactly max_message_size bytes (1 MiB by default) still goes through."""
+    async def scenario():
+        async with ws_connect(rel_server.url("/rel/echo/async/"), max_size=None) as websocket:
+            await websocket.send("x" * 2**20)
+            return await asyncio.wait_for(websocket.recv(), 10)
+
+    assert run(scenario()) == "x" * 2**20
+
+
+def test_reliability_bad_group_name_in_connection_groups_rejects_the_handshake(rel_server):
+    """A group name built from the URL that the layer refuses fails connect: 403, logged."""
+    start = len(rel_server.log())
+    assert rel_handshake_status(rel_server, "/rel/named-connect/a!b/") == 403
+    log = rel_wait_for_log(rel_server, "Group name 'rel-a!b' is invalid", start)
+    assert "Consumer failed on websocket.connect for /rel/named-connect/a!b/" in log
+    assert "Group name 'rel-a!b' is invalid" in log
+    assert rel_handshake_status(rel_server, "/rel/named-connect/fine/") == 101
+    assert run(rel_echo_works(rel_server))
+
+
+def test_reliability_malformed_multiplexed_frames_get_an_error_and_the_socket_stays_open(rel_server):
+    """Malformed frames and unknown streams are answered with {"error"}; the socket stays open."""
+    streams = "['denied', 'echo', 'notes', 'open', 'pick']"
+    rows = [
+        ("not json", "Invalid multiplexed frame"),
+        (b"\x00binary", "Invalid multiplexed frame"),
+        ("[1, 2]", "Invalid multiplexed frame (received [1, 2])"),
+        ('"just a string"', "Invalid multiplexed frame (received 'just a string')"),
+        ('{"stream": "echo"}', "Invalid multiplexed frame (received {'stream': 'echo'})"),
+        ('{"payload": {}}', "Invalid multiplexed frame (received {'payload': {}})"),
+        ('{"stream": "nope", "payload": {}}', f"Unknown stream 'nope'; this socket has {streams}."),
+        ('{"stream": 5, "payload": {}}', f"Unknown stream 5; this socket has {streams}."),
+        ('{"stream": null, "payload": {}}', f"Unknown stream None; this socket has {streams}."),
+        ('{"stream": "echo", "payload": [1]}', "Payload of stream 'echo' must be a JSON object (received [1])."),
+        ('{"stream": "echo", "payload": "x"}', "Payload of stream 'echo' must be a JSON object (received 'x')."),
+    ]
+
+    async def scenario():
+        answers = []
+        async with ws_connect(rel_server.url("/rel/demux/")) as websocket:
+            for frame, _ in rows:
+                await websocket.send(frame)
+                answers.append(json.loads(await asyncio.wait_for(websocket.recv(), 5)))
+            await websocket.send('{"stream": "echo", "payload": {"still": "open"}}')
+            answers.append(json.loads(await asyncio.wait_for(websocket.recv(), 5)))
+        return answers
+
+    answers = run(scenario())
+    for (frame, expected), answer in zip(rows, answers):
+        assert set(answer) == {"error"} and expected in answer["error"], (frame, answer)
+    assert answers[-1] == {"stream": "echo", "payload": {"echo": {"still": "open"}}}
+    assert run(rel_echo_works(rel_server))
+
+
+def rel_note_rows() -> list:
+    return list(rel_Note.objects.order_by("pk").values_list("pk", "title", "count", "owner_id"))
+
+
+def rel_fuzz_rows() -> list:
+    return list(rel_FuzzNote.objects.order_by("pk").values_list("pk", "title", "count", "when", "owner_id"))
+
+
+rel_INVALID = re.compile(r"Invalid data: .+", re.S)
+rel_ANY_ERROR = re.compile(r".+", re.S)  # SPEC: {"error": "<why>"}
+rel_BINDING_ROWS = [
+    # (id, stream, request, expected error: exact text or a pattern)
+    ("unknown-action", "notes", {"action": "explode", "pk": "{mine}", "data": {}},
+     "Unknown action 'explode'; use one of ['create', 'update', 'delete']."),
+    ("missing-action", "notes", {"pk": "{mine}", "data": {"title": "x"}},
+     "Unknown action None; use one of ['create', 'update', 'delete']."),
+    ("update-without-pk", "notes", {"action": "update", "data": {"title": "x"}}, "Action 'update' needs a 'pk'."),
+    ("delete-without-pk", "notes", {"action": "delete"}, "Action 'delete' needs a 'pk'."),
+    ("unknown-field", "notes", {"action": "update", "pk": "{mine}", "data": {"nope": 1}},
+     "Unknown field(s) ['nope']; this binding accepts ['count', 'owner', 'title']."),
+    ("primary-key-as-field", "notes", {"action": "update", "pk": "{mine}", "data": {"id": "{theirs}"}},
+     "Unknown field(s) ['id']; this binding accepts ['count', 'owner', 'title']."),
+    ("wrong-type", "notes", {"action": "update", "pk": "{mine}", "data": {"count": "many"}}, rel_INVALID),
+    ("too-long", "notes", {"action": "update", "pk": "{mine}", "data": {"title": "x" * 50}},
+     "Invalid data: {'title': ['Ensure this value has at most 20 characters (it has 50).']}."),
+    ("data-not-an-object", "notes", {"action": "update", "pk": "{mine}", "data": ["title"]},
+     "'data' must be a JSON object of field values (received ['title'])."),
+    ("owner-that-does-not-exist", "notes", {"action": "create", "data": {"title": "x", "owner": 10**9}},
+     rel_INVALID),
+    ("update-other-users-object", "notes", {"action": "update", "pk": "{theirs}", "data": {"title": "mine now"}},
+     "Permission denied: update on pk {theirs}."),
+    ("delete-other-users-object", "notes", {"action": "delete", "pk": "{theirs}"},
+     "Permission denied: delete on pk {theirs}."),
+    ("denied-by-default-create", "denied", {"action": "create", "data": {"title": "nope"}},
+     "Permission denied: create on pk None."),
+    ("denied-by-default-update-own", "denied", {"action": "update", "pk": "{mine}", "data": {"title": "nope"}},
+     "Permission denied: update on pk {mine}."),
+    ("null-for-a-not-null-field", "open", {"action": "create", "data": {"title": None}}, rel_ANY_ERROR),
+    ("pk-of-wrong-type", "open", {"action": "update", "pk": "abc", "data": {"title": "x"}},
+     "Invalid pk 'abc': “abc” value must be an integer."),
+    ("pk-list", "open", {"action": "delete", "pk": [1]},
+     "Invalid pk [1]: “[1]” value must be an integer."),
+    ("pk-too-large-for-the-database", "open", {"action": "update", "pk": 10**30, "data": {"title": "x"}},
+     re.compile(r"(Invalid data: .+|\S+\.rel_fuzznote with pk 10{30} does not exist\.)")),
+]
+
+
+def rel_fill(value, names: dict):
+    """Replace "{mine}"/"{theirs}" in a request with those notes' primary keys."""
+    if isinstance(value, dict):
+        return {key: rel_fill(item, names) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rel_fill(item, names) for item in value]
+    if isinstance(value, str) and value in ("{mine}", "{theirs}"):
+        return names[value[1:-1]]
+    return value
+
+
+@pytest.mark.parametrize("stream, request_payload, expected", [row[1:] for row in rel_BINDING_ROWS],
+                         ids=[row[0] for row in rel_BINDING_ROWS])
+def test_reliability_hostile_binding_request_answers_an_error_and_saves_nothing(
+        rel_server, stream, request_payload, expected):
+    """A refused or invalid inbound binding request saves nothing and answers with an error
+    payload on its stream; the socket stays open (real server, signed-in user's cookie)."""
+    owner, cookie = rel_login("owner")
+    other, _ = rel_login("other")
+    names = {"mine": rel_Note.objects.create(title="mine", count=1, owner=owner).pk,
+             "theirs": rel_Note.objects.create(title="theirs", count=2, owner=other).pk}
+    rel_FuzzNote.objects.get_or_create(pk=1, defaults={"title": "one"})
+    request_payload = rel_fill(request_payload, names)
+    before = (rel_note_rows(), rel_fuzz_rows())
+
+    async def scenario():
+        async with ws_connect(rel_server.url("/rel/demux/"), additional_headers={"Cookie": cookie}) as websocket:
+            await websocket.send(json.dumps({"stream": stream, "payload": request_payload}))
+            answer = json.loads(await asyncio.wait_for(websocket.recv(), 10))
+            await websocket.send('{"stream": "echo", "payload": {"still": "open"}}')
+            return answer, json.loads(await asyncio.wait_for(websocket.recv(), 10))
+
+    answer, still_open = run(scenario())
+    assert answer["stream"] == stream and set(answer["payload"]) == {"error", "action", "pk"}, answer
+    assert (answer["payload"]["action"], answer["payload"]["pk"]) == \
+        (request_payload.get("action"), request_payload.get("pk"))
+    error = answer["payload"]["error"]
+    if isinstance(expected, re.Pattern):
+        assert expected.fullmatch(error), error
+    else:
+        assert error == expected.replace("{mine}", str(names["mine"])).replace("{theirs}", str(names["theirs"]))
+    assert still_open == {"stream": "echo", "payload": {"echo": {"still": "open"}}}
+    assert (rel_note_rows(), rel_fuzz_rows()) == before
+    assert run(rel_echo_works(rel_server))
+
+
+def test_reliability_valid_binding_request_by_the_owner_is_applied(rel_server):
+    """The control for the rows above: the owner's valid update is saved (and answers nothing)."""
+    owner, cookie = rel_login("owner")
+    mine = rel_Note.objects.create(title="mine", count=1, owner=owner)
+
+    async def scenario():
+        async with ws_connect(rel_server.url("/rel/demux/"), additional_headers={"Cookie": cookie}) as websocket:
+            await websocket.send(json.dumps({"stream": "notes", "payload": {
+                "action": "update", "pk": mine.pk, "data": {"title": "renamed", "count": 7}}}))
+            await websocket.send('{"stream": "echo", "payload": {"done": true}}')
+            return json.loads(await asyncio.wait_for(websocket.recv(), 10))
+
+    assert run(scenario()) == {"stream": "echo", "payload": {"echo": {"done": True}}}
+    mine.refresh_from_db()
+    assert (mine.title, mine.count) == ("renamed", 7)
+
+
+def test_reliability_inbound_create_cannot_choose_the_primary_key(rel_server):
+    """A client's create never picks the new row's primary key (Channels 1.x ignored it): it
+    cannot overwrite an existing row, and one at the top of the id range would make every
+    later insert into the table fail."""
+    ensure_database()
+    existing = rel_PkNote.objects.create(title="existing")
+    top = 2**63 - 1
+
+    async def scenario():
+        async with ws_connect(rel_server.url("/rel/demux/")) as websocket:
+            for payload in ({"action": "create", "pk": existing.pk, "data": {"title": "overwritten"}},
+                            {"action": "create", "pk": top, "data": {"title": "top"}},
+                            {"action": "create", "data": {"title": "next"}}):
+                await websocket.send(json.dumps({"stream": "pick", "payload": payload}))
+            await websocket.send('{"stream": "echo", "payload": {"done": true}}')
+            replies = []
+            for _ in range(4):
+                reply = json.loads(await asyncio.wait_for(websocket.recv(), 10))
+                if reply["stream"] == "echo":
+                    return replies
+                replies.append(reply)
+        raise AssertionError(replies)
+
+    replies = run(scenario())
+    assert rel_PkNote.objects.get(pk=existing.pk).title == "existing", replies
+    assert not rel_PkNote.objects.filter(pk=top).exists(), replies
+    assert rel_PkNote.objects.filter(title="next").exists(), replies  # the table still takes rows
+    assert all(reply["payload"]["action"] == "create" and "error" in reply["payload"]
+               for reply in replies), replies
+
+
+# -- 7. origins and auth --
+
+def test_reliability_foreign_origin_with_session_cookie_is_rejected_before_any_consumer(rel_server):
+    """Cross-site websocket hijacking: a valid session cookie from a foreign Origin gets 403,
+    and the consumer never runs; from the site's own origin the same cookie works."""
+    user, cookie = rel_login("victim")
+    foreign, own = uuid.uuid4().hex, uuid.uuid4().hex
+    start = len(rel_server.log())
+    status = rel_handshake_status(rel_server, f"/rel/cswsh/{foreign}/", origin="http://evil.example",
+                                  additional_headers={"Cookie": cookie})
+    assert status == 403
+
+    async def own_origin():
+        async with ws_connect(rel_server.url(f"/rel/cswsh/{own}/"), origin=f"http://127.0.0.1:{rel_server.port}",
+                              additional_headers={"Cookie": cookie}) as websocket:
+            return await asyncio.wait_for(websocket.recv(), 5)
+
+    assert run(own_origin()) == f"hello {user.get_username()}"
+    markers = os.listdir(rel_server.markers)
+    assert f"cswsh-{own}" in markers  # the consumer writes it whenever it runs ...
+    assert f"cswsh-{foreign}" not in markers  # ... and never ran for the foreign origin
+    assert (f"Rejected websocket to /rel/cswsh/{foreign}/ from origin 'http://evil.example'"
+            in rel_wait_for_log(rel_server, "http://evil.example", start))
+
+
+@pytest.mark.parametrize("origin, status", [
+    ("http://evil.example", 403),
+    ("http://127.0.0.1.evil.example", 403),
+    ("http://evil-localhost", 403),
+    ("http://localhost.evil.example:8000", 403),
+    ("null", 403),
+    ("", 403),
+    ("not a url", 403),
+    ("http://localhost:3000", 101),
+    ("https://127.0.0.1", 101),
+    ("http://TESTSERVER", 101),
+    (None, 101),
+])
+def test_reliability_origin_check_on_a_real_server(rel_server, origin, status):
+    """Default policy (settings.ALLOWED_HOSTS = 127.0.0.1, localhost, testserver) through uvicorn."""
+    assert rel_handshake_status(rel_server, "/rel/echo/async/", origin=origin) == status
+
+
+rel_connected_paths: list[str] = []
+
+
+class rel_Recorder(WebsocketConsumer):
+    async def connect(self, message, **kwargs):
+        rel_connected_paths.append(self.path)
+        message.reply_channel.send({"accept": True})
+
+
+rel_ORIGIN_CASES = [
+    # (patterns, Origin header or None for none, allowed?)
+    ([".example.com"], "http://example.com", True),
+    ([".example.com"], "https://www.example.com", True),
+    ([".example.com"], "http://a.b.example.com:8080", True),
+    ([".example.com"], "http://WWW.EXAMPLE.COM", True),
+    ([".example.com"], "http://evilexample.com", False),
+    ([".example.com"], "http://example.com.evil.net", False),
+    (["example.com"], "http://example.com:8000", True),
+    (["example.com"], "https://example.com", True),
+    (["example.com"], "http://www.example.com", False),
+    (["example.com:8000"], "http://example.com:8000", True),
+    (["example.com:8000"], "http://example.com:9000", False),
+    (["example.com:8000"], "http://example.com", False),
+    (["*"], "http://anything.test:1234", True),
+    (["*"], "null", False),
+    (["*"], "", False),
+    (["null"], "null", True),
+    (["null"], "http://example.com", False),
+    (["example.com", "null"], "null", True),
+    ([], "http://example.com", False),
+    (["example.com"], "", False),
+    (["example.com"], None, True),
+]
+
+
+def rel_origin_allowed(app: Application, origin: str | None) -> tuple[bool, list]:
+    rel_connected_paths.clear()
+
+    async def attempt():
+        headers = [] if origin is None else [("origin", origin)]
+        client = WebsocketCommunicator(app, "/origin/", headers=headers)
+        connected, _ = await client.connect()
+        await client.disconnect()
+        return connected
+
+    return run(attempt()), list(rel_connected_paths)
+
+
+@pytest.mark.parametrize("patterns, origin, allowed", rel_ORIGIN_CASES)
+def test_reliability_origin_patterns_via_allowed_origins(patterns, origin, allowed):
+    """Application(allowed_origins=...) takes ALLOWED_HOSTS patterns; refused handshakes run no consumer."""
+    app = Application([rel_Recorder.as_route(path=r"^/origin/$")], allowed_origins=patterns,
+                      channel_layer=InMemoryChannelLayer())
+    assert rel_origin_allowed(app, origin) == (allowed, ["/origin/"] if allowed else [])
+
+
+@pytest.mark.parametrize("patterns, origin, allowed", rel_ORIGIN_CASES)
+def test_reliability_origin_patterns_via_allowed_hosts_setting(patterns, origin, allowed):
+    """Without allowed_origins, settings.ALLOWED_HOSTS decides, with the same results."""
+    from django.test import override_settings
+
+    app = Application([rel_Recorder.as_route(path=r"^/origin/$")], channel_layer=InMemoryChannelLayer())
+    with override_settings(ALLOWED_HOSTS=patterns):
+        assert rel_origin_allowed(app, origin) == (allowed, ["/origin/"] if allowed else [])
+
+
+@pytest.mark.parametrize("debug, origin, allowed", [
+    (True, "http://localhost:3000", True),
+    (True, "http://127.0.0.1:8000", True),
+    (True, "http://app.localhost", True),
+    (True, "http://example.com", False),
+    (True, "null", False),
+    (False, "http://localhost:3000", False),
+])
+def test_reliability_empty_allowed_hosts_allows_only_local_origins_in_debug(debug, origin, allowed):
+    """As Django: with ALLOWED_HOSTS empty, DEBUG allows local hosts only, and production none."""
+    from django.test import override_settings
+
+    app = Application([rel_Recorder.as_route(path=r"^/origin/$")], channel_layer=InMemoryChannelLayer())
+    with override_settings(ALLOWED_HOSTS=[], DEBUG=debug):
+        assert rel_origin_allowed(app, origin)[0] is allowed
+
+
+# -- 8. property-based tests --
+
+rel_PROPERTY_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+
+
+def rel_make_consumer(number: int):
+    def consumer(message, **kwargs):
+        pass
+    consumer.__name__ = consumer.__qualname__ = f"rel_consumer_{number}"
+    return consumer
+
+
+rel_CONSUMERS = [rel_make_consumer(number) for number in range(8)]
+rel_ROUTE_CHANNELS = ["websocket.connect", "websocket.receive", "rel.other"]
+rel_FILTER_PATTERNS = {  # each key's patterns use their own group names
+    "path": [r"^/chat/(?P<room>\w+)/$", r"/chat", r"^/(?P<first>[a-z]+)", r".*", r"^$",
+             r"^/chat/(?P<room>[a-z]+)", r"(?:/room)+"],
+    "text": [r"(?P<word>[a-z]+)", r"^hi$", r"\d"],
+    "room": [r"(?P<digits>\d+)$", r"[a-z]"],
+}
+rel_PREFIX_PATTERNS = {  # `room`/`word` may clash with inner names: the inner ones win
+    "path": [r"^/chat", r"^/(?P<room>[a-z]+)", r"/", r""],
+    "text": [r"h", r"(?P<word>[a-z])"],
+}
+rel_ALPHABET = "/chatromi19é!"
+rel_message_values = st.one_of(
+    st.text(alphabet=rel_ALPHABET, max_size=12),
+    st.text(alphabet=rel_ALPHABET, max_size=12).map(lambda text: text.encode("utf-8")),  # é: not ASCII
+    st.sampled_from(["/chat/lobby/", "/chat/", "hi", b"/chat/abc/", "/room/room", "42"]),
+    st.none(), st.integers(), st.floats(allow_nan=False), st.lists(st.text(max_size=2), max_size=2),
+)
+rel_messages = st.tuples(st.sampled_from(rel_ROUTE_CHANNELS + ["rel.unrouted"]),
+                         st.dictionaries(st.sampled_from(["path", "text", "room"]), rel_message_values))
+
+
+@st.composite
+def rel_filters(draw, table: dict) -> dict:
+    keys = draw(st.lists(st.sampled_from(sorted(table)), unique=True, max_size=2))
+    return {key: draw(st.sampled_from(table[key])) for key in keys}
+
+
+@st.composite
+def rel_route_specs(draw, nested: bool = False):
+    """("route", channels, filters, consumer) or ("include", prefixes, [inner specs])."""
+    if not nested and draw(st.integers(0, 3)) == 0:
+        return ("include", draw(rel_filters(rel_PREFIX_PATTERNS)),
+                draw(st.lists(rel_route_specs(nested=True), min_size=1, max_size=3)))
+    channels = draw(st.lists(st.sampled_from(rel_ROUTE_CHANNELS), min_size=1, max_size=2, unique=True))
+    return ("route", channels, draw(rel_filters(rel_FILTER_PATTERNS)), draw(st.sampled_from(rel_CONSUMERS)))
+
+
+def rel_build_route(spec):
+    if spec[0] == "route":
+        return route(spec[1], spec[3], **spec[2])
+    return include([rel_build_route(inner) for inner in spec[2]], **spec[1])
+
+
+def rel_model_filters(filters: dict, content: dict):
+    """SPEC 3 as plainly as possible: (kwargs, content with matched prefixes cut) or None."""
+    kwargs, rest = {}, dict(content)
+    for key, pattern in filters.items():
+        if key not in content:
+            return None
+        value = content[key]
+        if isinstance(value, bytes):
+            if any(byte > 127 for byte in value):
+                return None
+            value = value.decode("ascii")
+        if not isinstance(value, str):
+            return None
+        found = re.match(pattern, value)
+        if found is None:
+            return None
+        kwargs.update(found.groupdict())
+        rest[key] = value[found.end():]
+    return kwargs, rest
+
+
+def rel_model_match(specs: list, channel: str, content: dict):
+    """The reference router: the first route whose channel and filters all match wins."""
+    for spec in specs:
+        if spec[0] == "route":
+            if channel in spec[1]:
+                matched = rel_model_filters(spec[2], content)
+                if matched is not None:
+                    return spec[3], matched[0]
+        else:
+            matched = rel_model_filters(spec[1], content)
+            if matched is not None:
+                inner = rel_model_match(spec[2], channel, matched[1])
+                if inner is not None:
+                    return inner[0], {**matched[0], **inner[1]}
+    return None
+
+
+def rel_model_channels(specs: list) -> set:
+    return set().union(*(set(spec[1]) if spec[0] == "route" else rel_model_channels(spec[2])
+                         for spec in specs))
+
+
+@hypothesis_settings(max_examples=400, **rel_PROPERTY_SETTINGS)
+@given(specs=st.lists(rel_route_specs(), min_size=1, max_size=5), messages=st.lists(rel_messages, min_size=1, max_size=6))
+def test_reliability_router_agrees_with_the_reference_model(specs, messages):
+    """Router.match equals a plain model of SPEC 3: channels and regex filters, missing or
+    non-string keys never match, bytes are read as ASCII, include() cuts prefixes, first match wins."""
+    router = Router([rel_build_route(spec) for spec in specs])
+    assert router.channels == rel_model_channels(specs)
+    for channel, content in messages:
+        original = json.dumps(content, default=repr, sort_keys=True)
+        assert router.match(Message(content, channel, None)) == rel_model_match(specs, channel, content)
+        assert json.dumps(content, default=repr, sort_keys=True) == original  # the message is untouched
+
+
+class rel_LayerMachine(RuleBasedStateMachine):
+    """InMemoryChannelLayer against a reference model: FIFO queues with capacities, groups,
+    skipped-and-counted group sends, isolation of received copies, sends from other threads."""
+
+    CHANNELS = ["rel.a", "rel.b", "wide.c", "rel.local!x1"]
+    GROUPS = ["g1", "g2"]
+    channel = st.sampled_from(CHANNELS)
+    group = st.sampled_from(GROUPS)
+
+    def __init__(self):
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.layer = InMemoryChannelLayer(capacity=2, channel_capacity={"wide.*": 4})
+        self.queues: dict[str, list] = {name: [] for name in self.CHANNELS}
+        self.members: dict[str, set] = {name: set() for name in self.GROUPS}
+        self.dropped = 0
+        self.sequence = 0
+
+    def teardown(self):
+        self.loop.close()
+
+    def run(self, coroutine, timeout: float = 5):
+        return self.loop.run_until_complete(asyncio.wait_for(coroutine, timeout))
+
+    def capacity(self, channel: str) -> int:
+        return 4 if channel.startswith("wide.") else 2
+
+    def next_message(self) -> dict:
+        self.sequence += 1
+        return {"n": self.sequence, "text": f"message {self.sequence}"}
+
+    def full(self, channel: str) -> bool:
+        return len(self.queues[channel]) >= self.capacity(channel)
+
+    @rule(channel=channel)
+    def send(self, channel):
+        message = self.next_message()
+        if self.full(channel):
+            with pytest.raises(ChannelFull):
+                self.run(self.layer.send(channel, message))
+        else:
+            self.run(self.layer.send(channel, message))
+            self.queues[channel].append(dict(message))
+        message["n"] = -1  # the sender reuses its dict: the queued copy must not change
+
+    @rule(channel=channel)
+    def send_from_another_thread(self, channel):
+        message, outcome = self.next_message(), []
+
+        def sender():
+            try:
+                asyncio.run(self.layer.send(channel, message))
+                outcome.append("sent")
+            except ChannelFull:
+                outcome.append("full")
+
+        expected = "full" if self.full(channel) else "sent"
+        thread = threading.Thread(target=sender)
+        thread.start()
+        thread.join(5)
+        assert outcome == [expected]
+        if expected == "sent":
+            self.queues[channel].append(message)
+
+    @rule(channel=channel)
+    def receive(self, channel):
+        if self.queues[channel]:
+            received = self.run(self.layer.receive(channel))
+            assert received == self.queues[channel].pop(0)
+            received["n"], received["mutated"] = 0, True  # must not reach other receivers' copies
+        else:
+            with pytest.raises(asyncio.TimeoutError):
+                self.run(self.layer.receive(channel), timeout=0.005)
+
+    @precondition(lambda self: not all(self.queues.values()))
+    @rule(data=st.data())
+    def receive_woken_by_another_thread(self, data):
+        channel = data.draw(st.sampled_from([name for name, queue in self.queues.items() if not queue]))
+        message = self.next_message()
+
+        async def scenario():
+            waiting = asyncio.ensure_future(self.layer.receive(channel))
+            await asyncio.sleep(0.001)  # the receiver now waits on this loop
+            thread = threading.Thread(target=lambda: asyncio.run(self.layer.send(channel, message)))
+            thread.start()
+            try:
+                return await asyncio.wait_for(waiting, 5)
+            finally:
+                thread.join(5)
+
+        assert self.run(scenario(), timeout=10) == message
+
+    @rule(group=group, channel=channel)
+    def group_add(self, group, channel):
+        self.run(self.layer.group_add(group, channel))
+        self.members[group].add(channel)
+
+    @rule(group=group, channel=channel)
+    def group_discard(self, group, channel):
+        self.run(self.layer.group_discard(group, channel))
+        self.members[group].discard(channel)
+
+    @rule(group=group)
+    def group_send(self, group):
+        message = self.next_message()
+        self.run(self.layer.group_send(group, message))  # never raises, full members or not
+        for channel in self.members[group]:
+            if self.full(channel):
+                self.dropped += 1
+            else:
+                self.queues[channel].append(dict(message))
+
+    @rule(channel=channel)
+    def discard_channel(self, channel):
+        self.layer.discard_channel(channel)
+        self.queues[channel].clear()
+        for members in self.members.values():
+            members.discard(channel)
+
+    @rule()
+    def flush(self):
+        self.run(self.layer.flush())
+        for queue in self.queues.values():
+            queue.clear()
+        for members in self.members.values():
+            members.clear()
+
+    @invariant()
+    def stats_agree(self):
+        assert self.layer.stats() == {
+            "channels": sum(1 for queue in self.queues.values() if queue),
+            "groups": sum(1 for members in self.members.values() if members),
+            "members": sum(len(members) for members in self.members.values()),
+            "messages": sum(len(queue) for queue in self.queues.values()),
+            "dropped": self.dropped,
+        }
+
+
+def test_reliability_layer_agrees_with_the_reference_model():
+    run_state_machine_as_test(rel_LayerMachine, settings=hypothesis_settings(
+        max_examples=60, stateful_step_count=40, **rel_PROPERTY_SETTINGS))
+
+
+# Random frames into JSON, demultiplexer and binding consumers, in-process.
+
+rel_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12)
+rel_deep_json = st.sampled_from([10, 900, 5_000, 100_000]).map(lambda depth: "[" * depth + "]" * depth)
+rel_text_frames = st.one_of(st.text(max_size=40), rel_json_values.map(json.dumps), rel_deep_json)
+rel_wild_pks = st.one_of(st.none(), st.integers(), st.integers(2**63 - 2, 2**80), st.text(max_size=6),
+                         st.floats(), st.booleans(), st.lists(st.integers(0, 9), max_size=2),
+                         st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+rel_pks = st.one_of(st.integers(1, 3), st.integers(-1, 5), rel_wild_pks)  # 1-3 are seeded rows
+rel_field_values = st.one_of(st.none(), rel_json_values, st.integers(), st.text(max_size=30),
+                             st.sampled_from(["2024-01-01T00:00:00Z", "not a date", "2024-13-45", ""]))
+rel_binding_requests = st.one_of(
+    st.fixed_dictionaries({"action": st.sampled_from(["create", "update", "delete"])}, optional={
+        "pk": rel_pks,
+        "data": st.dictionaries(st.sampled_from(["title", "count", "when", "owner"]), rel_field_values,
+                                max_size=3)}),
+    st.fixed_dictionaries({}, optional={
+        "action": st.one_of(st.sampled_from(["create", "update", "delete"]), st.text(max_size=6),
+                            st.integers(), st.none()),
+        "pk": rel_pks,
+        "data": st.one_of(st.dictionaries(st.sampled_from(["title", "count", "when", "owner", "id", "nope"]),
+                                          rel_field_values, max_size=4), rel_json_values)}),
+)
+rel_multiplexed_frames = st.one_of(
+    st.fixed_dictionaries({"stream": st.one_of(st.sampled_from(["echo", "open", "notes", "denied", "nope"]),
+                                               st.integers(), st.none()),
+                           "payload": st.one_of(rel_json_values, rel_binding_requests)}).map(json.dumps),
+    st.dictionaries(st.sampled_from(["stream", "payload", "extra"]), rel_json_values).map(json.dumps),
+)
+rel_fuzz_routing = [rel_Json.as_route(path=r"^/json/$"), rel_Demux.as_route(path=r"^/demux/$")]
+
+
+async def rel_exchange(app, path: str, frame, sentinel: str, sentinel_reply: str):
+    """Send *frame* then a *sentinel*; (replies before the sentinel's, close code or None)."""
+    client = WebsocketCommunicator(app, path)
+    connected, _ = await client.connect()
+    assert connected
+    if isinstance(frame, bytes):
+        await client.send_to(bytes_data=frame)
+    else:
+        await client.send_to(text_data=frame)
+    await client.send_to(text_data=sentinel)
+    replies = []
+    for _ in range(20):
+        event = await client.receive_output(timeout=10)
+        if event["type"] == "websocket.close":
+            await client.disconnect()
+            return replies, event["code"]
+        reply = event.get("text") if event.get("text") is not None else event.get("bytes")
+        if reply == sentinel_reply:
+            await client.disconnect()
+            return replies, None
+        replies.append(reply)
+    raise AssertionError(f"no sentinel reply after {replies!r}")
+
+
+def rel_fuzz(path: str, frame, sentinel: str, sentinel_reply: str):
+    app = Application(rel_fuzz_routing, channel_layer=InMemoryChannelLayer())
+    with rel_captured_logs(logging.ERROR) as errors:
+        replies, code = run(rel_exchange(app, path, frame, sentinel, sentinel_reply))
+    assert [record.getMessage() for record in errors] == []  # nothing escaped as an exception
+    assert code != 1011
+    return replies, code
+
+
+@hypothesis_settings(max_examples=150, **rel_PROPERTY_SETTINGS)
+@given(frame=st.one_of(st.binary(max_size=40), rel_text_frames))
+def test_reliability_random_frames_into_a_json_consumer(frame):
+    """Binary: 1003. Undecodable text: 1007. Anything else is echoed and the socket stays open."""
+    replies, code = rel_fuzz("/json/", frame, '{"sentinel": 1}', '{"echo": {"sentinel": 1}}')
+    if isinstance(frame, bytes):
+        assert (replies, code) == ([], 1003)
+        return
+    try:
+        content = json.loads(frame)
+    except (ValueError, RecursionError):
+        assert (replies, code) == ([], 1007)
+    else:
+        assert (replies, code) == ([json.dumps({"echo": content})], None)
+
+
+@hypothesis_settings(max_examples=150, **rel_PROPERTY_SETTINGS)
+@given(frame=st.one_of(st.binary(max_size=40), rel_text_frames, rel_multiplexed_frames))
+def test_reliability_random_frames_into_a_demultiplexer(frame):
+    """Whatever arrives, the demultiplexer answers (or forwards) and the socket stays open."""
+    ensure_database()
+    replies, code = rel_fuzz("/demux/", frame, '{"stream": "echo", "payload": {"sentinel": 1}}',
+                             '{"stream": "echo", "payload": {"echo": {"sentinel": 1}}}')
+    assert code is None
+    for reply in replies:
+        assert isinstance(json.loads(reply), dict)
+
+
+@hypothesis_settings(max_examples=200, **rel_PROPERTY_SETTINGS)
+@given(request_payload=rel_binding_requests)
+def test_reliability_random_requests_into_a_binding(request_payload):
+    """A binding that allows every write: any request is applied or answered with an error
+    (and then saves nothing); the socket stays open."""
+    ensure_database()
+    for number in range(1, 4):
+        rel_FuzzNote.objects.get_or_create(pk=number, defaults={"title": f"seed {number}"})
+    before = rel_fuzz_rows()
+    frame = json.dumps({"stream": "open", "payload": request_payload})
+    replies, code = rel_fuzz("/demux/", frame, '{"stream": "echo", "payload": {"sentinel": 1}}',
+                             '{"stream": "echo", "payload": {"echo": {"sentinel": 1}}}')
+    assert code is None
+    assert len(replies) <= 1
+    if replies:
+        answer = json.loads(replies[0])
+        assert answer["stream"] == "open" and set(answer["payload"]) == {"error", "action", "pk"}, answer
+        assert rel_fuzz_rows() == before
+
+
 # === Documentation ===
 # The README's code is run, not just shown.
 
