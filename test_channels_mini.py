@@ -4755,3 +4755,12 @@ def test_readme_binding_example_runs():
     assert created["payload"]["action"] == "create" and created["payload"]["data"]["name"] == "from readme"
     assert Item.objects.filter(pk=created["payload"]["pk"], name="from readme").exists()
     assert refused["payload"]["error"] == "Unknown action 'rename'; use one of ['create', 'update', 'delete']."
+
+
+def test_readme_guarantees_name_tests_that_exist():
+    with open(README, encoding="utf-8") as handle:
+        table = handle.read().split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(test_\w+)`", table))
+    assert len(named) >= 20
+    missing = sorted(name for name in named if not callable(globals().get(name)))
+    assert missing == []
