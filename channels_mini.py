@@ -2102,8 +2102,8 @@ class _Socket:
             except Exception:
                 if self.state == "closed":
                     return  # the socket is gone: a late error from its receive is no news
-                logger.exception("Cannot receive replies for websocket %s from the channel "
-                                 "layer; retrying in 1 s.", self.path)
+                _log_layer_failure("Cannot receive replies for websocket %s from the channel "
+                                   "layer; retrying in 1 s.", self.path)
                 await asyncio.sleep(1)
                 continue
             if reply == _RELAY_STOP:
@@ -2154,6 +2154,22 @@ class _Socket:
                 await self._send(event)
             except OSError:  # the client went away; its disconnect event follows
                 self.state = "closed"
+
+
+_layer_failures = {"last_logged": 0.0, "since": 0}
+
+
+def _log_layer_failure(text: str, *args: Any) -> None:
+    """Log a layer outage with its traceback at most every 10 s: every socket and worker
+    retries each second, and a thousand tracebacks a second would bury the cause."""
+    now = time.monotonic()
+    if now - _layer_failures["last_logged"] < 10:
+        _layer_failures["since"] += 1
+        logger.debug(text, *args, exc_info=True)
+        return
+    silenced, _layer_failures["since"], _layer_failures["last_logged"] = _layer_failures["since"], 0, now
+    logger.error(text + " (%d similar failures not shown since the last report)", *args, silenced,
+                 exc_info=True)
 
 
 async def _cancel_and_wait(task: asyncio.Task, interval: float = 0.1) -> None:
@@ -2215,8 +2231,8 @@ class _BackgroundWorkers:
             except Exception:
                 if self._stopping:
                     return
-                logger.exception("Background worker for %r cannot receive from the channel "
-                                 "layer; retrying in 1 s.", channel)
+                _log_layer_failure("Background worker for %r cannot receive from the channel "
+                                   "layer; retrying in 1 s.", channel)
                 await asyncio.sleep(1)
                 continue
             finally:

@@ -708,6 +708,166 @@ def test_module_works_when_vendored_under_another_package(tmp_path):
     assert result.stdout.strip() == "HI", result.stderr
 
 
+# Layer-level checks against a real redis-server: channels_redis plugs in through
+# CHANNEL_LAYERS, and the sync Channel/Group forms reach it from plain threads and
+# from code running on an event loop, outside consumers.
+
+redis_CORE = "channels_redis.core.RedisChannelLayer"
+redis_PUBSUB = "channels_redis.pubsub.RedisPubSubChannelLayer"
+
+
+def redis_layer(url: str, **config):
+    """A fresh channels_redis core layer on *url*, for the test process itself."""
+    from channels_redis.core import RedisChannelLayer
+    return RedisChannelLayer(hosts=[url], **config)
+
+
+async def redis_receive(layer, channel: str, timeout: float = 10) -> dict:
+    return await asyncio.wait_for(layer.receive(channel), timeout)
+
+
+def test_layer_redis_backend_comes_from_channel_layers_setting():
+    from channels_redis.core import RedisChannelLayer
+    from django.test import override_settings
+
+    with running_redis() as url, override_settings(CHANNEL_LAYERS={
+            "default": {"BACKEND": redis_CORE, "CONFIG": {"hosts": [url]}}}):
+        reset_channel_layers()
+        layer = get_channel_layer()
+        assert isinstance(layer, RedisChannelLayer)
+        assert get_channel_layer() is layer
+
+        async def round_trip():
+            await Channel("redis-setting.check").asend({"n": 1})
+            return await redis_receive(layer, "redis-setting.check")
+
+        assert run(round_trip()) == {"n": 1}
+
+
+def test_layer_redis_sync_sends_outside_consumers_reach_redis_from_threads():
+    """Group.add/send and Channel.send (sync forms) from the main thread and from other
+    threads each run on a throwaway event loop: every call must still reach Redis."""
+    with running_redis() as url:
+        layer = redis_layer(url)
+        Group("redis-sync-group", channel_layer=layer).add("redis-sync.member")
+        for number in range(3):  # several calls: a new loop each time, one pool per loop
+            Channel("redis-sync.direct", channel_layer=layer).send({"n": number})
+        errors = []
+
+        def from_thread():
+            try:
+                Group("redis-sync-group", channel_layer=layer).send({"from": "thread"})
+            except Exception as error:  # reported below, with its text
+                errors.append(error)
+
+        thread = threading.Thread(target=from_thread)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive() and errors == []
+
+        async def collect():
+            reader = redis_layer(url)
+            try:
+                direct = [await redis_receive(reader, "redis-sync.direct") for _ in range(3)]
+                grouped = await redis_receive(reader, "redis-sync.member")
+            finally:
+                await reader.close_pools()
+            return direct, grouped
+
+        direct, grouped = run(collect())
+        assert direct == [{"n": 0}, {"n": 1}, {"n": 2}]
+        assert grouped == {"from": "thread"}
+
+
+def test_layer_redis_sync_send_on_an_event_loop_does_not_block_and_arrives():
+    with running_redis() as url:
+        layer = redis_layer(url)
+
+        async def send_from_loop():
+            reader = redis_layer(url)
+            try:
+                started = time.perf_counter()
+                Channel("redis-loop.direct", channel_layer=layer).send({"on": "loop"})
+                returned_after = time.perf_counter() - started
+                message = await redis_receive(reader, "redis-loop.direct")
+            finally:
+                await reader.close_pools()
+            return returned_after, message
+
+        returned_after, message = run(send_from_loop())
+        assert message == {"on": "loop"}
+        assert returned_after < 0.05  # scheduled as a task, never awaited on the loop
+
+
+def test_layer_redis_consumer_context_defers_sends_until_the_block_ends():
+    with running_redis() as url:
+
+        async def deferred():
+            layer = redis_layer(url)
+            try:
+                async with consumer_context(layer):
+                    Channel("redis-deferred.a").send({"step": 1})
+                    Group("redis-deferred-group").add("redis-deferred.b")
+                    Group("redis-deferred-group").send({"step": 2})
+                    # Nothing has left yet: the queue is empty in Redis.
+                    with pytest.raises(asyncio.TimeoutError):
+                        await asyncio.wait_for(layer.receive("redis-deferred.a"), 0.3)
+                first = await redis_receive(layer, "redis-deferred.a")
+                second = await redis_receive(layer, "redis-deferred.b")
+            finally:
+                await layer.close_pools()
+            return first, second
+
+        assert run(deferred()) == ({"step": 1}, {"step": 2})
+
+
+def test_layer_redis_sync_sends_on_an_event_loop_arrive_in_call_order():
+    """Async code outside a consumer (an async view, a script) calling the sync forms:
+    SPEC says they happen at once, so a burst arrives complete and in call order, as it
+    does with the in-memory layer. 150 is more than channels_redis's connection pool
+    (100) but less than the channel's capacity (raised to 1000 here)."""
+    with running_redis() as url:
+        sending = redis_layer(url, capacity=1000)
+
+        async def burst():
+            reader = redis_layer(url)
+            try:
+                for number in range(150):
+                    Channel("redis-burst.direct", channel_layer=sending).send({"n": number})
+                received = []
+                with contextlib.suppress(asyncio.TimeoutError):
+                    for _ in range(150):
+                        received.append((await redis_receive(reader, "redis-burst.direct", 3))["n"])
+            finally:
+                await reader.close_pools()
+            return received
+
+        assert run(burst(), timeout=60) == list(range(150))
+
+
+def test_layer_redis_sync_send_from_a_short_lived_event_loop_is_not_lost():
+    """`asyncio.run(main())` where main() calls Channel(...).send(): the message must
+    arrive (or the call must raise), not vanish when the loop ends."""
+    with running_redis() as url:
+        sending = redis_layer(url)
+
+        async def main():
+            Channel("redis-short-loop.direct", channel_layer=sending).send({"n": 1})
+
+        asyncio.run(main())
+
+        async def collect():
+            reader = redis_layer(url)
+            try:
+                return await redis_receive(reader, "redis-short-loop.direct", 3)
+            except asyncio.TimeoutError:
+                return "nothing arrived within 3 s"
+            finally:
+                await reader.close_pools()
+
+        assert run(collect()) == {"n": 1}
+
+
 # === 2. Messages ===
 
 def test_messages_channel_send_outside_a_consumer_acts_at_once():
@@ -2976,6 +3136,621 @@ def test_helpers_receive_nothing_after_the_app_closed_the_socket():
         return nothing
 
     assert run(scenario()) is True
+
+
+# === 8. Command line ===
+# More than one process: servers and `runworker` processes sharing one real
+# redis-server through channels_redis. The servers run `redis_app` (below) with
+# CHANNELS_MINI_TEST_REDIS set, so the header puts CHANNEL_LAYERS on Redis there.
+# runworker runs from a tiny Django project written into a temporary directory.
+
+class redis_RoomConsumer(WebsocketConsumer):
+    """Joins the room's group; every frame is broadcast to the room."""
+
+    def connection_groups(self, room, **kwargs):
+        return [f"redis-room-{room}"]
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        self.group_send(f"redis-room-{room}", text=text)
+
+
+class redis_SpeakerConsumer(WebsocketConsumer):
+    """Broadcasts to a room without joining it (so it hears nothing back)."""
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        self.group_send(f"redis-room-{room}", text=text)
+
+
+class redis_EchoConsumer(WebsocketConsumer):
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=text)
+
+
+class redis_PidConsumer(redis_RoomConsumer):
+    """Joins the room and answers with the server process's id: which worker holds it."""
+
+    def connect(self, message, **kwargs):
+        self.send(text=str(os.getpid()))
+
+
+class redis_ItemBinding(WebsocketBinding):
+    model = f"{__name__}.Item"
+    stream = "redis-items"
+    fields = ["name", "team"]
+
+    @classmethod
+    def group_names(cls, instance):
+        return ["redis-items"] if instance.name.startswith("redis-") else []
+
+
+class redis_ItemsDemultiplexer(WebsocketDemultiplexer):
+    consumers = {"redis-items": redis_ItemBinding.consumer}
+    groups = ["redis-items"]
+
+
+redis_routing = [
+    redis_RoomConsumer.as_route(path=r"^/redis/room/(?P<room>[\w-]+)/$"),
+    redis_SpeakerConsumer.as_route(path=r"^/redis/say/(?P<room>[\w-]+)/$"),
+    redis_EchoConsumer.as_route(path=r"^/redis/echo/$"),
+    redis_PidConsumer.as_route(path=r"^/redis/pid/(?P<room>[\w-]+)/$"),
+    redis_ItemsDemultiplexer.as_route(path=r"^/redis/items/$"),
+]
+redis_app = Application(redis_routing)
+
+
+def redis_server_env(url: str, backend: str = redis_CORE) -> dict:
+    return {"CHANNELS_MINI_TEST_REDIS": url, "CHANNELS_MINI_TEST_REDIS_BACKEND": backend}
+
+
+@contextlib.contextmanager
+def redis_two_servers(url: str, backend: str = redis_CORE):
+    """Two uvicorn processes on different ports, sharing the Redis at *url*."""
+    env = redis_server_env(url, backend)
+    with running_server(app=f"{__name__}:redis_app", env=env) as first, \
+            running_server(app=f"{__name__}:redis_app", env=env) as second:
+        assert first.port != second.port
+        yield first, second
+
+
+async def redis_recv(ws, timeout: float = 10):
+    return await asyncio.wait_for(ws.recv(), timeout)
+
+
+def redis_group_size(url: str, group: str) -> int:
+    """Members of *group* as channels_redis.core stores them (a sorted set per group)."""
+    import redis
+    client = redis.Redis.from_url(url)
+    try:
+        return client.zcard(f"asgi:group:{group}")
+    finally:
+        client.close()
+
+
+def redis_wait_until(predicate, timeout: float = 10, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
+@pytest.mark.parametrize("backend", [redis_CORE, redis_PUBSUB], ids=["core", "pubsub"])
+def test_command_line_redis_layers_carry_echo_and_groups_across_two_servers(backend):
+    import statistics
+
+    room = f"r{uuid.uuid4().hex[:8]}"
+    with running_redis() as url, redis_two_servers(url, backend) as (server_a, server_b):
+
+        async def scenario():
+            async with ws_connect(server_a.url("/redis/echo/")) as echo:
+                await echo.send("echo through redis")
+                assert await redis_recv(echo) == "echo through redis"
+            async with ws_connect(server_a.url(f"/redis/room/{room}/")) as listener_a, \
+                    ws_connect(server_b.url(f"/redis/room/{room}/")) as listener_b, \
+                    ws_connect(server_a.url(f"/redis/say/{room}/")) as speaker:
+                latencies = []
+                for number in range(50):
+                    started = time.perf_counter()
+                    await speaker.send(f"message {number}")
+                    assert await redis_recv(listener_b) == f"message {number}"
+                    latencies.append(time.perf_counter() - started)
+                    assert await redis_recv(listener_a) == f"message {number}"
+                # A frame from server B's socket reaches server A's socket too.
+                await listener_b.send("from B")
+                assert await redis_recv(listener_a) == "from B"
+                assert await redis_recv(listener_b) == "from B"
+            return latencies
+
+        latencies = run(scenario(), timeout=120)
+    median = statistics.median(latencies)
+    print(f"\n[{backend}] cross-process group broadcast, server A -> server B: median "
+          f"{median * 1000:.2f} ms, max {max(latencies) * 1000:.2f} ms over {len(latencies)}")
+    assert median < 1.0, latencies  # generous: a 2-core machine shared with other jobs
+
+
+def test_command_line_redis_uvicorn_workers_share_groups():
+    """`uvicorn --workers 2`: sockets land in different processes, yet a broadcast from
+    any of them reaches all of them."""
+    room = f"r{uuid.uuid4().hex[:8]}"
+    with running_redis() as url, running_server(
+            app=f"{__name__}:redis_app", env=redis_server_env(url),
+            extra_args=["--workers", "2"]) as server:
+
+        async def scenario():
+            async with contextlib.AsyncExitStack() as stack:
+                listeners, pids = [], set()
+                for _ in range(60):  # until both workers hold a listener (the 2nd may start late)
+                    listener = await stack.enter_async_context(
+                        ws_connect(server.url(f"/redis/pid/{room}/")))
+                    listeners.append(listener)
+                    pids.add(await redis_recv(listener))
+                    if len(pids) == 2 and len(listeners) >= 4:
+                        break
+                    await asyncio.sleep(0.1)
+                speaker = await stack.enter_async_context(ws_connect(server.url(f"/redis/say/{room}/")))
+                await speaker.send("to every worker")
+                heard = [await redis_recv(listener, 5) for listener in listeners]
+            return pids, heard
+
+        pids, heard = run(scenario(), timeout=60)
+    assert len(pids) == 2, f"all sockets landed in one worker: {pids}"
+    assert heard == ["to every worker"] * len(heard)
+
+
+def test_command_line_redis_connection_groups_are_left_across_servers():
+    room = f"r{uuid.uuid4().hex[:8]}"
+    group = f"redis-room-{room}"
+    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
+
+        async def scenario():
+            async with ws_connect(server_a.url(f"/redis/room/{room}/")) as listener_a, \
+                    ws_connect(server_a.url(f"/redis/say/{room}/")) as speaker:
+                async with ws_connect(server_b.url(f"/redis/room/{room}/")) as listener_b:
+                    assert redis_group_size(url, group) == 2
+                    await speaker.send("both")
+                    assert await redis_recv(listener_a) == "both"
+                    assert await redis_recv(listener_b) == "both"
+                # B's socket is gone: server B's disconnect handling removed it from Redis.
+                await asyncio.to_thread(redis_wait_until, lambda: redis_group_size(url, group) == 1,
+                                        10, "group shrinking to 1 member")
+                await speaker.send("only A")
+                assert await redis_recv(listener_a) == "only A"
+                # A new socket on B joins afresh and hears only what comes after it.
+                async with ws_connect(server_b.url(f"/redis/room/{room}/")) as again_b:
+                    assert redis_group_size(url, group) == 2
+                    await speaker.send("after rejoin")
+                    assert await redis_recv(again_b) == "after rejoin"
+                    assert await redis_recv(listener_a) == "after rejoin"
+            await asyncio.to_thread(redis_wait_until, lambda: redis_group_size(url, group) == 0,
+                                    10, "group emptied")
+
+        run(scenario(), timeout=60)
+
+
+def test_command_line_redis_model_saved_in_another_process_reaches_both_servers(tmp_path):
+    script = tmp_path / "redis_save_item.py"
+    script.write_text(
+        "import importlib, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        f"module = importlib.import_module({__name__!r})\n"
+        "item = module.Item.objects.create(name='redis-from-script', team='blue')\n"
+        "print(item.pk)\n")
+    ensure_database()
+    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
+
+        async def scenario():
+            async with ws_connect(server_a.url("/redis/items/")) as socket_a, \
+                    ws_connect(server_b.url("/redis/items/")) as socket_b:
+                saved = await asyncio.to_thread(
+                    subprocess.run, [sys.executable, str(script)], cwd=str(tmp_path),
+                    env={**os.environ, **redis_server_env(url)}, capture_output=True,
+                    text=True, timeout=60)
+                assert saved.returncode == 0, saved.stderr
+                pk = int(saved.stdout.strip().splitlines()[-1])
+                frames = [json.loads(await redis_recv(socket_a)), json.loads(await redis_recv(socket_b))]
+                # A sync Django view on server B saves too (its on_commit send runs in
+                # the view's thread and crosses to B's loop): both servers hear it.
+                status, body = await asyncio.to_thread(
+                    http_get, server_b.url("/items/create/?name=redis-from-view&team=green", "http"))
+                assert status == 200, body
+                view_pk = json.loads(body)["pk"]
+                frames += [json.loads(await redis_recv(socket_a)), json.loads(await redis_recv(socket_b))]
+            return pk, view_pk, frames
+
+        pk, view_pk, frames = run(scenario(), timeout=90)
+    label = f"{__name__}.item".lower()
+    from_script = {"stream": "redis-items", "payload": {
+        "action": "create", "pk": pk, "data": {"name": "redis-from-script", "team": "blue"},
+        "model": label}}
+    from_view = {"stream": "redis-items", "payload": {
+        "action": "create", "pk": view_pk, "data": {"name": "redis-from-view", "team": "green"},
+        "model": label}}
+    assert frames == [from_script, from_script, from_view, from_view]
+
+
+# -- runworker: a tiny Django project in a temporary directory --
+
+redis_WORKER_SETTINGS = '''\
+import os
+
+SECRET_KEY = "runworker-tests-only"
+INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth"]
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3",
+                         "NAME": os.environ["CHANNELS_MINI_TEST_DB"], "OPTIONS": {"timeout": 30}}}
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+CHANNEL_ROUTING = "redis_worker_routing.channel_routing"
+_url = os.environ.get("CHANNELS_MINI_TEST_REDIS")
+CHANNEL_LAYERS = ({"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                               "CONFIG": {"hosts": [_url]}}} if _url else {})
+'''
+
+# Plain functions and a dict routing: no import of channels_mini, so the same
+# project runs under a vendored copy (mysite/channels_mini.py) too.
+redis_WORKER_ROUTING = '''\
+import time
+
+
+def fast(message):
+    from django.contrib.auth.models import Group
+    if message.get("record"):
+        Group.objects.get_or_create(name=message["record"])  # the shared SQLite file
+    message.reply_channel.send({"done": message["n"], "channel": message.channel.name})
+
+
+def slow(message):
+    message.reply_channel.send({"started": message["n"]}, immediately=True)
+    time.sleep(message["seconds"])
+    message.reply_channel.send({"done": message["n"], "channel": message.channel.name})
+
+
+channel_routing = {
+    "redis-work.fast": "redis_worker_routing.fast",
+    "redis-work.slow": "redis_worker_routing.slow",
+    "redis-extra.other": "redis_worker_routing.fast",
+}
+'''
+
+
+def redis_worker_project(directory) -> str:
+    """Write the settings and routing modules into *directory*; return it as a str."""
+    directory = str(directory)
+    with open(os.path.join(directory, "redis_worker_settings.py"), "w") as handle:
+        handle.write(redis_WORKER_SETTINGS)
+    with open(os.path.join(directory, "redis_worker_routing.py"), "w") as handle:
+        handle.write(redis_WORKER_ROUTING)
+    return directory
+
+
+def redis_worker_command(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, "runworker", "--settings", "redis_worker_settings", *args]
+
+
+@contextlib.contextmanager
+def redis_running_worker(directory: str, url: str | None, *args: str,
+                         module: str = "channels_mini", pythonpath: str | None = None):
+    """A runworker subprocess; yields (process, log reader); always stopped on exit."""
+    env = {**os.environ, "PYTHONPATH": pythonpath or f"{directory}{os.pathsep}{ROOT}"}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    if url:
+        env["CHANNELS_MINI_TEST_REDIS"] = url
+    log_path = os.path.join(directory, f"worker-{uuid.uuid4().hex[:6]}.log")
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(redis_worker_command(module, *args), cwd=directory, env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+
+    def log() -> str:
+        with open(log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    try:
+        yield process, log
+    finally:
+        stop_process(process)
+
+
+def redis_wait_for_log(process, log, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log():
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in the worker's log within {timeout} s "
+                         f"(exit code {process.poll()}):\n{log()}")
+
+
+async def redis_ask_worker(url: str, sends: list[tuple[str, dict]], expect: int,
+                           timeout: float = 20) -> list[dict]:
+    """Send *sends* (channel, content) with a fresh reply channel; collect *expect* replies."""
+    layer = redis_layer(url)
+    reply = f"redis-test-reply.{uuid.uuid4().hex}"
+    try:
+        for channel, content in sends:
+            await Channel(channel, channel_layer=layer).asend({**content, "reply_channel": reply})
+        return [await redis_receive(layer, reply, timeout) for _ in range(expect)]
+    finally:
+        await layer.close_pools()
+
+
+def test_command_line_redis_runworker_consumes_messages_sent_from_another_process(tmp_path):
+    from django.contrib.auth.models import Group as AuthGroup
+
+    ensure_database()
+    directory = redis_worker_project(tmp_path)
+    record = f"redis-worker-{uuid.uuid4().hex[:8]}"
+    with running_redis() as url:
+        # Sent before the worker starts: a shared layer keeps it until someone listens.
+        sender = subprocess.run(
+            [sys.executable, "-c",
+             "import sys; sys.path.insert(0, sys.argv[1]); import django, os; "
+             "os.environ['DJANGO_SETTINGS_MODULE'] = 'redis_worker_settings'; django.setup(); "
+             "import channels_mini; "
+             "channels_mini.Channel('redis-work.fast').send({'n': 1, 'record': sys.argv[2], "
+             "'reply_channel': sys.argv[3]})",
+             directory, record, "redis-test-reply.from-script"],
+            cwd=directory, env={**os.environ, "CHANNELS_MINI_TEST_REDIS": url,
+                                "PYTHONPATH": f"{directory}{os.pathsep}{ROOT}"},
+            capture_output=True, text=True, timeout=60)
+        assert sender.returncode == 0, sender.stderr
+        with redis_running_worker(directory, url) as (process, log):
+            redis_wait_for_log(process, log, "runworker listening on channels: "
+                                             "redis-extra.other, redis-work.fast, redis-work.slow")
+
+            async def first_reply():
+                layer = redis_layer(url)
+                try:
+                    return await redis_receive(layer, "redis-test-reply.from-script", 20)
+                finally:
+                    await layer.close_pools()
+
+            assert run(first_reply()) == {"done": 1, "channel": "redis-work.fast"}
+            replies = run(redis_ask_worker(url, [("redis-extra.other", {"n": 2}),
+                                                 ("redis-work.fast", {"n": 3})], 2))
+            assert sorted(r["done"] for r in replies) == [2, 3]
+            assert process.poll() is None
+        assert AuthGroup.objects.filter(name=record).exists()
+        assert process.returncode == 0, log()
+
+
+def test_command_line_redis_runworker_honours_only_and_exclude_channel_globs(tmp_path):
+    directory = redis_worker_project(tmp_path)
+    with running_redis() as url:
+        with redis_running_worker(directory, url, "--only-channels", "redis-work.*",
+                                  "--exclude-channels", "*.slow") as (process, log):
+            redis_wait_for_log(process, log, "runworker listening on channels: redis-work.fast\n")
+
+            async def scenario():
+                layer = redis_layer(url)
+                reply = f"redis-test-reply.{uuid.uuid4().hex}"
+                try:
+                    await layer.send("redis-work.slow", {"n": 1, "seconds": 0, "reply_channel": reply})
+                    await layer.send("redis-extra.other", {"n": 2, "reply_channel": reply})
+                    await layer.send("redis-work.fast", {"n": 3, "reply_channel": reply})
+                    answered = await redis_receive(layer, reply, 20)
+                    with pytest.raises(asyncio.TimeoutError):
+                        await asyncio.wait_for(layer.receive(reply), 1.0)
+                    # Nobody took the others: they are still waiting in Redis.
+                    left = [await redis_receive(layer, "redis-work.slow", 5),
+                            await redis_receive(layer, "redis-extra.other", 5)]
+                finally:
+                    await layer.close_pools()
+                return answered, left
+
+            answered, left = run(scenario())
+            assert answered == {"done": 3, "channel": "redis-work.fast"}
+            assert [m["n"] for m in left] == [1, 2]
+        assert process.returncode == 0, log()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_command_line_redis_runworker_stops_cleanly_finishing_the_message_in_hand(tmp_path, signum):
+    directory = redis_worker_project(tmp_path)
+    with running_redis() as url:
+        with redis_running_worker(directory, url) as (process, log):
+            redis_wait_for_log(process, log, "runworker listening on channels")
+
+            async def scenario():
+                layer = redis_layer(url)
+                reply = f"redis-test-reply.{uuid.uuid4().hex}"
+                try:
+                    await layer.send("redis-work.slow", {"n": 7, "seconds": 1.5, "reply_channel": reply})
+                    started = await redis_receive(layer, reply, 20)
+                    process.send_signal(signum)  # while the handler sleeps
+                    signalled_at = time.monotonic()
+                    done = await redis_receive(layer, reply, 20)
+                    exit_code = await asyncio.to_thread(process.wait, 15)
+                    return started, done, exit_code, time.monotonic() - signalled_at
+                finally:
+                    await layer.close_pools()
+
+            started, done, exit_code, took = run(scenario(), timeout=60)
+        assert started == {"started": 7}
+        assert done == {"done": 7, "channel": "redis-work.slow"}
+        assert exit_code == 0, log()
+        assert took < 8, log()
+        assert "runworker stopping: finishing the messages in hand." in log()
+        assert "runworker stopped." in log()
+        assert "Traceback" not in log(), log()
+
+
+def test_command_line_redis_runworker_stops_promptly_right_after_a_message(tmp_path):
+    """SIGTERM just after a message was handled, when the worker re-enters receive():
+    the stop must not wait out _BackgroundWorkers.stop()'s 5 s timeout. (redis-py 8
+    sometimes loses a cancel in that instant, so one cancel is not enough.) Three tries."""
+    directory = redis_worker_project(tmp_path)
+    durations = []
+    with running_redis() as url:
+        for attempt in range(3):
+            with redis_running_worker(directory, url, "--only-channels", "redis-work.fast") as (process, log):
+                redis_wait_for_log(process, log, "runworker listening on channels")
+                replies = run(redis_ask_worker(url, [("redis-work.fast", {"n": attempt})], 1))
+                process.send_signal(signal.SIGTERM)
+                started = time.monotonic()
+                assert process.wait(15) == 0, log()
+                durations.append(round(time.monotonic() - started, 2))
+            assert replies == [{"done": attempt, "channel": "redis-work.fast"}]
+    assert max(durations) < 3, f"seconds from SIGTERM to exit: {durations}"
+
+
+def test_command_line_redis_runworker_refuses_the_in_memory_layer_and_says_why(tmp_path):
+    directory = redis_worker_project(tmp_path)
+    env = {**os.environ, "PYTHONPATH": f"{directory}{os.pathsep}{ROOT}"}
+    env.pop("CHANNELS_MINI_TEST_REDIS", None)
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    finished = subprocess.run(redis_worker_command("channels_mini"), cwd=directory, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2
+    output = finished.stdout + finished.stderr
+    assert ("runworker cannot start: channel layer 'default' is an InMemoryChannelLayer, which "
+            "lives inside one process, so nothing could ever reach this worker. Configure a "
+            "shared layer such as channels_redis.core.RedisChannelLayer in CHANNEL_LAYERS."
+            ) in output
+
+
+def test_command_line_redis_runworker_from_a_vendored_copy(tmp_path):
+    directory = redis_worker_project(tmp_path)
+    package = tmp_path / "mysite"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    shutil.copy(os.path.join(ROOT, "channels_mini.py"), package / "channels_mini.py")
+    only_vendored = {**os.environ, "PYTHONPATH": directory}
+    only_vendored.pop("DJANGO_SETTINGS_MODULE", None)
+    # channels_mini itself is not importable here: only mysite.channels_mini is.
+    probe = subprocess.run([sys.executable, "-c", "import channels_mini"], cwd=directory,
+                           env=only_vendored, capture_output=True, text=True, timeout=60)
+    assert probe.returncode != 0 and "No module named 'channels_mini'" in probe.stderr
+    usage = subprocess.run([sys.executable, "-m", "mysite.channels_mini", "runworker", "--help"],
+                           cwd=directory, env=only_vendored, capture_output=True, text=True,
+                           timeout=60)
+    assert usage.returncode == 0 and "python -m mysite.channels_mini runworker" in usage.stdout
+    with running_redis() as url:
+        with redis_running_worker(directory, url, module="mysite.channels_mini",
+                                  pythonpath=directory) as (process, log):
+            redis_wait_for_log(process, log, "runworker listening on channels")
+            replies = run(redis_ask_worker(url, [("redis-work.fast", {"n": 1})], 1))
+            assert replies == [{"done": 1, "channel": "redis-work.fast"}]
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0, log()
+        assert "Traceback" not in log(), log()
+
+
+# -- Redis going away --
+
+@contextlib.contextmanager
+def redis_server_on(url: str):
+    """Start redis-server again on *url*'s port (after a shutdown); always stopped on exit."""
+    port = int(url.rsplit(":", 1)[1])
+    workdir = tempfile.mkdtemp(prefix="channels-mini-redis-")
+    process = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind",
+                                "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, process)
+        yield url
+    finally:
+        stop_process(process)
+
+
+def redis_shutdown(url: str) -> None:
+    import redis
+    client = redis.Redis.from_url(url)
+    try:
+        client.shutdown(nosave=True)
+    finally:
+        client.close()
+
+
+def test_command_line_redis_outage_is_logged_the_server_survives_and_recovers():
+    import redis
+    from websockets.exceptions import ConnectionClosedError, InvalidStatus
+
+    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
+                                                env=redis_server_env(url)) as server:
+
+        async def during_outage():
+            async with ws_connect(server.url("/redis/echo/")) as socket:
+                await socket.send("before")
+                assert await redis_recv(socket) == "before"
+                redis_shutdown(url)
+                await asyncio.to_thread(
+                    redis_wait_until, lambda: "Cannot receive replies for websocket /redis/echo/ "
+                                              "from the channel layer; retrying in 1 s." in server.log(),
+                    10, "the relay's error in the server log")
+                # Every reply goes through the layer: the consumer's send fails, that
+                # socket closes with 1011 and the failure is logged with its cause.
+                await socket.send("while down")
+                with pytest.raises(ConnectionClosedError):
+                    await redis_recv(socket)
+                assert socket.close_code == 1011
+            # A new socket cannot be accepted (the accept is a reply too): HTTP 403.
+            with pytest.raises(InvalidStatus) as rejected:
+                async with ws_connect(server.url("/redis/echo/")):
+                    pass
+            assert rejected.value.response.status_code == 403
+
+        run(during_outage(), timeout=60)
+        assert server.process.poll() is None
+        assert http_get(server.url("/page/", "http")) == (200, "django page ok")
+        log = server.log()
+        assert "Consumer failed on websocket.receive for /redis/echo/ (order 2); closing that " \
+               "socket with 1011." in log
+        assert "Consumer failed on websocket.connect for /redis/echo/ (order 0)" in log
+        assert "redis.exceptions.ConnectionError" in log
+        # Sends from outside the server fail loudly too.
+        with pytest.raises(redis.exceptions.ConnectionError):
+            Channel("redis-down.direct", channel_layer=redis_layer(url)).send({"lost": True})
+        with pytest.raises(redis.exceptions.ConnectionError):
+            Group("redis-down-group", channel_layer=redis_layer(url)).send({"lost": True})
+
+        with redis_server_on(url):  # Redis is back, on the same address
+
+            async def after_outage():
+                # The server's pool may still hold a connection to the old redis-server:
+                # its first use fails once ("Connection closed by server", that socket
+                # closes with 1011), then the pool reconnects. So allow a few sockets.
+                for attempt in range(5):
+                    with contextlib.suppress(ConnectionClosedError, InvalidStatus):
+                        async with ws_connect(server.url("/redis/echo/")) as socket:
+                            await socket.send("after")
+                            return attempt, await redis_recv(socket)
+                    await asyncio.sleep(0.2)
+                return None, server.log()[-3000:]
+
+            attempt, echoed = run(after_outage())
+            assert echoed == "after"
+            assert attempt <= 2
+        assert server.process.poll() is None
+
+
+def test_command_line_redis_sockets_closing_right_after_a_reply_leave_no_error_behind():
+    """Hundreds of short sockets (echo once, close): every handshake and reply arrives,
+    a closed socket's reply relay stops quietly, and the server then stops promptly.
+    With channels_redis on redis-py 8, stopping relays by cancellation goes wrong in
+    this churn: a lost cancel leaves a bogus 'Cannot receive replies' error and a 5 s
+    shutdown; cancelling again can drop another socket's reply (all reply channels of a
+    process share one Redis key), so its handshake never completes."""
+    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
+                                                env=redis_server_env(url)) as server:
+
+        async def churn():
+            for number in range(300):
+                async with ws_connect(server.url("/redis/echo/")) as socket:
+                    await socket.send(f"n{number}")
+                    assert await redis_recv(socket) == f"n{number}"
+
+        run(churn(), timeout=120)
+        time.sleep(1)  # let the last disconnects finish
+        started = time.monotonic()
+        stop_process(server.process, timeout=20)
+        stopped_after = time.monotonic() - started
+        log = server.log()
+    assert server.process.returncode == 0
+    bogus = [line for line in log.splitlines() if "Cannot receive replies" in line]
+    assert bogus == [], f"{len(bogus)} error(s) for closed sockets, e.g. {bogus[0]!r}"
+    assert stopped_after < 3, f"{stopped_after:.1f} s to stop"
 
 
 # === 9. Reliability and security ===
