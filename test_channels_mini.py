@@ -690,6 +690,8 @@ def test_module_works_when_vendored_under_another_package(tmp_path):
     package.mkdir()
     (package / "__init__.py").write_text("")
     shutil.copy(os.path.join(ROOT, "channels_mini.py"), package / "channels_mini.py")
+    # Shadow any installed copy: the vendored module must never import itself by name.
+    (tmp_path / "channels_mini.py").write_text("raise ImportError('imported channels_mini by name')\n")
     script = (
         "import asyncio\n"
         "from mysite.channels_mini import Application, WebsocketConsumer, WebsocketCommunicator\n"
@@ -3618,10 +3620,13 @@ def test_command_line_redis_runworker_from_a_vendored_copy(tmp_path):
     shutil.copy(os.path.join(ROOT, "channels_mini.py"), package / "channels_mini.py")
     only_vendored = {**os.environ, "PYTHONPATH": directory}
     only_vendored.pop("DJANGO_SETTINGS_MODULE", None)
-    # channels_mini itself is not importable here: only mysite.channels_mini is.
+    # A top-level channels_mini that refuses to load shadows any installed copy: the vendored
+    # module must never import itself by that name.
+    with open(os.path.join(directory, "channels_mini.py"), "w") as shadow:
+        shadow.write("raise ImportError('the vendored copy imported channels_mini by name')\n")
     probe = subprocess.run([sys.executable, "-c", "import channels_mini"], cwd=directory,
                            env=only_vendored, capture_output=True, text=True, timeout=60)
-    assert probe.returncode != 0 and "No module named 'channels_mini'" in probe.stderr
+    assert probe.returncode != 0 and "the vendored copy imported channels_mini" in probe.stderr
     usage = subprocess.run([sys.executable, "-m", "mysite.channels_mini", "runworker", "--help"],
                            cwd=directory, env=only_vendored, capture_output=True, text=True,
                            timeout=60)
