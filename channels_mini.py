@@ -1,4 +1,4 @@
-"""Channels 1.x for today's ASGI servers, in one file.
+r"""Channels 1.x for today's ASGI servers, in one file.
 
 channels_mini brings the Django Channels 0.17/1.x programming model -- channels,
 groups, routes with filters, class-based consumers and data binding -- to ASGI 3
@@ -38,7 +38,7 @@ A complete chat server::
     from channels_mini import Application
     from chat.consumers import Chat
 
-    application = Application([Chat.as_route(path=r"^/chat/(?P<room>\\w+)/$")])
+    application = Application([Chat.as_route(path=r"^/chat/(?P<room>\w+)/$")])
 
     # shell:  uvicorn mysite.asgi:application
 """
@@ -118,8 +118,8 @@ class SendNotAvailableOnDemultiplexer(Exception):
 # channel-layer interface, so Channels' Redis layers can take its place for several
 # processes. `get_channel_layer()` picks the configured layer from settings.
 
-_CHANNEL_NAME = re.compile(r"^[a-zA-Z\d\-_.]+(![\d\w\-_.]*)?$")
-_GROUP_NAME = re.compile(r"^[a-zA-Z\d\-_.]+$")
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9_.-]+(![A-Za-z0-9_.-]*)?")  # matched whole (fullmatch)
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _MAX_NAME_LENGTH = 100
 
 
@@ -132,13 +132,13 @@ def _require_name(kind: str, name: Any, pattern: re.Pattern) -> None:
         raise ValueError(
             f"{kind} name {name!r} is invalid: use fewer than {_MAX_NAME_LENGTH} ASCII "
             f"letters, digits, '-', '_' or '.'{extra}. If the name comes from a URL, "
-            f"clean it first, e.g. re.sub(r'[^\\w.-]', '_', name)."
+            f"clean it first, e.g. re.sub(r'[^A-Za-z0-9_.-]', '_', name)."
         )
 
 
 @functools.lru_cache(maxsize=4096)  # the same names come back on every message
 def _is_valid_name(name: str, pattern: re.Pattern) -> bool:
-    return len(name) < _MAX_NAME_LENGTH and pattern.match(name) is not None
+    return len(name) < _MAX_NAME_LENGTH and pattern.fullmatch(name) is not None
 
 
 def _require_dict(message: Any, what: str = "Message") -> None:
@@ -212,7 +212,7 @@ class InMemoryChannelLayer:
 
     def send_now(self, channel: str, message: dict) -> None:
         """The same as ``send``, for synchronous code: it never waits."""
-        if channel not in self._queues:  # a queue exists only for a name checked before
+        if type(channel) is not str or channel not in self._queues:  # queued names were checked
             _require_name("Channel", channel, _CHANNEL_NAME)
         _require_dict(message)
         with self._lock:
@@ -225,7 +225,7 @@ class InMemoryChannelLayer:
 
     async def receive(self, channel: str) -> dict:
         """Wait for and return the next unexpired message on *channel*."""
-        if channel not in self._queues:
+        if type(channel) is not str or channel not in self._queues:
             _require_name("Channel", channel, _CHANNEL_NAME)
         loop = asyncio.get_running_loop()
         while True:
@@ -489,7 +489,7 @@ def get_channel_layer(alias: str = "default") -> Any:
 def _build_layer(alias: str) -> Any:
     from django.conf import settings
 
-    configs = getattr(settings, "CHANNEL_LAYERS", None) if settings.configured else None
+    configs = getattr(settings, "CHANNEL_LAYERS", None) if _settings_ready() else None
     if not configs:
         if alias == "default":
             return InMemoryChannelLayer()
@@ -520,6 +520,16 @@ def _build_layer(alias: str) -> Any:
             f"Channel layer {alias!r} ({backend}) could not be built with CONFIG "
             f"{config.get('CONFIG', {})!r}: {error}"
         ) from error
+
+
+def _settings_ready() -> bool:
+    """Are Django settings available? ``settings.configured`` stays False until something
+    reads them, even with DJANGO_SETTINGS_MODULE set, so look at both."""
+    import os
+
+    from django.conf import ENVIRONMENT_VARIABLE, settings
+
+    return settings.configured or bool(os.environ.get(ENVIRONMENT_VARIABLE))
 
 
 def _import_by_path(path: str, what: str) -> Any:
@@ -658,6 +668,8 @@ def _layer_operation(operation: str, layer: Any, args: tuple, immediately: bool)
     """Defer a sync-form operation inside a consumer; otherwise do it now, never blocking a loop."""
     state = _consumer_state.get()
     if state is not None and not immediately:
+        if operation in ("send", "group_send"):  # the caller may change its dict before we send
+            args = (args[0], dict(args[1]))
         state.deferred.append((operation, layer, args))
     elif _is_in_memory(layer):
         getattr(layer, operation + "_now")(*args)  # a lock and a deque: safe anywhere
@@ -901,7 +913,11 @@ def _compile_filters(filters: dict[str, Any], where: str) -> dict[str, re.Patter
         if isinstance(pattern, re.Pattern):
             regex = pattern
         elif isinstance(pattern, str):
-            regex = re.compile(pattern)
+            try:
+                regex = re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"Filter {key!r} for {where} is not a valid regex ({error}; "
+                                 f"got {pattern!r}).") from None
         else:
             raise TypeError(f"Filter {key!r} for {where} must be a regex string "
                             f"(got {type(pattern).__name__} {pattern!r}).")
@@ -914,11 +930,17 @@ def _compile_filters(filters: dict[str, Any], where: str) -> dict[str, re.Patter
     return compiled
 
 
-def _match_filters(filters: dict[str, re.Pattern], content: Any) -> tuple[dict, dict] | None:
-    """Match every filter; return (kwargs, matched parts by key), or None if one fails."""
+def _match_filters(filters: dict[str, re.Pattern], content: Any,
+                   partial: bool = False) -> tuple[dict, dict] | None:
+    """Match every filter; return (kwargs, matched parts by key), or None if one fails.
+
+    *partial* skips filters on keys the content lacks: "could this route match?".
+    """
     kwargs: dict[str, Any] = {}
     matched: dict[str, re.Match] = {}
     for key, regex in filters.items():
+        if partial and key not in content:
+            continue
         value = content.get(key)
         if isinstance(value, bytes):
             try:
@@ -944,9 +966,9 @@ def _filters_repr(filters: dict[str, re.Pattern]) -> str:
 
 
 class Route:
-    """Sends messages on *channels* that pass every filter to *consumer*.
+    r"""Sends messages on *channels* that pass every filter to *consumer*.
 
-    ``route("websocket.receive", chat, path=r"^/chat/(?P<room>\\w+)/$")`` calls
+    ``route("websocket.receive", chat, path=r"^/chat/(?P<room>\w+)/$")`` calls
     ``chat(message, room="lobby")`` for a frame on ``/chat/lobby/``.
     """
 
@@ -961,10 +983,10 @@ class Route:
     def match(self, message: Message) -> tuple[Any, dict] | None:
         return self._match(message.channel_name, message.content)
 
-    def _match(self, channel: str, content: Any) -> tuple[Any, dict] | None:
+    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Any, dict] | None:
         if channel not in self.channels:
             return None
-        result = _match_filters(self.filters, content)
+        result = _match_filters(self.filters, content, partial)
         return None if result is None else (self.consumer, result[0])
 
     def __repr__(self) -> str:
@@ -1011,17 +1033,17 @@ class Include:
     def match(self, message: Message) -> tuple[Any, dict] | None:
         return self._match(message.channel_name, message.content)
 
-    def _match(self, channel: str, content: Any) -> tuple[Any, dict] | None:
+    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Any, dict] | None:
         if channel not in self.router.channels:
             return None
-        result = _match_filters(self.prefixes, content)
+        result = _match_filters(self.prefixes, content, partial)
         if result is None:
             return None
         kwargs, matched = result
         stripped = dict(content)
         for key, found in matched.items():
             stripped[key] = found.string[found.end():]
-        inner = self.router._match(channel, stripped)
+        inner = self.router._match(channel, stripped, partial)
         if inner is None:
             return None
         consumer, inner_kwargs = inner
@@ -1054,9 +1076,9 @@ class Router:
     def match(self, message: Message) -> tuple[Any, dict] | None:
         return self._match(message.channel_name, message.content)
 
-    def _match(self, channel: str, content: Any) -> tuple[Any, dict] | None:
+    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Any, dict] | None:
         for entry in self.routes:
-            result = entry._match(channel, content)
+            result = entry._match(channel, content, partial)
             if result is not None:
                 return result
         return None
@@ -1218,7 +1240,8 @@ class BaseConsumer:
             if not isinstance(attrs, dict):
                 raise TypeError(f"as_route(attrs=...) takes a dict of class attributes "
                                 f"(got {type(attrs).__name__} {attrs!r}).")
-            cls = type(cls.__name__, (cls,), attrs)
+            names = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+            cls = type(cls.__name__, (cls,), {**names, **attrs})
         return RouteClass(cls, **filters)
 
     def __repr__(self) -> str:
@@ -1283,7 +1306,7 @@ class WebsocketConsumer(BaseConsumer):
     # -- what the router calls --
 
     async def raw_connect(self, message: Message, **kwargs: Any) -> None:
-        for name in self.connection_groups(**kwargs):
+        for name in await self._connection_groups(kwargs):
             await Group(name, channel_layer=message.channel_layer).aadd(message.reply_channel)
         if _overrides(self, "connect", WebsocketConsumer):
             await _call_handler(self.connect, message, **kwargs)
@@ -1297,10 +1320,15 @@ class WebsocketConsumer(BaseConsumer):
             await _call_handler(self.receive, bytes=message.get("bytes"), **kwargs)
 
     async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
-        for name in self.connection_groups(**kwargs):
+        for name in await self._connection_groups(kwargs):
             await Group(name, channel_layer=message.channel_layer).adiscard(message.reply_channel)
         if _overrides(self, "disconnect", WebsocketConsumer):
             await _call_handler(self.disconnect, message, **kwargs)
+
+    async def _connection_groups(self, kwargs: dict) -> list[str]:
+        if _overrides(self, "connection_groups", WebsocketConsumer):
+            return list(await _call_handler(self.connection_groups, **kwargs))  # may query the DB
+        return self.connection_groups(**kwargs)  # the default reads `groups`: no thread needed
 
     # -- what you override --
 
@@ -1555,8 +1583,7 @@ class Binding:
 
     def serialize(self, instance: Any, action: str) -> dict:
         """The payload sent for *action* on *instance*; return ``{}`` to send nothing."""
-        record = self._serialized(instance)
-        return {"action": action, "pk": record["pk"], "data": record["fields"],
+        return {"action": action, "pk": _json_pk(instance), "data": self.serialize_data(instance),
                 "model": instance._meta.label_lower}
 
     def serialize_data(self, instance: Any) -> dict:
@@ -1730,6 +1757,14 @@ class WebsocketBinding(Binding):
         return {"text": WebsocketMultiplexer.encode(stream, payload)}
 
 
+def _json_pk(instance: Any) -> Any:
+    """The primary key as Django's serializers write it: numbers and strings as they are,
+    anything else (a UUID, say) as its string form."""
+    field = instance._meta.pk
+    value = field.value_from_object(instance)
+    return value if value is None or isinstance(value, (int, str)) else field.value_to_string(instance)
+
+
 def _send_to_groups(messages: list[tuple[str, dict]]) -> None:
     for group, message in messages:
         Group(group).send(message)
@@ -1764,7 +1799,7 @@ def _before_save(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
         return
     stored = None
     if instance.pk is not None:
-        stored = sender._default_manager.using(using).filter(pk=instance.pk).first()
+        stored = sender._base_manager.using(using).filter(pk=instance.pk).first()  # as Django does
     instance._binding_groups_before = {
         b: (list(b.group_names(stored)) if stored is not None else []) for b in bindings}
 
@@ -1873,7 +1908,7 @@ class Application:
     def _http_app(self) -> ASGIApp:
         if self.http is None:
             from django.conf import settings
-            if settings.configured:
+            if _settings_ready():
                 from django.core.asgi import get_asgi_application
                 self.http = get_asgi_application()
             else:
@@ -1890,7 +1925,13 @@ class Application:
         consumer, kwargs = matched
         async with consumer_context(self.channel_layer) as state:
             state.socket = message._socket
-            await _call_consumer(consumer, message, kwargs)
+            try:
+                await _call_consumer(consumer, message, kwargs)
+            except DenyConnection:
+                # A rejection wins over an accept the handler queued before raising.
+                state.deferred = [op for op in state.deferred if not (
+                    op[0] == "send" and op[2][0] == message.get("reply_channel"))]
+                raise
         return True
 
     def origin_allowed(self, origin: str | None) -> bool:
@@ -1900,8 +1941,9 @@ class Application:
         patterns = self.allowed_origins
         if patterns is None:
             from django.conf import settings
-            patterns = list(settings.ALLOWED_HOSTS) if settings.configured else []
-            if not patterns and (not settings.configured or settings.DEBUG):
+            ready = _settings_ready()
+            patterns = list(settings.ALLOWED_HOSTS) if ready else []
+            if not patterns and (not ready or settings.DEBUG):
                 patterns = _DEV_HOSTS
         return _origin_matches(origin, patterns)
 
@@ -2015,7 +2057,7 @@ class _Socket:
             "subprotocols": scope.get("subprotocols", []), "order": 0})
         if self.app.router._match("websocket.connect", message.content) is not None:
             await self._handle(message)
-        elif self.app.router._match("websocket.receive", message.content) is not None:
+        elif self.app.router._match("websocket.receive", message.content, partial=True) is not None:
             await self._emit({"type": "websocket.accept"})  # Channels 1.x: frames are routed, so accept
             self.state = "accepted"
         else:
@@ -2035,10 +2077,10 @@ class _Socket:
                 return
             if event["type"] != "websocket.receive" or self.state == "closed" or self.closing:
                 continue  # frames that arrive after we closed are dropped
-            if _frame_size(event) > self.app.max_message_size:
+            size = _frame_size(event)
+            if size > self.app.max_message_size:
                 logger.warning("Closing websocket %s with 1009: a frame of %d bytes exceeds "
-                               "max_message_size=%d.", self.path, _frame_size(event),
-                               self.app.max_message_size)
+                               "max_message_size=%d.", self.path, size, self.app.max_message_size)
                 await self._close(1009)
                 continue
             self.order += 1
@@ -2062,8 +2104,13 @@ class _Socket:
             if not await self.app.handle(message) and message.channel_name == "websocket.receive":
                 logger.debug("No route for websocket.receive on %s; frame ignored.", self.path)
         except DenyConnection:
-            if self.state == "connecting":
-                await self._close(1000)
+            if message.channel_name == "websocket.connect":
+                await self._close(1000)  # before any accept: the client gets HTTP 403
+            else:
+                logger.error("DenyConnection raised while handling %s on %s: it only rejects "
+                             "in websocket.connect. Closing that socket with 1011.",
+                             message.channel_name, self.path)
+                await self._close_after_replies(1011)
         except Exception:
             logger.exception("Consumer failed on %s for %s (order %s); closing that socket "
                              "with 1011.", message.channel_name, self.path, message.get("order"))
@@ -2097,8 +2144,6 @@ class _Socket:
         while True:
             try:
                 reply = await self.layer.receive(self.reply_channel)
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 if self.state == "closed":
                     return  # the socket is gone: a late error from its receive is no news
@@ -2108,7 +2153,12 @@ class _Socket:
                 continue
             if reply == _RELAY_STOP:
                 return
-            await self.reply(reply)
+            try:
+                await self.reply(reply)
+            except Exception:  # a malformed reply: that socket closes, its relay goes on
+                logger.exception("Cannot send reply %r to websocket %s; closing it with 1011.",
+                                 reply, self.path)
+                await self._close(1011)
 
     def takes_directly(self, layer: Any, channel: str) -> bool:
         """May a reply to *channel* skip the layer? Only ours, and only with nothing queued
@@ -2136,7 +2186,9 @@ class _Socket:
                 await self._emit({"type": "websocket.send", key: reply[key]})
         close = reply.get("close")
         if close:
-            await self._close(1000 if close is True else int(close))
+            if close is not True and not isinstance(close, int):
+                raise TypeError(f"'close' must be True or a close code int (got {close!r}).")
+            await self._close(1000 if close is True else close)
 
     async def _accept(self, subprotocol: str | None) -> None:
         self.state = "accepted"
@@ -2402,10 +2454,9 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        _setup_django()
         router = Router(_routing_from_settings())
         layer = get_channel_layer(args.layer)
-    except ImproperlyConfigured as error:
+    except (ImproperlyConfigured, ImportError) as error:
         logger.error("runworker cannot start: %s", error)
         return 2
     if _is_in_memory(layer):

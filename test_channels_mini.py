@@ -870,6 +870,37 @@ def test_layer_redis_sync_send_from_a_short_lived_event_loop_is_not_lost():
         assert run(collect()) == {"n": 1}
 
 
+@pytest.mark.parametrize("name", ["chat\n", "chat\u0663", "a!\u00e9", "room\n"])
+def test_layer_names_are_ascii_and_whole(name):
+    layer = InMemoryChannelLayer()
+    with pytest.raises(ValueError, match=re.escape(f"Channel name {name!r} is invalid")):
+        run(layer.send(name, {}))
+    with pytest.raises(ValueError, match=re.escape("is invalid")):
+        Group(name)
+
+
+def test_layer_unhashable_channel_name_is_a_clear_type_error():
+    with pytest.raises(TypeError, match=re.escape("Channel name must be a str (got list ['x']).")):
+        run(InMemoryChannelLayer().send(["x"], {}))
+    with pytest.raises(TypeError, match=re.escape("Channel name must be a str (got list ['x']).")):
+        run(InMemoryChannelLayer().receive(["x"]))
+
+
+def test_get_channel_layer_reads_settings_named_by_the_environment_before_anything_else(tmp_path):
+    (tmp_path / "env_settings.py").write_text(
+        "SECRET_KEY = 'x'\nCHANNEL_LAYERS = {'default': {'BACKEND': "
+        "'channels_mini.InMemoryChannelLayer', 'CONFIG': {'capacity': 7}}}\n"
+        "ALLOWED_HOSTS = ['only.example.com']\n")
+    script = ("import channels_mini as m; print(m.get_channel_layer().capacity, "
+              "m.Application([]).origin_allowed('https://only.example.com'), "
+              "m.Application([]).origin_allowed('http://localhost'))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+                                 "DJANGO_SETTINGS_MODULE": "env_settings"})
+    assert result.stdout.split() == ["7", "True", "False"], result.stderr
+
+
 # === 2. Messages ===
 
 def test_messages_channel_send_outside_a_consumer_acts_at_once():
@@ -1033,6 +1064,20 @@ def test_messages_message_is_dict_like_with_channels():
     assert message["path"] == "/a/"
     assert Message({}, "email.receive", layer).reply_channel is None
     assert repr(message).startswith("<Message channel='websocket.receive'")
+
+
+def test_messages_deferred_sends_keep_the_content_as_it_was_when_sent():
+    layer = InMemoryChannelLayer()
+
+    async def scenario():
+        content = {"text": "as sent"}
+        async with consumer_context(layer):
+            Channel("a").send(content)
+            Group("g").send(content)
+            content["text"] = "changed later"
+        return await layer.receive("a")
+
+    assert run(scenario()) == {"text": "as sent"}
 
 
 # === 3. Routing ===
@@ -1210,6 +1255,18 @@ def test_routing_routes_print_readably():
 
 def test_routing_classes_behind_the_helpers():
     assert route is Route and route_class is RouteClass and include is Include
+
+
+def test_routing_invalid_regex_names_the_filter_and_pattern():
+    with pytest.raises(ValueError, match=re.escape(
+            "Filter 'path' for route 'c' is not a valid regex (missing ), unterminated subpattern "
+            "at position 0; got '(oops').")):
+        route("c", route_consumer, path="(oops")
+
+
+def test_routing_as_route_subclass_keeps_the_users_module_and_name():
+    entry = RouteChat.as_route(attrs={"greeting": "hi"})
+    assert repr(entry) == f"route_class({__name__}.RouteChat)"
 
 
 # === 4. Consumers ===
@@ -2018,6 +2075,118 @@ def test_consumers_http_user_from_django_session_cookie():
     assert connected["class"] == "AnonymousUser" and replies[0]["authenticated"] is False
 
 
+class ReviewDenyAfterAccept(WebsocketConsumer):
+    def connect(self, message, **kwargs):
+        message.reply_channel.send({"accept": True})
+        raise DenyConnection()
+
+
+class ReviewDenyInReceive(WebsocketConsumer):
+    def receive(self, text=None, bytes=None, **kwargs):
+        raise DenyConnection()
+
+
+class ReviewDatabaseGroups(WebsocketConsumer):
+    def connection_groups(self, **kwargs):
+        from django.contrib.auth.models import User
+        return [f"users-{User.objects.count()}"]  # the ORM: only allowed off the event loop
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=threading.current_thread().name)
+
+
+class ReviewAsyncGroups(WebsocketConsumer):
+    async def connection_groups(self, room, **kwargs):
+        return [f"async-{room}"]
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        self.group_send(f"async-{room}", text=text)
+
+
+def test_consumers_deny_connection_wins_over_a_queued_accept():
+    app = Application([ReviewDenyAfterAccept.as_route()])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/")
+        return await communicator.connect()
+
+    assert run(scenario()) == (False, 1000)
+
+
+def test_consumers_deny_connection_outside_connect_is_an_error(caplog):
+    app = Application([ReviewDenyInReceive.as_route()])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/")
+        assert (await communicator.connect())[0]
+        await communicator.send_to("x")
+        return await communicator.receive_output()
+
+    with caplog.at_level(logging.ERROR, logger="channels_mini"):
+        assert run(scenario()) == {"type": "websocket.close", "code": 1011}
+    assert "DenyConnection raised while handling websocket.receive on /: it only rejects in " \
+           "websocket.connect." in caplog.text
+
+
+def test_consumers_connection_groups_may_query_the_database_or_be_async():
+    ensure_database()
+    app = Application([ReviewDatabaseGroups.as_route(path=r"^/db/$"),
+                       ReviewAsyncGroups.as_route(path=r"^/a/(?P<room>\w+)/$")])
+
+    async def scenario():
+        database = WebsocketCommunicator(app, "/db/")
+        assert (await database.connect())[0]
+        await database.send_to("which thread?")
+        thread = await database.receive_from()
+        members = get_channel_layer().stats()["members"]
+        await database.disconnect()
+        first, second = WebsocketCommunicator(app, "/a/x/"), WebsocketCommunicator(app, "/a/x/")
+        assert (await first.connect())[0] and (await second.connect())[0]
+        await first.send_to("hello")
+        heard = await second.receive_from()
+        await first.disconnect()
+        await second.disconnect()
+        return thread, members, heard, get_channel_layer().stats()["members"]
+
+    thread, members, heard, members_after = run(scenario())
+    assert thread != threading.main_thread().name and members == 1
+    assert heard == "hello" and members_after == 0
+
+
+def test_consumers_a_malformed_group_reply_closes_members_and_the_server_goes_on(caplog):
+    app = Application([route_class(RouteEchoGroup)], allowed_origins=["*"])
+
+    async def scenario():
+        member = WebsocketCommunicator(app, "/")
+        assert (await member.connect())[0]
+        await Group("review-echo").asend({"close": "soon"})
+        closed = await member.receive_output()
+        fresh = WebsocketCommunicator(app, "/")
+        assert (await fresh.connect())[0]
+        await Group("review-echo").asend({"text": "still here"})
+        return closed, await fresh.receive_from()
+
+    with caplog.at_level(logging.ERROR, logger="channels_mini"):
+        closed, heard = run(scenario())
+    assert closed == {"type": "websocket.close", "code": 1011}
+    assert heard == "still here"
+    assert "'close' must be True or a close code int (got 'soon')." in caplog.text
+
+
+class RouteEchoGroup(WebsocketConsumer):
+    groups = ["review-echo"]
+
+
+def test_app_unrouted_connect_accepted_when_a_receive_route_matches_the_path_only():
+    app = Application([route("websocket.receive", route_consumer, path=r"^/echo", text=r"^ping")])
+
+    async def scenario():
+        communicator = WebsocketCommunicator(app, "/echo")
+        return await communicator.connect()
+
+    assert run(scenario()) == (True, None)
+
+
 # === 5. Binding ===
 # One WebsocketBinding on Item, heard by group "bind-items-all" and by one group per team,
 # and a demultiplexer that carries it on stream "items" (and a binding that keeps the
@@ -2610,6 +2779,51 @@ def test_binding_model_saved_in_a_django_view_reaches_a_websocket_client_under_u
     assert frame["payload"]["pk"] == pk
     assert (frame["payload"]["data"]["name"], frame["payload"]["data"]["team"]) == (name, "e2e")
     assert Item.objects.get(pk=pk).name == name
+
+
+class ReviewVisibleManager(models.Manager):
+    def get_queryset(self):
+        return super().get_queryset().filter(hidden=False)
+
+
+class ReviewSoft(models.Model):
+    team = models.CharField(max_length=20)
+    hidden = models.BooleanField(default=False)
+    objects = ReviewVisibleManager()
+
+    class Meta:
+        app_label = __name__
+
+
+class ReviewSoftBinding(WebsocketBinding):
+    model = ReviewSoft
+    stream = "soft"
+    fields = ["team"]
+
+    @classmethod
+    def group_names(cls, instance):
+        return [f"soft-{instance.team}"]
+
+    def serialize_data(self, instance):
+        return {"team": instance.team.upper()}
+
+
+def test_binding_groups_before_come_from_the_stored_row_even_behind_a_filtering_manager():
+    ensure_database()
+    layer = get_channel_layer()
+
+    async def listen():
+        await layer.group_add("soft-red", "review.soft")
+        await layer.group_add("soft-blue", "review.soft")
+
+    run(listen())
+    row = ReviewSoft.objects.create(team="red", hidden=True)
+    assert json.loads(run(layer.receive("review.soft"))["text"])["payload"]["action"] == "create"
+    row.team = "blue"
+    row.save()  # the default manager hides this row; the stored groups must still be found
+    frames = [json.loads(run(layer.receive("review.soft"))["text"]) for _ in range(2)]
+    assert [f["payload"]["action"] for f in frames] == ["delete", "create"]
+    assert frames[1]["payload"]["data"] == {"team": "BLUE"}  # serialize_data is the override
 
 
 # === 6. ASGI app ===

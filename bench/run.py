@@ -250,11 +250,13 @@ def run_layer(cfg, mini, rows):
               "(until all received)", "ms", False)
     rows += [rt, *groups.values()]
     scaling = Row("group_send_scaling", "layer: per-delivery cost M=1000 ÷ M=10", "×", False)
-    rows += [scaling, fan]
+    fan_call = Row("fanout_call_1000", "layer: one group_send to 1,000 waiting receivers "
+                   "(the group_send call alone)", "ms", False)
+    rows += [scaling, fan, fan_call]
     for r in range(cfg["rounds"]):
         log(f"[layer] round {r + 1}/{cfg['rounds']}")
         impls = ordered([i for i in IMPLS if i in factories], r)
-        cells = {"rt": {}, "fan": {}, **{m: {} for m in groups}}
+        cells = {"rt": {}, "fan": {}, "fan_call": {}, **{m: {} for m in groups}}
         for impl in impls:
             cells["rt"][impl] = measure(layerbench.roundtrip, factories[impl], cfg["roundtrip_n"])
         for m in groups:
@@ -264,8 +266,11 @@ def run_layer(cfg, mini, rows):
         for impl in impls:
             cells["fan"][impl] = measure(layerbench.fanout_waiting, factories[impl],
                                          cfg["fanout_members"], cfg["fanout_repeats"])
+            cells["fan_call"][impl] = measure(layerbench.fanout_waiting, factories[impl],
+                                              cfg["fanout_members"], cfg["fanout_repeats"], "call")
         rt.rounds.append(cells["rt"])
         fan.rounds.append(cells["fan"])
+        fan_call.rounds.append(cells["fan_call"])
         for m, row in groups.items():
             row.rounds.append(cells[m])
         big, small = max(groups), min(groups)
