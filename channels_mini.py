@@ -255,6 +255,7 @@ class InMemoryChannelLayer:
         self.group_add_now(group, channel)
 
     def group_add_now(self, group: str, channel: str) -> None:
+        """The same as ``group_add``, for synchronous code."""
         _require_name("Group", group, _GROUP_NAME)
         _require_name("Channel", channel, _CHANNEL_NAME)
         with self._lock:
@@ -266,6 +267,7 @@ class InMemoryChannelLayer:
         self.group_discard_now(group, channel)
 
     def group_discard_now(self, group: str, channel: str) -> None:
+        """The same as ``group_discard``, for synchronous code."""
         _require_name("Group", group, _GROUP_NAME)
         _require_name("Channel", channel, _CHANNEL_NAME)
         with self._lock:
@@ -276,6 +278,7 @@ class InMemoryChannelLayer:
         self.group_send_now(group, message)
 
     def group_send_now(self, group: str, message: dict) -> None:
+        """The same as ``group_send``, for synchronous code."""
         _require_name("Group", group, _GROUP_NAME)
         _require_dict(message)
         skipped = []
@@ -552,8 +555,10 @@ def _is_in_memory(layer: Any) -> bool:
 # A message is a dict on a channel. `Message` wraps one for a consumer, with its
 # reply channel and, for websockets, the socket's session state. `Channel` and
 # `Group` are the names users send to, exactly as in Channels 1.x: inside a consumer
-# their sync sends are deferred until the handler returns (so a handler's replies
-# leave together, in call order, even when it raises); elsewhere they act at once.
+# (`consumer_context`) their sync sends are deferred until the handler returns (so a
+# handler's replies leave together, in call order, even when it raises); elsewhere they
+# act at once. Sync calls made on an event loop with a non-memory layer go to one
+# background "layer thread", so they never block the loop and keep their order.
 
 _LAYER_OPERATIONS = ("send", "group_add", "group_discard", "group_send")
 _FULL_CHANNEL_PATIENCE = 2.0  # seconds a deferred direct send waits for room
@@ -576,7 +581,8 @@ class _ConsumerState:
         for index, (operation, layer, args) in enumerate(operations):
             if index and not index % _OPERATIONS_PER_TURN:
                 # A turn for the sockets to drain their reply channels, so that a burst
-                # (200 group sends in one handler) never fills a member's queue.
+                # (200 group sends in one handler) does not fill a member's queue -- unless
+                # that member's client has stopped reading.
                 await asyncio.sleep(0)
             if operation != "send":
                 await getattr(layer, operation)(*args)
@@ -634,8 +640,10 @@ async def _send_patiently(layer: Any, channel: str, message: dict) -> None:
 async def _reply_patiently(socket: Any, message: dict) -> None:
     """Hand a reply straight to our own socket, with the patience a queued send would get.
 
-    One timer that cancels this task if the client stops reading; asyncio.timeout() would
-    do the same at three times the cost, on every reply.
+    If the client has stopped reading, the server's send never returns; a timer then
+    cancels this wait after two seconds and the handler fails with ChannelFull, as a
+    queued send to a full channel would. (A bare timer: asyncio.timeout() costs more, and
+    this runs for every reply.)
     """
     task = asyncio.current_task()
     expired = []
@@ -823,12 +831,15 @@ class Group:
         _layer_operation("group_send", self.channel_layer, (self.name, content), immediately)
 
     async def aadd(self, channel: Channel | str) -> None:
+        """Add *channel* now, from async code."""
         await self.channel_layer.group_add(self.name, _channel_name(channel))
 
     async def adiscard(self, channel: Channel | str) -> None:
+        """Remove *channel* now, from async code."""
         await self.channel_layer.group_discard(self.name, _channel_name(channel))
 
     async def asend(self, content: dict) -> None:
+        """Send *content* to every member now, from async code."""
         _require_dict(content, "Content")
         await self.channel_layer.group_send(self.name, content)
 
@@ -1117,9 +1128,9 @@ def _resolve_consumer(consumer: Any, where: str) -> Any:
 # === 4. Consumers ===
 # A consumer is user code called as `consumer(message, **kwargs)`. `async def` code is
 # awaited on the event loop; plain functions run in a worker thread, with Django's
-# database connections tidied as around a request. `_call_handler` is the one place
-# that tells the two apart, so sync and async methods mix freely in one class. The
-# classes re-create Channels 1.x's generic consumers on top of `BaseConsumer`.
+# database connections tidied as around a request. `_call_handler` tells the two apart
+# for every handler and `connection_groups`, so sync and async methods mix freely in one
+# class. The classes re-create Channels 1.x's generic consumers on top of `BaseConsumer`.
 
 _to_thread: Callable[..., Awaitable] | None = None  # asgiref's bridge, made once
 _THREAD_POOL_SIZE = 32  # sync handlers running at once; a blocked one holds only its own socket
@@ -1297,6 +1308,7 @@ class WebsocketConsumer(BaseConsumer):
 
     @property
     def path(self) -> str:
+        """The socket's URL path, e.g. ``"/chat/lobby/"``."""
         return self.message["path"]
 
     def connection_groups(self, **kwargs: Any) -> list[str]:
@@ -1306,6 +1318,7 @@ class WebsocketConsumer(BaseConsumer):
     # -- what the router calls --
 
     async def raw_connect(self, message: Message, **kwargs: Any) -> None:
+        """Join the connection groups, then call ``connect``."""
         for name in await self._connection_groups(kwargs):
             await Group(name, channel_layer=message.channel_layer).aadd(message.reply_channel)
         if _overrides(self, "connect", WebsocketConsumer):
@@ -1402,10 +1415,12 @@ class JsonWebsocketConsumer(WebsocketConsumer):
 
     @classmethod
     def encode_json(cls, content: Any) -> str:
+        """Turn *content* into a frame's text; override for another encoder."""
         return json.dumps(content)
 
     @classmethod
     def decode_json(cls, text: str) -> Any:
+        """Turn a frame's text into content; raise ``ValueError`` for bad input."""
         return json.loads(text)
 
 
@@ -1445,7 +1460,8 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
 
     #: ``{stream name: consumer}``; consumers are classes or functions, as in routing.
     consumers: dict[str, Any] = {}
-    http_user = True  # so bindings behind it can check message.user
+    #: On by default here, so bindings behind it can check ``message.user``.
+    http_user = True
 
     async def raw_connect(self, message: Message, **kwargs: Any) -> None:
         await super().raw_connect(message, **kwargs)
@@ -1458,7 +1474,9 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
             frame = self.decode_json(text) if text is not None else None
         except (ValueError, RecursionError):
             frame = None
-        problem = _multiplexed_frame_problem(frame, self.consumers)
+        problem = (_multiplexed_frame_problem(frame, self.consumers) if text is not None
+                   else "Invalid multiplexed frame (received a binary frame): send JSON text "
+                        '{"stream": "<name>", "payload": {...}}.')
         if problem:
             logger.warning("%s on %s: %s", type(self).__name__, message.get("path"), problem)
             WebsocketConsumer.send(self, text=self.encode_json({"error": problem}))
@@ -1605,6 +1623,7 @@ class Binding:
 
     @classmethod
     def model_class(cls) -> Any:
+        """The bound model class (a label is looked up in Django's app registry)."""
         if isinstance(cls.model, str):
             from django.apps import apps
             return apps.get_model(cls.model)
@@ -1885,7 +1904,7 @@ class Application:
             self.router = Router(_routing_from_settings())
         loop = asyncio.get_running_loop()
         if self._workers is None or self._workers.loop is not loop:
-            self._workers = _BackgroundWorkers(self, background_channels(self.router))
+            self._workers = _BackgroundWorkers(self, _background_channels(self.router))
             self._workers.start()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -1948,7 +1967,7 @@ class Application:
         return _origin_matches(origin, patterns)
 
 
-def background_channels(router: Router) -> list[str]:
+def _background_channels(router: Router) -> list[str]:
     """The routed channels consumed from the layer: all but ``websocket.*`` and ``http.*``."""
     return sorted(c for c in router.channels if not c.startswith(("websocket.", "http.")))
 
@@ -2304,6 +2323,7 @@ class _BackgroundWorkers:
 # === 7. Test helpers ===
 # `WebsocketCommunicator` plays the server's part in-process, so tests drive an
 # `Application` the way a browser would, with the method names Channels users know.
+# `reset_channel_layers()` gives each test fresh layers.
 
 class WebsocketCommunicator:
     """Drives an ASGI app as one websocket client would, without a server.
@@ -2354,6 +2374,7 @@ class WebsocketCommunicator:
         await self._input.put(event)
 
     async def send_json_to(self, data: Any) -> None:
+        """Send *data* as one JSON text frame."""
         await self.send_to(text_data=json.dumps(data))
 
     async def receive_from(self, timeout: float = 1) -> str | bytes:
@@ -2364,6 +2385,7 @@ class WebsocketCommunicator:
         return event["text"] if event.get("text") is not None else event["bytes"]
 
     async def receive_json_from(self, timeout: float = 1) -> Any:
+        """The next frame, decoded from JSON."""
         payload = await self.receive_from(timeout)
         if not isinstance(payload, str):
             raise AssertionError(f"Expected a JSON text frame, got bytes {payload!r:.80}.")
@@ -2465,10 +2487,10 @@ def main(argv: list[str] | None = None) -> int:
                      "a shared layer such as channels_redis.core.RedisChannelLayer in "
                      "CHANNEL_LAYERS.", args.layer)
         return 2
-    channels = _select_channels(background_channels(router), args.only_channels, args.exclude_channels)
+    channels = _select_channels(_background_channels(router), args.only_channels, args.exclude_channels)
     if not channels:
         logger.error("runworker has no channel to consume: the routing's background channels are "
-                     "%r and the filters leave none.", background_channels(router))
+                     "%r and the filters leave none.", _background_channels(router))
         return 2
     logger.info("runworker listening on channels: %s", ", ".join(channels))
     asyncio.run(_run_worker(Application(router, channel_layer=layer), channels))
