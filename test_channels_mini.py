@@ -5758,3 +5758,11 @@ def test_readme_guarantees_name_tests_that_exist():
     assert len(named) >= 20
     missing = sorted(name for name in named if not callable(globals().get(name)))
     assert missing == []
+
+
+def test_readme_api_reference_lists_every_public_name():
+    with open(README, encoding="utf-8") as handle:
+        table = handle.read().split("## API reference", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`([A-Za-z_]+)[(`]", table))
+    assert sorted(set(channels_mini.__all__) - listed) == []
+    assert all(hasattr(channels_mini, name) for name in channels_mini.__all__)
