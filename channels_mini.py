@@ -2354,6 +2354,7 @@ class WebsocketCommunicator:
         self._input: asyncio.Queue = asyncio.Queue()
         self._output: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        self._held: dict | None = None  # an event receive_nothing() saw, for the next receive
         self._disconnect_sent = False
 
     async def connect(self, timeout: float = 1) -> tuple[bool, Any]:
@@ -2392,31 +2393,40 @@ class WebsocketCommunicator:
         return json.loads(payload)
 
     async def receive_nothing(self, timeout: float = 0.1) -> bool:
-        """True if the app sends nothing within *timeout* seconds."""
-        if not self._output.empty():
+        """True if the app sends nothing within *timeout* seconds (or has ended)."""
+        if self._held is not None or not self._output.empty():
             return False
-        getter = asyncio.ensure_future(self._output.get())
-        waiting = {getter} | ({self._task} if self._task is not None else set())
-        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            await self._output.put(getter.result())  # keep it for the next receive
-            return False
-        getter.cancel()
-        if self._task in done:
-            self._task.result()  # re-raises what the app raised, as asgiref's communicator does
-        return True
+        try:
+            event = await self._next_output(timeout)
+        except asyncio.TimeoutError:
+            return True
+        if event is None:
+            return True
+        self._held = event  # keep it for the next receive
+        return False
 
     async def receive_output(self, timeout: float = 1) -> dict:
         """The next raw ASGI event the app sent; re-raises the app's own exception."""
+        event = await self._next_output(timeout)
+        if event is None:
+            raise AssertionError("The application ended without sending anything.")
+        return event
+
+    async def _next_output(self, timeout: float) -> dict | None:
+        """The next event, or None if the app ended without one (re-raising what it raised);
+        ``asyncio.TimeoutError`` if neither happens within *timeout* seconds."""
+        if self._held is not None:
+            event, self._held = self._held, None
+            return event
         getter = asyncio.ensure_future(self._output.get())
         waiting = {getter} | ({self._task} if self._task is not None else set())
         done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if getter in done:
             return getter.result()
-        getter.cancel()
+        getter.cancel()  # a cancelled get leaves any event in the queue
         if self._task in done:
-            self._task.result()  # raises what the app raised
-            raise AssertionError("The application ended without sending anything.")
+            self._task.result()  # re-raises what the app raised, as asgiref's communicator does
+            return None
         raise asyncio.TimeoutError(f"Nothing from the application within {timeout} s.")
 
     async def disconnect(self, code: int = 1000, timeout: float = 1) -> None:
