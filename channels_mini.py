@@ -560,7 +560,6 @@ def _is_in_memory(layer: Any) -> bool:
 # act at once. Sync calls made on an event loop with a non-memory layer go to one
 # background "layer thread", so they never block the loop and keep their order.
 
-_LAYER_OPERATIONS = ("send", "group_add", "group_discard", "group_send")
 _FULL_CHANNEL_PATIENCE = 2.0  # seconds a deferred direct send waits for room
 _OPERATIONS_PER_TURN = 16  # deferred operations between two turns for the sockets to drain
 
@@ -665,11 +664,6 @@ async def _reply_patiently(socket: Any, message: dict) -> None:
             f"client stopped reading. The handler counts as failed.") from None
     finally:
         timer.cancel()
-
-
-async def _within(seconds: float, awaitable: Awaitable) -> Any:
-    """Await with a time limit."""
-    return await asyncio.wait_for(awaitable, seconds)
 
 
 def _layer_operation(operation: str, layer: Any, args: tuple, immediately: bool) -> None:
@@ -2152,7 +2146,7 @@ class _Socket:
         connection between the relays of a process, and a cancel landing mid-read can lose
         another socket's reply."""
         try:
-            await _within(2, self.layer.send(self.reply_channel, dict(_RELAY_STOP)))
+            await asyncio.wait_for(self.layer.send(self.reply_channel, dict(_RELAY_STOP)), 2)
             await asyncio.wait({relay}, timeout=2)
         except Exception:  # the layer is down or the channel full: cancelling is all that is left
             pass
