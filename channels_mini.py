@@ -1208,7 +1208,15 @@ class BaseConsumer:
         self.kwargs = kwargs
         if not _dispatch_later.get():
             # Called directly, as in Channels 1.x: dispatch now, from sync code.
-            async_to_sync(self.dispatch)()
+            try:
+                async_to_sync(self.dispatch)()
+            except RuntimeError as error:
+                if "event loop" not in str(error):
+                    raise
+                raise RuntimeError(
+                    f"{type(self).__name__}(message) dispatches synchronously, so it cannot be "
+                    f"called on a running event loop ({error}). Route the class, or call it from "
+                    f"sync code (e.g. through sync_to_async).") from None
 
     @classmethod
     async def _run(cls, message: Message, kwargs: dict) -> None:

@@ -2187,6 +2187,29 @@ def test_app_unrouted_connect_accepted_when_a_receive_route_matches_the_path_onl
     assert run(scenario()) == (True, None)
 
 
+class ReviewDirect(BaseConsumer):
+    method_mapping = {"direct.call": "on_call"}
+    calls: list = []
+
+    def on_call(self, message, **kwargs):
+        ReviewDirect.calls.append((message["n"], kwargs))
+
+
+def test_consumers_calling_a_class_directly_dispatches_as_in_channels_1():
+    ReviewDirect.calls = []
+    ReviewDirect(Message({"n": 1}, "direct.call", None), room="r")
+    assert ReviewDirect.calls == [(1, {"room": "r"})]
+
+    async def on_the_loop():
+        ReviewDirect(Message({"n": 2}, "direct.call", None))
+
+    with pytest.raises(RuntimeError, match=re.escape(
+            "ReviewDirect(message) dispatches synchronously, so it cannot be called on a running "
+            "event loop")):
+        run(on_the_loop())
+    assert ReviewDirect.calls == [(1, {"room": "r"})]
+
+
 # === 5. Binding ===
 # One WebsocketBinding on Item, heard by group "bind-items-all" and by one group per team,
 # and a demultiplexer that carries it on stream "items" (and a binding that keeps the
