@@ -214,7 +214,8 @@ class InMemoryChannelLayer:
         """The same as ``send``, for synchronous code: it never waits."""
         if type(channel) is not str or channel not in self._queues:  # queued names were checked
             _require_name("Channel", channel, _CHANNEL_NAME)
-        _require_dict(message)
+        if not isinstance(message, dict):
+            _require_dict(message)
         with self._lock:
             if not self._put(channel, dict(message)):
                 raise ChannelFull(
@@ -227,13 +228,13 @@ class InMemoryChannelLayer:
         """Wait for and return the next unexpired message on *channel*."""
         if type(channel) is not str or channel not in self._queues:
             _require_name("Channel", channel, _CHANNEL_NAME)
-        loop = asyncio.get_running_loop()
         while True:
             with self._lock:
                 queue = self._queues.get(channel) or self._queue(channel)
                 message = self._take(queue)
                 if message is not None:
                     return message  # the queue stays for the next receive; sweeps free idle ones
+                loop = asyncio.get_running_loop()
                 future = loop.create_future()
                 queue.waiters.append((loop, future))
             try:
