@@ -587,7 +587,7 @@ class _ConsumerState:
             if operation != "send":
                 await getattr(layer, operation)(*args)
             elif self.socket is not None and self.socket.takes_directly(layer, args[0]):
-                await _reply_patiently(self.socket, args[1])  # our own socket: no queue hop
+                await self.socket.reply_patiently(args[1])  # our own socket: no queue hop
             else:
                 await _send_patiently(layer, *args)
 
@@ -635,36 +635,6 @@ async def _send_patiently(layer: Any, channel: str, message: dict) -> None:
                 raise
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.05)
-
-
-async def _reply_patiently(socket: Any, message: dict) -> None:
-    """Hand a reply straight to our own socket, with the patience a queued send would get.
-
-    If the client has stopped reading, the server's send never returns; a timer then
-    cancels this wait after two seconds and the handler fails with ChannelFull, as a
-    queued send to a full channel would. (A bare timer: asyncio.timeout() costs more, and
-    this runs for every reply.)
-    """
-    task = asyncio.current_task()
-    expired = []
-
-    def expire() -> None:
-        expired.append(True)
-        task.cancel()
-
-    timer = asyncio.get_running_loop().call_later(_FULL_CHANNEL_PATIENCE, expire)
-    try:
-        await socket.reply(message)
-    except asyncio.CancelledError:
-        if not expired:
-            raise
-        if hasattr(task, "uncancel"):  # Python 3.11+: this cancel was ours, and is handled
-            task.uncancel()
-        raise ChannelFull(
-            f"Websocket {socket.path} has not taken a reply for {_FULL_CHANNEL_PATIENCE:g} s: its "
-            f"client stopped reading. The handler counts as failed.") from None
-    finally:
-        timer.cancel()
 
 
 def _layer_operation(operation: str, layer: Any, args: tuple, immediately: bool) -> None:
@@ -2045,6 +2015,10 @@ class _Socket:
         self.closing = False  # a close is on its way through the reply channel
         self.user_loaded, self.user, self.http_session = False, None, None
         self._send_lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None  # the task serving this socket (and its handlers)
+        self._reply_since: float | None = None  # when a direct reply started waiting
+        self._reply_expired = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def serve(self, receive: Receive) -> None:
         event = await receive()
@@ -2057,12 +2031,15 @@ class _Socket:
             await self._emit({"type": "websocket.close", "code": 1008})  # 403 before accepting
             return
         self.reply_channel = await self.layer.new_channel("websocket.send")
+        self._task = asyncio.current_task()
         relay = None
         try:
             await self._connect()
             relay = asyncio.create_task(self._relay_replies())
             await self._serve_frames(receive)
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             if relay is not None:
                 await self._stop_relay(relay)
             if hasattr(self.layer, "discard_channel"):
@@ -2181,6 +2158,44 @@ class _Socket:
                 logger.exception("Cannot send reply %r to websocket %s; closing it with 1011.",
                                  reply, self.path)
                 await self._close(1011)
+
+    async def reply_patiently(self, reply: dict) -> None:
+        """Send a handler's reply straight to the client, with the patience a queued send gets.
+
+        A client that stops reading makes the server's send wait for ever. A watchdog -- one
+        timer per socket, not one per reply, as replies are many -- then cancels the wait after
+        two seconds, and the handler fails with ChannelFull as a send to a full channel would.
+        """
+        loop = asyncio.get_running_loop()
+        self._reply_since = loop.time()
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(_FULL_CHANNEL_PATIENCE, self._check_reply)
+        try:
+            await self.reply(reply)
+        except asyncio.CancelledError:
+            if not self._reply_expired:
+                raise
+            self._reply_expired = False
+            if hasattr(self._task, "uncancel"):  # Python 3.11+: this cancel was ours, and is handled
+                self._task.uncancel()
+            raise ChannelFull(
+                f"Websocket {self.path} has not taken a reply for {_FULL_CHANNEL_PATIENCE:g} s: "
+                f"its client stopped reading. The handler counts as failed.") from None
+        finally:
+            self._reply_since = None
+
+    def _check_reply(self) -> None:
+        """The watchdog: cancel a reply that has waited too long, or look again later."""
+        self._watchdog = None
+        if self._reply_since is None:
+            return  # nothing waiting; the next reply starts a new watchdog
+        loop = asyncio.get_running_loop()
+        waited = loop.time() - self._reply_since
+        if waited >= _FULL_CHANNEL_PATIENCE:
+            self._reply_expired = True
+            self._task.cancel()
+        else:
+            self._watchdog = loop.call_later(_FULL_CHANNEL_PATIENCE - waited, self._check_reply)
 
     def takes_directly(self, layer: Any, channel: str) -> bool:
         """May a reply to *channel* skip the layer? Only ours, and only with nothing queued
