@@ -149,6 +149,26 @@ def _require_dict(message: Any, what: str = "Message") -> None:
         )
 
 
+class _Throttle:
+    """Lets a repeated report out at most once per *interval* seconds, counting the rest."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._last = 0.0
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def ready(self, count: int = 1) -> int | None:
+        """Count *count* events; return how many since the last report if one may go out now."""
+        with self._lock:
+            self._held += count
+            now = time.monotonic()
+            if now - self._last < self.interval:
+                return None
+            held, self._held, self._last = self._held, 0, now
+            return held
+
+
 class _Queue:
     """One channel's messages and the receivers waiting on it."""
 
@@ -196,8 +216,7 @@ class InMemoryChannelLayer:
         self._queues: dict[str, _Queue] = {}
         self._groups: dict[str, dict[str, float]] = {}  # group -> {channel: joined_at}
         self._memberships: dict[str, set[str]] = {}  # channel -> groups, for cleanup
-        self._last_drop_warning = 0.0
-        self._drops_unreported = 0
+        self._drop_reports = _Throttle(1.0)  # a flood of drops stays one readable line a second
         self._next_sweep = 0.0
 
     def __repr__(self) -> str:
@@ -452,12 +471,9 @@ class InMemoryChannelLayer:
         """Count skipped deliveries and warn at most once a second, so a flood stays readable."""
         with self._lock:
             self.dropped += len(channels)
-            self._drops_unreported += len(channels)
-            now = time.monotonic()
-            if now - self._last_drop_warning < 1.0:
-                return
-            count, self._drops_unreported = self._drops_unreported, 0
-            self._last_drop_warning = now
+        count = self._drop_reports.ready(len(channels))
+        if count is None:
+            return
         logger.warning(
             "Group %r: %d message(s) dropped since the last report because members were at "
             "capacity (e.g. %r). A receiver is slow or gone; raise 'capacity' if bursts are "
@@ -2245,19 +2261,17 @@ class _Socket:
                 self.state = "closed"
 
 
-_layer_failures = {"last_logged": 0.0, "since": 0}
+_layer_failure_reports = _Throttle(10.0)
 
 
 def _log_layer_failure(text: str, *args: Any) -> None:
     """Log a layer outage with its traceback at most every 10 s: every socket and worker
     retries each second, and a thousand tracebacks a second would bury the cause."""
-    now = time.monotonic()
-    if now - _layer_failures["last_logged"] < 10:
-        _layer_failures["since"] += 1
+    held = _layer_failure_reports.ready()
+    if held is None:
         logger.debug(text, *args, exc_info=True)
         return
-    silenced, _layer_failures["since"], _layer_failures["last_logged"] = _layer_failures["since"], 0, now
-    logger.error(text + " (%d similar failures not shown since the last report)", *args, silenced,
+    logger.error(text + " (%d similar failures not shown since the last report)", *args, held - 1,
                  exc_info=True)
 
 
