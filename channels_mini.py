@@ -313,7 +313,7 @@ class InMemoryChannelLayer:
                 elif not self._put(channel, dict(message)):
                     skipped.append(channel)
         if skipped:
-            self._report_drops(group, skipped)
+            self._report_drops(f"Group {group!r}", skipped)
 
     # -- whole layer --
 
@@ -467,7 +467,7 @@ class InMemoryChannelLayer:
             if not groups:
                 del self._memberships[channel]
 
-    def _report_drops(self, group: str, channels: list[str]) -> None:
+    def _report_drops(self, source: str, channels: list[str]) -> None:
         """Count skipped deliveries and warn at most once a second, so a flood stays readable."""
         with self._lock:
             self.dropped += len(channels)
@@ -475,9 +475,9 @@ class InMemoryChannelLayer:
         if count is None:
             return
         logger.warning(
-            "Group %r: %d message(s) dropped since the last report because members were at "
+            "%s: %d message(s) dropped since the last report because receivers were at "
             "capacity (e.g. %r). A receiver is slow or gone; raise 'capacity' if bursts are "
-            "expected. Total dropped: %d.", group, count, channels[0], self.dropped)
+            "expected. Total dropped: %d.", source, count, channels[0], self.dropped)
 
 
 _layers: dict[str, Any] = {}
@@ -580,32 +580,32 @@ def _is_in_memory(layer: Any) -> bool:
 _FULL_CHANNEL_PATIENCE = 2.0  # seconds a deferred direct send waits for room
 _OPERATIONS_PER_TURN = 16  # deferred operations between two turns for the sockets to drain
 
+#: Reply channels of the sockets this process serves -> the in-memory layer holding their
+#: outbox. A send to one of them stays in the process, whatever layer the app uses.
+_local_outboxes: dict[str, InMemoryChannelLayer] = {}
+
 
 class _ConsumerState:
     """What a running handler shares with the Channel/Group calls it makes."""
 
-    __slots__ = ("channel_layer", "deferred", "socket")
+    __slots__ = ("channel_layer", "deferred")
 
     def __init__(self, channel_layer: Any):
         self.channel_layer = channel_layer
         self.deferred: list[tuple[str, Any, tuple]] = []  # (operation, layer, args)
-        self.socket: Any = None  # the socket whose message is being handled, if any
 
     async def apply(self) -> None:
         """Carry out the deferred operations in call order."""
         operations, self.deferred = self.deferred, []
         for index, (operation, layer, args) in enumerate(operations):
             if index and not index % _OPERATIONS_PER_TURN:
-                # A turn for the sockets to drain their reply channels, so that a burst
-                # (200 group sends in one handler) does not fill a member's queue -- unless
-                # that member's client has stopped reading.
+                # A turn for the sockets to drain their outboxes, so that a burst (200 group
+                # sends in one handler) does not fill a member's -- unless its client stopped reading.
                 await asyncio.sleep(0)
-            if operation != "send":
-                await getattr(layer, operation)(*args)
-            elif self.socket is not None and self.socket.takes_directly(layer, args[0]):
-                await self.socket.reply_patiently(args[1])  # our own socket: no queue hop
-            else:
+            if operation == "send":
                 await _send_patiently(layer, *args)
+            else:
+                await getattr(layer, operation)(*args)
 
 
 _consumer_state: contextvars.ContextVar[_ConsumerState | None] = contextvars.ContextVar(
@@ -615,7 +615,7 @@ _consumer_state: contextvars.ContextVar[_ConsumerState | None] = contextvars.Con
 class consumer_context:
     """Runs a block as a consumer handler runs: sends inside it are deferred until it ends.
 
-    ``Application`` wraps every handler in one; use it directly to run consumer code
+    The connection wraps every handler in one; use it directly to run consumer code
     outside the server, e.g. from a test or a script::
 
         async with consumer_context(layer):
@@ -758,7 +758,8 @@ class Channel:
 
     @property
     def channel_layer(self) -> Any:
-        return _resolve_layer(self.alias, self._channel_layer)
+        # A socket served by this process is reached through its outbox, never across Redis.
+        return _local_outboxes.get(self.name) or _resolve_layer(self.alias, self._channel_layer)
 
     def send(self, content: dict, immediately: bool = False) -> None:
         """Send *content* (a dict) to this channel."""
@@ -844,7 +845,7 @@ class Message:
         self.scope: Scope | None = None
         self.user: Any = None
         self.http_session: Any = None
-        self._socket: Any = None  # the app's per-socket state, for http_user
+        self._socket_state: dict | None = None  # what the socket's messages share: http_user
         self._reply_channel: Channel | None = None
 
     @property
@@ -886,11 +887,80 @@ class Message:
         """A new message over a copy of the content (with *changes*), sharing the socket state."""
         clone = Message({**self.content, **changes}, self.channel_name, self.channel_layer)
         clone.channel_session, clone.scope = self.channel_session, self.scope
-        clone.user, clone.http_session, clone._socket = self.user, self.http_session, self._socket
+        clone.user, clone.http_session = self.user, self.http_session
+        clone._socket_state = self._socket_state
         return clone
 
     def __repr__(self) -> str:
         return f"<Message channel={self.channel_name!r} content={self.content!r:.120}>"
+
+
+# -- running handlers --
+# A handler is run in one of three ways, decided once -- when its route or class is
+# built -- by `_how_to_run`: `async def` code is awaited on the loop; plain functions run
+# in a worker thread, with Django's database connections tidied as around a request; our
+# own trivial defaults (marked `_on_loop`) are called in place, sparing a thread hop.
+
+_to_thread: Callable[..., Awaitable] | None = None  # asgiref's bridge, made once
+_THREAD_POOL_SIZE = 32  # sync handlers running at once; a blocked one holds only its own socket
+
+
+def _on_loop(function: Callable) -> Callable:
+    """Mark a sync default that does no I/O: it runs on the loop, without a thread hop."""
+    function._on_loop = True  # type: ignore[attr-defined]
+    return function
+
+
+def _how_to_run(handler: Any) -> str:
+    """``"await"``, ``"call"`` (on the loop) or ``"thread"``: the only coroutine check."""
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)):
+        return "await"
+    return "call" if getattr(handler, "_on_loop", False) else "thread"
+
+
+async def _run_handler(how: str, handler: Callable, /, *args: Any, **kwargs: Any) -> Any:
+    if how == "await":
+        return await handler(*args, **kwargs)
+    if how == "call":
+        return handler(*args, **kwargs)
+    return await _in_thread(handler, *args, **kwargs)
+
+
+def _async_handler(consumer: Any) -> Callable[..., Awaitable]:
+    """*consumer* as one async callable, decided now: consumer classes bring their own."""
+    own = getattr(consumer, "_consume", None)  # BaseConsumer subclasses (section 4)
+    if own is not None:
+        return own
+    return functools.partial(_run_handler, _how_to_run(consumer), consumer)
+
+
+async def _in_thread(function: Callable, *args: Any, **kwargs: Any) -> Any:
+    global _to_thread
+    if _to_thread is None:
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(_THREAD_POOL_SIZE, thread_name_prefix="consumer")
+        # asgiref's bridge, so async_to_sync inside the handler finds this loop again.
+        _to_thread = sync_to_async(_with_fresh_db_connections, thread_sensitive=False, executor=pool)
+    return await _to_thread(function, *args, **kwargs)
+
+
+def _with_fresh_db_connections(function: Callable, *args: Any, **kwargs: Any) -> Any:
+    _close_old_db_connections()
+    try:
+        return function(*args, **kwargs)
+    finally:
+        _close_old_db_connections()
+
+
+def _close_old_db_connections() -> None:
+    """What Django does around each request: drop connections that are broken or too old."""
+    from django.apps import apps
+
+    if apps.ready:
+        from django.db import close_old_connections
+        close_old_connections()
+
 
 
 # === 3. Routing ===
@@ -970,16 +1040,17 @@ class Route:
             raise TypeError(f"A route needs a channel name or a list of them (got {channels!r}).")
         self.channels = set(names)
         self.consumer = _resolve_consumer(consumer, f"route({channels!r})")
+        self.handler = _async_handler(self.consumer)  # how it runs is decided here, once
         self.filters = _compile_filters(filters, f"route {channels!r}")
 
     def match(self, message: Message) -> tuple[Any, dict] | None:
-        return self._match(message.channel_name, message.content)
+        return _public_match(self._match(message.channel_name, message.content))
 
-    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Any, dict] | None:
+    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
         if channel not in self.channels:
             return None
         result = _match_filters(self.filters, content, partial)
-        return None if result is None else (self.consumer, result[0])
+        return None if result is None else (self, result[0])
 
     def __repr__(self) -> str:
         names = sorted(self.channels)
@@ -1023,9 +1094,9 @@ class Include:
         return self.router.channels
 
     def match(self, message: Message) -> tuple[Any, dict] | None:
-        return self._match(message.channel_name, message.content)
+        return _public_match(self._match(message.channel_name, message.content))
 
-    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Any, dict] | None:
+    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
         if channel not in self.router.channels:
             return None
         result = _match_filters(self.prefixes, content, partial)
@@ -1038,8 +1109,8 @@ class Include:
         inner = self.router._match(channel, stripped, partial)
         if inner is None:
             return None
-        consumer, inner_kwargs = inner
-        return consumer, {**kwargs, **inner_kwargs}  # the inner route's names win
+        matched_route, inner_kwargs = inner
+        return matched_route, {**kwargs, **inner_kwargs}  # the inner route's names win
 
     def __repr__(self) -> str:
         return f"include({self.router.routes!r}{_filters_repr(self.prefixes)})"
@@ -1066,9 +1137,9 @@ class Router:
         self.channels: set[str] = set().union(*(r.channels for r in self.routes))
 
     def match(self, message: Message) -> tuple[Any, dict] | None:
-        return self._match(message.channel_name, message.content)
+        return _public_match(self._match(message.channel_name, message.content))
 
-    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Any, dict] | None:
+    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
         for entry in self.routes:
             result = entry._match(channel, content, partial)
             if result is not None:
@@ -1097,6 +1168,11 @@ def _expand_routing(routing: Any) -> Iterable[Route | Include]:
                         f"dotted path to one (got {type(routing).__name__} {routing!r}).")
 
 
+def _public_match(matched: tuple[Route, dict] | None) -> tuple[Any, dict] | None:
+    """``(consumer, kwargs)``, as ``match()`` promises; inside, the matched route travels."""
+    return None if matched is None else (matched[0].consumer, matched[1])
+
+
 def _resolve_consumer(consumer: Any, where: str) -> Any:
     if isinstance(consumer, str):
         consumer = _import_by_path(consumer, f"Consumer for {where}")
@@ -1107,73 +1183,11 @@ def _resolve_consumer(consumer: Any, where: str) -> Any:
 
 
 # === 4. Consumers ===
-# A consumer is user code called as `consumer(message, **kwargs)`. `async def` code is
-# awaited on the event loop; plain functions run in a worker thread, with Django's
-# database connections tidied as around a request. `_call_handler` tells the two apart
-# for every handler and `connection_groups`, so sync and async methods mix freely in one
-# class. The classes re-create Channels 1.x's generic consumers on top of `BaseConsumer`.
-
-_to_thread: Callable[..., Awaitable] | None = None  # asgiref's bridge, made once
-_THREAD_POOL_SIZE = 32  # sync handlers running at once; a blocked one holds only its own socket
-
-
-async def _call_handler(handler: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Await *handler* if it is ``async def``; otherwise run it in a worker thread."""
-    if _is_coroutine_function(handler):
-        return await handler(*args, **kwargs)
-    return await _in_thread(handler, *args, **kwargs)
-
-
-@functools.lru_cache(maxsize=1024)
-def _is_coroutine_function_cached(function: Any) -> bool:
-    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
-        getattr(function, "__call__", None))
-
-
-def _is_coroutine_function(handler: Any) -> bool:
-    # Bound methods are new objects each time: cache on the function behind them.
-    try:
-        return _is_coroutine_function_cached(getattr(handler, "__func__", handler))
-    except TypeError:  # unhashable callable
-        return inspect.iscoroutinefunction(handler)
-
-
-async def _in_thread(function: Callable, *args: Any, **kwargs: Any) -> Any:
-    global _to_thread
-    if _to_thread is None:
-        from concurrent.futures import ThreadPoolExecutor
-        pool = ThreadPoolExecutor(_THREAD_POOL_SIZE, thread_name_prefix="consumer")
-        # asgiref's bridge, so async_to_sync inside the handler finds this loop again.
-        _to_thread = sync_to_async(_with_fresh_db_connections, thread_sensitive=False, executor=pool)
-    return await _to_thread(function, *args, **kwargs)
-
-
-def _with_fresh_db_connections(function: Callable, *args: Any, **kwargs: Any) -> Any:
-    _close_old_db_connections()
-    try:
-        return function(*args, **kwargs)
-    finally:
-        _close_old_db_connections()
-
-
-def _close_old_db_connections() -> None:
-    """What Django does around each request: drop connections that are broken or too old."""
-    from django.apps import apps
-
-    if apps.ready:
-        from django.db import close_old_connections
-        close_old_connections()
-
-
-async def _call_consumer(consumer: Any, message: Message, kwargs: dict) -> None:
-    if isinstance(consumer, type) and issubclass(consumer, BaseConsumer):
-        await consumer._run(message, kwargs)
-    else:
-        await _call_handler(consumer, message, **kwargs)
-
-
-_dispatch_later: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "channels_mini_dispatch_later", default=False)
+# A consumer is user code called as `consumer(message, **kwargs)`. The classes re-create
+# Channels 1.x's generic consumers on top of `BaseConsumer`, which dispatches each message
+# to a method by `method_mapping`. Whether each method is awaited, called or sent to a
+# thread is decided when the class is built, so sync and async methods mix freely in one
+# class. `_handle_message` runs one message: route, consumer, then its deferred sends.
 
 
 class BaseConsumer:
@@ -1181,6 +1195,8 @@ class BaseConsumer:
 
     ``method_mapping = {"websocket.receive": "on_frame"}`` sends ``websocket.receive``
     messages to ``self.on_frame(message, **kwargs)``. Methods may be sync or ``async def``.
+    As in Channels 1.x, ``Cls(message, **kwargs)`` dispatches at once (from sync code);
+    routing builds the instance without ``__init__`` and awaits ``dispatch()`` instead.
     """
 
     #: Which method handles each channel: ``{channel name: method name}``.
@@ -1189,29 +1205,31 @@ class BaseConsumer:
     http_user = False
     #: Accepted for Channels 1.x code; ``message.channel_session`` is always there on sockets.
     channel_session = False
+    _hooks: tuple[str, ...] = ()  # methods users override, besides those of method_mapping
+    _how: dict[str, str] = {}  # method name -> "await" | "call" | "thread" (see _how_to_run)
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        names = {*cls.method_mapping.values(), *cls._hooks}
+        cls._how = {name: _how_to_run(getattr(cls, name)) for name in names if hasattr(cls, name)}
 
     def __init__(self, message: Message, **kwargs: Any):
         self.message = message
         self.kwargs = kwargs
-        if not _dispatch_later.get():
-            # Called directly, as in Channels 1.x: dispatch now, from sync code.
-            try:
-                async_to_sync(self.dispatch)()
-            except RuntimeError as error:
-                if "event loop" not in str(error):
-                    raise
-                raise RuntimeError(
-                    f"{type(self).__name__}(message) dispatches synchronously, so it cannot be "
-                    f"called on a running event loop ({error}). Route the class, or call it from "
-                    f"sync code (e.g. through sync_to_async).") from None
+        try:
+            async_to_sync(self.dispatch)()
+        except RuntimeError as error:
+            if "event loop" not in str(error):
+                raise
+            raise RuntimeError(
+                f"{type(self).__name__}(message) dispatches synchronously, so it cannot be "
+                f"called on a running event loop ({error}). Route the class, or call it from "
+                f"sync code (e.g. through sync_to_async).") from None
 
     @classmethod
-    async def _run(cls, message: Message, kwargs: dict) -> None:
-        token = _dispatch_later.set(True)
-        try:
-            consumer = cls(message, **kwargs)
-        finally:
-            _dispatch_later.reset(token)
+    async def _consume(cls, message: Message, **kwargs: Any) -> None:
+        consumer = cls.__new__(cls)
+        consumer.message, consumer.kwargs = message, kwargs
         await consumer.dispatch()
 
     async def dispatch(self) -> None:
@@ -1226,7 +1244,13 @@ class BaseConsumer:
                 f"method_mapping is {self.method_mapping!r}. Add the channel, or route "
                 f"only the channels it lists."
             )
-        await _call_handler(getattr(self, name), self.message, **self.kwargs)
+        await self._call(name, self.message, **self.kwargs)
+
+    async def _call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Run method *name* the way its class decided (URL kwargs may hold a ``name``)."""
+        method = getattr(self, name)
+        how = self._how.get(name) or _how_to_run(method)
+        return await _run_handler(how, method, *args, **kwargs)
 
     @classmethod
     def channel_names(cls) -> set[str]:
@@ -1267,10 +1291,6 @@ def _frame(text: str | None = None, bytes: bytes | None = None, close: bool | in
     return reply
 
 
-def _overrides(consumer: Any, name: str, base: type) -> bool:
-    return getattr(type(consumer), name) is not getattr(base, name)
-
-
 class WebsocketConsumer(BaseConsumer):
     """A WebSocket endpoint: override ``connect``, ``receive`` and ``disconnect``.
 
@@ -1290,6 +1310,7 @@ class WebsocketConsumer(BaseConsumer):
         "websocket.receive": "raw_receive",
         "websocket.disconnect": "raw_disconnect",
     }
+    _hooks = ("connection_groups", "connect", "receive", "disconnect")
     #: Groups every socket of this consumer joins on connect.
     groups: list[str] | None = None
     #: Accepted for Channels 1.x code; messages of one socket are always handled in order.
@@ -1300,6 +1321,7 @@ class WebsocketConsumer(BaseConsumer):
         """The socket's URL path, e.g. ``"/chat/lobby/"``."""
         return self.message["path"]
 
+    @_on_loop
     def connection_groups(self, **kwargs: Any) -> list[str]:
         """The groups to join on connect and leave on disconnect (default: ``groups``)."""
         return list(self.groups or ())
@@ -1308,39 +1330,33 @@ class WebsocketConsumer(BaseConsumer):
 
     async def raw_connect(self, message: Message, **kwargs: Any) -> None:
         """Join the connection groups, then call ``connect``."""
-        for name in await self._connection_groups(kwargs):
+        for name in await self._call("connection_groups", **kwargs):
             await Group(name, channel_layer=message.channel_layer).aadd(message.reply_channel)
-        if _overrides(self, "connect", WebsocketConsumer):
-            await _call_handler(self.connect, message, **kwargs)
-        else:
-            self.connect(message, **kwargs)  # the default only accepts: no thread needed
+        await self._call("connect", message, **kwargs)
 
     async def raw_receive(self, message: Message, **kwargs: Any) -> None:
         if message.get("text") is not None:
-            await _call_handler(self.receive, text=message["text"], **kwargs)
+            await self._call("receive", text=message["text"], **kwargs)
         else:
-            await _call_handler(self.receive, bytes=message.get("bytes"), **kwargs)
+            await self._call("receive", bytes=message.get("bytes"), **kwargs)
 
     async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
-        for name in await self._connection_groups(kwargs):
+        for name in await self._call("connection_groups", **kwargs):
             await Group(name, channel_layer=message.channel_layer).adiscard(message.reply_channel)
-        if _overrides(self, "disconnect", WebsocketConsumer):
-            await _call_handler(self.disconnect, message, **kwargs)
-
-    async def _connection_groups(self, kwargs: dict) -> list[str]:
-        if _overrides(self, "connection_groups", WebsocketConsumer):
-            return list(await _call_handler(self.connection_groups, **kwargs))  # may query the DB
-        return self.connection_groups(**kwargs)  # the default reads `groups`: no thread needed
+        await self._call("disconnect", message, **kwargs)
 
     # -- what you override --
 
+    @_on_loop
     def connect(self, message: Message, **kwargs: Any) -> None:
         """Called on the handshake; accepts by default. Raise ``DenyConnection`` to reject."""
         self.message.reply_channel.send({"accept": True})
 
+    @_on_loop
     def receive(self, text: str | None = None, bytes: bytes | None = None, **kwargs: Any) -> None:
         """Called for each frame, with its ``text`` or ``bytes``."""
 
+    @_on_loop
     def disconnect(self, message: Message, **kwargs: Any) -> None:
         """Called once the socket has closed; ``message["code"]`` is the close code."""
 
@@ -1382,8 +1398,9 @@ class JsonWebsocketConsumer(WebsocketConsumer):
                            type(self).__name__, message.get("path"), error, text[:80])
             self.close(1007)
             return
-        await _call_handler(self.receive, content, **kwargs)
+        await self._call("receive", content, **kwargs)
 
+    @_on_loop
     def receive(self, content: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Called with each frame's decoded JSON."""
 
@@ -1449,13 +1466,14 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
 
     #: ``{stream name: consumer}``; consumers are classes or functions, as in routing.
     consumers: dict[str, Any] = {}
+    _stream_handlers: dict[str, Callable[..., Awaitable]] = {}  # made from `consumers`, once
     #: On by default here, so bindings behind it can check ``message.user``.
     http_user = True
 
     async def raw_connect(self, message: Message, **kwargs: Any) -> None:
         await super().raw_connect(message, **kwargs)
-        for stream, consumer in self.consumers.items():
-            await self._forward(stream, consumer, message, kwargs)
+        for stream in self.consumers:
+            await self._forward(stream, message, kwargs)
 
     async def raw_receive(self, message: Message, **kwargs: Any) -> None:
         text = message.get("text")
@@ -1473,16 +1491,21 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
         stream = frame["stream"]
         forwarded = message.copy(text=self.encode_json(frame["payload"]))
         forwarded.content.pop("bytes", None)
-        await self._forward(stream, self.consumers[stream], forwarded, kwargs)
+        await self._forward(stream, forwarded, kwargs)
 
     async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
-        for stream, consumer in self.consumers.items():
-            await self._forward(stream, consumer, message, kwargs)
+        for stream in self.consumers:
+            await self._forward(stream, message, kwargs)
         await super().raw_disconnect(message, **kwargs)
 
-    async def _forward(self, stream: str, consumer: Any, message: Message, kwargs: dict) -> None:
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls._stream_handlers = {stream: _async_handler(consumer)
+                                for stream, consumer in cls.consumers.items()}
+
+    async def _forward(self, stream: str, message: Message, kwargs: dict) -> None:
         multiplexer = WebsocketMultiplexer(stream, message.reply_channel)
-        await _call_consumer(consumer, message, {**kwargs, "multiplexer": multiplexer})
+        await self._stream_handlers[stream](message, **kwargs, multiplexer=multiplexer)
 
     def send(self, *args: Any, **kwargs: Any) -> None:
         raise SendNotAvailableOnDemultiplexer(
@@ -1503,13 +1526,12 @@ def _multiplexed_frame_problem(frame: Any, consumers: dict) -> str | None:
 
 async def _load_http_user(message: Message) -> None:
     """Fill ``message.user``/``http_session`` from the socket's session cookie, once per socket."""
-    socket = message._socket
-    if socket is None:
+    shared = message._socket_state
+    if shared is None:
         return
-    if not socket.user_loaded:
-        socket.http_session, socket.user = await _in_thread(_session_and_user, message.scope)
-        socket.user_loaded = True
-    message.http_session, message.user = socket.http_session, socket.user
+    if "user" not in shared:
+        shared["http_session"], shared["user"] = await _in_thread(_session_and_user, message.scope)
+    message.http_session, message.user = shared["http_session"], shared["user"]
 
 
 def _session_and_user(scope: Scope) -> tuple[Any, Any]:
@@ -1530,6 +1552,25 @@ def _session_and_user(scope: Scope) -> tuple[Any, Any]:
     request = _Request()
     request.session = session
     return session, get_user(request)
+
+
+# -- running one message --
+
+async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
+    """Route *message* and run its consumer, then send what it deferred; False if unrouted."""
+    matched = router._match(message.channel_name, message.content)
+    if matched is None:
+        return False
+    route, kwargs = matched
+    async with consumer_context(layer) as state:
+        try:
+            await route.handler(message, **kwargs)
+        except DenyConnection:
+            # A rejection wins over an accept the handler queued before raising.
+            state.deferred = [op for op in state.deferred if not (
+                op[0] == "send" and op[2][0] == message.get("reply_channel"))]
+            raise
+    return True
 
 
 # === 5. Binding ===
@@ -1831,12 +1872,275 @@ def _after_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None
         binding._announce(instance, before_by_binding.get(binding, []), [], using)
 
 
-# === 6. ASGI app ===
-# `Application` is what the server calls. A websocket scope becomes the Channels 1.x
-# messages `websocket.connect` / `websocket.receive` / `websocket.disconnect`, routed to
-# consumers one at a time per socket; what consumers send to the socket's reply channel
-# comes back out as ASGI events. HTTP goes to Django. Routed channels that are not
-# `websocket.*`/`http.*` are consumed from the layer by background worker tasks.
+# === 6. Connection ===
+# One websocket, as Channels 1.x's interface server saw it. *Frames in*: the server's ASGI
+# events become the messages `websocket.connect` / `receive` / `disconnect`, handled one at
+# a time, in order, with a turn for the other sockets after each. *Messages out*: whatever
+# is sent to the socket's reply channel -- by its own handlers, group sends, other sockets,
+# threads, views -- waits in one outbox (the reply channel's queue in an in-memory layer)
+# and leaves through `_deliver`. With a shared layer (Redis), sends to a socket of this
+# process stay in the process; messages from other processes are moved into the outbox.
+
+_STOP = {"channels_mini.connection": "stop"}  # never a user reply: those hold accept/text/bytes/close
+_process_outboxes: InMemoryChannelLayer | None = None  # outboxes when the app's layer is shared
+
+
+def _connect_message(scope: Scope, reply_channel: str) -> dict:
+    return {"reply_channel": reply_channel, "path": scope.get("path", ""),
+            "query_string": scope.get("query_string", b""), "headers": scope.get("headers", []),
+            "client": scope.get("client"), "server": scope.get("server"),
+            "subprotocols": scope.get("subprotocols", []), "order": 0}
+
+
+def _receive_message(reply_channel: str, path: str, order: int, event: dict) -> dict:
+    content = {"reply_channel": reply_channel, "path": path, "order": order}
+    if event.get("text") is not None:
+        content["text"] = event["text"]
+    else:
+        content["bytes"] = event.get("bytes") or b""
+    return content
+
+
+def _disconnect_message(reply_channel: str, path: str, order: int, code: int) -> dict:
+    return {"reply_channel": reply_channel, "path": path, "order": order, "code": code}
+
+
+def _frame_size(event: dict) -> int:
+    text = event.get("text")
+    if text is not None:
+        return len(text) if text.isascii() else len(text.encode("utf-8"))
+    return len(event.get("bytes") or b"")
+
+
+def _outbox_layer(layer: Any) -> InMemoryChannelLayer:
+    """Where a socket's outbox lives: the app's layer if in memory, else one per process."""
+    global _process_outboxes
+    if _is_in_memory(layer):
+        return layer
+    if _process_outboxes is None:
+        _process_outboxes = InMemoryChannelLayer(capacity=getattr(layer, "capacity", 100))
+    return _process_outboxes
+
+
+class _Connection:
+    """One websocket connection: its frames in as messages, its outbox out as frames."""
+
+    def __init__(self, scope: Scope, send: Send, router: Router, layer: Any, max_message_size: int):
+        self.scope, self._send, self.router, self.layer = scope, send, router, layer
+        self.max_message_size = max_message_size
+        self.path: str = scope.get("path", "")
+        self.outbox = _outbox_layer(layer)
+        self.reply_channel = ""
+        self.order = 0
+        self.state = "connecting"  # then "accepted", then "closed"
+        self.closing = False  # a close is queued: frames from now on are dropped
+        self.channel_session: dict = {}
+        self.shared: dict = {}  # what every message of the socket carries (the http user)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.path} {self.reply_channel} {self.state}>"
+
+    async def serve(self, receive: Receive) -> None:
+        """Serve the socket until the client or a consumer closes it."""
+        self.reply_channel = await self.layer.new_channel("websocket.send")
+        _local_outboxes[self.reply_channel] = self.outbox
+        tasks = [asyncio.create_task(self._write())]
+        if self.outbox is not self.layer:
+            tasks.append(asyncio.create_task(self._listen()))
+        try:
+            await self._connect()
+            await self._read(receive)
+        finally:
+            await self._stop(*tasks)
+
+    # -- frames in --
+
+    async def _connect(self) -> None:
+        content = _connect_message(self.scope, self.reply_channel)
+        if await self._handle("websocket.connect", content):
+            return
+        if self.router._match("websocket.receive", content, partial=True) is not None:
+            self._queue({"accept": True})  # Channels 1.x: frames are routed, so accept
+        else:
+            logger.warning("Rejected websocket to %s: no route for websocket.connect or "
+                           "websocket.receive matches that path.", self.path)
+            self._queue_close(1000)
+
+    async def _read(self, receive: Receive) -> None:
+        while True:
+            event = await receive()
+            if event["type"] == "websocket.disconnect":
+                self.state = "closed"
+                self.order += 1
+                await self._handle("websocket.disconnect", _disconnect_message(
+                    self.reply_channel, self.path, self.order, event.get("code", 1000)))
+                return
+            if event["type"] == "websocket.receive" and not self.closing and self.state != "closed":
+                await self._frame(event)
+            await asyncio.sleep(0)  # a turn for every other socket, however fast this one sends
+
+    async def _frame(self, event: dict) -> None:
+        size = _frame_size(event)
+        if size > self.max_message_size:
+            logger.warning("Closing websocket %s with 1009: a frame of %d bytes exceeds "
+                           "max_message_size=%d.", self.path, size, self.max_message_size)
+            self._queue_close(1009)
+            return
+        self.order += 1
+        await self._handle("websocket.receive", _receive_message(
+            self.reply_channel, self.path, self.order, event))
+
+    async def _handle(self, channel: str, content: dict) -> bool:
+        """Run the consumer for one message; a failure closes the socket. False if unrouted."""
+        message = Message(content, channel, self.layer)
+        message.channel_session, message.scope = self.channel_session, self.scope
+        message._socket_state = self.shared
+        try:
+            return await _handle_message(self.router, self.layer, message)
+        except DenyConnection:
+            if channel == "websocket.connect":
+                self._queue_close(1000)  # before any accept: the client gets HTTP 403
+                return True
+            logger.error("DenyConnection raised while handling %s on %s: it only rejects "
+                         "in websocket.connect. Closing that socket with 1011.", channel, self.path)
+        except Exception:
+            logger.exception("Consumer failed on %s for %s (order %s); closing that socket "
+                             "with 1011.", channel, self.path, content.get("order"))
+        self._queue_close(1011)
+        return True
+
+    # -- messages out --
+
+    def _queue(self, reply: dict) -> None:
+        self.outbox.send_now(self.reply_channel, reply)
+
+    def _queue_close(self, code: int) -> None:
+        """Close behind whatever is already queued, so those replies still arrive."""
+        if self.closing or self.state == "closed":
+            return
+        self.closing = True
+        try:
+            self._queue({"close": code})
+        except ChannelFull:  # its client stopped reading: what waits would never leave
+            self.outbox.discard_channel(self.reply_channel)
+            self._queue({"close": code})
+
+    async def _write(self) -> None:
+        """The one way out: each message of the outbox, in order, to `_deliver`."""
+        while True:
+            reply = await self.outbox.receive(self.reply_channel)
+            try:
+                await self._deliver(reply)
+            except Exception:  # a malformed reply: that socket closes
+                logger.exception("Cannot send reply %r to websocket %s; closing it with 1011.",
+                                 reply, self.path)
+                await self._close(1011)
+
+    async def _deliver(self, reply: dict) -> None:
+        """Turn one reply-channel message into ASGI events (SPEC section 2, replies)."""
+        if self.state == "closed":
+            return
+        if "accept" in reply:
+            if not reply["accept"]:
+                return await self._close(1000)
+            if self.state == "connecting":
+                await self._accept(reply.get("subprotocol"))
+        for key, kind in (("text", str), ("bytes", bytes)):
+            if key in reply:
+                if not isinstance(reply[key], kind):
+                    logger.error("Reply on %s has %r of type %s; it must be %s. Not sent.",
+                                 self.reply_channel, key, type(reply[key]).__name__, kind.__name__)
+                    continue
+                if self.state == "connecting":
+                    await self._accept(None)
+                await self._emit({"type": "websocket.send", key: reply[key]})
+        close = reply.get("close")
+        if close:
+            if close is not True and not isinstance(close, int):
+                raise TypeError(f"'close' must be True or a close code int (got {close!r}).")
+            await self._close(1000 if close is True else close)
+
+    async def _accept(self, subprotocol: str | None) -> None:
+        self.state = "accepted"
+        await self._emit({"type": "websocket.accept", "subprotocol": subprotocol})
+
+    async def _close(self, code: int) -> None:
+        """Close (or, before accepting, reject with HTTP 403) -- once."""
+        if self.state != "closed":
+            self.state = "closed"
+            await self._emit({"type": "websocket.close", "code": code})
+
+    async def _emit(self, event: dict) -> None:
+        try:
+            await self._send(event)
+        except OSError:  # the client went away; its disconnect event follows
+            self.state = "closed"
+
+    async def _listen(self) -> None:
+        """Move what reaches this socket through the shared layer (group sends, other
+        processes) into its outbox. A full outbox drops the message, counted and logged."""
+        while True:
+            try:
+                message = await self.layer.receive(self.reply_channel)
+            except Exception:
+                if self.state == "closed":
+                    return  # the socket is gone: a late error from its receive is no news
+                _log_layer_failure("Cannot receive messages for websocket %s from the channel "
+                                   "layer; retrying in 1 s.", self.path)
+                await asyncio.sleep(1)
+                continue
+            if message == _STOP:
+                return
+            try:
+                self._queue(message)
+            except ChannelFull:
+                self.outbox._report_drops("From the channel layer", [self.reply_channel])
+
+    async def _stop(self, writer: asyncio.Task, listener: asyncio.Task | None = None) -> None:
+        _local_outboxes.pop(self.reply_channel, None)
+        await _cancel_and_wait(writer)  # an in-memory receive is safe to cancel
+        if listener is not None:
+            await self._stop_listener(listener)
+        self.outbox.discard_channel(self.reply_channel)
+
+    async def _stop_listener(self, listener: asyncio.Task) -> None:
+        """Stop with a message rather than a cancel: a Redis layer shares one connection
+        between the sockets of a process, and a cancel landing mid-read can lose another
+        socket's message."""
+        try:
+            await asyncio.wait_for(self.layer.send(self.reply_channel, dict(_STOP)), 2)
+            await asyncio.wait({listener}, timeout=2)
+        except Exception:  # the layer is down or the channel full: cancelling is all that is left
+            pass
+        await _cancel_and_wait(listener)
+
+
+_layer_failure_reports = _Throttle(10.0)
+
+
+def _log_layer_failure(text: str, *args: Any) -> None:
+    """Log a layer outage with its traceback at most every 10 s: every socket and worker
+    retries each second, and a thousand tracebacks a second would bury the cause."""
+    held = _layer_failure_reports.ready()
+    if held is None:
+        logger.debug(text, *args, exc_info=True)
+        return
+    logger.error(text + " (%d similar failures not shown since the last report)", *args, held - 1,
+                 exc_info=True)
+
+
+async def _cancel_and_wait(task: asyncio.Task, interval: float = 0.1) -> None:
+    """Cancel *task* until it ends: a layer client (redis-py) can swallow one cancel."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=interval)
+
+
+# === 7. ASGI app ===
+# `Application` is what the server calls. A websocket scope whose origin is allowed gets a
+# `_Connection`; HTTP goes to Django. Routed channels that are not `websocket.*`/`http.*`
+# are consumed from the layer by background worker tasks, in the server process or in
+# `runworker` processes.
 
 _DEV_HOSTS = [".localhost", "127.0.0.1", "[::1]"]  # what Django allows when DEBUG has none
 _DEFAULT_PORTS = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
@@ -1878,7 +2182,7 @@ class Application:
             return await self._lifespan(receive, send)
         self._prepare()
         if kind == "websocket":
-            await _Socket(self, scope, send).serve(receive)
+            await self._websocket(scope, receive, send)
         elif kind == "http":
             await self._http_app()(scope, receive, send)
         else:
@@ -1923,24 +2227,19 @@ class Application:
                 self.http = _not_found
         return self.http
 
-    # -- handling one message --
+    # -- websockets --
 
-    async def handle(self, message: Message) -> bool:
-        """Route *message* and run its consumer; False when no route matches."""
-        matched = self.router._match(message.channel_name, message.content)
-        if matched is None:
-            return False
-        consumer, kwargs = matched
-        async with consumer_context(self.channel_layer) as state:
-            state.socket = message._socket
-            try:
-                await _call_consumer(consumer, message, kwargs)
-            except DenyConnection:
-                # A rejection wins over an accept the handler queued before raising.
-                state.deferred = [op for op in state.deferred if not (
-                    op[0] == "send" and op[2][0] == message.get("reply_channel"))]
-                raise
-        return True
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        origin = _header(scope, b"origin")
+        if not self.origin_allowed(origin):
+            logger.warning("Rejected websocket to %s from origin %r: not in the allowed "
+                           "origins (ALLOWED_HOSTS or allowed_origins).", scope.get("path"), origin)
+            await send({"type": "websocket.close", "code": 1008})  # 403 before accepting
+            return
+        connection = _Connection(scope, send, self.router, self.channel_layer, self.max_message_size)
+        await connection.serve(receive)
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Is a handshake with this ``Origin`` header value allowed? (None: no header.)"""
@@ -2014,286 +2313,11 @@ async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-_RELAY_STOP = {"channels_mini.relay": "stop"}  # never a user reply: those hold accept/text/bytes/close
-
-
-class _Socket:
-    """One websocket connection: its messages in, its reply channel out."""
-
-    def __init__(self, app: Application, scope: Scope, send: Send):
-        self.app, self.scope, self._send = app, scope, send
-        self.layer = app.channel_layer
-        self.path: str = scope.get("path", "")
-        self.reply_channel = ""
-        self.channel_session: dict = {}
-        self.order = 0
-        self.state = "connecting"  # then "accepted", then "closed"
-        self.closing = False  # a close is on its way through the reply channel
-        self.user_loaded, self.user, self.http_session = False, None, None
-        self._send_lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None  # the task serving this socket (and its handlers)
-        self._reply_since: float | None = None  # when a direct reply started waiting
-        self._reply_expired = False
-        self._watchdog: asyncio.TimerHandle | None = None
-
-    async def serve(self, receive: Receive) -> None:
-        event = await receive()
-        if event["type"] != "websocket.connect":
-            return
-        origin = _header(self.scope, b"origin")
-        if not self.app.origin_allowed(origin):
-            logger.warning("Rejected websocket to %s from origin %r: not in the allowed "
-                           "origins (ALLOWED_HOSTS or allowed_origins).", self.path, origin)
-            await self._emit({"type": "websocket.close", "code": 1008})  # 403 before accepting
-            return
-        self.reply_channel = await self.layer.new_channel("websocket.send")
-        self._task = asyncio.current_task()
-        relay = None
-        try:
-            await self._connect()
-            relay = asyncio.create_task(self._relay_replies())
-            await self._serve_frames(receive)
-        finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-            if relay is not None:
-                await self._stop_relay(relay)
-            if hasattr(self.layer, "discard_channel"):
-                self.layer.discard_channel(self.reply_channel)
-
-    # -- client to consumers --
-
-    async def _connect(self) -> None:
-        scope = self.scope
-        message = self._message("websocket.connect", {
-            "reply_channel": self.reply_channel, "path": self.path,
-            "query_string": scope.get("query_string", b""), "headers": scope.get("headers", []),
-            "client": scope.get("client"), "server": scope.get("server"),
-            "subprotocols": scope.get("subprotocols", []), "order": 0})
-        if self.app.router._match("websocket.connect", message.content) is not None:
-            await self._handle(message)
-        elif self.app.router._match("websocket.receive", message.content, partial=True) is not None:
-            await self._emit({"type": "websocket.accept"})  # Channels 1.x: frames are routed, so accept
-            self.state = "accepted"
-        else:
-            logger.warning("Rejected websocket to %s: no route for websocket.connect or "
-                           "websocket.receive matches that path.", self.path)
-            await self._close(1000)
-
-    async def _serve_frames(self, receive: Receive) -> None:
-        while True:
-            event = await receive()
-            if event["type"] == "websocket.disconnect":
-                self.state = "closed"
-                self.order += 1
-                await self._handle(self._message("websocket.disconnect", {
-                    "reply_channel": self.reply_channel, "path": self.path,
-                    "order": self.order, "code": event.get("code", 1000)}))
-                return
-            if event["type"] != "websocket.receive" or self.state == "closed" or self.closing:
-                continue  # frames that arrive after we closed are dropped
-            size = _frame_size(event)
-            if size > self.app.max_message_size:
-                logger.warning("Closing websocket %s with 1009: a frame of %d bytes exceeds "
-                               "max_message_size=%d.", self.path, size, self.app.max_message_size)
-                await self._close(1009)
-                continue
-            self.order += 1
-            content = {"reply_channel": self.reply_channel, "path": self.path, "order": self.order}
-            if event.get("text") is not None:
-                content["text"] = event["text"]
-            else:
-                content["bytes"] = event.get("bytes") or b""
-            await self._handle(self._message("websocket.receive", content))
-
-    def _message(self, channel: str, content: dict) -> Message:
-        message = Message(content, channel, self.layer)
-        message.channel_session, message.scope, message._socket = (
-            self.channel_session, self.scope, self)
-        if self.user_loaded:
-            message.user, message.http_session = self.user, self.http_session
-        return message
-
-    async def _handle(self, message: Message) -> None:
-        try:
-            if not await self.app.handle(message) and message.channel_name == "websocket.receive":
-                logger.debug("No route for websocket.receive on %s; frame ignored.", self.path)
-        except DenyConnection:
-            if message.channel_name == "websocket.connect":
-                await self._close(1000)  # before any accept: the client gets HTTP 403
-            else:
-                logger.error("DenyConnection raised while handling %s on %s: it only rejects "
-                             "in websocket.connect. Closing that socket with 1011.",
-                             message.channel_name, self.path)
-                await self._close_after_replies(1011)
-        except Exception:
-            logger.exception("Consumer failed on %s for %s (order %s); closing that socket "
-                             "with 1011.", message.channel_name, self.path, message.get("order"))
-            await self._close_after_replies(1011)
-
-    async def _close_after_replies(self, code: int) -> None:
-        """Close behind whatever the handler already sent, so those replies still arrive."""
-        if self.state == "closed" or self.closing:
-            return
-        self.closing = True  # no more frames go to consumers
-        try:
-            await self.layer.send(self.reply_channel, {"close": code})
-        except Exception:  # the layer cannot take it (full, or down): close at once
-            await self._close(code)
-
-    # -- consumers to client --
-
-    async def _stop_relay(self, relay: asyncio.Task) -> None:
-        """Stop the relay with a message rather than a cancel: a Redis layer shares one
-        connection between the relays of a process, and a cancel landing mid-read can lose
-        another socket's reply."""
-        try:
-            await asyncio.wait_for(self.layer.send(self.reply_channel, dict(_RELAY_STOP)), 2)
-            await asyncio.wait({relay}, timeout=2)
-        except Exception:  # the layer is down or the channel full: cancelling is all that is left
-            pass
-        if not relay.done():
-            await _cancel_and_wait(relay)
-
-    async def _relay_replies(self) -> None:
-        while True:
-            try:
-                reply = await self.layer.receive(self.reply_channel)
-            except Exception:
-                if self.state == "closed":
-                    return  # the socket is gone: a late error from its receive is no news
-                _log_layer_failure("Cannot receive replies for websocket %s from the channel "
-                                   "layer; retrying in 1 s.", self.path)
-                await asyncio.sleep(1)
-                continue
-            if reply == _RELAY_STOP:
-                return
-            try:
-                await self.reply(reply)
-            except Exception:  # a malformed reply: that socket closes, its relay goes on
-                logger.exception("Cannot send reply %r to websocket %s; closing it with 1011.",
-                                 reply, self.path)
-                await self._close(1011)
-
-    async def reply_patiently(self, reply: dict) -> None:
-        """Send a handler's reply straight to the client, with the patience a queued send gets.
-
-        A client that stops reading makes the server's send wait for ever. A watchdog -- one
-        timer per socket, not one per reply, as replies are many -- then cancels the wait after
-        two seconds, and the handler fails with ChannelFull as a send to a full channel would.
-        """
-        loop = asyncio.get_running_loop()
-        self._reply_since = loop.time()
-        if self._watchdog is None:
-            self._watchdog = loop.call_later(_FULL_CHANNEL_PATIENCE, self._check_reply)
-        try:
-            await self.reply(reply)
-        except asyncio.CancelledError:
-            if not self._reply_expired:
-                raise
-            self._reply_expired = False
-            if hasattr(self._task, "uncancel"):  # Python 3.11+: this cancel was ours, and is handled
-                self._task.uncancel()
-            raise ChannelFull(
-                f"Websocket {self.path} has not taken a reply for {_FULL_CHANNEL_PATIENCE:g} s: "
-                f"its client stopped reading. The handler counts as failed.") from None
-        finally:
-            self._reply_since = None
-
-    def _check_reply(self) -> None:
-        """The watchdog: cancel a reply that has waited too long, or look again later."""
-        self._watchdog = None
-        if self._reply_since is None:
-            return  # nothing waiting; the next reply starts a new watchdog
-        loop = asyncio.get_running_loop()
-        waited = loop.time() - self._reply_since
-        if waited >= _FULL_CHANNEL_PATIENCE:
-            self._reply_expired = True
-            self._task.cancel()
-        else:
-            self._watchdog = loop.call_later(_FULL_CHANNEL_PATIENCE - waited, self._check_reply)
-
-    def takes_directly(self, layer: Any, channel: str) -> bool:
-        """May a reply to *channel* skip the layer? Only ours, and only with nothing queued
-        before it: the in-memory queue is then empty, so call order is kept."""
-        return (channel == self.reply_channel and layer is self.layer and _is_in_memory(layer)
-                and not layer.pending(channel))
-
-    async def reply(self, reply: dict) -> None:
-        """Turn one reply-channel message into ASGI events (SPEC section 2, replies)."""
-        if self.state == "closed":
-            return
-        if "accept" in reply:
-            if not reply["accept"]:
-                return await self._close(1000)
-            if self.state == "connecting":
-                await self._accept(reply.get("subprotocol"))
-        for key, kind in (("text", str), ("bytes", bytes)):
-            if key in reply:
-                if not isinstance(reply[key], kind):
-                    logger.error("Reply on %s has %r of type %s; it must be %s. Not sent.",
-                                 self.reply_channel, key, type(reply[key]).__name__, kind.__name__)
-                    continue
-                if self.state == "connecting":
-                    await self._accept(None)
-                await self._emit({"type": "websocket.send", key: reply[key]})
-        close = reply.get("close")
-        if close:
-            if close is not True and not isinstance(close, int):
-                raise TypeError(f"'close' must be True or a close code int (got {close!r}).")
-            await self._close(1000 if close is True else close)
-
-    async def _accept(self, subprotocol: str | None) -> None:
-        self.state = "accepted"
-        await self._emit({"type": "websocket.accept", "subprotocol": subprotocol})
-
-    async def _close(self, code: int) -> None:
-        """Close (or, before accepting, reject with HTTP 403) -- once."""
-        if self.state != "closed":
-            self.state = "closed"
-            await self._emit({"type": "websocket.close", "code": code})
-
-    async def _emit(self, event: dict) -> None:
-        async with self._send_lock:
-            try:
-                await self._send(event)
-            except OSError:  # the client went away; its disconnect event follows
-                self.state = "closed"
-
-
-_layer_failure_reports = _Throttle(10.0)
-
-
-def _log_layer_failure(text: str, *args: Any) -> None:
-    """Log a layer outage with its traceback at most every 10 s: every socket and worker
-    retries each second, and a thousand tracebacks a second would bury the cause."""
-    held = _layer_failure_reports.ready()
-    if held is None:
-        logger.debug(text, *args, exc_info=True)
-        return
-    logger.error(text + " (%d similar failures not shown since the last report)", *args, held - 1,
-                 exc_info=True)
-
-
-async def _cancel_and_wait(task: asyncio.Task, interval: float = 0.1) -> None:
-    """Cancel *task* until it ends: a layer client (redis-py) can swallow one cancel."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=interval)
-
-
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return value.decode("latin-1")
     return None
-
-
-def _frame_size(event: dict) -> int:
-    text = event.get("text")
-    if text is not None:
-        return len(text) if text.isascii() else len(text.encode("utf-8"))
-    return len(event.get("bytes") or b"")
 
 
 class _BackgroundWorkers:
@@ -2345,14 +2369,14 @@ class _BackgroundWorkers:
     async def _run(self, channel: str, content: dict) -> None:
         message = Message(content, channel, self.app.channel_layer)
         try:
-            if not await self.app.handle(message):
+            if not await _handle_message(self.app.router, self.app.channel_layer, message):
                 logger.warning("No route matched a message on %r (keys %s); dropped.",
                                channel, sorted(content))
         except Exception:
             logger.exception("Consumer failed on background channel %r", channel)
 
 
-# === 7. Test helpers ===
+# === 8. Test helpers ===
 # `WebsocketCommunicator` plays the server's part in-process, so tests drive an
 # `Application` the way a browser would, with the method names Channels users know.
 # `reset_channel_layers()` gives each test fresh layers.
@@ -2493,7 +2517,7 @@ def reset_channel_layers() -> None:
         _layers.clear()
 
 
-# === 8. Command line ===
+# === 9. Command line ===
 # `python -m channels_mini runworker` consumes background channels from a layer shared
 # between processes (e.g. Redis), as `manage.py runworker` did in Channels 1.x.
 

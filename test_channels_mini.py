@@ -3906,6 +3906,8 @@ def redis_shutdown(url: str) -> None:
 
 
 def test_command_line_redis_outage_is_logged_the_server_survives_and_recovers():
+    """Redis goes away: sockets whose handlers only answer themselves keep working (their
+    replies never cross Redis); a handler that needs Redis fails and closes its socket."""
     import redis
     from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
@@ -3913,33 +3915,38 @@ def test_command_line_redis_outage_is_logged_the_server_survives_and_recovers():
                                                 env=redis_server_env(url)) as server:
 
         async def during_outage():
-            async with ws_connect(server.url("/redis/echo/")) as socket:
+            async with ws_connect(server.url("/redis/echo/")) as socket, \
+                    ws_connect(server.url("/redis/say/r1/")) as speaker:
                 await socket.send("before")
                 assert await redis_recv(socket) == "before"
                 redis_shutdown(url)
                 await asyncio.to_thread(
-                    redis_wait_until, lambda: "Cannot receive replies for websocket /redis/echo/ "
+                    redis_wait_until, lambda: "Cannot receive messages for websocket /redis/echo/ "
                                               "from the channel layer; retrying in 1 s." in server.log(),
-                    10, "the relay's error in the server log")
-                # Every reply goes through the layer: the consumer's send fails, that
-                # socket closes with 1011 and the failure is logged with its cause.
+                    10, "the listener's error in the server log")
                 await socket.send("while down")
+                assert await redis_recv(socket) == "while down"
+                # A group send needs Redis: that handler fails, its socket closes with 1011.
+                await speaker.send("lost")
                 with pytest.raises(ConnectionClosedError):
-                    await redis_recv(socket)
-                assert socket.close_code == 1011
-            # A new socket cannot be accepted (the accept is a reply too): HTTP 403.
+                    await redis_recv(speaker)
+                assert speaker.close_code == 1011
+            # Joining a group needs Redis too: the handshake fails (HTTP 403).
             with pytest.raises(InvalidStatus) as rejected:
-                async with ws_connect(server.url("/redis/echo/")):
+                async with ws_connect(server.url("/redis/room/r1/")):
                     pass
             assert rejected.value.response.status_code == 403
+            async with ws_connect(server.url("/redis/echo/")) as fresh:  # echo needs no Redis
+                await fresh.send("new socket")
+                assert await redis_recv(fresh) == "new socket"
 
         run(during_outage(), timeout=60)
         assert server.process.poll() is None
         assert http_get(server.url("/page/", "http")) == (200, "django page ok")
         log = server.log()
-        assert "Consumer failed on websocket.receive for /redis/echo/ (order 2); closing that " \
+        assert "Consumer failed on websocket.receive for /redis/say/r1/ (order 1); closing that " \
                "socket with 1011." in log
-        assert "Consumer failed on websocket.connect for /redis/echo/ (order 0)" in log
+        assert "Consumer failed on websocket.connect for /redis/room/r1/ (order 0)" in log
         assert "redis.exceptions.ConnectionError" in log
         # Sends from outside the server fail loudly too.
         with pytest.raises(redis.exceptions.ConnectionError):
