@@ -59,7 +59,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -829,7 +829,7 @@ class Group:
         return f"Group({self.name!r})"
 
 
-class Message:
+class Message(Mapping):
     """A message as a consumer sees it: dict-like over ``content``, plus where it came from.
 
     WebSocket messages also carry ``channel_session`` (a dict that lives as long as the
@@ -862,26 +862,11 @@ class Message:
     def __getitem__(self, key: str) -> Any:
         return self.content[key]
 
-    def __contains__(self, key: object) -> bool:
-        return key in self.content
-
     def __iter__(self):
         return iter(self.content)
 
     def __len__(self) -> int:
         return len(self.content)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.content.get(key, default)
-
-    def keys(self):
-        return self.content.keys()
-
-    def values(self):
-        return self.content.values()
-
-    def items(self):
-        return self.content.items()
 
     def copy(self, **changes: Any) -> Message:
         """A new message over a copy of the content (with *changes*), sharing the socket state."""
