@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python bench/run.py            # full run (about 5-10 minutes on 2 cores)
+    python bench/run.py            # full run (about 7-10 minutes on 2 cores)
     python bench/run.py --quick    # short run (under 2 minutes)
     python bench/run.py --rounds 7 # more rounds for layer + echo benchmarks
 
@@ -38,6 +38,7 @@ django.setup()
 from bench import layerbench, webbench  # noqa: E402
 
 IMPLS = ("mini", "ch4", "floor")
+SECTIONS = ("layer", "echo", "broadcast", "memory", "flood")
 HEADERS = {"mini": "channels_mini", "ch4": "Channels 4", "floor": "floor"}
 
 
@@ -78,6 +79,13 @@ def make_config(args) -> dict:
         "broadcast_hard_timeout": 20.0 if quick else 30.0,
         "memory_sockets": 1000,
         "memory_settle": 0.5 if quick else 1.0,
+        "flood_probes": 20,
+        "flood_probe_interval": 0.05,
+        "flood_before_seconds": 1.0 if quick else 2.0,
+        "flood_ramp_seconds": 0.25,
+        "flood_during_seconds": 1.5 if quick else 3.0,
+        "flood_cap": 5000,
+        "flood_drain_timeout": 30.0,
     }
 
 
@@ -207,6 +215,68 @@ class BroadcastRow(Row):
         return text
 
 
+class FloodLatencyRow(Row):
+    """Probe latency before / during the flood; ratios and the target use "during"."""
+
+    #: The issue's target: under the same flood, within this factor of the bare app.
+    TARGET = 3.0
+
+    def __init__(self, key, label, percentile):
+        super().__init__(key, label, "ms", False, metric=f"{percentile}_during_ms")
+        self.before_metric = f"{percentile}_before_ms"
+
+    def cell(self, impl):
+        text = super().cell(impl)
+        before = [r[impl][self.before_metric] for r in self.rounds
+                  if self.value(r.get(impl)) is not None]
+        if before and not text.startswith(("ERROR", "n/a")):
+            text = f"{statistics.median(before):.2f} / {text}"
+        return text
+
+    def extra(self, impl):
+        unanswered = sum(r[impl]["during"]["unanswered"] + r[impl]["before"]["unanswered"]
+                         for r in self.rounds if self.value(r.get(impl)) is not None)
+        return f"{unanswered} pings unanswered" if unanswered else ""
+
+    def ratio_text(self):
+        text = super().ratio_text()
+        value, _ = self.ratio("mini", "floor")
+        if value is not None:
+            verdict = "met" if value <= self.TARGET else "missed"
+            text += f" — target ≤ {self.TARGET:.0f}× floor during: {verdict}"
+        return text
+
+
+class FloodRow(Row):
+    """The flooder's reply rate during the window, and whether every reply came in order."""
+
+    def extra(self, impl):
+        runs = [r[impl] for r in self.rounds if self.value(r.get(impl)) is not None]
+        if not runs:
+            return ""
+        sent = statistics.median(run["flood_sent"] for run in runs)
+        incomplete = sum(not run["flood_complete"] for run in runs)
+        disordered = sum(not run["in_order"] for run in runs)
+        text = f"{sent:,.0f} sent"
+        if not incomplete and not disordered:
+            return text + ", every reply in order"
+        if incomplete:
+            worst = min(runs, key=lambda run: run["flood_received"] / max(1, run["flood_sent"]))
+            text += (f", INCOMPLETE in {incomplete}/{len(runs)} runs (worst "
+                     f"{worst['flood_received']:,}/{worst['flood_sent']:,})")
+        if disordered:
+            text += f", OUT OF ORDER in {disordered}/{len(runs)} runs"
+        return text
+
+    def ratio_text(self):
+        text = super().ratio_text()
+        failed = sorted({HEADERS[impl] for impl in IMPLS for r in self.rounds
+                         if self.value(r.get(impl)) is not None
+                         and not (r[impl]["flood_complete"] and r[impl]["in_order"])})
+        return text + (f" — missing or out-of-order replies: {', '.join(failed)}" if failed
+                       else " — every flooder got every reply, in order")
+
+
 def measure(fn, *args, **kwargs):
     """Run one measurement; an exception becomes {"error": ...} instead of ending the run."""
     failed = [a for a in args if isinstance(a, Exception)]  # e.g. a server that never started
@@ -288,7 +358,9 @@ def _short(value):
     if isinstance(value, dict):
         return {k: _short(v) for k, v in value.items() if k in
                 ("msgs_per_s", "p99_ms", "server_cpu_us_per_msg", "received", "seconds",
-                 "server_cpu_s", "kib_per_socket", "kib_per_socket_marginal", "error")}
+                 "server_cpu_s", "kib_per_socket", "kib_per_socket_marginal", "error",
+                 "p50_during_ms", "p99_during_ms", "flood_replies_per_s", "flood_complete",
+                 "in_order")}
     return value
 
 
@@ -435,6 +507,51 @@ def _memory_fresh(server_name, path, cfg, log_dir):
         return webbench.memory(server, path, cfg["memory_sockets"], cfg["memory_settle"])
 
 
+def run_flood(cfg, have_mini, rows, log_dir):
+    probes = cfg["flood_probes"]
+    flood_rows = {}
+    for key, label, _ in ECHO_FLAVOURS:
+        flood_rows[key] = [
+            FloodLatencyRow(f"flood_{key}_p50", f"flood, {label}: {probes} probes' p50 "
+                            "before / during the flood", "p50"),
+            FloodLatencyRow(f"flood_{key}_p99", f"flood, {label}: {probes} probes' p99 "
+                            "before / during the flood", "p99"),
+            FloodRow(f"flood_{key}_rate", f"flood, {label}: flooder's echo replies during "
+                     "the window", "replies/s", True, fmt="{:,.0f}",
+                     metric="flood_replies_per_s"),
+        ]
+        rows.extend(flood_rows[key])
+    plan = [("floor", "floor")] + [(key, impl) for key, _, _ in ECHO_FLAVOURS
+                                   for impl in ("mini", "ch4")]
+    for r in range(cfg["heavy_rounds"]):
+        log(f"[flood] round {r + 1}/{cfg['heavy_rounds']}")
+        cells = {key: {} for key in flood_rows}
+        floor_result = None
+        for key, impl in ordered(plan, r):
+            if impl == "mini" and not have_mini:
+                continue
+            server_name, path = target(ECHO_FLAVOURS, "sync" if key == "floor" else key, impl)
+            result = measure(_flood_fresh, server_name, path, cfg, log_dir)
+            if impl == "floor":
+                floor_result = result
+            else:
+                cells[key][impl] = result
+        for key in cells:
+            cells[key]["floor"] = floor_result
+            for row in flood_rows[key]:
+                row.rounds.append(cells[key])
+        log("   ", {k2: {i: _short(v) for i, v in c.items()} for k2, c in cells.items()})
+
+
+def _flood_fresh(server_name, path, cfg, log_dir):
+    # a fresh server per run: nothing queued from the previous flood is still draining
+    with webbench.Server(server_name, log_dir) as server:
+        return webbench.flood(server, path, cfg["flood_probes"], cfg["flood_probe_interval"],
+                              cfg["flood_before_seconds"], cfg["flood_during_seconds"],
+                              cfg["flood_ramp_seconds"], cfg["flood_cap"],
+                              cfg["flood_drain_timeout"])
+
+
 # -- output ----------------------------------------------------------------------------------
 
 def table(rows) -> str:
@@ -478,9 +595,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="short run (under 2 minutes)")
     parser.add_argument("--rounds", type=int, help="rounds for layer and echo benchmarks "
                         "(default 5, quick 2)")
-    parser.add_argument("--heavy-rounds", type=int, help="rounds for broadcast and memory "
-                        "(default min(rounds, 3), quick 1)")
-    parser.add_argument("--only", nargs="+", choices=["layer", "echo", "broadcast", "memory"],
+    parser.add_argument("--heavy-rounds", type=int, help="rounds for broadcast, memory and "
+                        "flood (default min(rounds, 3), quick 1)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS,
                         help="run only these sections")
     parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
     parser.add_argument("--allow-missing-mini", action="store_true",
@@ -488,7 +605,7 @@ def main(argv=None) -> int:
                         "import (the table then shows n/a in its column)")
     args = parser.parse_args(argv)
     cfg = make_config(args)
-    sections = args.only or ["layer", "echo", "broadcast", "memory"]
+    sections = args.only or list(SECTIONS)
 
     try:
         import channels_mini as mini
@@ -509,7 +626,7 @@ def main(argv=None) -> int:
         log(f"note: load average is {load_before[0]:.1f} on {os.cpu_count()} CPUs; other work "
             "will add noise (the interleaved ratios are the figures to trust)")
     started = time.perf_counter()
-    if set(sections) & {"echo", "broadcast", "memory"}:
+    if set(sections) - {"layer"}:
         apps = ["bare", "ch4"] + (["mini"] if mini is not None else [])
         problems = webbench.warm_bytecode_cache(apps)
         log(f"bytecode cache {webbench.PYCACHE_DIR} warmed" +
@@ -518,7 +635,8 @@ def main(argv=None) -> int:
     runners = {"layer": lambda: run_layer(cfg, mini, rows),
                "echo": lambda: run_echo(cfg, mini is not None, rows, log_dir),
                "broadcast": lambda: run_broadcast(cfg, mini is not None, rows, log_dir),
-               "memory": lambda: run_memory(cfg, mini is not None, rows, log_dir)}
+               "memory": lambda: run_memory(cfg, mini is not None, rows, log_dir),
+               "flood": lambda: run_flood(cfg, mini is not None, rows, log_dir)}
     for section in sections:
         t = time.perf_counter()
         runners[section]()
@@ -529,7 +647,7 @@ def main(argv=None) -> int:
     markdown = table(rows)
     print(markdown)
     print(f"\n_{'quick' if cfg['quick'] else 'full'} run, {cfg['rounds']} rounds "
-          f"(broadcast/memory: {cfg['heavy_rounds']}), {elapsed:.0f} s; figures are medians "
+          f"(broadcast/memory/flood: {cfg['heavy_rounds']}), {elapsed:.0f} s; figures are medians "
           "over rounds, ratios are medians of per-round ratios; 1-minute load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after, {os.cpu_count()} CPUs._")
     results = {

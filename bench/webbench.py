@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -389,5 +390,195 @@ def memory(server: Server, path: str, sockets: int = 1000, settle: float = 1.0) 
     """
     server.require_alive()
     result = asyncio.run(asyncio.wait_for(_memory(server, path, sockets, settle), 180))
+    server.require_alive()
+    return result
+
+
+# -- 4. flood: probe latency while one client floods -----------------------------------
+
+class Probes:
+    """Sockets that each send one ping per ``interval`` and time each echo.
+
+    Open loop: a ping goes out on its schedule even while earlier ones are unanswered,
+    so a stalled server shows up as long latencies instead of as fewer pings (a closed
+    loop would wait out the stall and hide it). Pings are ``"p<probe>-<window>-<n>"``,
+    and a reader per socket matches each reply to its send time.
+    """
+
+    def __init__(self, sockets, interval: float) -> None:
+        self.sockets, self.interval = sockets, interval
+        self.outstanding = [{} for _ in sockets]  # per socket: payload -> send time
+        self.latencies: list[float] = []
+        self.stale = 0  # replies to pings of an earlier window that gave up on them
+        self.readers = [asyncio.create_task(self._read(i, ws)) for i, ws in enumerate(sockets)]
+
+    async def _read(self, index, ws) -> None:
+        async for frame in ws:
+            sent_at = self.outstanding[index].pop(frame, None)
+            if sent_at is None:
+                self.stale += 1
+            else:
+                self.latencies.append(time.perf_counter() - sent_at)
+
+    async def _ping(self, index, ws, window: str, start: float, duration: float) -> None:
+        # spread the probes over the interval so they do not all ping in the same instant
+        offset = index * self.interval / len(self.sockets)
+        n = 0
+        while True:
+            due = start + offset + n * self.interval
+            if due >= start + duration:
+                return
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            payload = f"p{index}-{window}-{n}"
+            self.outstanding[index][payload] = time.perf_counter()
+            await ws.send(payload)
+            n += 1
+
+    async def send_for(self, window: str, duration: float) -> None:
+        """Ping on schedule for ``duration`` s; the replies are collected by ``drain``."""
+        self.latencies = []
+        start = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(
+            *(self._ping(i, ws, window, start, duration) for i, ws in enumerate(self.sockets))),
+            duration + 10)
+
+    async def drain(self, timeout: float) -> dict:
+        """Wait (at most ``timeout`` s) for the window's replies; summarise its latencies."""
+        deadline = time.perf_counter() + timeout
+        while any(self.outstanding) and time.perf_counter() < deadline:
+            for task in self.readers:
+                if task.done():  # a socket closed or broke: its pings will never return
+                    raise RuntimeError(f"probe reader ended: {task.exception()!r}")
+            await asyncio.sleep(0.01)
+        unanswered = sum(len(o) for o in self.outstanding)
+        for pending in self.outstanding:
+            pending.clear()
+        # an unanswered ping counts as infinitely late, so it can only raise the figures
+        latencies = sorted(self.latencies) + [float("inf")] * unanswered
+        return {
+            "pings": len(latencies),
+            "unanswered": unanswered,
+            "p50_ms": percentile(latencies, 0.50) * 1e3,
+            "p99_ms": percentile(latencies, 0.99) * 1e3,
+            "max_ms": (latencies[-1] if latencies else float("nan")) * 1e3,
+        }
+
+    async def close(self) -> None:
+        for task in self.readers:
+            task.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+
+
+class FlooderProcess:
+    """``bench/flooder.py`` in a subprocess, driven over its stdin and stdout."""
+
+    def __init__(self, url: str, cap: int, drain_timeout: float, log_path: Path) -> None:
+        self.url, self.cap, self.drain_timeout = url, cap, drain_timeout
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 30.0) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        with open(self.log_path, "ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.flooder", self.url, "--cap", str(self.cap),
+                "--drain-timeout", str(self.drain_timeout), cwd=REPO_ROOT, env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        await self._expect("ready", timeout)
+
+    async def _expect(self, key: str, timeout: float) -> dict:
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            await asyncio.wait_for(self.proc.wait(), 5)
+            raise RuntimeError(f"flooder exited ({self.proc.returncode}) before {key!r}: "
+                               f"see {self.log_path}")
+        message = json.loads(line)
+        if key not in message:
+            raise RuntimeError(f"flooder said {message!r}, expected {key!r}")
+        return message
+
+    async def _command(self, word: str) -> None:
+        self.proc.stdin.write(word.encode() + b"\n")
+        await asyncio.wait_for(self.proc.stdin.drain(), 5)
+
+    async def go(self) -> None:
+        """Start the flood; returns once the flooder has begun sending."""
+        await self._command("go")
+        await self._expect("flooding", 10)
+
+    async def stop(self) -> None:
+        await self._command("stop")
+
+    async def result(self) -> dict:
+        return await self._expect("flood_sent", self.drain_timeout + 20)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 5)
+
+
+async def _flood(server: Server, path: str, probes: int, interval: float, before: float,
+                 during: float, ramp: float, cap: int, drain_timeout: float) -> dict:
+    url = server.url(path)
+    flooder = FlooderProcess(url, cap, drain_timeout,
+                             server.log_path.with_suffix(".flooder.log"))
+    sockets, probe_set = [], None
+    try:
+        await flooder.start()
+        sockets = await open_sockets(url, probes)
+        for ws in sockets:  # warm-up: one exchange per socket, checked
+            await ws.send("warm-up")
+            reply = await asyncio.wait_for(ws.recv(), 10)
+            if reply != "warm-up":
+                raise AssertionError(f"echo returned {reply!r}")
+        probe_set = Probes(sockets, interval)
+        await probe_set.send_for("b", before)
+        baseline = await probe_set.drain(drain_timeout)
+        cpu_before = server_cpu_seconds(server)
+        await flooder.go()
+        await asyncio.sleep(ramp)  # the flood's queues fill; then the window opens
+        await probe_set.send_for("d", during)
+        await flooder.stop()  # the flooder drains its replies while the probes drain theirs
+        under = await probe_set.drain(drain_timeout)
+        flood_result = await flooder.result()
+        server_cpu = server_cpu_seconds(server) - cpu_before
+    finally:
+        if probe_set is not None:
+            await probe_set.close()
+        await close_sockets(sockets)
+        await flooder.kill()
+    return {
+        "before": baseline,
+        "during": under,
+        "p50_before_ms": baseline["p50_ms"],
+        "p99_before_ms": baseline["p99_ms"],
+        "p50_during_ms": under["p50_ms"],
+        "p99_during_ms": under["p99_ms"],
+        "stale_probe_replies": probe_set.stale,
+        "server_cpu_s_flood": server_cpu,
+        **flood_result,
+    }
+
+
+def flood(server: Server, path: str, probes: int = 20, interval: float = 0.05,
+          before: float = 2.0, during: float = 3.0, ramp: float = 0.25, cap: int = 5000,
+          drain_timeout: float = 30.0) -> dict:
+    """Probe latency on an idle server, then while one other client floods it.
+
+    ``probes`` sockets each ping every ``interval`` s for ``before`` s (baseline); then the
+    flooder (``bench/flooder.py``, its own process) starts, and after ``ramp`` s the
+    probes ping for another ``during`` s. The flooder stops with the window and reports
+    whether every one of its frames came back, in order.
+    """
+    server.require_alive()
+    limit = before + ramp + during + 2 * drain_timeout + 120
+    result = asyncio.run(asyncio.wait_for(
+        _flood(server, path, probes, interval, before, during, ramp, cap, drain_timeout),
+        limit))
     server.require_alive()
     return result
