@@ -1547,14 +1547,18 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
     if matched is None:
         return False
     route, kwargs = matched
-    async with consumer_context(layer) as state:
-        try:
-            await route.handler(message, **kwargs)
-        except DenyConnection:
-            # A rejection wins over an accept the handler queued before raising.
-            state.deferred = [op for op in state.deferred if not (
-                op[0] == "send" and op[2][0] == message.get("reply_channel"))]
-            raise
+    state = _ConsumerState(layer)  # what consumer_context does, without its two awaits
+    token = _consumer_state.set(state)
+    try:
+        await route.handler(message, **kwargs)
+    except DenyConnection:
+        # A rejection wins over an accept the handler queued before raising.
+        state.deferred = [op for op in state.deferred if not (
+            op[0] == "send" and op[2][0] == message.get("reply_channel"))]
+        raise
+    finally:
+        _consumer_state.reset(token)
+        await state.apply()
     return True
 
 
