@@ -5769,7 +5769,9 @@ def test_readme_chat_tutorial_runs_under_uvicorn(tmp_path):
     with running_server(app="mysite.asgi:application", cwd=str(project),
                         env={"DJANGO_SETTINGS_MODULE": "mysite.settings"}) as server:
         assert run(tutorial_chat(server)) == ["hello", "hello"]
-        # the rest of the site is Django's: the admin that startproject set up, with its CSS
+        # the page step 5 opens, and the rest of the site: startproject's admin, with its CSS
+        status, page = http_get(server.url("/", scheme="http"))
+        assert status == 200 and "The install worked successfully!" in page
         assert http_get(server.url("/admin/login/", scheme="http"))[0] == 200
         status, css = http_get(server.url("/static/admin/css/base.css", scheme="http"))
         assert status == 200 and "body" in css
@@ -5860,7 +5862,6 @@ def test_readme_tutorial_in_a_fresh_virtualenv(tmp_path):
     steps = readme_tutorial_steps()
     (setup,), (serve,) = steps[1]["sh"], steps[5]["sh"]
     assert "./channels_mini" in setup and "python3 -m venv .venv" in setup, setup
-    started = time.monotonic()
 
     # 1. The folder the tutorial starts in: a copy of this checkout as `channels_mini/`, and
     #    `python3` meaning the interpreter that runs these tests.
@@ -5906,7 +5907,6 @@ def test_readme_tutorial_in_a_fresh_virtualenv(tmp_path):
     finally:
         stop_process(process)
     assert "Traceback" not in server.log(), server.log()
-    assert time.monotonic() - started < 120
 
 
 def test_readme_binding_example_runs():
