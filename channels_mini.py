@@ -185,6 +185,9 @@ def _wake(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
+_nobody_listens_warned = threading.Event()  # set once a group send has "reached nobody"
+
+
 class InMemoryChannelLayer:
     """Keeps channels and groups in this process's memory.
 
@@ -304,16 +307,37 @@ class InMemoryChannelLayer:
         skipped = []
         with self._lock:
             members = self._groups.get(group)
-            if not members:
-                return
-            stale_before = time.monotonic() - self.group_expiry
-            for channel, joined_at in list(members.items()):
-                if joined_at < stale_before:
-                    self._leave(group, channel)
-                elif not self._put(channel, dict(message)):
-                    skipped.append(channel)
+            if members:
+                stale_before = time.monotonic() - self.group_expiry
+                for channel, joined_at in list(members.items()):
+                    if joined_at < stale_before:
+                        self._leave(group, channel)
+                    elif not self._put(channel, dict(message)):
+                        skipped.append(channel)
+        if not members and not _nobody_listens_warned.is_set():
+            self._warn_if_nobody_listens(group)
         if skipped:
             self._report_drops(f"Group {group!r}", skipped)
+
+    def _warn_if_nobody_listens(self, group: str) -> None:
+        """Warn once per process when a group send finds no group and no receiver at all.
+
+        Then nothing in this process consumes from the layer and the message reached
+        nobody. The usual cause: a bound save or a ``Group.send`` from ``manage.py shell``
+        or a script, while the sockets live in the server process, in that process's layer.
+        """
+        with self._lock:
+            if self._groups or any(queue.waiters for queue in self._queues.values()):
+                return  # something here listens: an empty group is ordinary (an empty room)
+            if _nobody_listens_warned.is_set():
+                return
+            _nobody_listens_warned.set()
+        logger.warning(
+            "Group %r has no members and nothing in this process receives from its in-memory "
+            "channel layer, so the message reached nobody. The in-memory layer lives inside one "
+            "process: a send from 'manage.py shell', a script or another server process never "
+            "reaches the sockets of your server. To reach them, configure a shared layer "
+            "(channels_redis) in CHANNEL_LAYERS. (Logged once per process.)", group)
 
     # -- whole layer --
 

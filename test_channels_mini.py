@@ -5714,30 +5714,206 @@ def test_readme_standalone_blocks_run(tmp_path):
         assert result.returncode == 0, f"README block failed:\n{block}\n{result.stderr}"
 
 
-def test_readme_chat_tutorial_runs_under_uvicorn(tmp_path):
-    files = {b.split("\n", 1)[0][2:].strip(): b for b in readme_python_blocks()
-             if b.startswith("# mysite/")}
+def readme_tutorial_steps() -> dict[int, dict[str, list[str]]]:
+    """The chat tutorial's code blocks, by step number and then language, in README order."""
+    with open(README, encoding="utf-8") as handle:
+        section = handle.read().split("\n## A chat from zero", 1)[1].split("\n## ", 1)[0]
+    steps: dict[int, dict[str, list[str]]] = {}
+    for number, body in re.findall(r"^\*\*(\d+)\. (.*?)(?=^\*\*\d+\. |\Z)", section,
+                                   flags=re.S | re.M):
+        blocks = steps.setdefault(int(number), {})
+        for language, code in re.findall(r"```(\w+)\n(.*?)```", body, flags=re.S):
+            blocks.setdefault(language, []).append(code)
+    return steps
+
+
+def readme_tutorial_files(last_step: int) -> dict[str, str]:
+    """The files of steps 1 to *last_step*, by the path in their first line; later steps win."""
+    files = {}
+    for number, blocks in sorted(readme_tutorial_steps().items()):
+        if number <= last_step:
+            files.update((code.split("\n", 1)[0][2:].strip(), code) for code in blocks.get("python", []))
+    return files
+
+
+def write_tutorial_project(tmp_path, last_step: int):
+    """`startproject mysite` with this environment's Django, then the tutorial's files."""
+    files = readme_tutorial_files(last_step)
     assert set(files) == {"mysite/consumers.py", "mysite/routing.py", "mysite/asgi.py"}
     subprocess.run([sys.executable, "-m", "django", "startproject", "mysite"], cwd=tmp_path,
                    check=True, timeout=60)
     project = tmp_path / "mysite"
     for name, code in files.items():
         (project / name).write_text(code)
+    return project
 
-    async def chat(server):
-        async with ws_connect(server.url("/chat/lobby/")) as alice, \
-                ws_connect(server.url("/chat/lobby/")) as bob, \
-                ws_connect(server.url("/chat/other/")) as carol:
-            await alice.send("hello")
-            heard = [await asyncio.wait_for(bob.recv(), 5), await asyncio.wait_for(alice.recv(), 5)]
-            with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(carol.recv(), 0.3)
-            return heard
 
-    with running_server(app="mysite.asgi:application", cwd=str(project)) as server:
-        assert run(chat(server)) == ["hello", "hello"]
-        # the rest of the site is Django's: the admin that startproject set up answers
+def chromium_path() -> str:
+    path = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+    if not os.path.exists(path):  # a skip would read as a pass
+        raise FileNotFoundError(f"No Chromium at {path}: apt-get install -y chromium, "
+                                f"or set CHROMIUM_PATH.")
+    return path
+
+
+async def tutorial_chat(server) -> list[str]:
+    """Two clients in #lobby and one in #other: what the lobby hears of alice's hello."""
+    async with ws_connect(server.url("/chat/lobby/")) as alice, \
+            ws_connect(server.url("/chat/lobby/")) as bob, \
+            ws_connect(server.url("/chat/other/")) as carol:
+        await alice.send("hello")
+        heard = [await asyncio.wait_for(bob.recv(), 5), await asyncio.wait_for(alice.recv(), 5)]
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(carol.recv(), 0.3)
+        return heard
+
+
+def test_readme_chat_tutorial_runs_under_uvicorn(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    project = write_tutorial_project(tmp_path, last_step=5)
+    (snippet,) = readme_tutorial_steps()[5]["js"]
+    with running_server(app="mysite.asgi:application", cwd=str(project),
+                        env={"DJANGO_SETTINGS_MODULE": "mysite.settings"}) as server:
+        assert run(tutorial_chat(server)) == ["hello", "hello"]
+        # the page step 5 opens, and the rest of the site: startproject's admin, with its CSS
+        status, page = http_get(server.url("/", scheme="http"))
+        assert status == 200 and "The install worked successfully!" in page
         assert http_get(server.url("/admin/login/", scheme="http"))[0] == 200
+        status, css = http_get(server.url("/static/admin/css/base.css", scheme="http"))
+        assert status == 200 and "body" in css
+
+        # The console snippet, pasted as one block into two real tabs on the start page.
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium_path(), timeout=30_000,
+                                                 args=["--headless", "--no-sandbox", "--disable-gpu"])
+            try:
+                errors: list[str] = []
+                first, second = (browser.new_page() for _ in range(2))
+                for tab in (first, second):
+                    tab.on("pageerror", lambda error: errors.append(str(error)))
+                    tab.goto(server.url("/", scheme="http"))
+
+                def heard(text):
+                    return {"predicate": lambda message: message.text == text, "timeout": 10_000}
+
+                with first.expect_console_message(**heard("hello")):
+                    first.add_script_tag(content=snippet)  # runs as a console paste does
+                with first.expect_console_message(**heard("hello")), \
+                        second.expect_console_message(**heard("hello")):
+                    second.add_script_tag(content=snippet)
+                with first.expect_console_message(**heard("hi")), \
+                        second.expect_console_message(**heard("hi")):
+                    second.evaluate('ws.send("hi")')
+                assert errors == []
+            finally:
+                browser.close()
+
+
+def test_readme_tutorial_step_6_shows_who_is_talking(tmp_path):
+    import http.cookiejar
+    import shlex
+    import urllib.parse
+
+    project = write_tutorial_project(tmp_path, last_step=6)
+    env = {**os.environ, "PYTHONPATH": ROOT, "DJANGO_SETTINGS_MODULE": "mysite.settings",
+           "DJANGO_SUPERUSER_PASSWORD": "tutorial-pw-6"}
+    (commands,) = readme_tutorial_steps()[6]["sh"]
+    for line in commands.splitlines():
+        command = shlex.split(line, comments=True)
+        assert command[:2] == ["python", "manage.py"], line
+        if command[2] == "createsuperuser":  # it asks its questions only on a terminal
+            command += ["--noinput", "--username", "admin", "--email", "admin@example.com"]
+        subprocess.run([sys.executable, *command[1:]], cwd=project, env=env, check=True,
+                       capture_output=True, timeout=120)
+
+    with running_server(app="mysite.asgi:application", cwd=str(project),
+                        env={"DJANGO_SETTINGS_MODULE": "mysite.settings"}) as server:
+        # Log in through the admin's form, as a browser does.
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        login = server.url("/admin/login/?next=/admin/", scheme="http")
+        form = browser.open(login, timeout=10).read().decode()
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form).group(1)
+        fields = {"csrfmiddlewaretoken": token, "username": "admin", "password": "tutorial-pw-6"}
+        with browser.open(login, urllib.parse.urlencode(fields).encode(), timeout=10) as answer:
+            assert answer.url.endswith("/admin/")  # logged in: the admin's index, not the form
+        session = next(cookie.value for cookie in jar if cookie.name == "sessionid")
+
+        async def chat():
+            async with ws_connect(server.url("/chat/lobby/"),
+                                  additional_headers=[("Cookie", f"sessionid={session}")]) as admin, \
+                    ws_connect(server.url("/chat/lobby/")) as visitor:
+                await admin.send("hello")
+                heard = [await asyncio.wait_for(visitor.recv(), 5)]
+                await visitor.send("hi")
+                heard += [await asyncio.wait_for(admin.recv(), 5) for _ in range(2)]
+                return heard
+
+        assert run(chat()) == ["admin: hello", "admin: hello", "anonymous: hi"]
+
+
+FRESH_VENV_LEFT_OUT = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                             ".hypothesis", "example", "bench")
+
+
+def test_readme_tutorial_in_a_fresh_virtualenv(tmp_path):
+    """Steps 1 to 5 word for word, in a new virtualenv that has only what step 1 installs.
+
+    The clone that the tutorial starts from is a copy of this checkout, so nothing from this
+    test environment (its uvicorn, its websockets) can stand in for a dependency the README
+    leaves out. Only the chat clients are this environment's.
+    """
+    import shlex
+
+    steps = readme_tutorial_steps()
+    (setup,), (serve,) = steps[1]["sh"], steps[5]["sh"]
+    assert "./channels_mini" in setup and "python3 -m venv .venv" in setup, setup
+
+    # 1. The folder the tutorial starts in: a copy of this checkout as `channels_mini/`, and
+    #    `python3` meaning the interpreter that runs these tests.
+    shutil.copytree(ROOT, tmp_path / "channels_mini", ignore=FRESH_VENV_LEFT_OUT)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python3").symlink_to(sys.executable)
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "DJANGO_SETTINGS_MODULE")
+           and not name.startswith("CHANNELS_MINI_")}
+    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+
+    # 2. Step 1's block as written: venv, install line, startproject.
+    result = subprocess.run(["bash", "-e", "-c", setup], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"step 1 failed:\n{result.stdout}\n{result.stderr}"
+    venv = tmp_path / ".venv"
+    env.update(VIRTUAL_ENV=str(venv), PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}")
+    (command,) = [shlex.split(line) for line in serve.splitlines() if line.strip()]
+    assert shutil.which(command[0], path=env["PATH"]) == str(venv / "bin" / command[0])
+
+    # 3. Steps 2 to 4: the files as the README shows them.
+    project = tmp_path / "mysite"
+    files = readme_tutorial_files(last_step=5)
+    assert set(files) == {"mysite/consumers.py", "mysite/routing.py", "mysite/asgi.py"}
+    for name, code in files.items():
+        (project / name).write_text(code)
+
+    # 4. Step 5: the server, on a free port instead of 8000; two clients chat.
+    port = free_port()
+    with open(tmp_path / "server.log", "wb") as log:
+        process = subprocess.Popen(command + ["--port", str(port)], cwd=project, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    server = Server(port, process, str(tmp_path / "server.log"))
+    try:
+        wait_for_port(port, process, timeout=30)
+        try:
+            assert run(tutorial_chat(server)) == ["hello", "hello"]
+        except Exception as error:
+            raise AssertionError(f"the tutorial's chat failed ({error}); server log:\n"
+                                 f"{server.log()}") from error
+        status, css = http_get(server.url("/static/admin/css/base.css", scheme="http"))
+        assert status == 200 and "body" in css
+    finally:
+        stop_process(process)
+    assert "Traceback" not in server.log(), server.log()
 
 
 def test_readme_binding_example_runs():
@@ -5779,6 +5955,89 @@ def test_readme_binding_example_runs():
     assert created["payload"]["action"] == "create" and created["payload"]["data"]["name"] == "from readme"
     assert Item.objects.filter(pk=created["payload"]["pk"], name="from readme").exists()
     assert refused["payload"]["error"] == "Unknown action 'rename'; use one of ['create', 'update', 'delete']."
+
+
+# -- "reached nobody": the in-memory layer of a process that has no consumers --
+
+NOBODY_LISTENS_PROCESS = """
+import asyncio, logging, sys
+import django
+from django.conf import settings
+settings.configure(INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth"],
+                   DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3",
+                                          "NAME": sys.argv[1]}},
+                   USE_TZ=True, LOGGING_CONFIG=None)
+django.setup()
+logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
+from django.contrib.auth.models import Group as Team
+from channels_mini import (Application, Group, WebsocketBinding, WebsocketCommunicator,
+                           WebsocketConsumer)
+
+class TeamBinding(WebsocketBinding):
+    model = "auth.Group"
+    stream = "teams"
+    fields = ["name"]
+
+    @classmethod
+    def group_names(cls, instance):
+        return ["teams"]
+
+class Room(WebsocketConsumer):
+    groups = ["room"]
+
+async def with_a_socket_open(scene):
+    communicator = WebsocketCommunicator(Application([Room.as_route()]), "/room/")
+    assert (await communicator.connect())[0]
+    await asyncio.to_thread(scene)
+    await communicator.disconnect()
+
+def scene():
+    print("-- save")
+    Team.objects.create(name=f"red{Team.objects.count()}")  # a bound save, as in manage.py shell
+    print("-- save again")
+    Team.objects.create(name=f"blue{Team.objects.count()}")
+    print("-- group send")
+    Group("chat-lobby").send({"text": "hi"})
+
+if sys.argv[2] == "socket":
+    asyncio.run(with_a_socket_open(scene))
+    print("-- after the socket closed")
+scene()
+"""
+
+NOBODY_LISTENS_WARNING = (
+    "WARNING channels_mini: Group 'teams' has no members and nothing in this process receives "
+    "from its in-memory channel layer, so the message reached nobody. The in-memory layer lives "
+    "inside one process: a send from 'manage.py shell', a script or another server process never "
+    "reaches the sockets of your server. To reach them, configure a shared layer (channels_redis) "
+    "in CHANNEL_LAYERS. (Logged once per process.)")
+
+
+def run_nobody_listens_process(tmp_path, mode: str) -> str:
+    result = subprocess.run([sys.executable, "-c", NOBODY_LISTENS_PROCESS,
+                             str(tmp_path / "db.sqlite3"), mode],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_readme_a_bound_save_from_a_process_without_consumers_warns_once(tmp_path):
+    output = run_nobody_listens_process(tmp_path, "alone")
+    assert output.splitlines() == [
+        "-- save", NOBODY_LISTENS_WARNING, "-- save again", "-- group send"]
+
+
+def test_readme_no_reached_nobody_warning_while_a_consumer_runs_in_the_process(tmp_path):
+    output = run_nobody_listens_process(tmp_path, "socket")
+    # While the socket is open, an empty group is only an empty room; once it has closed,
+    # nothing in the process listens any more.
+    assert output.splitlines() == [
+        "-- save", "-- save again", "-- group send",
+        "-- after the socket closed", "-- save", NOBODY_LISTENS_WARNING, "-- save again",
+        "-- group send"]
 
 
 def test_readme_guarantees_name_tests_that_exist():

@@ -200,6 +200,22 @@ def test_chat_message_reaches_the_other_tab(visitors):
     expect(alice.locator("#messages li.chat", has_text="bob: hi alice")).to_be_visible()
 
 
+def test_a_room_link_without_a_name_asks_for_one_then_joins(browser, server):
+    context = browser.new_context(base_url=server.url)
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        page.goto("/chat/lobby/")  # a shared link, before this visitor has a name
+        expect(page.locator("#join-hint")).to_have_text("Pick a name to join #lobby.")
+        expect(page.locator("#status")).to_have_count(0)  # no socket here, so no badge
+        page.fill("#name-input", "dora")
+        page.click("#name-form button")
+        expect(page).to_have_url(f"{server.url}/chat/lobby/")
+        expect(page.locator("#status")).to_have_attribute("data-state", "online")
+    finally:
+        context.close()
+
+
 def test_chat_rooms_are_separate(visitors):
     alice, bob = visitors("alice"), visitors("bob")
     open_online(alice, "/chat/room-a/")

@@ -32,13 +32,16 @@ def index(request):
         if not url_has_allowed_host_and_scheme(next_url, allowed_hosts={request.get_host()}):
             next_url = "index"
         return redirect(next_url)
-    context = {"name": request.session.get("name", ""), "rooms": ROOMS,
-               "next": request.GET.get("next", "")}
+    next_url = request.GET.get("next", "")
+    # A room link followed without a name lands here: say which room it was.
+    joining = re.fullmatch(r"/chat/([-a-zA-Z0-9_]{1,50})/", next_url)
+    context = {"name": request.session.get("name", ""), "rooms": ROOMS, "next": next_url,
+               "joining": joining[1] if joining else ""}
     return render(request, "chat/index.html", context)
 
 
 def room(request, room):
-    """Show a chat room; visitors without a name pick one first."""
+    """Show a chat room; visitors without a name pick one first, then come back."""
     if not ROOM_PATTERN.match(room):
         raise Http404("Room names are 1 to 50 letters, digits, '-' or '_'.")
     if not request.session.get("name"):
