@@ -718,60 +718,51 @@ def _run_layer_coroutine(function: Callable[..., Awaitable], args: tuple) -> Non
         async_to_sync(function)(*args)  # a plain thread, or a sync handler's worker thread
         return
     # On an event-loop thread, waiting would freeze every socket: hand it to the layer thread.
-    _LayerThread.get().submit(function, args)
+    _LayerThread.submit(function, args)
 
 
 class _LayerThread:
     """A thread with its own event loop that applies sync-form layer calls made on an event loop.
 
-    It keeps them in call order, never blocks the caller's loop, and outlives it (a task on
-    that loop would be cancelled with it). Only layers other than the in-memory one need it.
+    It keeps them in call order (each takes one lock, in turn), never blocks the caller's
+    loop, and outlives it (a task on that loop would be cancelled with it). Only layers
+    other than the in-memory one need it.
     """
 
     _instance: _LayerThread | None = None
     _instance_lock = threading.Lock()
 
     @classmethod
-    def get(cls) -> _LayerThread:
+    def submit(cls, function: Callable[..., Awaitable], args: tuple) -> None:
         with cls._instance_lock:
             if cls._instance is None:
                 cls._instance = cls()
-            return cls._instance
+            thread = cls._instance
+            thread.last = asyncio.run_coroutine_threadsafe(thread._apply(function, args), thread.loop)
 
     def __init__(self):
         import atexit
 
         self.loop = asyncio.new_event_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.idle = threading.Event()
-        self.idle.set()
-        self._pending = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._main, daemon=True, name="channels-mini-layer").start()
-        atexit.register(self.idle.wait, 5)  # let queued sends leave before the process ends
+        self.last: Any = None  # the latest call's future: once it is done, all are
+        self.turns: asyncio.Lock | None = None  # made on the thread's own loop
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="channels-mini-layer").start()
+        atexit.register(self._finish)
 
-    def submit(self, function: Callable[..., Awaitable], args: tuple) -> None:
-        with self._lock:
-            self._pending += 1
-            self.idle.clear()
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (function, args))
+    def _finish(self) -> None:
+        """Let queued sends leave before the process ends (up to 5 s)."""
+        import concurrent.futures
+        if self.last is not None:
+            concurrent.futures.wait([self.last], timeout=5)
 
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._apply_forever())
-
-    async def _apply_forever(self) -> None:
-        while True:
-            function, args = await self.queue.get()
+    async def _apply(self, function: Callable[..., Awaitable], args: tuple) -> None:
+        self.turns = self.turns or asyncio.Lock()
+        async with self.turns:  # asyncio.Lock serves waiters first come, first served
             try:
                 await function(*args)
             except Exception:
                 logger.exception("Channel layer operation %s%r failed.",
                                  getattr(function, "__name__", function), args)
-            with self._lock:
-                self._pending -= 1
-                if not self._pending:
-                    self.idle.set()
 
 
 def _resolve_layer(alias: str, channel_layer: Any) -> Any:
