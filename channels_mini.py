@@ -150,8 +150,8 @@ def _require_name(kind: str, name: Any, pattern: re.Pattern) -> None:
         raise TypeError(f"{kind} name must be a str (got {type(name).__name__} {name!r}).")
     if not _is_valid_name(name, pattern):
         extra = ", and at most one '!' (process-local channels)" if kind == "Channel" else ""
-        raise ValueError(
-            f"{kind} name {name!r} is invalid: use fewer than {_MAX_NAME_LENGTH} ASCII "
+        raise _InvalidName(
+            f"{kind} name {name!r:.300} is invalid: use fewer than {_MAX_NAME_LENGTH} ASCII "
             f"letters, digits, '-', '_' or '.'{extra}. If the name comes from a URL, "
             f"clean it first, e.g. re.sub(r'[^A-Za-z0-9_.-]', '_', name)."
         )
@@ -171,11 +171,12 @@ def _require_dict(message: Any, what: str = "Message") -> None:
 
 
 class _Throttle:
-    """Lets a repeated report out at most once per *interval* seconds, counting the rest."""
+    """Lets a repeated report out at most *burst* times per *interval* seconds, counting the rest."""
 
-    def __init__(self, interval: float):
-        self.interval = interval
-        self._last = 0.0
+    def __init__(self, interval: float, burst: int = 1):
+        self.interval, self.burst = interval, burst
+        self._started = -interval  # the current interval's start
+        self._sent = 0  # reports let out in the current interval
         self._held = 0
         self._lock = threading.Lock()
 
@@ -184,10 +185,30 @@ class _Throttle:
         with self._lock:
             self._held += count
             now = time.monotonic()
-            if now - self._last < self.interval:
+            if now - self._started >= self.interval:
+                self._started, self._sent = now, 0
+            if self._sent >= self.burst:
                 return None
-            held, self._held, self._last = self._held, 0, now
+            self._sent += 1
+            held, self._held = self._held, 0
             return held
+
+
+_mistake_reports: dict[str, _Throttle] = {}
+
+
+def _warn_client_mistake(text: str, *args: Any) -> None:
+    """Log a client's mistake as one WARNING line, at most ten a second for each kind: a
+    client can repeat a mistake as fast as it sends, and the log must not grow with it.
+    Values in *text* are cut short by its format (``%.200r``)."""
+    held = _mistake_reports.setdefault(text, _Throttle(1.0, burst=10)).ready()
+    if held is not None:
+        more = f" ({held - 1} more like it since the last report)" if held > 1 else ""
+        logger.warning(text + more, *args)
+
+
+class _InvalidName(ValueError):
+    """A channel or group name breaks the naming rule (often a name built from client input)."""
 
 
 class _Queue:
@@ -625,9 +646,32 @@ def _is_in_memory(layer: Any) -> bool:
 _FULL_CHANNEL_PATIENCE = 2.0  # seconds a deferred direct send waits for room
 _OPERATIONS_PER_TURN = 16  # deferred operations between two turns for the sockets to drain
 
-#: Reply channels of the sockets this process serves -> the in-memory layer holding their
-#: outbox. A send to one of them stays in the process, whatever layer the app uses.
-_local_outboxes: dict[str, InMemoryChannelLayer] = {}
+
+
+class _LocalSocket:
+    """What this process knows of a socket it serves: its layers and the groups it joined."""
+
+    __slots__ = ("layer", "outbox", "groups")
+
+    def __init__(self, layer: Any, outbox: InMemoryChannelLayer):
+        self.layer = layer  # the app's layer, where its groups live
+        self.outbox = outbox  # the in-memory layer holding its outbox
+        self.groups: set[str] = set()
+
+
+#: Reply channels of the sockets this process serves. A send to one of them stays in the
+#: process, whatever layer the app uses; the groups they join are left when they close,
+#: and joined again if a shared layer forgets them (a Redis restart).
+_local_sockets: dict[str, _LocalSocket] = {}
+
+
+def _note_membership(group: str, channel: str, joined: bool) -> None:
+    local = _local_sockets.get(channel)
+    if local is not None:
+        if joined:
+            local.groups.add(group)
+        else:
+            local.groups.discard(group)
 
 
 class _ConsumerState:
@@ -795,7 +839,8 @@ class Channel:
     @property
     def channel_layer(self) -> Any:
         # A socket served by this process is reached through its outbox, never across Redis.
-        return _local_outboxes.get(self.name) or _resolve_layer(self.alias, self._channel_layer)
+        local = _local_sockets.get(self.name)
+        return local.outbox if local is not None else _resolve_layer(self.alias, self._channel_layer)
 
     def send(self, content: dict, immediately: bool = False) -> None:
         """Send *content* (a dict) to this channel."""
@@ -834,13 +879,15 @@ class Group:
         return _resolve_layer(self.alias, self._channel_layer)
 
     def add(self, channel: Channel | str, immediately: bool = False) -> None:
-        """Make *channel* a member of this group."""
+        """Make *channel* a member of this group (left by itself when its socket closes)."""
         args = (self.name, _channel_name(channel))
+        _note_membership(*args, joined=True)
         _layer_operation("group_add", self.channel_layer, args, immediately)
 
     def discard(self, channel: Channel | str, immediately: bool = False) -> None:
         """Remove *channel* from this group."""
         args = (self.name, _channel_name(channel))
+        _note_membership(*args, joined=False)
         _layer_operation("group_discard", self.channel_layer, args, immediately)
 
     def send(self, content: dict, immediately: bool = False) -> None:
@@ -850,10 +897,12 @@ class Group:
 
     async def aadd(self, channel: Channel | str) -> None:
         """Add *channel* now, from async code."""
+        _note_membership(self.name, _channel_name(channel), joined=True)
         await self.channel_layer.group_add(self.name, _channel_name(channel))
 
     async def adiscard(self, channel: Channel | str) -> None:
         """Remove *channel* now, from async code."""
+        _note_membership(self.name, _channel_name(channel), joined=False)
         await self.channel_layer.group_discard(self.name, _channel_name(channel))
 
     async def asend(self, content: dict) -> None:
@@ -922,8 +971,9 @@ class Message(Mapping):
 # in a worker thread, with Django's database connections tidied as around a request; our
 # own trivial defaults (marked `_on_loop`) are called in place, sparing a thread hop.
 
-_to_thread: Callable[..., Awaitable] | None = None  # asgiref's bridge, made once
+_bridges: dict[str, Callable[..., Awaitable]] = {}  # asgiref's bridge to each thread pool
 _THREAD_POOL_SIZE = 32  # sync handlers running at once; a blocked one holds only its own socket
+_SESSION_POOL_SIZE = 4  # handshake session loads, which never wait behind blocked handlers
 
 
 def _on_loop(function: Callable) -> Callable:
@@ -957,13 +1007,18 @@ def _async_handler(consumer: Any) -> Callable[..., Awaitable]:
 
 
 async def _in_thread(function: Callable, *args: Any, **kwargs: Any) -> Any:
-    global _to_thread
-    if _to_thread is None:
+    return await _bridge("consumer", _THREAD_POOL_SIZE)(function, *args, **kwargs)
+
+
+def _bridge(pool_name: str, size: int) -> Callable[..., Awaitable]:
+    """asgiref's bridge to a thread pool of its own, so async_to_sync in there finds this loop."""
+    bridge = _bridges.get(pool_name)
+    if bridge is None:
         from concurrent.futures import ThreadPoolExecutor
-        pool = ThreadPoolExecutor(_THREAD_POOL_SIZE, thread_name_prefix="consumer")
-        # asgiref's bridge, so async_to_sync inside the handler finds this loop again.
-        _to_thread = sync_to_async(_with_fresh_db_connections, thread_sensitive=False, executor=pool)
-    return await _to_thread(function, *args, **kwargs)
+        pool = ThreadPoolExecutor(size, thread_name_prefix=pool_name)
+        bridge = _bridges[pool_name] = sync_to_async(
+            _with_fresh_db_connections, thread_sensitive=False, executor=pool)
+    return bridge
 
 
 def _with_fresh_db_connections(function: Callable, *args: Any, **kwargs: Any) -> Any:
@@ -1362,8 +1417,7 @@ class WebsocketConsumer(BaseConsumer):
             await self._call("receive", bytes=message.get("bytes"), **kwargs)
 
     async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
-        for name in await self._call("connection_groups", **kwargs):
-            await Group(name, channel_layer=message.channel_layer).adiscard(message.reply_channel)
+        """Call ``disconnect``: the connection has already left every group it joined."""
         await self._call("disconnect", message, **kwargs)
 
     # -- what you override --
@@ -1408,15 +1462,15 @@ class JsonWebsocketConsumer(WebsocketConsumer):
     async def raw_receive(self, message: Message, **kwargs: Any) -> None:
         text = message.get("text")
         if text is None:
-            logger.warning("%s got a binary frame on %s; it takes JSON text. Closing with 1003.",
-                           type(self).__name__, message.get("path"))
+            _warn_client_mistake("%s got a binary frame on %.200s; it takes JSON text. Closing "
+                                 "with 1003.", type(self).__name__, message.get("path"))
             self.close(1003)
             return
         try:
             content = self.decode_json(text)
         except (ValueError, RecursionError) as error:  # RecursionError: nested too deep to decode
-            logger.warning("%s got invalid JSON on %s (%s; received %r). Closing with 1007.",
-                           type(self).__name__, message.get("path"), error, text[:80])
+            _warn_client_mistake("%s got invalid JSON on %.200s (%.200s; received %.80r). Closing "
+                                 "with 1007.", type(self).__name__, message.get("path"), error, text)
             self.close(1007)
             return
         await self._call("receive", content, **kwargs)
@@ -1506,7 +1560,7 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
                    else "Invalid multiplexed frame (received a binary frame): send JSON text "
                         '{"stream": "<name>", "payload": {...}}.')
         if problem:
-            logger.warning("%s on %s: %s", type(self).__name__, message.get("path"), problem)
+            _warn_client_mistake("%s on %.200s: %s", type(self).__name__, message.get("path"), problem)
             WebsocketConsumer.send(self, text=self.encode_json({"error": problem}))
             return
         stream = frame["stream"]
@@ -1551,8 +1605,37 @@ async def _load_http_user(message: Message) -> None:
     if shared is None:
         return
     if "user" not in shared:
-        shared["http_session"], shared["user"] = await _in_thread(_session_and_user, message.scope)
+        load = _bridge("session", _SESSION_POOL_SIZE)
+        shared["http_session"], shared["user"] = await load(_session_and_user, message.scope)
+        key = shared["http_session"].session_key
+        if key and message.reply_channel is not None:  # so that logging out closes it
+            group = Group(_session_group(key), channel_layer=message.channel_layer)
+            await group.aadd(message.reply_channel)
     message.http_session, message.user = shared["http_session"], shared["user"]
+
+
+_LOGGED_OUT_CLOSE_CODE = 4401  # the socket's Django session was logged out
+
+
+def _session_group(session_key: str) -> str:
+    import hashlib
+    return "channels_mini.session." + hashlib.sha256(session_key.encode()).hexdigest()[:40]
+
+
+def _watch_logouts() -> None:
+    """Close a session's sockets, in every process, when Django logs that session out."""
+    from django.apps import apps
+
+    if apps.ready and apps.is_installed("django.contrib.auth"):
+        from django.contrib.auth.signals import user_logged_out
+        user_logged_out.connect(_close_logged_out_sockets, weak=False,
+                                dispatch_uid=f"{__name__}._close_logged_out_sockets")
+
+
+def _close_logged_out_sockets(sender: Any, request: Any = None, **kwargs: Any) -> None:
+    key = getattr(getattr(request, "session", None), "session_key", None)
+    if key:
+        Group(_session_group(key)).send({"close": _LOGGED_OUT_CLOSE_CODE})
 
 
 def _session_and_user(scope: Scope) -> tuple[Any, Any]:
@@ -1565,6 +1648,7 @@ def _session_and_user(scope: Scope) -> tuple[Any, Any]:
     session = importlib.import_module(settings.SESSION_ENGINE).SessionStore(session_key)
     if not apps.is_installed("django.contrib.auth"):
         return session, None
+    _watch_logouts()
     from django.contrib.auth import get_user
 
     class _Request:  # all that get_user() reads of a request
@@ -1968,7 +2052,7 @@ class _Connection:
     async def serve(self, receive: Receive) -> None:
         """Serve the socket until the client or a consumer closes it."""
         self.reply_channel = await self.layer.new_channel("websocket.send")
-        _local_outboxes[self.reply_channel] = self.outbox
+        self.local = _local_sockets[self.reply_channel] = _LocalSocket(self.layer, self.outbox)
         tasks = [asyncio.create_task(self._write())]
         if self.outbox is not self.layer:
             tasks.append(asyncio.create_task(self._listen()))
@@ -1987,8 +2071,8 @@ class _Connection:
         if self.router._match("websocket.receive", content, partial=True) is not None:
             self._queue({"accept": True})  # Channels 1.x: frames are routed, so accept
         else:
-            logger.warning("Rejected websocket to %s: no route for websocket.connect or "
-                           "websocket.receive matches that path.", self.path)
+            _warn_client_mistake("Rejected websocket to %.200s: no route for websocket.connect or "
+                                 "websocket.receive matches that path.", self.path)
             self._queue_close(1000)
 
     async def _read(self, receive: Receive) -> None:
@@ -1997,6 +2081,7 @@ class _Connection:
             if event["type"] == "websocket.disconnect":
                 self.state = "closed"
                 self.order += 1
+                await self._leave_groups()  # before disconnect(), as connection_groups promise
                 await self._handle("websocket.disconnect", _disconnect_message(
                     self.reply_channel, self.path, self.order, event.get("code", 1000)))
                 return
@@ -2007,8 +2092,8 @@ class _Connection:
     async def _frame(self, event: dict) -> None:
         size = _frame_size(event)
         if size > self.max_message_size:
-            logger.warning("Closing websocket %s with 1009: a frame of %d bytes exceeds "
-                           "max_message_size=%d.", self.path, size, self.max_message_size)
+            _warn_client_mistake("Closing websocket %.200s with 1009: a frame of %d bytes exceeds "
+                                 "max_message_size=%d.", self.path, size, self.max_message_size)
             self._queue_close(1009)
             return
         self.order += 1
@@ -2026,10 +2111,13 @@ class _Connection:
             if channel == "websocket.connect":
                 self._queue_close(1000)  # before any accept: the client gets HTTP 403
                 return True
-            logger.error("DenyConnection raised while handling %s on %s: it only rejects "
+            logger.error("DenyConnection raised while handling %s on %.200s: it only rejects "
                          "in websocket.connect. Closing that socket with 1011.", channel, self.path)
+        except _InvalidName as error:  # a name built from the URL or a frame, most often
+            _warn_client_mistake("Consumer failed on %s for %.200s (order %s): %s Closing that "
+                                 "socket with 1011.", channel, self.path, content.get("order"), error)
         except Exception:
-            logger.exception("Consumer failed on %s for %s (order %s); closing that socket "
+            logger.exception("Consumer failed on %s for %.200s (order %s); closing that socket "
                              "with 1011.", channel, self.path, content.get("order"))
         self._queue_close(1011)
         return True
@@ -2057,7 +2145,7 @@ class _Connection:
             try:
                 await self._deliver(reply)
             except Exception:  # a malformed reply: that socket closes
-                logger.exception("Cannot send reply %r to websocket %s; closing it with 1011.",
+                logger.exception("Cannot send reply %.200r to websocket %.200s; closing it with 1011.",
                                  reply, self.path)
                 await self._close(1011)
 
@@ -2121,8 +2209,19 @@ class _Connection:
             except ChannelFull:
                 self.outbox._report_drops("From the channel layer", [self.reply_channel])
 
+    async def _leave_groups(self) -> None:
+        """Leave every group the socket joined -- through connection_groups or Group.add."""
+        for group in list(self.local.groups):
+            try:
+                await self.layer.group_discard(group, self.reply_channel)
+            except Exception:
+                _log_layer_failure("Cannot remove websocket %s from group %r on the channel "
+                                   "layer; the layer's group_expiry will.", self.path, group)
+        self.local.groups.clear()
+
     async def _stop(self, writer: asyncio.Task, listener: asyncio.Task | None = None) -> None:
-        _local_outboxes.pop(self.reply_channel, None)
+        await self._leave_groups()  # also when serving stopped without a disconnect event
+        del _local_sockets[self.reply_channel]
         await _cancel_and_wait(writer)  # an in-memory receive is safe to cancel
         if listener is not None:
             await self._stop_listener(listener)
@@ -2138,6 +2237,53 @@ class _Connection:
         except Exception:  # the layer is down or the channel full: cancelling is all that is left
             pass
         await _cancel_and_wait(listener)
+
+
+class _MembershipKeeper:
+    """With a shared layer, joins this process's sockets to their groups again when the layer
+    has lost them (Redis restarted empty): a canary group, checked every *interval* seconds,
+    tells. Without it, those sockets would stay open and hear nothing."""
+
+    def __init__(self, layer: Any, interval: float = 2.0):
+        self.layer, self.interval = layer, interval
+        self.group = f"channels_mini.canary.{secrets.token_hex(8)}"
+        self.channel = ""
+        self.sent = self.heard = 0
+
+    async def run(self) -> None:
+        # The sockets' prefix: channels_redis serves the process-local channels of a prefix
+        # with one blocking read, so a second prefix would make theirs wait behind this one.
+        self.channel = await self.layer.new_channel("websocket.send")
+        listener = asyncio.create_task(self._listen())
+        try:
+            lost = True
+            while True:
+                try:
+                    if lost or self.heard < self.sent:  # the last canary never came back
+                        await self._rejoin()
+                    await self.layer.group_send(self.group, {"n": self.sent + 1})
+                    self.sent += 1
+                    lost = False
+                except Exception:
+                    _log_layer_failure("Cannot check this process's group memberships on the "
+                                       "channel layer; retrying in %g s.", self.interval)
+                await asyncio.sleep(self.interval)
+        finally:
+            await _cancel_and_wait(listener)
+
+    async def _rejoin(self) -> None:
+        await self.layer.group_add(self.group, self.channel)
+        for reply_channel, local in list(_local_sockets.items()):
+            if local.layer is self.layer:
+                for group in list(local.groups):
+                    await self.layer.group_add(group, reply_channel)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                self.heard = max(self.heard, (await self.layer.receive(self.channel))["n"])
+            except Exception:  # the layer is down: run() reports it
+                await asyncio.sleep(1)
 
 
 _layer_failure_reports = _Throttle(10.0)
@@ -2220,10 +2366,12 @@ class Application:
         """Load the routing (module-level ``application``) and start workers, once per loop."""
         if self.router is None:
             self.router = Router(_routing_from_settings())
+        if _settings_ready():
+            _watch_logouts()  # the logout may come through this process's views
         loop = asyncio.get_running_loop()
         if self._workers is None or self._workers.loop is not loop:
             self._workers = _BackgroundWorkers(self, _background_channels(self.router))
-            self._workers.start()
+            self._workers.start(keep_memberships=not _is_in_memory(self.channel_layer))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -2259,8 +2407,9 @@ class Application:
             return
         origin = _header(scope, b"origin")
         if not self.origin_allowed(origin):
-            logger.warning("Rejected websocket to %s from origin %r: not in the allowed "
-                           "origins (ALLOWED_HOSTS or allowed_origins).", scope.get("path"), origin)
+            _warn_client_mistake("Rejected websocket to %.200s from origin %.200r: not in the "
+                                 "allowed origins (ALLOWED_HOSTS or allowed_origins).",
+                                 scope.get("path"), origin)
             await send({"type": "websocket.close", "code": 1008})  # 403 before accepting
             return
         connection = _Connection(scope, send, self.router, self.channel_layer, self.max_message_size)
@@ -2356,9 +2505,12 @@ class _BackgroundWorkers:
         self._idle: set[asyncio.Task] = set()  # waiting for a message: safe to cancel
         self._stopping = False
 
-    def start(self) -> None:
+    def start(self, keep_memberships: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
         self._tasks = [self.loop.create_task(self._consume(channel)) for channel in self.channels]
+        if keep_memberships:  # a server's sockets, on a shared layer
+            keeper = self.loop.create_task(_MembershipKeeper(self.app.channel_layer).run())
+            self._idle.add(keeper)  # cancelled first on stop, as an idle worker is
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop receiving; a message in hand is finished (up to *timeout* seconds)."""
@@ -2537,9 +2689,11 @@ def _as_bytes(value: str | bytes) -> bytes:
 
 
 def reset_channel_layers() -> None:
-    """Forget every layer ``get_channel_layer()`` built, e.g. after tests change settings."""
+    """Forget every layer ``get_channel_layer()`` built, e.g. after tests change settings,
+    and the rate limits of client-mistake warnings, so each test sees its own."""
     with _layers_lock:
         _layers.clear()
+    _mistake_reports.clear()
 
 
 # === 9. Command line ===
