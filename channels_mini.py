@@ -1691,6 +1691,10 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
 
 _bindings: list[type[Binding]] = []
 _ACTIONS = ("create", "update", "delete")
+_SHOWN_CHARACTERS = 200  # of a client's value, in an answer or a log line: enough to recognise it
+_refusal_reports = _Throttle(1.0)  # a flood of bad requests stays one log line a second
+_send_failure_reports: dict[str, _Throttle] = {}  # one per kind of failure, so each kind is seen
+_send_failure_lock = threading.Lock()
 
 
 class Binding:
@@ -1709,6 +1713,10 @@ class Binding:
                 return [f"customer-{instance.customer_id}"]
 
     The class works as soon as it is defined. ``model = None`` makes an abstract binding.
+
+    A client's write passes ``has_permission`` (who asks, for which row) and ``clean_data``
+    (what they write). An invalid group name refuses a write before it commits; a change not
+    sent after the commit is logged and counted in ``Binding.send_failures``: the save stands.
     """
 
     #: The model class, or its ``"app_label.ModelName"`` label.
@@ -1719,6 +1727,8 @@ class Binding:
     fields: list[str] | str | None = None
     #: Fields never sent nor accepted; the others are.
     exclude: list[str] | None = None
+    #: Changes this process could not send after their transaction committed (read-only).
+    send_failures: int = 0
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -1739,7 +1749,10 @@ class Binding:
         return []
 
     def serialize(self, instance: Any, action: str) -> dict:
-        """The payload sent for *action* on *instance*; return ``{}`` to send nothing."""
+        """The payload sent for *action* on *instance*; return ``{}`` to send nothing.
+
+        A ``delete`` to the groups a row leaves gets the row as stored before the change.
+        """
         return {"action": action, "pk": _json_pk(instance), "data": self.serialize_data(instance),
                 "model": instance._meta.label_lower}
 
@@ -1757,6 +1770,15 @@ class Binding:
     def has_permission(self, user: Any, action: str, pk: Any) -> bool:
         """May *user* apply *action* to the row *pk*? The default denies every write."""
         return False
+
+    def clean_data(self, action: str, pk: Any, data: dict) -> dict:
+        """Checks the values of a write ``has_permission`` allowed; returns the values to apply.
+
+        *data* holds only bound fields; ``self.user`` is who asks. Raise ``ValidationError``
+        to refuse (nothing is saved), or return changed data. It runs inside the write's
+        transaction. New here: in Channels 1.x, ``has_permission`` was the only check.
+        """
+        return data
 
     # -- helpers --
 
@@ -1782,39 +1804,77 @@ class Binding:
         return json.loads(serializers.serialize("json", [instance], fields=self._field_names()))[0]
 
     @classmethod
-    def _announce(cls, instance: Any, before: list[str], after: list[str], using: str) -> None:
-        """Queue, for commit time, delete/update/create to the groups left/kept/joined."""
+    def _announce(cls, instance: Any, stored: Any, before: list[str], after: list[str],
+                  using: str) -> None:
+        """Queue, for commit time, delete (of the *stored* row) / update / create to the
+        groups left / kept / joined: a group left never sees the new contents."""
         from django.db import transaction
 
         binding = cls()
         messages = []
-        for action, groups in (("delete", [g for g in before if g not in after]),
-                               ("update", [g for g in before if g in after]),
-                               ("create", [g for g in after if g not in before])):
-            payload = binding.serialize(instance, action) if groups else None
+        for action, names, row in (("delete", [g for g in before if g not in after], stored),
+                                   ("update", [g for g in before if g in after], instance),
+                                   ("create", [g for g in after if g not in before], instance)):
+            payload = binding.serialize(row, action) if names else None
             if payload:
-                messages += [(group, cls.encode(cls.stream, payload)) for group in groups]
+                message = cls.encode(cls.stream, payload)
+                messages += [(group, message) for group in cls._groups_checked(names, using)]
         if messages:
-            transaction.on_commit(functools.partial(_send_to_groups, messages), using=using)
+            transaction.on_commit(functools.partial(cls._send_to_groups, messages), using=using)
+
+    @classmethod
+    def _groups_checked(cls, names: list[str], using: str) -> list[Group]:
+        """*names* as groups, checked now, while a save with a bad name can still roll back."""
+        from django.db import transaction
+
+        groups = []
+        for name in names:
+            try:
+                groups.append(Group(name))
+            except (TypeError, ValueError) as error:
+                if transaction.get_connection(using).in_atomic_block:
+                    raise  # the transaction rolls back: nothing is saved and the caller hears why
+                _report_send_failure(cls, name, error)  # autocommit: the row is already stored
+        return groups
+
+    @classmethod
+    def _send_to_groups(cls, messages: list[tuple[Group, dict]]) -> None:
+        for group, message in messages:
+            # Sent now, not when a consumer's handler returns, so that a failure is met here;
+            # and caught whatever it is: after COMMIT, raising would call a stored save failed.
+            try:
+                group.send(message, immediately=True)
+            except Exception as error:
+                _report_send_failure(cls, group.name, error)
 
     # -- inbound: the stream consumer --
 
     @classmethod
     def consumer(cls, message: Message, **kwargs: Any) -> None:
-        """Applies a client's ``{"action", "pk", "data"}``: put it in a demultiplexer's ``consumers``."""
+        """Applies a client's ``{"action", "pk", "data"}``: put it in a demultiplexer's ``consumers``.
+
+        A refused request is answered ``{"error", "action", "pk"}``. A request that carries a
+        ``request_id`` is always answered, with that id: on success ``{"action", "pk",
+        "request_id"}``, ``pk`` being the saved row's (a new row's, for ``create``).
+        """
         if message.channel_name != "websocket.receive":
             return  # connect and disconnect need nothing from a binding
         binding = cls()
         binding.message, binding.kwargs, binding.user = message, kwargs, message.user
         request = json.loads(message["text"])  # the demultiplexer checked it is an object
-        error = binding._apply_request(request)
+        error, pk = binding._apply_request(request)
+        answer = {"action": _echoed(request.get("action")), "pk": _echoed(pk)}
+        if "request_id" in request:
+            answer["request_id"] = _echoed(request["request_id"])
         if error is not None:
-            logger.info("%s refused %r: %s", cls.__name__, request, error)
-            reply = {"error": error, "action": request.get("action"), "pk": request.get("pk")}
-            kwargs["multiplexer"].send(reply)
+            error = _clip(error, 5 * _SHOWN_CHARACTERS)  # Django's messages may quote a value
+            _report_refusal(cls, error)
+            kwargs["multiplexer"].send({"error": error, **answer})
+        elif "request_id" in request:
+            kwargs["multiplexer"].send(answer)
 
-    def _apply_request(self, request: dict) -> str | None:
-        """Check and apply one write; return why it was refused, or None."""
+    def _apply_request(self, request: dict) -> tuple[str | None, Any]:
+        """Check and apply one write; return why it was refused (or None) and the row's pk."""
         from django.core.exceptions import ObjectDoesNotExist, ValidationError
         from django.core.serializers.base import DeserializationError
         from django.db import DatabaseError, router, transaction
@@ -1822,25 +1882,25 @@ class Binding:
         action, pk, data = request.get("action"), request.get("pk"), request.get("data", {})
         problem = self._request_problem(action, pk, data)
         if problem:
-            return problem
+            return problem, pk
         model = self.model_class()
         try:
             with transaction.atomic(using=router.db_for_write(model)):
-                getattr(self, f"_inbound_{action}")(model, pk, data)
+                data = self.clean_data(action, pk, data)
+                return None, getattr(self, f"_inbound_{action}")(model, pk, data)
         except ObjectDoesNotExist:
-            return f"{model._meta.label_lower} with pk {pk!r} does not exist."
+            return f"{model._meta.label_lower} with pk {_shown(pk)} does not exist.", pk
         except ValidationError as error:
             details = getattr(error, "message_dict", None) or error.messages
-            return f"Invalid data: {details}."
-        except (DeserializationError, ValueError, TypeError) as error:
-            return f"Invalid data: {str(error).rstrip('.')}."
+            return f"Invalid data: {_shown(details)}.", pk
+        except (DeserializationError, ValueError, TypeError, OverflowError) as error:
+            return f"Invalid data: {_clip(str(error).rstrip('.'))}.", pk
         except DatabaseError as error:  # what full_clean() cannot see: NOT NULL, ranges, encodings
-            return f"The database refused the data: {str(error).rstrip('.')}."
-        return None
+            return f"The database refused the data: {_clip(str(error).rstrip('.'))}.", pk
 
     def _request_problem(self, action: Any, pk: Any, data: Any) -> str | None:
         if action not in _ACTIONS:
-            return f"Unknown action {action!r}; use one of {list(_ACTIONS)!r}."
+            return f"Unknown action {_shown(action)}; use one of {list(_ACTIONS)!r}."
         if action != "create" and pk is None:
             return f"Action {action!r} needs a 'pk'."
         if action != "create":  # checked before has_permission, which may look the pk up
@@ -1848,22 +1908,29 @@ class Binding:
             if problem:
                 return problem
         if not self.has_permission(self.user, action, pk):
-            return f"Permission denied: {action} on pk {pk!r}."
+            return f"Permission denied: {action} on pk {_shown(pk)}."
         if not isinstance(data, dict):
-            return f"'data' must be a JSON object of field values (received {data!r:.80})."
+            return f"'data' must be a JSON object of field values (received {_shown(data)})."
         writable = self._writable_fields()
         unknown = sorted(set(data) - set(writable))
         if unknown:
-            return f"Unknown field(s) {unknown!r}; this binding accepts {sorted(writable)!r}."
+            return (f"Unknown field(s) {_shown(unknown)}; this binding accepts "
+                    f"{sorted(writable)!r}.")
+        not_finite = sorted(name for name, value in data.items() if not _is_finite(value))
+        if not_finite:
+            return (f"Invalid data: field(s) {_shown(not_finite)} hold Infinity or NaN; "
+                    f"send finite numbers.")
         return None
 
     def _pk_problem(self, pk: Any) -> str | None:
         from django.core.exceptions import ValidationError
 
+        if not _is_finite(pk):
+            return f"Invalid pk {pk!r}: no row has it; send the pk as the server sent it."
         try:
             self.model_class()._meta.pk.to_python(pk)
         except ValidationError as error:
-            return f"Invalid pk {pk!r}: {' '.join(error.messages)}"
+            return f"Invalid pk {_shown(pk)}: {' '.join(error.messages)}"
         return None
 
     def _writable_fields(self) -> list[str]:
@@ -1889,12 +1956,13 @@ class Binding:
             record["pk"] = pk
         return next(serializers.deserialize("python", [record])).object
 
-    def _inbound_create(self, model: Any, pk: Any, data: dict) -> None:
+    def _inbound_create(self, model: Any, pk: Any, data: dict) -> Any:
         instance = self._deserialized(model, None, data)  # the database picks the key, not the client
         instance.full_clean()
         instance.save()
+        return _json_pk(instance)
 
-    def _inbound_update(self, model: Any, pk: Any, data: dict) -> None:
+    def _inbound_update(self, model: Any, pk: Any, data: dict) -> Any:
         instance = model._default_manager.get(pk=pk)
         changes = self._deserialized(model, pk, data)
         for name in data:  # only what the client sent
@@ -1902,9 +1970,11 @@ class Binding:
             setattr(instance, attname, getattr(changes, attname))
         instance.full_clean()
         instance.save()
+        return _json_pk(instance)
 
-    def _inbound_delete(self, model: Any, pk: Any, data: dict) -> None:
+    def _inbound_delete(self, model: Any, pk: Any, data: dict) -> Any:
         model._default_manager.get(pk=pk).delete()
+        return pk
 
 
 class WebsocketBinding(Binding):
@@ -1923,9 +1993,51 @@ def _json_pk(instance: Any) -> Any:
     return value if value is None or isinstance(value, (int, str)) else field.value_to_string(instance)
 
 
-def _send_to_groups(messages: list[tuple[str, dict]]) -> None:
-    for group, message in messages:
-        Group(group).send(message)
+def _is_finite(value: Any) -> bool:
+    """False for JSON's Infinity, -Infinity and NaN (Python reads them as floats)."""
+    return not isinstance(value, float) or float("-inf") < value < float("inf")  # NaN: False
+
+
+def _clip(text: str, limit: int = _SHOWN_CHARACTERS) -> str:
+    """*text* on one line and cut to *limit* characters, saying how long it was."""
+    text = text.replace("\n", " ")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _shown(value: Any) -> str:
+    """A client's value as an answer or a log line shows it: its repr, cut short."""
+    return _clip(repr(value))
+
+
+def _echoed(value: Any) -> Any:
+    """A client's value to send back: as it came, or shown as text if long or not valid JSON."""
+    try:
+        text = json.dumps(value, allow_nan=False)  # a browser's JSON.parse rejects NaN
+    except ValueError:
+        return _shown(value)
+    return value if len(text) <= _SHOWN_CHARACTERS else _shown(value)
+
+
+def _report_refusal(binding: type[Binding], error: str) -> None:
+    """Log a refused request: a client's mistake, so one line, no traceback, once a second."""
+    held = _refusal_reports.ready()
+    if held is not None:
+        logger.warning("%s refused %d request(s) since the last report, e.g.: %s",
+                       binding.__name__, held, error)
+
+
+def _report_send_failure(binding: type[Binding], group: str, error: Exception) -> None:
+    """Count a change not sent after its commit; log each kind of failure at most every 10 s."""
+    with _send_failure_lock:
+        Binding.send_failures += 1
+        reports = _send_failure_reports.setdefault(type(error).__name__, _Throttle(10.0))
+    held = reports.ready()
+    if held is not None:
+        logger.error(
+            "%s could not send a change to group %s after its transaction committed; the save "
+            "stands. %s: %s (%d such failure(s) since the last report; %d in all, see "
+            "Binding.send_failures.)", binding.__name__, _shown(group), type(error).__name__,
+            _clip(str(error), 5 * _SHOWN_CHARACTERS), held, Binding.send_failures)
 
 
 def _register_binding(binding: type[Binding]) -> None:
@@ -1951,6 +2063,8 @@ def _bindings_for(model: Any) -> list[type[Binding]]:
             if b.model is model or (isinstance(b.model, str) and b.model.lower() == label)]
 
 
+# Each signal pair hands its "before" on through the instance: {binding: (stored row, groups)}.
+
 def _before_save(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     bindings = _bindings_for(sender)
     if not bindings:
@@ -1958,27 +2072,28 @@ def _before_save(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     stored = None
     if instance.pk is not None:
         stored = sender._base_manager.using(using).filter(pk=instance.pk).first()  # as Django does
-    instance._binding_groups_before = {
-        b: (list(b.group_names(stored)) if stored is not None else []) for b in bindings}
+    instance._binding_before = {
+        b: (stored, list(b.group_names(stored)) if stored is not None else []) for b in bindings}
 
 
 def _after_save(sender: Any, instance: Any, created: bool, using: str, **kwargs: Any) -> None:
-    before_by_binding = instance.__dict__.pop("_binding_groups_before", {})
+    before_by_binding = instance.__dict__.pop("_binding_before", {})
     for binding in _bindings_for(sender):
-        before = [] if created else before_by_binding.get(binding, [])
-        binding._announce(instance, before, list(binding.group_names(instance)), using)
+        stored, before = (None, []) if created else before_by_binding.get(binding, (None, []))
+        binding._announce(instance, stored, before, list(binding.group_names(instance)), using)
 
 
 def _before_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
     bindings = _bindings_for(sender)
     if bindings:
-        instance._binding_groups_before = {b: list(b.group_names(instance)) for b in bindings}
+        instance._binding_before = {b: (instance, list(b.group_names(instance))) for b in bindings}
 
 
 def _after_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None:
-    before_by_binding = instance.__dict__.pop("_binding_groups_before", {})
+    before_by_binding = instance.__dict__.pop("_binding_before", {})
     for binding in _bindings_for(sender):
-        binding._announce(instance, before_by_binding.get(binding, []), [], using)
+        stored, before = before_by_binding.get(binding, (None, []))
+        binding._announce(instance, stored, before, [], using)
 
 
 # === 6. Connection ===

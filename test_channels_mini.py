@@ -2231,6 +2231,13 @@ class bind_ItemBinding(WebsocketBinding):
             return False
         return action == "create" or not Item.objects.filter(pk=pk).exclude(owner=user).exists()
 
+    def clean_data(self, action, pk, data):
+        # ... and may give a row to nobody or to themselves only.
+        from django.core.exceptions import ValidationError
+        if data.get("owner") not in (None, self.user.pk):
+            raise ValidationError({"owner": "You can only assign items to yourself."})
+        return data
+
 
 class bind_DenyingItemBinding(WebsocketBinding):
     model = Item
@@ -2243,7 +2250,15 @@ class bind_Demultiplexer(WebsocketDemultiplexer):
     groups = ["bind-items-all"]  # so every socket also hears the outbound frames
 
 
-bind_server_app = Application([bind_Demultiplexer.as_route(path=r"^/bind/ws/$")])
+class bind_TeamWatcher(WebsocketDemultiplexer):
+    consumers = {"items": bind_ItemBinding.consumer}
+
+    def connection_groups(self, team, **kwargs):
+        return [f"bind-items-{team}"]  # hears the rows of one team only
+
+
+bind_server_app = Application([bind_Demultiplexer.as_route(path=r"^/bind/ws/$"),
+                               bind_TeamWatcher.as_route(path=r"^/bind/team/(?P<team>[a-z]+)/$")])
 
 
 bind_ALL_FIELDS = {"name", "price", "when", "uid", "owner", "team"}
@@ -2847,6 +2862,223 @@ def test_binding_groups_before_come_from_the_stored_row_even_behind_a_filtering_
     frames = [json.loads(run(layer.receive("review.soft"))["text"]) for _ in range(2)]
     assert [f["payload"]["action"] for f in frames] == ["delete", "create"]
     assert frames[1]["payload"]["data"] == {"team": "BLUE"}  # serialize_data is the override
+
+
+# -- hardening (issue 12): only the truth is answered, and only what a group may see --
+
+@pytest.fixture(scope="module")
+def bind_server():
+    """One uvicorn server on `bind_server_app` for the end-to-end binding tests."""
+    with running_server("uvicorn", app=f"{__name__}:bind_server_app") as server:
+        yield server
+
+
+def bind_cookie(user) -> dict:
+    """The session cookie of *user*, as `ws_connect` headers."""
+    return {"Cookie": bind_cookie_headers(user)[0][1].decode()}
+
+
+async def bind_recv(websocket, timeout: float = 10) -> dict:
+    return json.loads(await asyncio.wait_for(websocket.recv(), timeout))
+
+
+async def bind_silent(websocket, timeout: float = 0.3) -> bool:
+    """True when nothing arrives on *websocket* within *timeout* seconds."""
+    try:
+        print("unexpected frame:", await asyncio.wait_for(websocket.recv(), timeout))
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_binding_group_left_gets_the_stored_row_never_the_new_contents(bind_server):
+    """Moving a row from team red to blue: red's watchers get a delete holding the row as it
+    was stored, blue's get the new contents (real uvicorn, real websocket clients)."""
+    user = bind_user()
+    item = Item.objects.create(name="red-public", team="red", owner=user)
+    stored = bind_ItemBinding().serialize_data(Item.objects.get(pk=item.pk))
+    cookie = bind_cookie(user)
+
+    async def scenario():
+        async with ws_connect(bind_server.url("/bind/team/red/")) as red, \
+                ws_connect(bind_server.url("/bind/team/blue/")) as blue, \
+                ws_connect(bind_server.url("/bind/ws/"), additional_headers=cookie) as writer:
+            await writer.send(json.dumps(bind_items_frame(
+                "update", item.pk, {"name": "BLUE-CONFIDENTIAL", "team": "blue"})))
+            heard = await bind_recv(red), await bind_recv(blue), await bind_recv(writer)
+            return (*heard, await bind_silent(red), await bind_silent(blue))
+
+    left, joined, kept, red_quiet, blue_quiet = run(scenario())
+    assert left == {"stream": "items", "payload": {
+        "action": "delete", "pk": item.pk, "data": stored, "model": bind_label()}}
+    assert stored["name"] == "red-public" and stored["team"] == "red"
+    assert (joined["payload"]["action"], joined["payload"]["data"]["name"]) == \
+        ("create", "BLUE-CONFIDENTIAL")
+    assert (kept["payload"]["action"], kept["payload"]["data"]["team"]) == ("update", "blue")
+    assert red_quiet and blue_quiet
+
+
+def test_binding_inbound_write_with_an_invalid_group_name_saves_nothing_and_says_why(bind_server):
+    """Group names are checked before the commit: a write whose row would get an invalid
+    group name is refused with the reason, nothing is saved and no group hears of it."""
+    user = bind_user()
+    item = Item.objects.create(name="keep", team="red", owner=user)
+    rows_before = list(Item.objects.order_by("pk").values())
+    cookie = bind_cookie(user)
+    invalid = ("Invalid data: Group name {!r} is invalid: use fewer than 100 ASCII letters, "
+               "digits, '-', '_' or '.'. If the name comes from a URL, clean it first, e.g. "
+               "re.sub(r'[^A-Za-z0-9_.-]', '_', name).")
+
+    async def scenario():
+        async with ws_connect(bind_server.url("/bind/team/red/")) as red, \
+                ws_connect(bind_server.url("/bind/ws/"), additional_headers=cookie) as writer:
+            await writer.send(json.dumps(bind_items_frame("update", item.pk, {"team": "red team"})))
+            await writer.send(json.dumps(bind_items_frame("create", data={"name": "x", "team": "équipe"})))
+            await writer.send(json.dumps(bind_items_frame("update", item.pk, {"team": "a/b"})))
+            answers = [await bind_recv(writer) for _ in range(3)]
+            return answers, await bind_silent(writer), await bind_silent(red)
+
+    answers, writer_quiet, red_quiet = run(scenario())
+    assert answers == [bind_error("update", item.pk, invalid.format("bind-items-red team")),
+                       bind_error("create", None, invalid.format("bind-items-équipe")),
+                       bind_error("update", item.pk, invalid.format("bind-items-a/b"))]
+    assert writer_quiet and red_quiet
+    assert list(Item.objects.order_by("pk").values()) == rows_before
+
+
+def test_binding_view_save_with_an_invalid_group_name_is_answered_200_and_logged_once(bind_server):
+    """A view's save in autocommit is stored before any signal runs: a group name that turns
+    out invalid is logged and counted, the view answers 200, the valid groups hear the row."""
+    name = f"view-{uuid.uuid4().hex[:8]}"
+    start = len(bind_server.log())
+
+    async def scenario():
+        async with ws_connect(bind_server.url("/bind/ws/")) as websocket:
+            status, body = await asyncio.to_thread(http_get, bind_server.url(
+                f"/items/create/?name={name}&team=red%20team", scheme="http"))
+            return status, body, await bind_recv(websocket)
+
+    status, body, frame = run(scenario())
+    assert status == 200, body
+    pk = json.loads(body)["pk"]
+    assert list(Item.objects.filter(name=name).values_list("pk", "team")) == [(pk, "red team")]
+    assert (frame["payload"]["action"], frame["payload"]["pk"]) == ("create", pk)
+    log = bind_server.log()[start:]
+    assert log.count("could not send a change") == 1, log
+    assert ("bind_ItemBinding could not send a change to group 'bind-items-red team' after its "
+            "transaction committed; the save stands. ValueError: Group name 'bind-items-red "
+            "team' is invalid") in log
+    assert "Traceback" not in log
+
+
+class bind_BrokenLayer:
+    """A channel layer whose every group send fails, as a Redis layer does while Redis is down."""
+
+    extensions = ["groups", "flush"]
+
+    def __init__(self, **config):
+        pass
+
+    async def group_send(self, group, message):
+        raise ConnectionError("the layer is down (test)")
+
+
+def test_binding_send_failures_after_commit_are_counted_logged_rate_limited_and_never_raised(caplog):
+    """What fails after the commit -- an invalid group name in autocommit, a layer error --
+    never raises from save(): each failure counts in Binding.send_failures, and each kind is
+    logged once (then at most every 10 s)."""
+    from django.test import override_settings
+    ensure_database()
+    failures = Binding.send_failures
+    caplog.set_level(logging.WARNING, logger="channels_mini")
+
+    ReviewSoft.objects.create(team="a b")  # autocommit: stored before the name is checked
+    ReviewSoft.objects.create(team="c d")
+    with override_settings(CHANNEL_LAYERS={"default": {"BACKEND": f"{__name__}.bind_BrokenLayer"}}):
+        reset_channel_layers()
+        ReviewSoft.objects.create(team="red")
+        ReviewSoft.objects.create(team="blue")
+    reset_channel_layers()
+
+    assert {"a b", "c d", "red", "blue"} <= set(ReviewSoft.objects.values_list("team", flat=True))
+    assert Binding.send_failures == WebsocketBinding.send_failures == failures + 4
+    reports = [record.getMessage() for record in caplog.records if "could not send" in record.getMessage()]
+    assert len(reports) == 2, reports
+    assert reports[0].startswith(
+        "ReviewSoftBinding could not send a change to group 'soft-a b' after its transaction "
+        "committed; the save stands. ValueError: Group name 'soft-a b' is invalid")
+    assert reports[1] == (
+        "ReviewSoftBinding could not send a change to group 'soft-red' after its transaction "
+        "committed; the save stands. ConnectionError: the layer is down (test) (1 such "
+        f"failure(s) since the last report; {failures + 3} in all, see Binding.send_failures.)")
+    assert all(record.levelname == "ERROR" and not record.exc_info
+               for record in caplog.records if "could not send" in record.getMessage())
+
+
+def test_binding_refused_requests_are_short_warnings_at_most_once_a_second(bind_server):
+    """A flood of 0.9 MB bad requests: every one is answered, each answer is short, and the
+    log gets one short WARNING line (no traceback) a second, counting the rest."""
+    huge = "x" * 900_000
+    start = len(bind_server.log())
+
+    async def scenario():
+        async with ws_connect(bind_server.url("/bind/ws/"), max_size=2**21) as websocket:
+            began = time.monotonic()
+            for _ in range(20):
+                await websocket.send(json.dumps(bind_items_frame(huge, data={"name": "x"})))
+            answers = [await bind_recv(websocket, 30) for _ in range(20)]
+            elapsed = time.monotonic() - began
+            await asyncio.sleep(1.1)
+            await websocket.send(json.dumps(bind_items_frame("create", data={"name": "x"})))
+            answers.append(await bind_recv(websocket))
+            return answers, elapsed
+
+    answers, elapsed = run(scenario(), timeout=60)
+    shown = f"{huge!r}"[:200]
+    assert answers[0] == bind_error(
+        f"{shown}... (900002 characters)", None,
+        f"Unknown action {shown}... (900002 characters); use one of ['create', 'update', 'delete'].")
+    assert all(len(json.dumps(answer)) < 1000 for answer in answers)
+    assert answers[-1]["payload"]["error"] == "Permission denied: create on pk None."
+    time.sleep(0.2)
+    lines = [line for line in bind_server.log()[start:].splitlines() if "refused" in line]
+    assert 1 <= len(lines) <= int(elapsed) + 2, lines  # 21 refusals, one line a second
+    assert all(len(line) < 1000 for line in lines), [len(line) for line in lines]
+    assert re.fullmatch(r"bind_ItemBinding refused \d+ request\(s\) since the last report, "
+                        r"e\.g\.: Permission denied: create on pk None\.", lines[-1]), lines
+    assert "Traceback" not in bind_server.log()[start:]
+
+
+def test_binding_inbound_clean_data_refuses_assigning_a_row_to_another_user():
+    """has_permission sees the user, action and pk; clean_data sees what is written."""
+    ensure_database()
+    user, other = bind_user("writer"), bind_user("other")
+    mine = Item.objects.create(name="mine", team="refused", owner=user)
+    refusal = "Invalid data: {'owner': ['You can only assign items to yourself.']}."
+    bind_check_refused(bind_cookie_headers(user),
+                       bind_items_frame("create", data={"name": "x", "owner": other.pk}),
+                       bind_error("create", None, refusal))
+    bind_check_refused(bind_cookie_headers(user),
+                       bind_items_frame("update", mine.pk, {"owner": other.pk}),
+                       bind_error("update", mine.pk, refusal))
+    assert Item.objects.get(pk=mine.pk).owner_id == user.pk
+
+
+def test_binding_inbound_request_id_is_answered_with_the_saved_pk_or_the_error():
+    """A client that sends a request_id always hears back: the saved row's pk, or why not."""
+    ensure_database()
+    headers = bind_cookie_headers(bind_user())
+    created, saved, refused = run(bind_exchange(headers, [
+        {"stream": "items", "payload": {"action": "create", "data": {"name": "acked"},
+                                        "request_id": "r-1"}},
+        {"stream": "items", "payload": {"action": "rename", "pk": 1, "request_id": "r-2"}}], 3))
+
+    pk = Item.objects.get(name="acked").pk
+    assert (created["payload"]["action"], created["payload"]["pk"]) == ("create", pk)
+    assert saved == {"stream": "items", "payload": {"action": "create", "pk": pk, "request_id": "r-1"}}
+    assert refused == {"stream": "items", "payload": {
+        "error": "Unknown action 'rename'; use one of ['create', 'update', 'delete'].",
+        "action": "rename", "pk": 1, "request_id": "r-2"}}
 
 
 # === 6. ASGI app ===
@@ -5188,6 +5420,50 @@ def test_reliability_inbound_create_cannot_choose_the_primary_key(rel_server):
                for reply in replies), replies
 
 
+def test_reliability_infinity_nan_and_out_of_range_numbers_get_an_error_payload(rel_server):
+    """JSON's Infinity and NaN (which Python reads as floats) and numbers beyond a column's
+    range, as a pk, an integer or a foreign key: each gets an error payload that is valid
+    JSON, nothing is saved, and the socket stays open."""
+    rel_FuzzNote.objects.get_or_create(pk=1, defaults={"title": "one"})
+    before = rel_fuzz_rows()
+    not_finite = "Invalid data: field(s) [{!r}] hold Infinity or NaN; send finite numbers."
+    requests = [  # (raw JSON payload, expected error: exact text or a pattern)
+        ('{"action": "update", "pk": Infinity, "data": {"title": "x"}}',
+         "Invalid pk inf: no row has it; send the pk as the server sent it."),
+        ('{"action": "delete", "pk": NaN}', "Invalid pk nan: no row has it; send the pk as the server sent it."),
+        ('{"action": "update", "pk": -Infinity, "data": {}}',
+         "Invalid pk -inf: no row has it; send the pk as the server sent it."),
+        ('{"action": "create", "data": {"count": Infinity}}', not_finite.format("count")),
+        ('{"action": "create", "data": {"count": NaN}}', not_finite.format("count")),
+        ('{"action": "create", "data": {"owner": Infinity}}', not_finite.format("owner")),
+        ('{"action": "create", "data": {"title": -Infinity}}', not_finite.format("title")),
+        ('{"action": "create", "data": {"count": 1e400}}', not_finite.format("count")),
+        ('{"action": "create", "data": {"count": 100000000000000000000000000000}}',
+         "Invalid data: {'count': ['Ensure this value is less than or equal to 9223372036854775807.']}."),
+        ('{"action": "create", "data": {"owner": 100000000000000000000000000000}}', rel_INVALID),
+        ('{"action": "update", "pk": 100000000000000000000000000000, "data": {"title": "x"}}',
+         re.compile(r"\S+\.rel_fuzznote with pk 10{29} does not exist\.")),
+    ]
+
+    async def scenario():
+        async with ws_connect(rel_server.url("/rel/demux/")) as websocket:
+            answers = []
+            for payload, _ in requests:
+                await websocket.send(f'{{"stream": "open", "payload": {payload}}}')
+                answers.append(await asyncio.wait_for(websocket.recv(), 10))
+            await websocket.send('{"stream": "echo", "payload": {"still": "open"}}')
+            return answers, json.loads(await asyncio.wait_for(websocket.recv(), 10))
+
+    answers, still_open = run(scenario())
+    for (payload, expected), answer in zip(requests, answers):
+        reply = json.loads(answer, parse_constant=lambda name: pytest.fail(f"{name} in {answer}"))
+        error = reply["payload"]["error"]
+        assert expected.fullmatch(error) if isinstance(expected, re.Pattern) else error == expected, \
+            (payload, error)
+    assert still_open == {"stream": "echo", "payload": {"echo": {"still": "open"}}}
+    assert rel_fuzz_rows() == before
+
+
 # -- 7. origins and auth --
 
 def test_reliability_foreign_origin_with_session_cookie_is_rejected_before_any_consumer(rel_server):
@@ -5933,6 +6209,7 @@ def test_readme_binding_example_runs():
         patch.setitem(sys.modules, "shop.models", shop.models)
         exec(compile(block, "README.md", "exec"), namespace)
     user, _ = User.objects.get_or_create(username="readme-binding")
+    other, _ = User.objects.get_or_create(username="readme-binding-other")
     client = Client()
     client.force_login(user)
     cookie = f"sessionid={client.cookies['sessionid'].value}"
@@ -5942,19 +6219,25 @@ def test_readme_binding_example_runs():
                                              headers=[(b"cookie", cookie.encode())])
         assert (await communicator.connect())[0]
         await communicator.send_json_to({"stream": "items", "payload": {
-            "action": "create", "data": {"name": "from readme", "team": "green"}}})
+            "action": "create", "data": {"name": "from readme", "team": "green", "owner": user.pk}}})
         created = await communicator.receive_json_from(timeout=5)
         await communicator.send_json_to({"stream": "items", "payload": {
             "action": "rename", "pk": created["payload"]["pk"], "data": {}}})
         refused = await communicator.receive_json_from(timeout=5)
+        await communicator.send_json_to({"stream": "items", "payload": {
+            "action": "update", "pk": created["payload"]["pk"], "data": {"owner": other.pk}}})
+        given_away = await communicator.receive_json_from(timeout=5)
         await communicator.disconnect()
-        return created, refused
+        return created, refused, given_away
 
-    created, refused = run(scenario())
+    created, refused, given_away = run(scenario())
     assert created["stream"] == "items"
     assert created["payload"]["action"] == "create" and created["payload"]["data"]["name"] == "from readme"
     assert Item.objects.filter(pk=created["payload"]["pk"], name="from readme").exists()
     assert refused["payload"]["error"] == "Unknown action 'rename'; use one of ['create', 'update', 'delete']."
+    assert given_away["payload"]["error"] == \
+        "Invalid data: {'owner': ['You can only assign items to yourself.']}."
+    assert Item.objects.get(pk=created["payload"]["pk"]).owner_id == user.pk
 
 
 # -- "reached nobody": the in-memory layer of a process that has no consumers --
