@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -138,6 +139,24 @@ def run(coroutine, timeout: float = 30):
     return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
+def asynchronous(test=None, *, timeout: float = 30):
+    """Run an ``async def`` test on a fresh event loop, bounded by *timeout* seconds
+    (pytest sees a plain function, fixtures included).
+
+    Use as ``@asynchronous`` or ``@asynchronous(timeout=60)``, below any ``pytest.mark``.
+    The whole body runs on the loop: the ORM and blocking waits belong off it (the ORM
+    refuses to run there), in ``asyncio.to_thread`` or in a plain test calling ``run``.
+    """
+    if test is None:
+        return functools.partial(asynchronous, timeout=timeout)
+
+    @functools.wraps(test)  # pytest reads the fixtures from test's signature (__wrapped__)
+    def bounded(*args, **kwargs):
+        return run(test(*args, **kwargs), timeout)
+
+    return bounded
+
+
 @pytest.fixture(autouse=True)
 def fresh_layers():
     """Each test starts with fresh channel layers and leaves none behind."""
@@ -258,38 +277,32 @@ def running_redis():
 
 # === 1. Channel layer ===
 
-def test_layer_send_then_receive_returns_the_message():
+@asynchronous
+async def test_layer_send_then_receive_returns_the_message():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        await layer.send("email.send", {"to": "a@example.com"})
-        return await layer.receive("email.send")
-
-    assert run(scenario()) == {"to": "a@example.com"}
+    await layer.send("email.send", {"to": "a@example.com"})
+    assert await layer.receive("email.send") == {"to": "a@example.com"}
 
 
-def test_layer_receive_waits_for_a_later_send():
+@asynchronous
+async def test_layer_receive_waits_for_a_later_send():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        waiting = asyncio.ensure_future(layer.receive("jobs"))
-        await asyncio.sleep(0.02)
-        assert not waiting.done()
-        await layer.send("jobs", {"n": 1})
-        return await asyncio.wait_for(waiting, 1)
-
-    assert run(scenario()) == {"n": 1}
+    waiting = asyncio.ensure_future(layer.receive("jobs"))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()
+    await layer.send("jobs", {"n": 1})
+    assert await asyncio.wait_for(waiting, 1) == {"n": 1}
 
 
-def test_layer_keeps_order_within_a_channel():
+@asynchronous
+async def test_layer_keeps_order_within_a_channel():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        for n in range(50):
-            await layer.send("ordered", {"n": n})
-        return [(await layer.receive("ordered"))["n"] for _ in range(50)]
-
-    assert run(scenario()) == list(range(50))
+    for n in range(50):
+        await layer.send("ordered", {"n": n})
+    assert [(await layer.receive("ordered"))["n"] for _ in range(50)] == list(range(50))
 
 
 def test_layer_send_rejects_non_dict():
@@ -319,45 +332,40 @@ def test_layer_validates_group_names_and_states_the_rule():
         run(layer.group_send(5, {}))
 
 
-def test_layer_allows_process_local_channel_names():
+@asynchronous
+async def test_layer_allows_process_local_channel_names():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        name = await layer.new_channel()
-        other = await layer.new_channel("websocket.send")
-        await layer.send(name, {"ok": True})
-        return name, other, await layer.receive(name)
-
-    name, other, message = run(scenario())
+    name = await layer.new_channel()
+    other = await layer.new_channel("websocket.send")
+    await layer.send(name, {"ok": True})
+    message = await layer.receive(name)
     assert name.startswith("specific.") and name.count("!") == 1
     assert other.startswith("websocket.send.") and name != other
     assert message == {"ok": True}
 
 
-def test_layer_new_channel_names_are_unique():
+@asynchronous
+async def test_layer_new_channel_names_are_unique():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        return {await layer.new_channel() for _ in range(1000)}
-
-    assert len(run(scenario())) == 1000
+    assert len({await layer.new_channel() for _ in range(1000)}) == 1000
 
 
-def test_layer_capacity_raises_channel_full_with_advice():
+@asynchronous
+async def test_layer_capacity_raises_channel_full_with_advice():
     layer = InMemoryChannelLayer(capacity=2)
-
-    async def scenario():
-        await layer.send("small", {"n": 1})
-        await layer.send("small", {"n": 2})
-        await layer.send("small", {"n": 3})
 
     with pytest.raises(ChannelFull, match=re.escape(
             "Channel 'small' holds 2 messages, its capacity. Its receiver is slow or gone; "
             "raise 'capacity' or 'channel_capacity' if bursts are expected.")):
-        run(scenario())
+        await layer.send("small", {"n": 1})
+        await layer.send("small", {"n": 2})
+        await layer.send("small", {"n": 3})
 
 
-def test_layer_channel_capacity_patterns_glob_and_regex():
+@asynchronous
+async def test_layer_channel_capacity_patterns_glob_and_regex():
     layer = InMemoryChannelLayer(capacity=1, channel_capacity={
         "http.response!*": 3, re.compile(r"^websocket\.send!"): 2})
 
@@ -369,87 +377,76 @@ def test_layer_channel_capacity_patterns_glob_and_regex():
                 sent += 1
         return sent
 
-    assert run(fill("http.response!abc")) == 3
-    assert run(fill("websocket.send!xyz")) == 2
-    assert run(fill("other")) == 1
+    assert await fill("http.response!abc") == 3
+    assert await fill("websocket.send!xyz") == 2
+    assert await fill("other") == 1
 
 
-def test_layer_messages_expire():
+@asynchronous
+async def test_layer_messages_expire():
     layer = InMemoryChannelLayer(expiry=0.05)
 
-    async def scenario():
-        await layer.send("old", {"n": 1})
-        await asyncio.sleep(0.1)
-        await layer.send("old", {"n": 2})
-        return await layer.receive("old")
-
-    assert run(scenario()) == {"n": 2}
+    await layer.send("old", {"n": 1})
+    await asyncio.sleep(0.1)
+    await layer.send("old", {"n": 2})
+    assert await layer.receive("old") == {"n": 2}
 
 
-def test_layer_expired_messages_free_capacity():
+@asynchronous
+async def test_layer_expired_messages_free_capacity():
     layer = InMemoryChannelLayer(expiry=0.05, capacity=1)
 
-    async def scenario():
-        await layer.send("tiny", {"n": 1})
-        await asyncio.sleep(0.1)
-        await layer.send("tiny", {"n": 2})  # would be ChannelFull if the old one still counted
-        return await layer.receive("tiny")
-
-    assert run(scenario()) == {"n": 2}
+    await layer.send("tiny", {"n": 1})
+    await asyncio.sleep(0.1)
+    await layer.send("tiny", {"n": 2})  # would be ChannelFull if the old one still counted
+    assert await layer.receive("tiny") == {"n": 2}
 
 
-def test_layer_group_send_reaches_every_member_once():
+@asynchronous
+async def test_layer_group_send_reaches_every_member_once():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        for name in ("a", "b", "c"):
-            await layer.group_add("room", name)
-        await layer.group_add("room", "a")  # twice: still one membership
-        await layer.group_send("room", {"text": "hi"})
-        received = [await layer.receive(name) for name in ("a", "b", "c")]
-        extra = asyncio.ensure_future(layer.receive("a"))
-        await asyncio.sleep(0.02)
-        nothing = not extra.done()
-        extra.cancel()
-        return received, nothing
-
-    received, nothing_more = run(scenario())
+    for name in ("a", "b", "c"):
+        await layer.group_add("room", name)
+    await layer.group_add("room", "a")  # twice: still one membership
+    await layer.group_send("room", {"text": "hi"})
+    received = [await layer.receive(name) for name in ("a", "b", "c")]
+    extra = asyncio.ensure_future(layer.receive("a"))
+    await asyncio.sleep(0.02)
+    nothing_more = not extra.done()
+    extra.cancel()
     assert received == [{"text": "hi"}] * 3
     assert nothing_more
 
 
-def test_layer_group_discard_stops_delivery_and_frees_the_group():
+@asynchronous
+async def test_layer_group_discard_stops_delivery_and_frees_the_group():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        await layer.group_add("room", "a")
-        await layer.group_add("room", "b")
-        await layer.group_discard("room", "a")
-        await layer.group_discard("room", "never-joined")
-        await layer.group_send("room", {"n": 1})
-        stats_with_b = layer.stats()
-        await layer.receive("b")
-        await layer.group_discard("room", "b")
-        return stats_with_b, layer.stats()
-
-    with_b, after = run(scenario())
+    await layer.group_add("room", "a")
+    await layer.group_add("room", "b")
+    await layer.group_discard("room", "a")
+    await layer.group_discard("room", "never-joined")
+    await layer.group_send("room", {"n": 1})
+    with_b = layer.stats()
+    await layer.receive("b")
+    await layer.group_discard("room", "b")
+    after = layer.stats()
     assert with_b["members"] == 1 and with_b["messages"] == 1
     assert after == {"channels": 0, "groups": 0, "members": 0, "messages": 0, "dropped": 0}
 
 
-def test_layer_group_send_skips_full_members_counts_and_warns_once(caplog):
+@asynchronous
+async def test_layer_group_send_skips_full_members_counts_and_warns_once(caplog):
     layer = InMemoryChannelLayer(capacity=1)
 
-    async def scenario():
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
         await layer.group_add("room", "slow")
         await layer.group_add("room", "fast")
         for n in range(5):
             await layer.group_send("room", {"n": n})  # never raises
             await layer.receive("fast")
-        return await layer.receive("slow")
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        first = run(scenario())
+        first = await layer.receive("slow")
     assert first == {"n": 0}
     assert layer.dropped == 4 and layer.stats()["dropped"] == 4
     warnings = [r for r in caplog.records if "dropped" in r.getMessage()]
@@ -457,82 +454,73 @@ def test_layer_group_send_skips_full_members_counts_and_warns_once(caplog):
     assert "Group 'room': 1 message(s) dropped" in warnings[0].getMessage()
 
 
-def test_layer_group_expiry_removes_stale_members():
+@asynchronous
+async def test_layer_group_expiry_removes_stale_members():
     layer = InMemoryChannelLayer(group_expiry=0.05)
 
-    async def scenario():
-        await layer.group_add("room", "old")
-        await asyncio.sleep(0.1)
-        await layer.group_add("room", "new")
-        await layer.group_send("room", {"n": 1})
-        return layer.stats(), await layer.receive("new")
-
-    stats, message = run(scenario())
+    await layer.group_add("room", "old")
+    await asyncio.sleep(0.1)
+    await layer.group_add("room", "new")
+    await layer.group_send("room", {"n": 1})
+    stats, message = layer.stats(), await layer.receive("new")
     assert stats["members"] == 1 and stats["messages"] == 1
     assert message == {"n": 1}
 
 
-def test_layer_flush_drops_everything():
+@asynchronous
+async def test_layer_flush_drops_everything():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        await layer.send("a", {})
-        await layer.group_add("g", "a")
-        await layer.flush()
-        await layer.close()
-        return layer.stats()
-
-    assert run(scenario()) == {"channels": 0, "groups": 0, "members": 0, "messages": 0, "dropped": 0}
+    await layer.send("a", {})
+    await layer.group_add("g", "a")
+    await layer.flush()
+    await layer.close()
+    assert layer.stats() == {"channels": 0, "groups": 0, "members": 0, "messages": 0, "dropped": 0}
     assert layer.extensions == ["groups", "flush"]
 
 
-def test_layer_discard_channel_leaves_every_group_and_frees_the_queue():
+@asynchronous
+async def test_layer_discard_channel_leaves_every_group_and_frees_the_queue():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        await layer.group_add("g1", "sock!1")
-        await layer.group_add("g2", "sock!1")
-        await layer.group_add("g2", "sock!2")
-        await layer.send("sock!1", {"pending": True})
-        layer.discard_channel("sock!1")
-        return layer.stats()
-
-    assert run(scenario()) == {"channels": 0, "groups": 1, "members": 1, "messages": 0, "dropped": 0}
+    await layer.group_add("g1", "sock!1")
+    await layer.group_add("g2", "sock!1")
+    await layer.group_add("g2", "sock!2")
+    await layer.send("sock!1", {"pending": True})
+    layer.discard_channel("sock!1")
+    assert layer.stats() == {"channels": 0, "groups": 1, "members": 1, "messages": 0, "dropped": 0}
 
 
-def test_layer_isolates_receivers_at_the_top_level():
+@asynchronous
+async def test_layer_isolates_receivers_at_the_top_level():
     layer = InMemoryChannelLayer()
     original = {"text": "hi", "meta": "sender's"}
 
-    async def scenario():
-        await layer.group_add("g", "a")
-        await layer.group_add("g", "b")
-        await layer.group_send("g", original)
-        first = await layer.receive("a")
-        first["text"] = "changed by a"
-        first["extra"] = 1
-        return await layer.receive("b")
-
-    assert run(scenario()) == {"text": "hi", "meta": "sender's"}
+    await layer.group_add("g", "a")
+    await layer.group_add("g", "b")
+    await layer.group_send("g", original)
+    first = await layer.receive("a")
+    first["text"] = "changed by a"
+    first["extra"] = 1
+    assert await layer.receive("b") == {"text": "hi", "meta": "sender's"}
     assert original == {"text": "hi", "meta": "sender's"}
 
 
-def test_layer_send_from_a_plain_thread_wakes_a_receiver_on_the_loop():
+@asynchronous
+async def test_layer_send_from_a_plain_thread_wakes_a_receiver_on_the_loop():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        waiting = asyncio.ensure_future(layer.receive("cross"))
-        await asyncio.sleep(0.02)
-        thread = threading.Thread(target=Channel("cross", channel_layer=layer).send, args=({"from": "thread"},))
-        thread.start()
-        message = await asyncio.wait_for(waiting, 2)
-        thread.join(2)
-        return message
-
-    assert run(scenario()) == {"from": "thread"}
+    waiting = asyncio.ensure_future(layer.receive("cross"))
+    await asyncio.sleep(0.02)
+    thread = threading.Thread(target=Channel("cross", channel_layer=layer).send, args=({"from": "thread"},))
+    thread.start()
+    message = await asyncio.wait_for(waiting, 2)
+    thread.join(2)
+    assert message == {"from": "thread"}
 
 
-def test_layer_send_from_another_threads_event_loop_wakes_a_receiver():
+@asynchronous
+async def test_layer_send_from_another_threads_event_loop_wakes_a_receiver():
     layer = InMemoryChannelLayer()
     errors = []
 
@@ -543,95 +531,83 @@ def test_layer_send_from_another_threads_event_loop_wakes_a_receiver():
         except Exception as error:  # collected: the assertion below reports it
             errors.append(error)
 
-    async def scenario():
-        await layer.group_add("g", "cross")
-        waiting = asyncio.ensure_future(layer.receive("cross"))
-        await asyncio.sleep(0.02)
-        thread = threading.Thread(target=other_thread)
-        thread.start()
-        first = await asyncio.wait_for(waiting, 2)
-        second = await asyncio.wait_for(layer.receive("cross"), 2)
-        thread.join(2)
-        return [first, second]
-
-    assert run(scenario()) == [{"from": "other loop"}, {"from": "other loop, group"}]
+    await layer.group_add("g", "cross")
+    waiting = asyncio.ensure_future(layer.receive("cross"))
+    await asyncio.sleep(0.02)
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    first = await asyncio.wait_for(waiting, 2)
+    second = await asyncio.wait_for(layer.receive("cross"), 2)
+    thread.join(2)
+    assert [first, second] == [{"from": "other loop"}, {"from": "other loop, group"}]
     assert errors == []
 
 
-def test_layer_serves_receivers_on_two_loops_without_loop_errors():
+@asynchronous
+async def test_layer_serves_receivers_on_two_loops_without_loop_errors():
     layer = InMemoryChannelLayer()
     results = {}
 
     def receive_in_thread():
         results["thread"] = asyncio.run(asyncio.wait_for(layer.receive("t"), 5))
 
-    async def scenario():
-        thread = threading.Thread(target=receive_in_thread)
-        thread.start()
-        waiting = asyncio.ensure_future(layer.receive("m"))
-        await asyncio.sleep(0.05)
-        await layer.send("t", {"to": "thread"})
-        await layer.send("m", {"to": "main"})
-        results["main"] = await asyncio.wait_for(waiting, 2)
-        await asyncio.to_thread(thread.join, 5)
-
-    run(scenario())
+    thread = threading.Thread(target=receive_in_thread)
+    thread.start()
+    waiting = asyncio.ensure_future(layer.receive("m"))
+    await asyncio.sleep(0.05)
+    await layer.send("t", {"to": "thread"})
+    await layer.send("m", {"to": "main"})
+    results["main"] = await asyncio.wait_for(waiting, 2)
+    await asyncio.to_thread(thread.join, 5)
     assert results == {"thread": {"to": "thread"}, "main": {"to": "main"}}
 
 
-def test_layer_cancelled_receiver_loses_no_message():
+@asynchronous
+async def test_layer_cancelled_receiver_loses_no_message():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        first = asyncio.ensure_future(layer.receive("c"))
-        second = asyncio.ensure_future(layer.receive("c"))
-        await asyncio.sleep(0.01)
-        await layer.send("c", {"n": 1})
-        first.cancel()  # woken, but cancelled before it could take the message
-        await asyncio.sleep(0)
-        return await asyncio.wait_for(second, 1), layer.stats()["channels"]
-
-    message, channels_left = run(scenario())
+    first = asyncio.ensure_future(layer.receive("c"))
+    second = asyncio.ensure_future(layer.receive("c"))
+    await asyncio.sleep(0.01)
+    await layer.send("c", {"n": 1})
+    first.cancel()  # woken, but cancelled before it could take the message
+    await asyncio.sleep(0)
+    message, channels_left = await asyncio.wait_for(second, 1), layer.stats()["channels"]
     assert message == {"n": 1}
     assert channels_left == 0
 
 
-def test_layer_many_threads_sending_lose_nothing():
+@asynchronous
+async def test_layer_many_threads_sending_lose_nothing():
     layer = InMemoryChannelLayer(capacity=10_000)
 
     def sender(base):
         for n in range(200):
             Channel("many", channel_layer=layer).send({"n": base + n})
 
-    async def scenario():
-        threads = [threading.Thread(target=sender, args=(k * 1000,)) for k in range(8)]
-        for thread in threads:
-            thread.start()
-        got = [(await asyncio.wait_for(layer.receive("many"), 5))["n"] for _ in range(1600)]
-        for thread in threads:
-            thread.join(5)
-        return got
-
-    got = run(scenario())
+    threads = [threading.Thread(target=sender, args=(k * 1000,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    got = [(await asyncio.wait_for(layer.receive("many"), 5))["n"] for _ in range(1600)]
+    for thread in threads:
+        thread.join(5)
     assert sorted(got) == sorted(k * 1000 + n for k in range(8) for n in range(200))
     for k in range(8):  # each sender's messages stay in its order
         mine = [n for n in got if k * 1000 <= n < k * 1000 + 200]
         assert mine == sorted(mine)
 
 
-def test_layer_group_send_to_many_waiting_receivers():
+@asynchronous
+async def test_layer_group_send_to_many_waiting_receivers():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        names = [f"r{n}" for n in range(1000)]
-        for name in names:
-            await layer.group_add("all", name)
-        waiting = [asyncio.ensure_future(layer.receive(name)) for name in names]
-        await asyncio.sleep(0.01)
-        await layer.group_send("all", {"n": 1})
-        return await asyncio.wait_for(asyncio.gather(*waiting), 5)
-
-    assert run(scenario()) == [{"n": 1}] * 1000
+    names = [f"r{n}" for n in range(1000)]
+    for name in names:
+        await layer.group_add("all", name)
+    waiting = [asyncio.ensure_future(layer.receive(name)) for name in names]
+    await asyncio.sleep(0.01)
+    await layer.group_send("all", {"n": 1})
+    assert await asyncio.wait_for(asyncio.gather(*waiting), 5) == [{"n": 1}] * 1000
 
 
 def test_get_channel_layer_default_is_one_shared_in_memory_layer():
@@ -926,73 +902,66 @@ def test_messages_names_are_checked_when_made():
         Channel(3)
 
 
-def test_messages_group_add_send_discard_sync_and_async_forms():
+@asynchronous
+async def test_messages_group_add_send_discard_sync_and_async_forms():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        group = Group("room", channel_layer=layer)
-        group.add(Channel("a", channel_layer=layer))
-        await group.aadd("b")
-        group.send({"n": 1})
-        await group.asend({"n": 2})
-        group.discard("a")
-        await group.adiscard("b")
-        got = [await layer.receive(name) for name in ("a", "a", "b", "b")]
-        return got, layer.stats()
-
-    got, stats = run(scenario())
+    group = Group("room", channel_layer=layer)
+    group.add(Channel("a", channel_layer=layer))
+    await group.aadd("b")
+    group.send({"n": 1})
+    await group.asend({"n": 2})
+    group.discard("a")
+    await group.adiscard("b")
+    got = [await layer.receive(name) for name in ("a", "a", "b", "b")]
+    stats = layer.stats()
     assert got == [{"n": 1}, {"n": 2}, {"n": 1}, {"n": 2}]
     assert stats["groups"] == 0
 
 
-def test_messages_deferred_inside_consumer_context_in_call_order():
+@asynchronous
+async def test_messages_deferred_inside_consumer_context_in_call_order():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        async with consumer_context(layer):
-            Group("room").add("a")
-            Channel("a").send({"n": 1})
-            Group("room").send({"n": 2})
-            Group("room").discard("a")
-            Group("room").send({"n": 3})  # after the discard: reaches nobody
-            queued_inside = layer.stats()["messages"]
-        return queued_inside, [await layer.receive("a") for _ in range(2)], layer.stats()
-
-    queued_inside, got, stats = run(scenario())
+    async with consumer_context(layer):
+        Group("room").add("a")
+        Channel("a").send({"n": 1})
+        Group("room").send({"n": 2})
+        Group("room").discard("a")
+        Group("room").send({"n": 3})  # after the discard: reaches nobody
+        queued_inside = layer.stats()["messages"]
+    got, stats = [await layer.receive("a") for _ in range(2)], layer.stats()
     assert queued_inside == 0
     assert got == [{"n": 1}, {"n": 2}]
     assert stats["messages"] == 0 and stats["groups"] == 0
 
 
-def test_messages_deferred_sends_are_applied_when_the_block_raises():
+@asynchronous
+async def test_messages_deferred_sends_are_applied_when_the_block_raises():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        with pytest.raises(RuntimeError, match="boom"):
-            async with consumer_context(layer):
-                Channel("a").send({"sent": "anyway"})
-                raise RuntimeError("boom")
-        return await layer.receive("a")
-
-    assert run(scenario()) == {"sent": "anyway"}
-
-
-def test_messages_immediately_and_awaited_forms_act_at_once_inside_a_consumer():
-    layer = InMemoryChannelLayer()
-
-    async def scenario():
+    with pytest.raises(RuntimeError, match="boom"):
         async with consumer_context(layer):
-            Channel("a").send({"n": 1}, immediately=True)
-            await Channel("a").asend({"n": 2})
-            await Group("g").aadd("a")
-            Group("g").send({"n": 3}, immediately=True)
-            inside = layer.stats()["messages"]
-        return inside
-
-    assert run(scenario()) == 3
+            Channel("a").send({"sent": "anyway"})
+            raise RuntimeError("boom")
+    assert await layer.receive("a") == {"sent": "anyway"}
 
 
-def test_messages_deferral_reaches_sync_code_run_in_threads():
+@asynchronous
+async def test_messages_immediately_and_awaited_forms_act_at_once_inside_a_consumer():
+    layer = InMemoryChannelLayer()
+
+    async with consumer_context(layer):
+        Channel("a").send({"n": 1}, immediately=True)
+        await Channel("a").asend({"n": 2})
+        await Group("g").aadd("a")
+        Group("g").send({"n": 3}, immediately=True)
+        inside = layer.stats()["messages"]
+    assert inside == 3
+
+
+@asynchronous
+async def test_messages_deferral_reaches_sync_code_run_in_threads():
     layer = InMemoryChannelLayer()
     from asgiref.sync import sync_to_async
 
@@ -1000,53 +969,45 @@ def test_messages_deferral_reaches_sync_code_run_in_threads():
         Channel("a").send({"from": "thread"})
         return layer.stats()["messages"]
 
-    async def scenario():
-        async with consumer_context(layer):
-            inside = await sync_to_async(sync_handler, thread_sensitive=False)()
-        return inside, await layer.receive("a")
-
-    assert run(scenario()) == (0, {"from": "thread"})
+    async with consumer_context(layer):
+        inside = await sync_to_async(sync_handler, thread_sensitive=False)()
+    assert (inside, await layer.receive("a")) == (0, {"from": "thread"})
 
 
-def test_messages_inside_a_consumer_default_names_use_the_consumer_layer():
+@asynchronous
+async def test_messages_inside_a_consumer_default_names_use_the_consumer_layer():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        async with consumer_context(layer):
-            assert Channel("a").channel_layer is layer
-            assert Group("g").channel_layer is layer
-        return Channel("a").channel_layer
-
-    assert run(scenario()) is get_channel_layer()
+    async with consumer_context(layer):
+        assert Channel("a").channel_layer is layer
+        assert Group("g").channel_layer is layer
+    assert Channel("a").channel_layer is get_channel_layer()
 
 
-def test_messages_deferred_send_to_a_full_channel_waits_then_fails():
+@asynchronous
+async def test_messages_deferred_send_to_a_full_channel_waits_then_fails():
     layer = InMemoryChannelLayer(capacity=1)
 
     async def drain_later():
         await asyncio.sleep(0.2)
         return await layer.receive("full")
 
-    async def room_appears():
-        await layer.send("full", {"n": 0})
-        draining = asyncio.ensure_future(drain_later())
-        started = time.monotonic()
-        async with consumer_context(layer):
-            Channel("full").send({"n": 1})
-        return time.monotonic() - started, await draining, await layer.receive("full")
-
-    waited, first, second = run(room_appears())
+    # Room appears while the deferred send waits.
+    await layer.send("full", {"n": 0})
+    draining = asyncio.ensure_future(drain_later())
+    started = time.monotonic()
+    async with consumer_context(layer):
+        Channel("full").send({"n": 1})
+    waited, first, second = time.monotonic() - started, await draining, await layer.receive("full")
     assert 0.1 < waited < 2 and first == {"n": 0} and second == {"n": 1}
 
-    async def never_room():
-        await layer.send("stuck", {"n": 0})
-        started = time.monotonic()
-        with pytest.raises(ChannelFull):
-            async with consumer_context(layer):
-                Channel("stuck").send({"n": 1})
-        return time.monotonic() - started
-
-    assert 1.9 < run(never_room()) < 4
+    # Room never appears.
+    await layer.send("stuck", {"n": 0})
+    started = time.monotonic()
+    with pytest.raises(ChannelFull):
+        async with consumer_context(layer):
+            Channel("stuck").send({"n": 1})
+    assert 1.9 < time.monotonic() - started < 4
 
 
 def test_messages_message_is_dict_like_with_channels():
@@ -1066,18 +1027,16 @@ def test_messages_message_is_dict_like_with_channels():
     assert repr(message).startswith("<Message channel='websocket.receive'")
 
 
-def test_messages_deferred_sends_keep_the_content_as_it_was_when_sent():
+@asynchronous
+async def test_messages_deferred_sends_keep_the_content_as_it_was_when_sent():
     layer = InMemoryChannelLayer()
 
-    async def scenario():
-        content = {"text": "as sent"}
-        async with consumer_context(layer):
-            Channel("a").send(content)
-            Group("g").send(content)
-            content["text"] = "changed later"
-        return await layer.receive("a")
-
-    assert run(scenario()) == {"text": "as sent"}
+    content = {"text": "as sent"}
+    async with consumer_context(layer):
+        Channel("a").send(content)
+        Group("g").send(content)
+        content["text"] = "changed later"
+    assert await layer.receive("a") == {"text": "as sent"}
 
 
 # === 3. Routing ===
@@ -1606,20 +1565,18 @@ def app_describe_user(message) -> dict:
 # -- tests --
 
 @pytest.mark.parametrize("consumer", [app_sync_function, app_async_function], ids=["sync", "async"])
-def test_consumers_function_consumers_sync_and_async(consumer):
+@asynchronous
+async def test_consumers_function_consumers_sync_and_async(consumer):
     flavour = "async" if consumer is app_async_function else "sync"
     app, layer = app_setup([route(["websocket.connect", "websocket.receive", "websocket.disconnect"],
                                   consumer, path=r"^/fn/(?P<name>\w+)/$")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/fn/ada/")
-        assert await communicator.connect(timeout=5) == (True, None)
-        await communicator.send_to(text_data="hello")
-        reply = json.loads(await communicator.receive_from(timeout=5))
-        await communicator.disconnect(code=4004)
-        return reply, await app_observed(layer)
-
-    reply, disconnected = run(scenario())
+    communicator = WebsocketCommunicator(app, "/fn/ada/")
+    assert await communicator.connect(timeout=5) == (True, None)
+    await communicator.send_to(text_data="hello")
+    reply = json.loads(await communicator.receive_from(timeout=5))
+    await communicator.disconnect(code=4004)
+    disconnected = await app_observed(layer)
     on_loop = flavour == "async"  # sync consumers run in worker threads, never on the loop
     assert reply == {"flavour": flavour, "text": "hello", "kwargs": {"name": "ada"},
                      "main_thread": on_loop, "on_loop": on_loop}
@@ -1627,19 +1584,17 @@ def test_consumers_function_consumers_sync_and_async(consumer):
                             "main_thread": on_loop, "on_loop": on_loop}
 
 
-def test_consumers_method_mapping_dispatches_to_sync_and_async_methods():
+@asynchronous
+async def test_consumers_method_mapping_dispatches_to_sync_and_async_methods():
     assert AppMapped.channel_names() == {"websocket.connect", "websocket.receive"}
     app, _ = app_setup([AppMapped.as_route(path=r"^/mapped/(?P<slot>\d+)/$")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/mapped/7/")
-        assert await communicator.connect(timeout=5) == (True, None)
-        await communicator.send_to(text_data="frame")
-        reply = json.loads(await communicator.receive_from(timeout=5))
-        await communicator.disconnect()
-        return reply
-
-    assert run(scenario()) == {"class": "AppMapped", "kwargs": {"slot": "7"}, "text": "frame"}
+    communicator = WebsocketCommunicator(app, "/mapped/7/")
+    assert await communicator.connect(timeout=5) == (True, None)
+    await communicator.send_to(text_data="frame")
+    reply = json.loads(await communicator.receive_from(timeout=5))
+    await communicator.disconnect()
+    assert reply == {"class": "AppMapped", "kwargs": {"slot": "7"}, "text": "frame"}
 
 
 def test_consumers_missing_method_mapping_entry_names_channel_class_and_mapping(caplog):
@@ -1670,37 +1625,33 @@ def test_consumers_missing_method_mapping_entry_names_channel_class_and_mapping(
     assert str(failures[0].exc_info[1]) == expected
 
 
-def test_consumers_default_connect_accepts_and_class_groups_are_joined():
+@asynchronous
+async def test_consumers_default_connect_accepts_and_class_groups_are_joined():
     app, layer = app_setup([AppPlain.as_route(path=r"^/plain/$")])
 
-    async def scenario():
-        first = WebsocketCommunicator(app, "/plain/")
-        second = WebsocketCommunicator(app, "/plain/")
-        assert await first.connect(timeout=5) == (True, None)
-        assert await second.connect(timeout=5) == (True, None)
-        assert layer.stats()["groups"] == 2 and layer.stats()["members"] == 4
-        # group_send outside any consumer: at once, on the default layer.
-        AppPlain.group_send("plain-b", text="news")
-        received = [await first.receive_from(timeout=5), await second.receive_from(timeout=5)]
-        await first.disconnect()
-        await second.disconnect()
-        return received
-
-    assert run(scenario()) == ["news", "news"]
+    first = WebsocketCommunicator(app, "/plain/")
+    second = WebsocketCommunicator(app, "/plain/")
+    assert await first.connect(timeout=5) == (True, None)
+    assert await second.connect(timeout=5) == (True, None)
+    assert layer.stats()["groups"] == 2 and layer.stats()["members"] == 4
+    # group_send outside any consumer: at once, on the default layer.
+    AppPlain.group_send("plain-b", text="news")
+    received = [await first.receive_from(timeout=5), await second.receive_from(timeout=5)]
+    await first.disconnect()
+    await second.disconnect()
+    assert received == ["news", "news"]
     assert layer.stats()["members"] == 0 and layer.stats()["groups"] == 0
 
 
-def test_consumers_groups_joined_before_connect_and_left_before_disconnect():
+@asynchronous
+async def test_consumers_groups_joined_before_connect_and_left_before_disconnect():
     app, layer = app_setup([AppGroupProbe.as_route(path=r"^/probe/$")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/probe/")
-        assert await communicator.connect(timeout=5) == (True, None)
-        connected = await app_observed(layer)
-        await communicator.disconnect()
-        return connected, await app_observed(layer)
-
-    connected, disconnected = run(scenario())
+    communicator = WebsocketCommunicator(app, "/probe/")
+    assert await communicator.connect(timeout=5) == (True, None)
+    connected = await app_observed(layer)
+    await communicator.disconnect()
+    disconnected = await app_observed(layer)
     assert (connected["event"], connected["stats"]["groups"], connected["stats"]["members"]) == (
         "connect", 1, 1)
     assert (disconnected["event"], disconnected["stats"]["groups"],
@@ -1712,49 +1663,48 @@ def test_consumers_groups_joined_before_connect_and_left_before_disconnect():
     (AppRoomAsync, {"connect", "receive", "disconnect"}),
     (AppRoomMixed, {"connect", "disconnect"}),
 ], ids=["sync", "async", "mixed"])
-def test_consumers_websocket_consumer_handlers_sync_or_async(consumer, async_handlers):
+@asynchronous
+async def test_consumers_websocket_consumer_handlers_sync_or_async(consumer, async_handlers):
     app, layer = app_setup([consumer.as_route(path=r"^/room/(?P<room>\w+)/$")])
 
     def placed(handler):  # async def handlers run on the loop, sync ones in a worker thread
         on_loop = handler in async_handlers
         return {"main_thread": on_loop, "on_loop": on_loop}
 
-    async def scenario():
-        alice = WebsocketCommunicator(app, "/room/blue/")
-        bob = WebsocketCommunicator(app, "/room/blue/")
-        carol = WebsocketCommunicator(app, "/room/red/")
-        for communicator in (alice, bob, carol):
-            assert await communicator.connect(timeout=5) == (True, None)
-        connects = [await app_observed(layer) for _ in range(3)]
-        assert connects == [
-            {"event": "connect", "room": room, "path": f"/room/{room}/", "members": members,
-             **placed("connect")}
-            for room, members in (("blue", 1), ("blue", 2), ("red", 3))
-        ]
-        await alice.send_to(text_data="hi")
-        assert await alice.receive_from(timeout=5) == "blue: hi"
-        assert await bob.receive_from(timeout=5) == "blue: hi"
-        assert await carol.receive_nothing(timeout=0.3)
-        await carol.send_to(text_data="where")
-        assert json.loads(await carol.receive_from(timeout=5)) == {
-            "room": "red", "path": "/room/red/", **placed("receive")}
-        await carol.send_to(bytes_data=b"abc")
-        assert await carol.receive_from(timeout=5) == b"cba"
-        await alice.disconnect(code=4001)
-        assert await app_observed(layer) == {"event": "disconnect", "room": "blue", "code": 4001,
-                                             "members": 2, **placed("disconnect")}
-        await bob.send_to(text_data="alone")
-        assert await bob.receive_from(timeout=5) == "blue: alone"
-        await bob.disconnect()
-        await carol.disconnect()
-        return [await app_observed(layer) for _ in range(2)]
-
-    last = run(scenario())
+    alice = WebsocketCommunicator(app, "/room/blue/")
+    bob = WebsocketCommunicator(app, "/room/blue/")
+    carol = WebsocketCommunicator(app, "/room/red/")
+    for communicator in (alice, bob, carol):
+        assert await communicator.connect(timeout=5) == (True, None)
+    connects = [await app_observed(layer) for _ in range(3)]
+    assert connects == [
+        {"event": "connect", "room": room, "path": f"/room/{room}/", "members": members,
+         **placed("connect")}
+        for room, members in (("blue", 1), ("blue", 2), ("red", 3))
+    ]
+    await alice.send_to(text_data="hi")
+    assert await alice.receive_from(timeout=5) == "blue: hi"
+    assert await bob.receive_from(timeout=5) == "blue: hi"
+    assert await carol.receive_nothing(timeout=0.3)
+    await carol.send_to(text_data="where")
+    assert json.loads(await carol.receive_from(timeout=5)) == {
+        "room": "red", "path": "/room/red/", **placed("receive")}
+    await carol.send_to(bytes_data=b"abc")
+    assert await carol.receive_from(timeout=5) == b"cba"
+    await alice.disconnect(code=4001)
+    assert await app_observed(layer) == {"event": "disconnect", "room": "blue", "code": 4001,
+                                         "members": 2, **placed("disconnect")}
+    await bob.send_to(text_data="alone")
+    assert await bob.receive_from(timeout=5) == "blue: alone"
+    await bob.disconnect()
+    await carol.disconnect()
+    last = [await app_observed(layer) for _ in range(2)]
     assert [(r["room"], r["code"], r["members"]) for r in last] == [("blue", 1000, 1), ("red", 1000, 0)]
     assert layer.stats() == {"channels": 0, "groups": 0, "members": 0, "messages": 0, "dropped": 0}
 
 
-def test_consumers_send_close_and_close_codes():
+@asynchronous
+async def test_consumers_send_close_and_close_codes():
     app, _ = app_setup([AppCloser.as_route(path=r"^/closer/$")])
 
     async def one(command):
@@ -1769,66 +1719,60 @@ def test_consumers_send_close_and_close_codes():
                 return frames, event["code"]
             frames.append(event.get("text") if event.get("text") is not None else event["bytes"])
 
-    async def scenario():
-        results = {c: await one(c) for c in ("close", "close 4001", "bye 4002", "bye")}
-        communicator = WebsocketCommunicator(app, "/closer/")
-        assert await communicator.connect(timeout=5) == (True, None)
-        await communicator.send_to(text_data="binary")
-        results["binary"] = await communicator.receive_from(timeout=5)
-        assert await communicator.receive_nothing(timeout=0.2)
-        await communicator.disconnect()
-        return results
-
-    assert run(scenario()) == {
+    results = {c: await one(c) for c in ("close", "close 4001", "bye 4002", "bye")}
+    communicator = WebsocketCommunicator(app, "/closer/")
+    assert await communicator.connect(timeout=5) == (True, None)
+    await communicator.send_to(text_data="binary")
+    results["binary"] = await communicator.receive_from(timeout=5)
+    assert await communicator.receive_nothing(timeout=0.2)
+    await communicator.disconnect()
+    assert results == {
         "close": ([], 1000), "close 4001": ([], 4001), "bye 4002": (["bye"], 4002),
         "bye": (["bye"], 1000), "binary": b"\x00\x01\xff",
     }
 
 
 @pytest.mark.parametrize("consumer", [AppSlowSync, AppSlowAsync], ids=["sync", "async"])
-def test_consumers_one_socket_in_order_and_a_slow_handler_delays_only_its_socket(consumer):
+@asynchronous
+async def test_consumers_one_socket_in_order_and_a_slow_handler_delays_only_its_socket(consumer):
     app, _ = app_setup([consumer.as_route(path=r"^/slow/$")])
     frames = ["slow"] + [str(n) for n in range(20)]
 
-    async def scenario():
-        busy = WebsocketCommunicator(app, "/slow/")
-        other = WebsocketCommunicator(app, "/slow/")
-        assert await busy.connect(timeout=5) == (True, None)
-        assert await other.connect(timeout=5) == (True, None)
-        for frame in frames:
-            await busy.send_to(text_data=frame)
-        await other.send_to(text_data="fast")
-        assert await other.receive_from(timeout=5) == "fast"
-        # the other socket was answered while this one's first handler still sleeps
-        assert await busy.receive_nothing(timeout=0.01)
-        received = [await busy.receive_from(timeout=5) for _ in frames]
-        await busy.disconnect()
-        await other.disconnect()
-        return received
-
-    assert run(scenario()) == frames
+    busy = WebsocketCommunicator(app, "/slow/")
+    other = WebsocketCommunicator(app, "/slow/")
+    assert await busy.connect(timeout=5) == (True, None)
+    assert await other.connect(timeout=5) == (True, None)
+    for frame in frames:
+        await busy.send_to(text_data=frame)
+    await other.send_to(text_data="fast")
+    assert await other.receive_from(timeout=5) == "fast"
+    # the other socket was answered while this one's first handler still sleeps
+    assert await busy.receive_nothing(timeout=0.01)
+    received = [await busy.receive_from(timeout=5) for _ in frames]
+    await busy.disconnect()
+    await other.disconnect()
+    assert received == frames
 
 
-def test_consumers_sends_are_deferred_until_the_handler_returns():
+@asynchronous
+async def test_consumers_sends_are_deferred_until_the_handler_returns():
     app, _ = app_setup([AppDeferring.as_route(path=r"^/defer/$")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/defer/")
-        assert await communicator.connect(timeout=5) == (True, None)
-        await communicator.send_to(text_data="deferred")
-        assert await communicator.receive_nothing(timeout=0.4)  # the handler sleeps 1 s
-        deferred = [await communicator.receive_from(timeout=5) for _ in range(2)]
-        await communicator.send_to(text_data="immediately")
-        now = await communicator.receive_from(timeout=1.5)  # the handler sleeps 2 s
-        later = await communicator.receive_from(timeout=5)
-        await communicator.disconnect()
-        return deferred, now, later
-
-    assert run(scenario()) == (["sent before the pause", "sent after the pause"], "now", "later")
+    communicator = WebsocketCommunicator(app, "/defer/")
+    assert await communicator.connect(timeout=5) == (True, None)
+    await communicator.send_to(text_data="deferred")
+    assert await communicator.receive_nothing(timeout=0.4)  # the handler sleeps 1 s
+    deferred = [await communicator.receive_from(timeout=5) for _ in range(2)]
+    await communicator.send_to(text_data="immediately")
+    now = await communicator.receive_from(timeout=1.5)  # the handler sleeps 2 s
+    later = await communicator.receive_from(timeout=5)
+    await communicator.disconnect()
+    assert (deferred, now, later) == (["sent before the pause", "sent after the pause"], "now", "later")
 
 
 @pytest.mark.parametrize("consumer", [AppFailingSync, AppFailingAsync], ids=["sync", "async"])
-def test_consumers_exception_logged_with_traceback_closes_1011_deferred_sends_still_go(consumer, caplog):
+@asynchronous
+async def test_consumers_exception_logged_with_traceback_closes_1011_deferred_sends_still_go(consumer, caplog):
     app, _ = app_setup([consumer.as_route(path=r"^/fail/$"), AppWatcher.as_route(path=r"^/watch/$")])
 
     async def failing_socket(command):
@@ -1839,7 +1783,7 @@ def test_consumers_exception_logged_with_traceback_closes_1011_deferred_sends_st
         await failing.disconnect()
         return events
 
-    async def scenario():
+    with caplog.at_level(logging.ERROR, logger="channels_mini"):
         watcher = WebsocketCommunicator(app, "/watch/")
         assert await watcher.connect(timeout=5) == (True, None)
         loud = await failing_socket("fail loudly")
@@ -1854,10 +1798,6 @@ def test_consumers_exception_logged_with_traceback_closes_1011_deferred_sends_st
         assert await survivor.receive_from(timeout=5) == "ok again"
         await survivor.disconnect()
         await watcher.disconnect()
-        return loud, quiet
-
-    with caplog.at_level(logging.ERROR, logger="channels_mini"):
-        loud, quiet = run(scenario())
     expected = [{"type": "websocket.send", "text": "about to fail"},
                 {"type": "websocket.close", "code": 1011}]
     assert loud == expected
@@ -1872,86 +1812,77 @@ def test_consumers_exception_logged_with_traceback_closes_1011_deferred_sends_st
 
 
 @pytest.mark.parametrize("consumer", [AppDenySync, AppDenyAsync], ids=["sync", "async"])
-def test_consumers_deny_connection_rejects(consumer, caplog):
+@asynchronous
+async def test_consumers_deny_connection_rejects(consumer, caplog):
     app, layer = app_setup([consumer.as_route(path=r"^/deny/$")])
 
-    async def scenario():
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
         communicator = WebsocketCommunicator(app, "/deny/")
         connected, _ = await communicator.connect(timeout=5)
         await communicator.disconnect()
-        return connected, await app_observed(layer)
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        assert run(scenario()) == (False, {"event": "connect"})
+        assert (connected, await app_observed(layer)) == (False, {"event": "connect"})
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_consumers_json_consumer_echo_group_send_and_close():
+@asynchronous
+async def test_consumers_json_consumer_echo_group_send_and_close():
     app, _ = app_setup([AppJson.as_route(path=r"^/json/$")])
 
-    async def scenario():
-        first = WebsocketCommunicator(app, "/json/")
-        second = WebsocketCommunicator(app, "/json/")
-        assert await first.connect(timeout=5) == (True, None)
-        assert await second.connect(timeout=5) == (True, None)
-        await first.send_json_to({"x": [1, 2], "y": "é"})
-        assert await first.receive_json_from(timeout=5) == {"echo": {"x": [1, 2], "y": "é"}}
-        await first.send_json_to({"broadcast": "hello all"})
-        assert await first.receive_json_from(timeout=5) == {"news": "hello all"}
-        assert await second.receive_json_from(timeout=5) == {"news": "hello all"}
-        AppJson.group_send("json-fans", {"from": "outside"})
-        assert await second.receive_json_from(timeout=5) == {"from": "outside"}
-        assert await first.receive_json_from(timeout=5) == {"from": "outside"}
-        await second.send_json_to("last")
-        assert await second.receive_json_from(timeout=5) == {"goodbye": True}
-        assert await app_close_code(second) == 4010
-        await first.disconnect()
-        await second.disconnect()
-
-    run(scenario())
+    first = WebsocketCommunicator(app, "/json/")
+    second = WebsocketCommunicator(app, "/json/")
+    assert await first.connect(timeout=5) == (True, None)
+    assert await second.connect(timeout=5) == (True, None)
+    await first.send_json_to({"x": [1, 2], "y": "é"})
+    assert await first.receive_json_from(timeout=5) == {"echo": {"x": [1, 2], "y": "é"}}
+    await first.send_json_to({"broadcast": "hello all"})
+    assert await first.receive_json_from(timeout=5) == {"news": "hello all"}
+    assert await second.receive_json_from(timeout=5) == {"news": "hello all"}
+    AppJson.group_send("json-fans", {"from": "outside"})
+    assert await second.receive_json_from(timeout=5) == {"from": "outside"}
+    assert await first.receive_json_from(timeout=5) == {"from": "outside"}
+    await second.send_json_to("last")
+    assert await second.receive_json_from(timeout=5) == {"goodbye": True}
+    assert await app_close_code(second) == 4010
+    await first.disconnect()
+    await second.disconnect()
 
 
 @pytest.mark.parametrize("frame, code, logged", [
     ({"bytes_data": b"\x01\x02"}, 1003, "binary frame"),
     ({"text_data": "{not json"}, 1007, "invalid JSON"),
 ], ids=["binary-1003", "invalid-json-1007"])
-def test_consumers_json_consumer_rejects_binary_and_invalid_json(frame, code, logged, caplog):
+@asynchronous
+async def test_consumers_json_consumer_rejects_binary_and_invalid_json(frame, code, logged, caplog):
     app, _ = app_setup([AppJson.as_route(path=r"^/json/$")])
 
-    async def scenario():
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
         communicator = WebsocketCommunicator(app, "/json/")
         assert await communicator.connect(timeout=5) == (True, None)
         await communicator.send_to(**frame)
         closed = await app_close_code(communicator)
         await communicator.disconnect()
-        return closed
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        assert run(scenario()) == code
+        assert closed == code
     warnings = [r for r in caplog.records if r.name == "channels_mini" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert logged in warnings[0].getMessage() and str(code) in warnings[0].getMessage()
 
 
-def test_consumers_demultiplexer_streams_connect_disconnect_and_multiplexer():
-    ensure_database()  # the demultiplexer loads message.user (http_user = True)
+@asynchronous
+async def test_consumers_demultiplexer_streams_connect_disconnect_and_multiplexer():
+    await asyncio.to_thread(ensure_database)  # the demultiplexer loads message.user (http_user = True)
     app, layer = app_setup([AppDemux.as_route(path=r"^/demux/$")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/demux/")
-        assert await communicator.connect(timeout=5) == (True, None)
-        connected = [await app_observed(layer) for _ in range(3)]
-        await communicator.send_json_to({"stream": "echo", "payload": {"a": 1}})
-        echo = await communicator.receive_json_from(timeout=5)
-        await communicator.send_json_to({"stream": "func", "payload": {"b": 2}})
-        function = await communicator.receive_json_from(timeout=5)
-        WebsocketMultiplexer.group_send("demux-fans", "func", {"hello": "fans"})
-        group = await communicator.receive_json_from(timeout=5)
-        await communicator.disconnect()
-        disconnected = [await app_observed(layer) for _ in range(2)]
-        return connected, echo, function, group, disconnected
-
-    connected, echo, function, group, disconnected = run(scenario())
+    communicator = WebsocketCommunicator(app, "/demux/")
+    assert await communicator.connect(timeout=5) == (True, None)
+    connected = [await app_observed(layer) for _ in range(3)]
+    await communicator.send_json_to({"stream": "echo", "payload": {"a": 1}})
+    echo = await communicator.receive_json_from(timeout=5)
+    await communicator.send_json_to({"stream": "func", "payload": {"b": 2}})
+    function = await communicator.receive_json_from(timeout=5)
+    WebsocketMultiplexer.group_send("demux-fans", "func", {"hello": "fans"})
+    group = await communicator.receive_json_from(timeout=5)
+    await communicator.disconnect()
+    disconnected = [await app_observed(layer) for _ in range(2)]
     assert connected == [
         {"event": "send refused", "error": (
             "AppDemux.send() cannot tell which stream to use. Send through a stream's "
@@ -1968,8 +1899,9 @@ def test_consumers_demultiplexer_streams_connect_disconnect_and_multiplexer():
     assert layer.stats()["members"] == 0
 
 
-def test_consumers_demultiplexer_answers_bad_frames_with_error_and_stays_open(caplog):
-    ensure_database()
+@asynchronous
+async def test_consumers_demultiplexer_answers_bad_frames_with_error_and_stays_open(caplog):
+    await asyncio.to_thread(ensure_database)  # the ORM, off the loop
     app, layer = app_setup([AppDemux.as_route(path=r"^/demux/$")])
     bad_frames = [
         {"text_data": "not json"},
@@ -1980,7 +1912,7 @@ def test_consumers_demultiplexer_answers_bad_frames_with_error_and_stays_open(ca
         {"bytes_data": b"\x00"},
     ]
 
-    async def scenario():
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
         communicator = WebsocketCommunicator(app, "/demux/")
         assert await communicator.connect(timeout=5) == (True, None)
         answers = []
@@ -1990,31 +1922,25 @@ def test_consumers_demultiplexer_answers_bad_frames_with_error_and_stays_open(ca
         await communicator.send_json_to({"stream": "echo", "payload": {"still": "open"}})
         last = await communicator.receive_json_from(timeout=5)
         await communicator.disconnect()
-        return answers, last
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        answers, last = run(scenario())
     assert all(list(answer) == ["error"] and isinstance(answer["error"], str) for answer in answers)
     assert "'nope'" in answers[4]["error"] and "['echo', 'func']" in answers[4]["error"]
     assert last == {"stream": "echo", "payload": {"echo": {"still": "open"}, "stream": "echo"}}
 
 
-def test_consumers_channel_session_per_socket_and_scope():
+@asynchronous
+async def test_consumers_channel_session_per_socket_and_scope():
     app, layer = app_setup([AppSessionCounter.as_route(path=r"^/count/$")])
 
-    async def scenario():
-        first = WebsocketCommunicator(app, "/count/?who=first")
-        second = WebsocketCommunicator(app, "/count/")
-        assert await first.connect(timeout=5) == (True, None)
-        assert await second.connect(timeout=5) == (True, None)
-        replies = []
-        for communicator in (first, first, second, first):
-            await communicator.send_to(text_data="tick")
-            replies.append(json.loads(await communicator.receive_from(timeout=5)))
-        await first.disconnect()
-        return replies, await app_observed(layer), second
-
-    replies, disconnected, second = run(scenario())
+    first = WebsocketCommunicator(app, "/count/?who=first")
+    second = WebsocketCommunicator(app, "/count/")
+    assert await first.connect(timeout=5) == (True, None)
+    assert await second.connect(timeout=5) == (True, None)
+    replies = []
+    for communicator in (first, first, second, first):
+        await communicator.send_to(text_data="tick")
+        replies.append(json.loads(await communicator.receive_from(timeout=5)))
+    await first.disconnect()
+    disconnected = await app_observed(layer)
     assert replies == [
         {"count": 1, "type": "websocket", "path": "/count/", "query": "who=first"},
         {"count": 2, "type": "websocket", "path": "/count/", "query": "who=first"},
@@ -2024,21 +1950,19 @@ def test_consumers_channel_session_per_socket_and_scope():
     assert disconnected == {"event": "disconnect", "count": 3}
 
 
-def test_consumers_http_user_anonymous_without_cookie():
-    ensure_database()
+@asynchronous
+async def test_consumers_http_user_anonymous_without_cookie():
+    await asyncio.to_thread(ensure_database)  # the ORM, off the loop
     app, layer = app_setup([AppWhoAmI.as_route(path=r"^/me/$")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/me/")
-        assert await communicator.connect(timeout=5) == (True, None)
-        await communicator.send_to(text_data="who")
-        reply = json.loads(await communicator.receive_from(timeout=5))
-        await communicator.disconnect()
-        return await app_observed(layer), reply
-
+    communicator = WebsocketCommunicator(app, "/me/")
+    assert await communicator.connect(timeout=5) == (True, None)
+    await communicator.send_to(text_data="who")
+    reply = json.loads(await communicator.receive_from(timeout=5))
+    await communicator.disconnect()
     anonymous = {"class": "AnonymousUser", "authenticated": False, "username": "", "pk": None,
                  "session_key": None, "color": None}
-    assert run(scenario()) == ({"event": "connect", **anonymous}, anonymous)
+    assert (await app_observed(layer), reply) == ({"event": "connect", **anonymous}, anonymous)
 
 
 def test_consumers_http_user_from_django_session_cookie():
@@ -2103,60 +2027,55 @@ class ReviewAsyncGroups(WebsocketConsumer):
         self.group_send(f"async-{room}", text=text)
 
 
-def test_consumers_deny_connection_wins_over_a_queued_accept():
+@asynchronous
+async def test_consumers_deny_connection_wins_over_a_queued_accept():
     app = Application([ReviewDenyAfterAccept.as_route()])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/")
-        return await communicator.connect()
-
-    assert run(scenario()) == (False, 1000)
+    communicator = WebsocketCommunicator(app, "/")
+    assert await communicator.connect() == (False, 1000)
 
 
-def test_consumers_deny_connection_outside_connect_is_an_error(caplog):
+@asynchronous
+async def test_consumers_deny_connection_outside_connect_is_an_error(caplog):
     app = Application([ReviewDenyInReceive.as_route()])
 
-    async def scenario():
+    with caplog.at_level(logging.ERROR, logger="channels_mini"):
         communicator = WebsocketCommunicator(app, "/")
         assert (await communicator.connect())[0]
         await communicator.send_to("x")
-        return await communicator.receive_output()
-
-    with caplog.at_level(logging.ERROR, logger="channels_mini"):
-        assert run(scenario()) == {"type": "websocket.close", "code": 1011}
+        assert await communicator.receive_output() == {"type": "websocket.close", "code": 1011}
     assert "DenyConnection raised while handling websocket.receive on /: it only rejects in " \
            "websocket.connect." in caplog.text
 
 
-def test_consumers_connection_groups_may_query_the_database_or_be_async():
-    ensure_database()
+@asynchronous
+async def test_consumers_connection_groups_may_query_the_database_or_be_async():
+    await asyncio.to_thread(ensure_database)  # the ORM, off the loop
     app = Application([ReviewDatabaseGroups.as_route(path=r"^/db/$"),
                        ReviewAsyncGroups.as_route(path=r"^/a/(?P<room>\w+)/$")])
 
-    async def scenario():
-        database = WebsocketCommunicator(app, "/db/")
-        assert (await database.connect())[0]
-        await database.send_to("which thread?")
-        thread = await database.receive_from()
-        members = get_channel_layer().stats()["members"]
-        await database.disconnect()
-        first, second = WebsocketCommunicator(app, "/a/x/"), WebsocketCommunicator(app, "/a/x/")
-        assert (await first.connect())[0] and (await second.connect())[0]
-        await first.send_to("hello")
-        heard = await second.receive_from()
-        await first.disconnect()
-        await second.disconnect()
-        return thread, members, heard, get_channel_layer().stats()["members"]
-
-    thread, members, heard, members_after = run(scenario())
+    database = WebsocketCommunicator(app, "/db/")
+    assert (await database.connect())[0]
+    await database.send_to("which thread?")
+    thread = await database.receive_from()
+    members = get_channel_layer().stats()["members"]
+    await database.disconnect()
+    first, second = WebsocketCommunicator(app, "/a/x/"), WebsocketCommunicator(app, "/a/x/")
+    assert (await first.connect())[0] and (await second.connect())[0]
+    await first.send_to("hello")
+    heard = await second.receive_from()
+    await first.disconnect()
+    await second.disconnect()
+    members_after = get_channel_layer().stats()["members"]
     assert thread != threading.main_thread().name and members == 1
     assert heard == "hello" and members_after == 0
 
 
-def test_consumers_a_malformed_group_reply_closes_members_and_the_server_goes_on(caplog):
+@asynchronous
+async def test_consumers_a_malformed_group_reply_closes_members_and_the_server_goes_on(caplog):
     app = Application([route_class(RouteEchoGroup)], allowed_origins=["*"])
 
-    async def scenario():
+    with caplog.at_level(logging.ERROR, logger="channels_mini"):
         member = WebsocketCommunicator(app, "/")
         assert (await member.connect())[0]
         await Group("review-echo").asend({"close": "soon"})
@@ -2164,10 +2083,7 @@ def test_consumers_a_malformed_group_reply_closes_members_and_the_server_goes_on
         fresh = WebsocketCommunicator(app, "/")
         assert (await fresh.connect())[0]
         await Group("review-echo").asend({"text": "still here"})
-        return closed, await fresh.receive_from()
-
-    with caplog.at_level(logging.ERROR, logger="channels_mini"):
-        closed, heard = run(scenario())
+        heard = await fresh.receive_from()
     assert closed == {"type": "websocket.close", "code": 1011}
     assert heard == "still here"
     assert "'close' must be True or a close code int (got 'soon')." in caplog.text
@@ -2177,14 +2093,12 @@ class RouteEchoGroup(WebsocketConsumer):
     groups = ["review-echo"]
 
 
-def test_app_unrouted_connect_accepted_when_a_receive_route_matches_the_path_only():
+@asynchronous
+async def test_app_unrouted_connect_accepted_when_a_receive_route_matches_the_path_only():
     app = Application([route("websocket.receive", route_consumer, path=r"^/echo", text=r"^ping")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/echo")
-        return await communicator.connect()
-
-    assert run(scenario()) == (True, None)
+    communicator = WebsocketCommunicator(app, "/echo")
+    assert await communicator.connect() == (True, None)
 
 
 class ReviewDirect(BaseConsumer):
@@ -3169,22 +3083,21 @@ def app_report_connect(message, **kwargs):
     message.reply_channel.send({"accept": True})
 
 
-def test_app_websocket_message_keys_and_order():
+@asynchronous
+async def test_app_websocket_message_keys_and_order():
     app, layer = app_setup([route(["websocket.connect", "websocket.receive", "websocket.disconnect"],
                                   app_record_message, path=r"^/keys/(?P<tag>\w+)/$")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/keys/t1/?a=1&b=2", headers=[("X-Test", "yes")],
-                                             subprotocols=["p1", "p2"])
-        assert await communicator.connect(timeout=5) == (True, None)
-        await communicator.send_to(text_data="one")
-        await communicator.send_to(bytes_data=b"two")
-        reports = [await app_observed(layer) for _ in range(3)]
-        await communicator.disconnect(code=4005)
-        reports.append(await app_observed(layer))
-        return reports, communicator.scope
-
-    (connect, first, second, disconnect), scope = run(scenario())
+    communicator = WebsocketCommunicator(app, "/keys/t1/?a=1&b=2", headers=[("X-Test", "yes")],
+                                         subprotocols=["p1", "p2"])
+    assert await communicator.connect(timeout=5) == (True, None)
+    await communicator.send_to(text_data="one")
+    await communicator.send_to(bytes_data=b"two")
+    reports = [await app_observed(layer) for _ in range(3)]
+    await communicator.disconnect(code=4005)
+    reports.append(await app_observed(layer))
+    connect, first, second, disconnect = reports
+    scope = communicator.scope
     assert [r["channel"] for r in (connect, first, second, disconnect)] == [
         "websocket.connect", "websocket.receive", "websocket.receive", "websocket.disconnect"]
     assert all(r["kwargs"] == {"tag": "t1"} for r in (connect, first, second, disconnect))
@@ -3211,25 +3124,22 @@ def test_app_websocket_message_keys_and_order():
     ("textclose", (True, None), ["bye"], 4000),
     ("subprotocol", (True, "chat.v2"), [], None),
 ])
-def test_app_reply_channel_messages(reply, connected, frames, close_code):
+@asynchronous
+async def test_app_reply_channel_messages(reply, connected, frames, close_code):
     app, _ = app_setup([route("websocket.connect", app_connect_reply, path=r"^/reply/(?P<reply>\w+)/$")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, f"/reply/{reply}/",
-                                             subprotocols=["chat.v1", "chat.v2"])
-        result = await communicator.connect(timeout=5)
-        received, code = [], None
-        if result[0]:
-            for _ in frames:
-                received.append(await communicator.receive_from(timeout=5))
-            if close_code is not None:
-                code = await app_close_code(communicator)
-            else:
-                assert await communicator.receive_nothing(timeout=0.1)
-        await communicator.disconnect()
-        return result, received, code
-
-    result, received, code = run(scenario())
+    communicator = WebsocketCommunicator(app, f"/reply/{reply}/",
+                                         subprotocols=["chat.v1", "chat.v2"])
+    result = await communicator.connect(timeout=5)
+    received, code = [], None
+    if result[0]:
+        for _ in frames:
+            received.append(await communicator.receive_from(timeout=5))
+        if close_code is not None:
+            code = await app_close_code(communicator)
+        else:
+            assert await communicator.receive_nothing(timeout=0.1)
+    await communicator.disconnect()
     if connected is False:
         assert result[0] is False  # rejected before accepting: HTTP 403 on a real server
     else:
@@ -3237,10 +3147,11 @@ def test_app_reply_channel_messages(reply, connected, frames, close_code):
     assert (received, code) == (frames, close_code)
 
 
-def test_app_unrouted_connect_accepted_only_if_a_receive_route_matches(caplog):
+@asynchronous
+async def test_app_unrouted_connect_accepted_only_if_a_receive_route_matches(caplog):
     app, _ = app_setup([route("websocket.receive", app_frame_echo, path=r"^/frames/$")])
 
-    async def scenario():
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
         routed = WebsocketCommunicator(app, "/frames/")
         assert await routed.connect(timeout=5) == (True, None)
         await routed.send_to(text_data="x")
@@ -3249,10 +3160,7 @@ def test_app_unrouted_connect_accepted_only_if_a_receive_route_matches(caplog):
         unrouted = WebsocketCommunicator(app, "/elsewhere/")
         connected, _ = await unrouted.connect(timeout=5)
         await unrouted.disconnect()
-        return connected
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        assert run(scenario()) is False
+        assert connected is False
     warnings = [r.getMessage() for r in caplog.records
                 if r.name == "channels_mini" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "/elsewhere/" in warnings[0] and "no route" in warnings[0]
@@ -3271,21 +3179,20 @@ def test_app_unrouted_connect_accepted_only_if_a_receive_route_matches(caplog):
     ([".example.com"], "http://127.0.0.1", False),  # allowed_origins replaces ALLOWED_HOSTS
     (["*"], "http://anything.test:1234", True),
 ], ids=lambda value: repr(value))
-def test_app_origin_checks_before_any_consumer_runs(allowed_origins, origin, accepted, caplog):
+@asynchronous
+async def test_app_origin_checks_before_any_consumer_runs(allowed_origins, origin, accepted, caplog):
     app, layer = app_setup([route("websocket.connect", app_report_connect, path=r"^/o/$")],
                            allowed_origins=allowed_origins)
     headers = [] if origin is None else [("origin", origin)]
 
-    async def scenario():
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
         communicator = WebsocketCommunicator(app, "/o/", headers=headers)
         connected, _ = await communicator.connect(timeout=5)
         await communicator.disconnect()
         if accepted:
-            return connected, await app_observed(layer)
-        return connected, await app_nothing_observed(layer)
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        connected, observed = run(scenario())
+            observed = await app_observed(layer)
+        else:
+            observed = await app_nothing_observed(layer)
     warnings = [r for r in caplog.records if r.name == "channels_mini" and r.levelno == logging.WARNING]
     if accepted:
         assert connected is True
@@ -3296,7 +3203,8 @@ def test_app_origin_checks_before_any_consumer_runs(allowed_origins, origin, acc
         assert len(warnings) == 1 and repr(origin) in warnings[0].getMessage()
 
 
-def test_app_max_message_size_closes_with_1009(caplog):
+@asynchronous
+async def test_app_max_message_size_closes_with_1009(caplog):
     app, _ = app_setup([AppEcho.as_route(path=r"^/echo/$")], max_message_size=64)
 
     async def one(frame):
@@ -3307,23 +3215,21 @@ def test_app_max_message_size_closes_with_1009(caplog):
         await communicator.disconnect()
         return event
 
-    async def scenario():
-        return [await one({"text_data": "a" * 64}), await one({"text_data": "a" * 65}),
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        events = [await one({"text_data": "a" * 64}), await one({"text_data": "a" * 65}),
                 await one({"bytes_data": b"b" * 64}), await one({"bytes_data": b"b" * 65}),
                 await one({"text_data": "é" * 33})]  # 33 characters, 66 bytes of UTF-8
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        events = run(scenario())
     close = {"type": "websocket.close", "code": 1009}
     assert events == [{"type": "websocket.send", "text": "a" * 64}, close,
                       {"type": "websocket.send", "bytes": b"b" * 64}, close, close]
     assert sum("1009" in r.getMessage() for r in caplog.records if r.name == "channels_mini") == 3
 
 
-def test_app_background_channel_from_a_plain_thread_reaches_its_consumer_with_kwargs(caplog):
+@asynchronous
+async def test_app_background_channel_from_a_plain_thread_reaches_its_consumer_with_kwargs(caplog):
     app, _ = app_setup(server_routing)
 
-    async def scenario():
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
         mailroom = WebsocketCommunicator(app, "/mailroom/")  # starts the background workers
         assert await mailroom.connect(timeout=5) == (True, None)
 
@@ -3343,10 +3249,6 @@ def test_app_background_channel_from_a_plain_thread_reaches_its_consumer_with_kw
         replied = await mailer.receive_from(timeout=5)
         await mailer.disconnect()
         await mailroom.disconnect()
-        return delivered, nothing, replied
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        delivered, nothing, replied = run(scenario())
     assert delivered == f"mail for ann: hi ({APP_IN_THREAD})"
     assert nothing is True
     assert replied == f"mail for cy: from a socket ({APP_IN_THREAD})"
@@ -3354,27 +3256,25 @@ def test_app_background_channel_from_a_plain_thread_reaches_its_consumer_with_kw
     assert len(dropped) == 1 and "'email.receive'" in dropped[0] and "No route matched" in dropped[0]
 
 
-def test_app_module_level_application_reads_channel_routing_setting():
+@asynchronous
+async def test_app_module_level_application_reads_channel_routing_setting():
     import channels_mini as module
 
     assert settings.CHANNEL_ROUTING == f"{__name__}.server_routing"
 
-    async def scenario():
-        echo = WebsocketCommunicator(module.application, "/echo/")
-        assert await echo.connect(timeout=5) == (True, None)
-        await echo.send_to(text_data="via settings")
-        echoed = await echo.receive_from(timeout=5)
-        first = WebsocketCommunicator(module.application, "/chat/settings/")
-        second = WebsocketCommunicator(module.application, "/chat/settings/")
-        assert await first.connect(timeout=5) == (True, None)
-        assert await second.connect(timeout=5) == (True, None)
-        await first.send_to(text_data="room message")
-        heard = [await first.receive_from(timeout=5), await second.receive_from(timeout=5)]
-        for communicator in (echo, first, second):
-            await communicator.disconnect()
-        return echoed, heard
-
-    assert run(scenario()) == ("via settings", ["room message", "room message"])
+    echo = WebsocketCommunicator(module.application, "/echo/")
+    assert await echo.connect(timeout=5) == (True, None)
+    await echo.send_to(text_data="via settings")
+    echoed = await echo.receive_from(timeout=5)
+    first = WebsocketCommunicator(module.application, "/chat/settings/")
+    second = WebsocketCommunicator(module.application, "/chat/settings/")
+    assert await first.connect(timeout=5) == (True, None)
+    assert await second.connect(timeout=5) == (True, None)
+    await first.send_to(text_data="room message")
+    heard = [await first.receive_from(timeout=5), await second.receive_from(timeout=5)]
+    for communicator in (echo, first, second):
+        await communicator.disconnect()
+    assert (echoed, heard) == ("via settings", ["room message", "room message"])
 
 
 def test_app_unknown_consumer_path_is_improperly_configured_at_construction():
@@ -3406,35 +3306,32 @@ async def app_leak_manual_join(message, **kwargs):
     message.reply_channel.send({"accept": True})
 
 
-def test_app_no_leaks_after_1000_connect_disconnect_cycles():
+@asynchronous(timeout=120)
+async def test_app_no_leaks_after_1000_connect_disconnect_cycles():
     layer = InMemoryChannelLayer()
     app = Application([AppLeakProbe.as_route(path=r"^/leak/(?P<n>\d+)/$"),
                        route("websocket.connect", app_leak_manual_join, path=r"^/manual/$")],
                       channel_layer=layer)
 
-    async def scenario():
-        for n in range(1000):
-            manual = n % 4 == 3
-            communicator = WebsocketCommunicator(app, "/manual/" if manual else f"/leak/{n}/")
-            assert await communicator.connect(timeout=5) == (True, None)
-            if n == 0:
-                assert layer.stats()["members"] == 2  # leak-all and leak-0: really joined
-            if manual:
-                assert layer.stats()["members"] == 1  # the hand-made membership
-                await layer.group_send("leak-manual", {"text": "unread"})  # never read by the client
-            elif n % 2:
-                await communicator.send_to(text_data="close")
-                assert await communicator.receive_from(timeout=5) == "closing"
-                assert await app_close_code(communicator) == 4000
-            elif n % 10 == 0:
-                await communicator.send_to(text_data="hello")
-                assert await communicator.receive_from(timeout=5) == "hello"
-            await communicator.disconnect()
-        return layer.stats()
-
     started = time.monotonic()
-    stats = run(scenario(), timeout=120)
-    assert stats == {"channels": 0, "groups": 0, "members": 0, "messages": 0, "dropped": 0}
+    for n in range(1000):
+        manual = n % 4 == 3
+        communicator = WebsocketCommunicator(app, "/manual/" if manual else f"/leak/{n}/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        if n == 0:
+            assert layer.stats()["members"] == 2  # leak-all and leak-0: really joined
+        if manual:
+            assert layer.stats()["members"] == 1  # the hand-made membership
+            await layer.group_send("leak-manual", {"text": "unread"})  # never read by the client
+        elif n % 2:
+            await communicator.send_to(text_data="close")
+            assert await communicator.receive_from(timeout=5) == "closing"
+            assert await app_close_code(communicator) == 4000
+        elif n % 10 == 0:
+            await communicator.send_to(text_data="hello")
+            assert await communicator.receive_from(timeout=5) == "hello"
+        await communicator.disconnect()
+    assert layer.stats() == {"channels": 0, "groups": 0, "members": 0, "messages": 0, "dropped": 0}
     assert time.monotonic() - started < 120
 
 
@@ -3450,60 +3347,54 @@ async def app_recv(connection, timeout: float = 10):
     return await asyncio.wait_for(connection.recv(), timeout)
 
 
-def test_app_server_echo(app_live_server):
-    async def scenario():
-        async with ws_connect(app_live_server.url("/echo/")) as connection:
-            await connection.send("ping")
-            text = await app_recv(connection)
-            await connection.send(b"\x00\xffbinary")
-            return text, await app_recv(connection)
+@asynchronous
+async def test_app_server_echo(app_live_server):
+    async with ws_connect(app_live_server.url("/echo/")) as connection:
+        await connection.send("ping")
+        text = await app_recv(connection)
+        await connection.send(b"\x00\xffbinary")
+        binary = await app_recv(connection)
+    assert (text, binary) == ("ping", b"\x00\xffbinary")
 
-    assert run(scenario()) == ("ping", b"\x00\xffbinary")
 
-
-def test_app_server_group_broadcast_reaches_the_other_client(app_live_server):
+@asynchronous
+async def test_app_server_group_broadcast_reaches_the_other_client(app_live_server):
     room = f"r{uuid.uuid4().hex[:8]}"
 
-    async def scenario():
-        async with ws_connect(app_live_server.url(f"/chat/{room}/")) as alice, \
-                ws_connect(app_live_server.url(f"/chat/{room}/")) as bob, \
-                ws_connect(app_live_server.url("/chat/elsewhere/")) as carol:
-            await alice.send("hello room")
-            heard = [await app_recv(bob), await app_recv(alice)]
-            with pytest.raises(asyncio.TimeoutError):
-                await app_recv(carol, timeout=0.5)
-            return heard
-
-    assert run(scenario()) == ["hello room", "hello room"]
+    async with ws_connect(app_live_server.url(f"/chat/{room}/")) as alice, \
+            ws_connect(app_live_server.url(f"/chat/{room}/")) as bob, \
+            ws_connect(app_live_server.url("/chat/elsewhere/")) as carol:
+        await alice.send("hello room")
+        heard = [await app_recv(bob), await app_recv(alice)]
+        with pytest.raises(asyncio.TimeoutError):
+            await app_recv(carol, timeout=0.5)
+    assert heard == ["hello room", "hello room"]
 
 
-def test_app_server_close_code_reaches_the_client(app_live_server):
+@asynchronous
+async def test_app_server_close_code_reaches_the_client(app_live_server):
     from websockets.exceptions import ConnectionClosed
 
-    async def scenario():
-        async with ws_connect(app_live_server.url("/close/")) as connection:
-            await connection.send("please close")
-            text = await app_recv(connection)
-            with pytest.raises(ConnectionClosed) as closed:
-                await app_recv(connection)
-            return text, closed.value.rcvd.code
-
-    assert run(scenario()) == ("bye", 4242)
+    async with ws_connect(app_live_server.url("/close/")) as connection:
+        await connection.send("please close")
+        text = await app_recv(connection)
+        with pytest.raises(ConnectionClosed) as closed:
+            await app_recv(connection)
+    assert (text, closed.value.rcvd.code) == ("bye", 4242)
 
 
-def test_app_server_rejects_cross_origin_handshake_with_403(app_live_server):
+@asynchronous
+async def test_app_server_rejects_cross_origin_handshake_with_403(app_live_server):
     from websockets.exceptions import InvalidStatus
 
-    async def scenario():
-        with pytest.raises(InvalidStatus) as rejected:
-            async with ws_connect(app_live_server.url("/echo/"), origin="http://evil.example"):
-                pass
-        own_origin = f"http://127.0.0.1:{app_live_server.port}"
-        async with ws_connect(app_live_server.url("/echo/"), origin=own_origin) as connection:
-            await connection.send("same origin")
-            return rejected.value.response.status_code, await app_recv(connection)
-
-    assert run(scenario()) == (403, "same origin")
+    with pytest.raises(InvalidStatus) as rejected:
+        async with ws_connect(app_live_server.url("/echo/"), origin="http://evil.example"):
+            pass
+    own_origin = f"http://127.0.0.1:{app_live_server.port}"
+    async with ws_connect(app_live_server.url("/echo/"), origin=own_origin) as connection:
+        await connection.send("same origin")
+        echoed = await app_recv(connection)
+    assert (rejected.value.response.status_code, echoed) == (403, "same origin")
 
 
 def test_app_server_serves_django_http_through_the_same_app(app_live_server):
@@ -3512,13 +3403,12 @@ def test_app_server_serves_django_http_through_the_same_app(app_live_server):
     assert status == 404
 
 
-def test_app_server_background_channel_replies_to_the_socket(app_live_server):
-    async def scenario():
-        async with ws_connect(app_live_server.url("/mail/")) as connection:
-            await connection.send("dee@example.com")
-            return await app_recv(connection)
-
-    assert run(scenario()) == f"mail for dee: from a socket ({APP_IN_THREAD})"
+@asynchronous
+async def test_app_server_background_channel_replies_to_the_socket(app_live_server):
+    async with ws_connect(app_live_server.url("/mail/")) as connection:
+        await connection.send("dee@example.com")
+        reply = await app_recv(connection)
+    assert reply == f"mail for dee: from a socket ({APP_IN_THREAD})"
 
 
 def test_app_uvicorn_lifespan_on_starts_and_stops_cleanly():
@@ -3551,62 +3441,56 @@ def app_query_echo(message, **kwargs):
              "got": json.loads(message["text"])})})
 
 
-def test_helpers_communicator_round_trip():
+@asynchronous
+async def test_helpers_communicator_round_trip():
     app, _ = app_setup([route(["websocket.connect", "websocket.receive"], app_query_echo,
                               path=r"^/helper/")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/helper/a%20b/?x=1&y=two", subprotocols=["v1", "v2"])
-        assert communicator.scope["query_string"] == b"x=1&y=two"
-        assert await communicator.connect(timeout=5) == (True, "v1")
-        assert await communicator.receive_nothing() is True
-        await communicator.send_json_to({"n": [1, "é"]})
-        assert await communicator.receive_json_from(timeout=5) == {
-            "query": "x=1&y=two", "path": "/helper/a b/", "got": {"n": [1, "é"]}}
-        await communicator.send_to(bytes_data=b"\x00raw")
-        assert await communicator.receive_from(timeout=5) == b"\x00raw"
-        await communicator.send_to(bytes_data=b"\x01")
-        with pytest.raises(AssertionError, match=re.escape("Expected a JSON text frame, got bytes")):
-            await communicator.receive_json_from(timeout=5)
-        with pytest.raises(asyncio.TimeoutError):
-            await communicator.receive_from(timeout=0.1)
-        await communicator.send_to(text_data="close")
-        with pytest.raises(AssertionError, match=re.escape("Expected a websocket.send frame, got ")):
-            await communicator.receive_from(timeout=5)
-        await communicator.disconnect()
-
-    run(scenario())
+    communicator = WebsocketCommunicator(app, "/helper/a%20b/?x=1&y=two", subprotocols=["v1", "v2"])
+    assert communicator.scope["query_string"] == b"x=1&y=two"
+    assert await communicator.connect(timeout=5) == (True, "v1")
+    assert await communicator.receive_nothing() is True
+    await communicator.send_json_to({"n": [1, "é"]})
+    assert await communicator.receive_json_from(timeout=5) == {
+        "query": "x=1&y=two", "path": "/helper/a b/", "got": {"n": [1, "é"]}}
+    await communicator.send_to(bytes_data=b"\x00raw")
+    assert await communicator.receive_from(timeout=5) == b"\x00raw"
+    await communicator.send_to(bytes_data=b"\x01")
+    with pytest.raises(AssertionError, match=re.escape("Expected a JSON text frame, got bytes")):
+        await communicator.receive_json_from(timeout=5)
+    with pytest.raises(asyncio.TimeoutError):
+        await communicator.receive_from(timeout=0.1)
+    await communicator.send_to(text_data="close")
+    with pytest.raises(AssertionError, match=re.escape("Expected a websocket.send frame, got ")):
+        await communicator.receive_from(timeout=5)
+    await communicator.disconnect()
 
 
-def test_helpers_connect_reports_rejection_with_close_code():
+@asynchronous
+async def test_helpers_connect_reports_rejection_with_close_code():
     app, _ = app_setup([AppDenySync.as_route(path=r"^/deny/$")], allowed_origins=["good.example"])
 
-    async def scenario():
-        denied = WebsocketCommunicator(app, "/deny/")
-        foreign = WebsocketCommunicator(app, "/deny/", headers=[("origin", "http://bad.example")])
-        results = [await denied.connect(timeout=5), await foreign.connect(timeout=5)]
-        await denied.disconnect()
-        await foreign.disconnect()
-        return results
-
-    for connected, code in run(scenario()):
+    denied = WebsocketCommunicator(app, "/deny/")
+    foreign = WebsocketCommunicator(app, "/deny/", headers=[("origin", "http://bad.example")])
+    results = [await denied.connect(timeout=5), await foreign.connect(timeout=5)]
+    await denied.disconnect()
+    await foreign.disconnect()
+    for connected, code in results:
         assert connected is False and isinstance(code, int) and 1000 <= code < 5000
 
 
-def test_helpers_receive_nothing_after_the_app_closed_the_socket():
+@asynchronous
+async def test_helpers_receive_nothing_after_the_app_closed_the_socket():
     # As in Channels: nothing more arrives from an app that closed the socket and finished.
     app, _ = app_setup([AppCloser.as_route(path=r"^/closer/$")])
 
-    async def scenario():
-        communicator = WebsocketCommunicator(app, "/closer/")
-        assert await communicator.connect(timeout=5) == (True, None)
-        await communicator.send_to(text_data="close 4001")
-        assert await app_close_code(communicator) == 4001
-        nothing = await communicator.receive_nothing(timeout=0.2)
-        await communicator.disconnect()
-        return nothing
-
-    assert run(scenario()) is True
+    communicator = WebsocketCommunicator(app, "/closer/")
+    assert await communicator.connect(timeout=5) == (True, None)
+    await communicator.send_to(text_data="close 4001")
+    assert await app_close_code(communicator) == 4001
+    nothing = await communicator.receive_nothing(timeout=0.2)
+    await communicator.disconnect()
+    assert nothing is True
 
 
 # === 8. Command line ===
@@ -4726,11 +4610,12 @@ def test_reliability_group_fanout_delivers_every_frame_in_order(rel_server):
                fanout_frames_per_second=round(clients * frames / elapsed))
 
 
-def test_reliability_drops_at_capacity_are_counted_and_logged_rate_limited(caplog):
+@asynchronous
+async def test_reliability_drops_at_capacity_are_counted_and_logged_rate_limited(caplog):
     """A member at capacity is skipped, never an exception; each drop is counted, warnings are rate-limited."""
     layer = InMemoryChannelLayer(capacity=2, channel_capacity={"rel.wide": 5})
 
-    async def scenario():
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
         for name in ("rel.a", "rel.b", "rel.wide"):
             await layer.group_add("g", name)
         for number in range(5):
@@ -4740,10 +4625,6 @@ def test_reliability_drops_at_capacity_are_counted_and_logged_rate_limited(caplo
         await layer.group_send("g", {"n": 5})
         queued = {name: [(await layer.receive(name))["n"] for _ in range(count)]
                   for name, count in (("rel.a", 2), ("rel.b", 2), ("rel.wide", 5))}
-        return first, queued
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        first, queued = run(scenario())
     assert first == (6, 6)  # messages 2, 3, 4 skipped on rel.a and rel.b
     assert queued == {"rel.a": [0, 1], "rel.b": [0, 1], "rel.wide": [0, 1, 2, 3, 4]}
     assert layer.dropped == layer.stats()["dropped"] == 9  # message 5 skipped by all three
@@ -4788,33 +4669,30 @@ def test_reliability_ordering_under_load(rel_server):
 
 # -- 3. slow and stuck code --
 
-def test_reliability_blocked_handler_stalls_only_its_own_socket(rel_server):
+@asynchronous
+async def test_reliability_blocked_handler_stalls_only_its_own_socket(rel_server):
     """A sync handler blocked 5 s in its thread and an async one awaiting 5 s hold only their sockets."""
-    async def scenario():
-        async with ws_connect(rel_server.url("/rel/echo/sync/")) as blocked_sync, \
-                ws_connect(rel_server.url("/rel/echo/async/")) as blocked_async:
-            start = time.monotonic()
-            for websocket in (blocked_sync, blocked_async):
-                await websocket.send("block")
-                await websocket.send("after")
-            latencies = []
-            async with ws_connect(rel_server.url("/rel/echo/sync/")) as other_sync, \
-                    ws_connect(rel_server.url("/rel/echo/async/")) as other_async:
-                while time.monotonic() - start < 3.5:
-                    for websocket in (other_sync, other_async):
-                        sent = time.monotonic()
-                        await websocket.send("ping")
-                        assert await asyncio.wait_for(websocket.recv(), 3) == "ping"
-                        latencies.append(time.monotonic() - sent)
-            fresh_socket_works = await rel_echo_works(rel_server, "/rel/echo/sync/")
-            replies = {}
-            for name, websocket in (("sync", blocked_sync), ("async", blocked_async)):
-                first = await asyncio.wait_for(websocket.recv(), 10)
-                replies[name] = (first, round(time.monotonic() - start, 1),
-                                 await asyncio.wait_for(websocket.recv(), 5))
-            return latencies, fresh_socket_works, replies
-
-    latencies, fresh_socket_works, replies = run(scenario())
+    async with ws_connect(rel_server.url("/rel/echo/sync/")) as blocked_sync, \
+            ws_connect(rel_server.url("/rel/echo/async/")) as blocked_async:
+        start = time.monotonic()
+        for websocket in (blocked_sync, blocked_async):
+            await websocket.send("block")
+            await websocket.send("after")
+        latencies = []
+        async with ws_connect(rel_server.url("/rel/echo/sync/")) as other_sync, \
+                ws_connect(rel_server.url("/rel/echo/async/")) as other_async:
+            while time.monotonic() - start < 3.5:
+                for websocket in (other_sync, other_async):
+                    sent = time.monotonic()
+                    await websocket.send("ping")
+                    assert await asyncio.wait_for(websocket.recv(), 3) == "ping"
+                    latencies.append(time.monotonic() - sent)
+        fresh_socket_works = await rel_echo_works(rel_server, "/rel/echo/sync/")
+        replies = {}
+        for name, websocket in (("sync", blocked_sync), ("async", blocked_async)):
+            first = await asyncio.wait_for(websocket.recv(), 10)
+            replies[name] = (first, round(time.monotonic() - start, 1),
+                             await asyncio.wait_for(websocket.recv(), 5))
     assert len(latencies) >= 6 and max(latencies) < 2.0, latencies
     assert fresh_socket_works
     for name, (first, seconds, second) in replies.items():
@@ -4822,7 +4700,8 @@ def test_reliability_blocked_handler_stalls_only_its_own_socket(rel_server):
         assert 4.5 <= seconds < 12, (name, seconds)
 
 
-def test_reliability_stalled_reader_group_sends_are_capped_dropped_and_counted(caplog):
+@asynchronous
+async def test_reliability_stalled_reader_group_sends_are_capped_dropped_and_counted(caplog):
     """A client that stops reading holds at most `capacity` queued messages; the rest are dropped
     and counted -- every message is either delivered, in order, or counted -- and the socket stays open."""
     layer = InMemoryChannelLayer(capacity=5)
@@ -4830,7 +4709,7 @@ def test_reliability_stalled_reader_group_sends_are_capped_dropped_and_counted(c
                                             channel_layer=layer))
     frame = [f"{number:08d}".ljust(10, ".") for number in range(50)]
 
-    async def scenario():
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
         client = WebsocketCommunicator(stalled, "/rel/flood/")
         assert (await client.connect())[0]
         await client.send_to(text_data="group 50 10")
@@ -4850,10 +4729,6 @@ def test_reliability_stalled_reader_group_sends_are_capped_dropped_and_counted(c
         await client.send_to(text_data="direct 1")
         still_open = await client.receive_from()
         await client.disconnect()
-        return while_stalled, delivered, still_open
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        while_stalled, delivered, still_open = run(scenario())
     assert {key: while_stalled[key] for key in ("channels", "groups", "members", "messages")} == \
         {"channels": 1, "groups": 1, "members": 1, "messages": 5}  # capacity reached, no more
     assert len(delivered) in (5, 6), delivered  # the queue, plus one frame in the stalled send
@@ -4866,14 +4741,15 @@ def test_reliability_stalled_reader_group_sends_are_capped_dropped_and_counted(c
     assert layer.stats() == {**REL_ZERO_STATS, "dropped": while_stalled["dropped"]}
 
 
-def test_reliability_stalled_reader_direct_sends_fail_the_handler_after_2s(caplog):
+@asynchronous
+async def test_reliability_stalled_reader_direct_sends_fail_the_handler_after_2s(caplog):
     """Deferred direct sends to a client that stopped reading wait at most 2 s, then fail the
     handler: logged, and the socket closes with 1011; nothing beyond the capacity is held."""
     layer = InMemoryChannelLayer(capacity=5)
     stalled = rel_StalledClient(Application([rel_Flood.as_route(path=r"^/rel/flood/$")],
                                             channel_layer=layer))
 
-    async def scenario():
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
         client = WebsocketCommunicator(stalled, "/rel/flood/")
         assert (await client.connect())[0]
         start = time.monotonic()
@@ -4894,10 +4770,6 @@ def test_reliability_stalled_reader_direct_sends_fail_the_handler_after_2s(caplo
             if events[-1]["type"] == "websocket.close":
                 break
         await client.disconnect()
-        return failed, waited, held, events
-
-    with caplog.at_level(logging.WARNING, logger="channels_mini"):
-        failed, waited, held, events = run(scenario())
     assert failed is not None, "the handler's failure was not logged"
     assert failed.exc_info is not None
     assert "closing that socket with 1011" in failed.getMessage()
@@ -5037,7 +4909,8 @@ def test_reliability_shutdown_runs_disconnect_handlers_and_stops_workers(tmp_pat
 
 # -- 5. leaks --
 
-def test_reliability_communicator_cycles_leave_nothing_behind():
+@asynchronous(timeout=300)
+async def test_reliability_communicator_cycles_leave_nothing_behind():
     """10,000 connect/echo/disconnect cycles: zero channels and members; RSS grows < 10 MB."""
     layer = InMemoryChannelLayer()
     app = Application([rel_Leak.as_route(path=r"^/async/$"), rel_SyncLeak.as_route(path=r"^/sync/$")],
@@ -5052,17 +4925,14 @@ def test_reliability_communicator_cycles_leave_nothing_behind():
             assert await communicator.receive_from() == "x"
             await communicator.disconnect()
 
-    async def scenario():
+    with rel_captured_logs() as records:
         await cycles(1000)  # warm-up: thread pool, caches, allocator arenas
         before, tasks_before = rel_rss(), len(asyncio.all_tasks())
         start = time.monotonic()
         await cycles(10_000)
         elapsed = time.monotonic() - start
         await asyncio.sleep(0.1)
-        return before, rel_rss(), elapsed, len(asyncio.all_tasks()) - tasks_before
-
-    with rel_captured_logs() as records:
-        before, after, elapsed, tasks = run(scenario(), timeout=300)
+        after, tasks = rel_rss(), len(asyncio.all_tasks()) - tasks_before
     assert layer.stats() == {**REL_ZERO_STATS, "dropped": 0}
     assert tasks == 0  # no relay or handler task outlives its socket
     assert records == []
@@ -5104,57 +4974,51 @@ def test_reliability_server_cycles_leave_nothing_behind():
 
 # -- expiry --
 
-def test_reliability_expired_messages_are_skipped_and_free_capacity():
+@asynchronous
+async def test_reliability_expired_messages_are_skipped_and_free_capacity():
     """A message older than `expiry` is never delivered and no longer takes room in its channel."""
     layer = InMemoryChannelLayer(expiry=0.2, capacity=1)
 
-    async def scenario():
-        await layer.send("rel.a", {"n": 1})
-        with pytest.raises(ChannelFull, match=re.escape(
-                "Channel 'rel.a' holds 1 messages, its capacity. Its receiver is slow or gone; "
-                "raise 'capacity' or 'channel_capacity' if bursts are expected.")):
-            await layer.send("rel.a", {"n": 2})
-        await asyncio.sleep(0.3)
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(layer.receive("rel.a"), 0.05)
-        await layer.send("rel.a", {"n": 3})
-        return await asyncio.wait_for(layer.receive("rel.a"), 1)
-
-    assert run(scenario()) == {"n": 3}
+    await layer.send("rel.a", {"n": 1})
+    with pytest.raises(ChannelFull, match=re.escape(
+            "Channel 'rel.a' holds 1 messages, its capacity. Its receiver is slow or gone; "
+            "raise 'capacity' or 'channel_capacity' if bursts are expected.")):
+        await layer.send("rel.a", {"n": 2})
+    await asyncio.sleep(0.3)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive("rel.a"), 0.05)
+    await layer.send("rel.a", {"n": 3})
+    assert await asyncio.wait_for(layer.receive("rel.a"), 1) == {"n": 3}
     assert layer.stats() == {**REL_ZERO_STATS, "dropped": 0}
 
 
-def test_reliability_group_membership_expires():
+@asynchronous
+async def test_reliability_group_membership_expires():
     """A member older than `group_expiry` is dropped from the group and gets nothing."""
     layer = InMemoryChannelLayer(group_expiry=0.2)
 
-    async def scenario():
-        await layer.group_add("g", "rel.old")
-        await asyncio.sleep(0.3)
-        await layer.group_add("g", "rel.new")
-        await layer.group_send("g", {"n": 1})
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(layer.receive("rel.old"), 0.05)
-        return await asyncio.wait_for(layer.receive("rel.new"), 1)
-
-    assert run(scenario()) == {"n": 1}
+    await layer.group_add("g", "rel.old")
+    await asyncio.sleep(0.3)
+    await layer.group_add("g", "rel.new")
+    await layer.group_send("g", {"n": 1})
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive("rel.old"), 0.05)
+    assert await asyncio.wait_for(layer.receive("rel.new"), 1) == {"n": 1}
     assert layer.stats() == {**REL_ZERO_STATS, "groups": 1, "members": 1, "dropped": 0}
 
 
-def test_reliability_expired_messages_on_unread_channels_are_freed():
+@asynchronous
+async def test_reliability_expired_messages_on_unread_channels_are_freed():
     """Replies sent to channels nobody reads any more (e.g. sockets that have gone) are freed
     once expired, as Channels' in-memory layer does: they cannot pile up for the server's life."""
     layer = InMemoryChannelLayer(expiry=0.1)
 
-    async def scenario():
-        for number in range(100):
-            await layer.send(f"websocket.send.gone{number}", {"text": "too late"})
-        await asyncio.sleep(0.2)
-        for _ in range(3):  # ordinary traffic goes on elsewhere
-            await layer.send("rel.live", {"n": 1})
-            await layer.receive("rel.live")
-
-    run(scenario())
+    for number in range(100):
+        await layer.send(f"websocket.send.gone{number}", {"text": "too late"})
+    await asyncio.sleep(0.2)
+    for _ in range(3):  # ordinary traffic goes on elsewhere
+        await layer.send("rel.live", {"n": 1})
+        await layer.receive("rel.live")
     assert layer.stats() == {**REL_ZERO_STATS, "dropped": 0}
 
 
@@ -5224,14 +5088,13 @@ def test_reliability_hostile_input_closes_that_socket_only(rel_server, scenario,
     assert run(rel_echo_works(rel_server))
 
 
-def test_reliability_frame_at_max_message_size_is_accepted(rel_server):
+@asynchronous
+async def test_reliability_frame_at_max_message_size_is_accepted(rel_server):
     """Exactly max_message_size bytes (1 MiB by default) still goes through."""
-    async def scenario():
-        async with ws_connect(rel_server.url("/rel/echo/async/"), max_size=None) as websocket:
-            await websocket.send("x" * 2**20)
-            return await asyncio.wait_for(websocket.recv(), 10)
-
-    assert run(scenario()) == "x" * 2**20
+    async with ws_connect(rel_server.url("/rel/echo/async/"), max_size=None) as websocket:
+        await websocket.send("x" * 2**20)
+        echoed = await asyncio.wait_for(websocket.recv(), 10)
+    assert echoed == "x" * 2**20
 
 
 def test_reliability_bad_group_name_in_connection_groups_rejects_the_handshake(rel_server):
@@ -5245,7 +5108,8 @@ def test_reliability_bad_group_name_in_connection_groups_rejects_the_handshake(r
     assert run(rel_echo_works(rel_server))
 
 
-def test_reliability_malformed_multiplexed_frames_get_an_error_and_the_socket_stays_open(rel_server):
+@asynchronous
+async def test_reliability_malformed_multiplexed_frames_get_an_error_and_the_socket_stays_open(rel_server):
     """Malformed frames and unknown streams are answered with {"error"}; the socket stays open."""
     streams = "['denied', 'echo', 'notes', 'open', 'pick']"
     rows = [
@@ -5262,21 +5126,17 @@ def test_reliability_malformed_multiplexed_frames_get_an_error_and_the_socket_st
         ('{"stream": "echo", "payload": "x"}', "Payload of stream 'echo' must be a JSON object (received 'x')."),
     ]
 
-    async def scenario():
-        answers = []
-        async with ws_connect(rel_server.url("/rel/demux/")) as websocket:
-            for frame, _ in rows:
-                await websocket.send(frame)
-                answers.append(json.loads(await asyncio.wait_for(websocket.recv(), 5)))
-            await websocket.send('{"stream": "echo", "payload": {"still": "open"}}')
+    answers = []
+    async with ws_connect(rel_server.url("/rel/demux/")) as websocket:
+        for frame, _ in rows:
+            await websocket.send(frame)
             answers.append(json.loads(await asyncio.wait_for(websocket.recv(), 5)))
-        return answers
-
-    answers = run(scenario())
+        await websocket.send('{"stream": "echo", "payload": {"still": "open"}}')
+        answers.append(json.loads(await asyncio.wait_for(websocket.recv(), 5)))
     for (frame, expected), answer in zip(rows, answers):
         assert set(answer) == {"error"} and expected in answer["error"], (frame, answer)
     assert answers[-1] == {"stream": "echo", "payload": {"echo": {"still": "open"}}}
-    assert run(rel_echo_works(rel_server))
+    assert await rel_echo_works(rel_server)
 
 
 def rel_note_rows() -> list:
