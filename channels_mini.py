@@ -211,6 +211,11 @@ class _InvalidName(ValueError):
     """A channel or group name breaks the naming rule (often a name built from client input)."""
 
 
+def _error_kind(error: BaseException) -> str:
+    """The name users know an error by: a private subclass shows as its public base."""
+    return next(kind.__name__ for kind in type(error).__mro__ if not kind.__name__.startswith("_"))
+
+
 class _Queue:
     """One channel's messages and the receivers waiting on it."""
 
@@ -2030,13 +2035,13 @@ def _report_send_failure(binding: type[Binding], group: str, error: Exception) -
     """Count a change not sent after its commit; log each kind of failure at most every 10 s."""
     with _send_failure_lock:
         Binding.send_failures += 1
-        reports = _send_failure_reports.setdefault(type(error).__name__, _Throttle(10.0))
+        reports = _send_failure_reports.setdefault(_error_kind(error), _Throttle(10.0))
     held = reports.ready()
     if held is not None:
         logger.error(
             "%s could not send a change to group %s after its transaction committed; the save "
             "stands. %s: %s (%d such failure(s) since the last report; %d in all, see "
-            "Binding.send_failures.)", binding.__name__, _shown(group), type(error).__name__,
+            "Binding.send_failures.)", binding.__name__, _shown(group), _error_kind(error),
             _clip(str(error), 5 * _SHOWN_CHARACTERS), held, Binding.send_failures)
 
 

@@ -110,9 +110,17 @@ def _view_page(request):
     return HttpResponse("django page ok")
 
 
+def _view_logout(request):
+    from django.contrib.auth import logout
+    from django.http import HttpResponse
+    logout(request)
+    return HttpResponse("logged out")
+
+
 def _url_patterns():
     from django.urls import path
-    return [path("page/", _view_page), path("items/create/", _view_create_item)]
+    return [path("page/", _view_page), path("items/create/", _view_create_item),
+            path("logout/", _view_logout)]
 
 
 urlpatterns = _url_patterns()
@@ -3543,8 +3551,27 @@ class redis_ItemsDemultiplexer(WebsocketDemultiplexer):
     groups = ["redis-items"]
 
 
+class redis_JoinerConsumer(WebsocketConsumer):
+    """Joins a group by hand, 1.x style, from receive(): left by itself when the socket goes."""
+
+    def receive(self, text=None, bytes=None, group=None, **kwargs):
+        Group(f"redis-join-{group}").add(self.message.reply_channel)
+        self.send(text="joined")
+
+
+class redis_WhoAmIConsumer(WebsocketConsumer):
+    """Answers with the session's user: logging that session out closes the socket."""
+
+    http_user = True
+
+    def connect(self, message, **kwargs):
+        self.send(text=message.user.get_username() or "anonymous")
+
+
 redis_routing = [
     redis_RoomConsumer.as_route(path=r"^/redis/room/(?P<room>[\w-]+)/$"),
+    redis_JoinerConsumer.as_route(path=r"^/redis/join/(?P<group>\w+)/$"),
+    redis_WhoAmIConsumer.as_route(path=r"^/redis/whoami/$"),
     redis_SpeakerConsumer.as_route(path=r"^/redis/say/(?P<room>[\w-]+)/$"),
     redis_EchoConsumer.as_route(path=r"^/redis/echo/$"),
     redis_PidConsumer.as_route(path=r"^/redis/pid/(?P<room>[\w-]+)/$"),
@@ -4090,6 +4117,100 @@ def test_command_line_redis_outage_is_logged_the_server_survives_and_recovers():
         assert server.process.poll() is None
 
 
+def test_command_line_redis_restart_puts_open_sockets_back_in_their_groups():
+    """Redis dies for 5 s and comes back empty: the server joins its open sockets to their
+    groups again within a few seconds, so they hear broadcasts again (never open and deaf)."""
+    room = f"r{uuid.uuid4().hex[:8]}"
+    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
+                                                env=redis_server_env(url)) as server:
+
+        async def before_and_during():
+            listener = await ws_connect(server.url(f"/redis/room/{room}/")).__aenter__()
+            speaker = await ws_connect(server.url(f"/redis/say/{room}/")).__aenter__()
+            await speaker.send("before")
+            assert await redis_recv(listener) == "before"
+            redis_shutdown(url)
+            await asyncio.sleep(5)
+            return listener, speaker
+
+        async def scenario():
+            listener, speaker = await before_and_during()
+            try:
+                with redis_server_on(url):  # back on the same address, with no data
+                    restarted = time.monotonic()
+                    for attempt in range(40):  # a broadcast every 0.5 s until one is heard
+                        with contextlib.suppress(Exception):
+                            if speaker.close_code is not None:  # a send during the reconnect failed
+                                speaker = await ws_connect(server.url(f"/redis/say/{room}/")).__aenter__()
+                            await speaker.send(f"after {attempt}")
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            heard = await redis_recv(listener, timeout=0.5)
+                            return heard, time.monotonic() - restarted, listener.close_code
+                    return None, time.monotonic() - restarted, listener.close_code
+            finally:
+                await listener.close()
+                await speaker.close()
+
+        heard, seconds, close_code = run(scenario(), timeout=60)
+    assert close_code is None  # the listener stayed open
+    assert heard is not None and heard.startswith("after "), heard
+    assert seconds < 10, seconds
+
+
+def test_command_line_redis_group_add_from_receive_is_left_when_the_socket_goes():
+    """A membership added by hand with Group.add(reply_channel) is removed from Redis when
+    that socket disconnects, as the in-memory layer does."""
+    group = uuid.uuid4().hex[:8]
+    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
+                                                env=redis_server_env(url)) as server:
+
+        async def scenario():
+            async with ws_connect(server.url(f"/redis/join/{group}/")) as socket:
+                await socket.send("join")
+                assert await redis_recv(socket) == "joined"
+                return redis_group_size(url, f"redis-join-{group}")
+
+        assert run(scenario()) == 1
+        redis_wait_until(lambda: redis_group_size(url, f"redis-join-{group}") == 0, 10,
+                         "the hand-made membership removed")
+
+
+def test_command_line_logout_closes_that_sessions_sockets_in_every_process():
+    """Django's logout (user_logged_out) closes the sockets of that session with 4401, on
+    both servers sharing Redis; another user's socket stays open."""
+    from websockets.exceptions import ConnectionClosed
+
+    user, cookie = rel_login("leaving")
+    other, other_cookie = rel_login("staying")
+    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
+
+        async def scenario():
+            sockets = [await ws_connect(server.url("/redis/whoami/"), additional_headers=[
+                ("Cookie", value)]).__aenter__() for server, value in (
+                (server_a, cookie), (server_b, cookie), (server_b, other_cookie))]
+            try:
+                names = [await redis_recv(socket) for socket in sockets]
+                request = urllib.request.Request(server_a.url("/logout/", "http"),
+                                                 headers={"Cookie": cookie})
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    assert response.read() == b"logged out"
+                codes = []
+                for socket in sockets[:2]:
+                    with pytest.raises(ConnectionClosed):
+                        await redis_recv(socket)
+                    codes.append(socket.close_code)
+                await sockets[2].send("still here?")  # the other user's socket is open
+                return names, codes, sockets[2].close_code
+            finally:
+                for socket in sockets:
+                    await socket.close()
+
+        names, codes, other_code = run(scenario(), timeout=60)
+    assert names == [user.username, user.username, other.username]
+    assert codes == [4401, 4401]
+    assert other_code is None
+
+
 def test_command_line_redis_sockets_closing_right_after_a_reply_leave_no_error_behind():
     """Hundreds of short sockets (echo once, close): every handshake and reply arrives,
     a closed socket's reply relay stops quietly, and the server then stops promptly.
@@ -4352,6 +4473,15 @@ class rel_Cswsh(WebsocketConsumer):
         message.reply_channel.send({"text": f"hello {message.user.get_username()}"})
 
 
+class rel_AsyncWhoAmI(WebsocketConsumer):
+    """Greets the session's user from an async connect: it needs no handler thread."""
+
+    http_user = True
+
+    async def connect(self, message, **kwargs):
+        self.send(text=f"hello {message.user.get_username()}")
+
+
 class rel_Marker(WebsocketConsumer):
     """Leaves a marker from its (sync) disconnect handler; 'work' starts a background job."""
 
@@ -4421,6 +4551,7 @@ rel_routing = [
     rel_Json.as_route(path=r"^/rel/json/$"),
     rel_Demux.as_route(path=r"^/rel/demux/$"),
     rel_Cswsh.as_route(path=r"^/rel/cswsh/(?P<token>\w+)/$"),
+    rel_AsyncWhoAmI.as_route(path=r"^/rel/whoami/async/$"),
     rel_Marker.as_route(path=r"^/rel/marker/sync/(?P<name>\w+)/$"),
     rel_AsyncMarker.as_route(path=r"^/rel/marker/async/(?P<name>\w+)/$"),
     rel_Flood.as_route(path=r"^/rel/flood/$"),
@@ -4698,6 +4829,32 @@ async def test_reliability_blocked_handler_stalls_only_its_own_socket(rel_server
     for name, (first, seconds, second) in replies.items():
         assert (first, second) == ("unblocked", "after"), name
         assert 4.5 <= seconds < 12, (name, seconds)
+
+
+def test_reliability_handshakes_load_their_session_while_every_handler_thread_is_blocked(rel_server):
+    """32 sync handlers blocked in their threads (the whole pool) do not hold up the session
+    load of an http_user handshake: it has threads of its own."""
+    user, cookie = rel_login("handshake")
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            blocked = [await stack.enter_async_context(ws_connect(rel_server.url("/rel/echo/sync/")))
+                       for _ in range(32)]
+            for websocket in blocked:
+                await websocket.send("block")  # each holds a pool thread for 5 s
+            await asyncio.sleep(0.5)
+            start = time.monotonic()
+            async with ws_connect(rel_server.url("/rel/whoami/async/"),
+                                  additional_headers=[("Cookie", cookie)]) as websocket:
+                greeting = await asyncio.wait_for(websocket.recv(), 10)
+            took = time.monotonic() - start
+            unblocked = [await asyncio.wait_for(websocket.recv(), 15) for websocket in blocked]
+            return greeting, took, unblocked
+
+    greeting, took, unblocked = run(scenario(), timeout=60)
+    assert greeting == f"hello {user.username}"
+    assert took < 2.0, took
+    assert unblocked == ["unblocked"] * 32
 
 
 @asynchronous
@@ -5098,12 +5255,16 @@ async def test_reliability_frame_at_max_message_size_is_accepted(rel_server):
 
 
 def test_reliability_bad_group_name_in_connection_groups_rejects_the_handshake(rel_server):
-    """A group name built from the URL that the layer refuses fails connect: 403, logged."""
+    """A group name built from the URL that the layer refuses fails connect: 403, and one
+    short WARNING line -- no traceback, and nothing more when the disconnect follows."""
     start = len(rel_server.log())
     assert rel_handshake_status(rel_server, "/rel/named-connect/a!b/") == 403
     log = rel_wait_for_log(rel_server, "Group name 'rel-a!b' is invalid", start)
+    time.sleep(0.3)  # the disconnect that follows must add nothing
+    log = rel_server.log()[start:]
     assert "Consumer failed on websocket.connect for /rel/named-connect/a!b/" in log
     assert "Group name 'rel-a!b' is invalid" in log
+    assert log.count("\n") == 1 and "Traceback" not in log and len(log) < 600, log
     assert rel_handshake_status(rel_server, "/rel/named-connect/fine/") == 101
     assert run(rel_echo_works(rel_server))
 
