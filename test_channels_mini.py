@@ -5990,6 +5990,21 @@ def test_reliability_random_requests_into_a_binding(request_payload):
 README = os.path.join(ROOT, "README.md")
 
 
+def test_readme_and_demo_limit_frames_in_the_server_too():
+    """The server refuses frames over max_message_size before buffering them: the README's
+    serving commands and the demo's run.sh pass uvicorn --ws-max-size with the same limit."""
+    import inspect
+    limit = inspect.signature(Application).parameters["max_message_size"].default
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    deployment = readme.split("## Running on more than one process", 1)[1].split("\n## ", 1)[0]
+    serving = [line for line in deployment.splitlines() if line.startswith("uvicorn mysite.asgi")]
+    assert serving and all(f"--ws-max-size {limit}" in line for line in serving), serving
+    assert f"--websocket-max-message-size {limit}" in readme  # daphne
+    assert f"websocket_max_message_size = {limit}" in readme  # hypercorn
+    run_sh = open(os.path.join(ROOT, "example", "run.sh"), encoding="utf-8").read()
+    assert f"--ws-max-size {limit}" in run_sh
+
+
 def readme_python_blocks() -> list[str]:
     with open(README, encoding="utf-8") as handle:
         return re.findall(r"```python\n(.*?)```", handle.read(), flags=re.S)

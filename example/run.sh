@@ -50,4 +50,7 @@ echo
 echo "==> channels_mini demo: http://$HOST:$PORT/   (admin: http://$HOST:$PORT/admin/, admin / admin)"
 echo "    Open a chat room or the live list in two windows. Ctrl-C stops the server."
 echo
-exec "$PYTHON" -m uvicorn demo.asgi:application --app-dir "$EXAMPLE_DIR" --host "$HOST" --port "$PORT"
+# --ws-max-size: the same limit as Application(max_message_size=1_048_576), so uvicorn refuses
+# larger frames before buffering them (its own default is 16 MiB).
+exec "$PYTHON" -m uvicorn demo.asgi:application --app-dir "$EXAMPLE_DIR" --host "$HOST" --port "$PORT" \
+    --ws-max-size 1048576
