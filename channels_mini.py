@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import fnmatch
 import functools
 import importlib
@@ -80,7 +81,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -90,6 +91,7 @@ from django.core.exceptions import ImproperlyConfigured
 __all__ = [
     # 0. errors
     "ChannelFull", "DenyConnection", "SendNotAvailableOnDemultiplexer",
+    "ChannelSocketException", "WebsocketCloseException",
     # 1. channel layer
     "InMemoryChannelLayer", "get_channel_layer",
     # 2. messages
@@ -99,6 +101,9 @@ __all__ = [
     # 4. consumers
     "BaseConsumer", "WebsocketConsumer", "JsonWebsocketConsumer",
     "WebsocketDemultiplexer", "WebsocketMultiplexer",
+    "channel_session", "http_session", "http_session_user", "channel_session_user",
+    "channel_session_user_from_http", "channel_and_http_session",
+    "channel_and_http_session_user_from_http", "enforce_ordering", "allowed_hosts_only",
     # 5. binding
     "Binding", "WebsocketBinding",
     # 6. ASGI app
@@ -129,6 +134,30 @@ class DenyConnection(Exception):
 
 class SendNotAvailableOnDemultiplexer(Exception):
     """A demultiplexer cannot send by itself: send through a stream's multiplexer."""
+
+
+class ChannelSocketException(Exception):
+    """Raise in a consumer to run an action on its socket instead of failing (Channels 1.x)."""
+
+    def run(self, message: Any) -> None:
+        """The action, given the message being handled."""
+        raise NotImplementedError(f"{type(self).__name__} must define run(message).")
+
+
+class WebsocketCloseException(ChannelSocketException):
+    """Raise in a consumer to close its websocket with *code* (1000, or 3000-4999)."""
+
+    def __init__(self, code: int | None = None):
+        if code is not None and (not isinstance(code, int) or not (code == 1000 or 3000 <= code <= 4999)):
+            raise ValueError(f"Invalid close code {code!r}: use 1000 or one from 3000 to 4999.")
+        super().__init__(code)
+        self.code = code
+
+    def run(self, message: Any) -> None:
+        if message.reply_channel is None or not message.reply_channel.name.startswith("websocket."):
+            raise ValueError(f"WebsocketCloseException raised while handling {message.channel_name!r},"
+                             f" which has no websocket to close.")
+        message.reply_channel.send({"close": self.code or True})
 
 
 # === 1. Channel layer ===
@@ -600,8 +629,9 @@ def _build_layer(alias: str) -> Any:
             f"settings.CHANNEL_LAYERS[{alias!r}] needs a 'BACKEND' dotted path string "
             f"(got {config!r})."
         )
-    if backend in ("channels.layers.InMemoryChannelLayer", "InMemoryChannelLayer"):
-        layer_class: Any = InMemoryChannelLayer  # Channels' name for the same thing
+    if backend in ("channels.layers.InMemoryChannelLayer", "InMemoryChannelLayer",
+                   "asgiref.inmemory.ChannelLayer"):
+        layer_class: Any = InMemoryChannelLayer  # Channels' names (4.x, 1.x) for the same thing
     else:
         layer_class = _import_by_path(backend, f"CHANNEL_LAYERS[{alias!r}]['BACKEND']")
     try:
@@ -656,12 +686,13 @@ _OPERATIONS_PER_TURN = 16  # deferred operations between two turns for the socke
 class _LocalSocket:
     """What this process knows of a socket it serves: its layers and the groups it joined."""
 
-    __slots__ = ("layer", "outbox", "groups")
+    __slots__ = ("layer", "outbox", "groups", "session_used")
 
     def __init__(self, layer: Any, outbox: InMemoryChannelLayer):
         self.layer = layer  # the app's layer, where its groups live
         self.outbox = outbox  # the in-memory layer holding its outbox
         self.groups: set[str] = set()
+        self.session_used = False  # a handler here read its channel session
 
 
 #: Reply channels of the sockets this process serves. A send to one of them stays in the
@@ -919,19 +950,21 @@ class Group:
         return f"Group({self.name!r})"
 
 
-class Message(Mapping):
+class Message(MutableMapping):
     """A message as a consumer sees it: dict-like over ``content``, plus where it came from.
 
-    WebSocket messages also carry ``channel_session`` (a dict that lives as long as the
-    socket), ``scope`` (the ASGI scope) and, for consumers with ``http_user = True``,
-    ``user`` and ``http_session`` from the handshake's Django session cookie.
+    A message with a ``reply_channel`` has ``channel_session``: the Django session of that
+    reply channel (Channels 1.x), loaded when first read, saved after the handler if
+    changed. WebSocket messages also carry ``scope`` (the ASGI scope) and, for consumers with
+    ``http_user = True`` or the 1.x decorators, ``user`` and ``http_session`` from the
+    handshake's Django session cookie.
     """
 
     def __init__(self, content: dict, channel_name: str, channel_layer: Any):
         self.content = content
         self.channel_name = channel_name
         self.channel_layer = channel_layer
-        self.channel_session: dict | None = None
+        self._channel_session: Any = None
         self.scope: Scope | None = None
         self.user: Any = None
         self.http_session: Any = None
@@ -949,8 +982,25 @@ class Message(Mapping):
                                           channel_layer=self.channel_layer)
         return self._reply_channel
 
+    @property
+    def channel_session(self) -> Any:
+        """The reply channel's session (a Django ``SessionStore``); ``None`` without one."""
+        if self._channel_session is None and self.content.get("reply_channel"):
+            self._channel_session = _channel_session_for(self.content["reply_channel"])
+        return self._channel_session
+
+    @channel_session.setter
+    def channel_session(self, session: Any) -> None:
+        self._channel_session = session
+
     def __getitem__(self, key: str) -> Any:
         return self.content[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.content[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.content[key]
 
     def __iter__(self):
         return iter(self.content)
@@ -959,15 +1009,98 @@ class Message(Mapping):
         return len(self.content)
 
     def copy(self, **changes: Any) -> Message:
-        """A new message over a copy of the content (with *changes*), sharing the socket state."""
-        clone = Message({**self.content, **changes}, self.channel_name, self.channel_layer)
-        clone.channel_session, clone.scope = self.channel_session, self.scope
+        """An independent (deep) copy of the content, with *changes*; the sessions are shared."""
+        clone = Message({**copy.deepcopy(self.content), **changes}, self.channel_name,
+                        self.channel_layer)
+        clone._channel_session, clone.scope = self._channel_session, self.scope
         clone.user, clone.http_session = self.user, self.http_session
         clone._socket_state = self._socket_state
         return clone
 
     def __repr__(self) -> str:
         return f"<Message channel={self.channel_name!r} content={self.content!r:.120}>"
+
+
+# -- channel sessions --
+# Channels 1.x kept per-socket state in a Django session keyed by the reply channel, so any
+# consumer of any message carrying that reply channel -- in any process sharing the session
+# store -- sees it. It is read only when a handler touches it, saved after the handler when
+# changed, and deleted when its socket closes. Without a usable session engine (no settings,
+# or the database engine without django.contrib.sessions) a dict in this process stands in.
+
+_DB_SESSIONS = "django.contrib.sessions.backends.db"
+_fallback_sessions: dict[str, Any] = {}
+
+
+def _channel_session_key(reply_channel: str) -> str:
+    import hashlib
+    return "chn" + hashlib.sha1(reply_channel.encode()).hexdigest()[:29]  # as 1.x: 32 characters
+
+
+def _session_engine() -> Any:
+    """The module of ``SESSION_ENGINE``, or None when sessions cannot be stored."""
+    from django.conf import settings
+
+    if not _settings_ready():
+        return None
+    from django.apps import apps
+    name = settings.SESSION_ENGINE
+    if name == _DB_SESSIONS and not (apps.ready and apps.is_installed("django.contrib.sessions")):
+        return None
+    if name.endswith("signed_cookies"):
+        raise ImproperlyConfigured(
+            f"Channel sessions cannot use SESSION_ENGINE={name!r}: a cookie cannot hold a "
+            f"socket's session. Use the database or cache engine (as Channels 1.x required).")
+    return importlib.import_module(name)
+
+
+class _DictSession(dict):
+    """The stand-in session: a dict with the few session methods handlers call."""
+
+    modified = False
+
+    def save(self, must_create: bool = False) -> None:
+        """Nothing to store: the dict lives in this process."""
+
+
+def _channel_session_for(reply_channel: str) -> Any:
+    """The session of *reply_channel*, loaded now (the caller touched it)."""
+    local = _local_sockets.get(reply_channel)
+    if local is not None:
+        local.session_used = True  # so its socket deletes it when it closes
+    engine = _session_engine()
+    if engine is None:
+        return _fallback_sessions.setdefault(reply_channel, _DictSession())
+    key = _channel_session_key(reply_channel)
+    session = engine.SessionStore(session_key=key)
+    try:
+        session.keys()  # load now; a store that has no such row forgets the key ...
+    except Exception as error:
+        if type(error).__name__ == "SynchronousOnlyOperation":
+            raise RuntimeError(
+                "message.channel_session reads the session store, which Django forbids on the "
+                "event loop. In an async def handler, decorate it with @channel_session (it "
+                "loads the session in a thread first).") from error
+        raise
+    session._session_key = key  # ... so give it back, as Channels 1.x did
+    return session
+
+
+def _save_session(session: Any) -> None:
+    from django.contrib.sessions.backends.base import UpdateError
+
+    try:
+        session.save()
+    except UpdateError:  # a new channel session: no row to update yet
+        session.save(must_create=True)
+    session.modified = False
+
+
+def _delete_channel_session(reply_channel: str) -> None:
+    if _fallback_sessions.pop(reply_channel, None) is None:
+        engine = _session_engine()
+        if engine is not None:
+            engine.SessionStore().delete(_channel_session_key(reply_channel))
 
 
 # -- running handlers --
@@ -1053,6 +1186,12 @@ def _close_old_db_connections() -> None:
 def _compile_filters(filters: dict[str, Any], where: str) -> dict[str, re.Pattern]:
     compiled = {}
     for key, pattern in filters.items():
+        if isinstance(pattern, bytes):  # Channels 1.x took bytes patterns, read as ASCII
+            try:
+                pattern = pattern.decode("ascii")
+            except UnicodeDecodeError:
+                raise ValueError(f"Filter {key!r} for {where} is a bytes pattern that is not "
+                                 f"ASCII (got {pattern!r:.200}). Write it as a str.") from None
         if isinstance(pattern, re.Pattern):
             regex = pattern
         elif isinstance(pattern, str):
@@ -1282,17 +1421,26 @@ class BaseConsumer:
 
     #: Which method handles each channel: ``{channel name: method name}``.
     method_mapping: dict[str, str] = {}
-    #: True loads ``message.user`` and ``message.http_session`` from the handshake's cookie.
+    #: True gives ``message.user`` and ``message.http_session`` from the handshake's cookie on
+    #: every message, and (1.1) copies a logged-in user into the channel session on connect.
     http_user = False
-    #: Accepted for Channels 1.x code; ``message.channel_session`` is always there on sockets.
+    #: 1.1: as ``http_user``, and the handshake's session found again on later messages.
+    http_user_and_session = False
+    #: 1.1: load ``message.channel_session`` before each handler.
     channel_session = False
+    #: 1.1: ``message.user`` from the channel session (implies ``channel_session``).
+    channel_session_user = False
     _hooks: tuple[str, ...] = ()  # methods users override, besides those of method_mapping
     _how: dict[str, str] = {}  # method name -> "await" | "call" | "thread" (see _how_to_run)
+    _load: Callable[[Message], None] | None = None  # what the 1.1 attributes load, decided once
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
         names = {*cls.method_mapping.values(), *cls._hooks}
         cls._how = {name: _how_to_run(getattr(cls, name)) for name in names if hasattr(cls, name)}
+        cls._load = (_load_channel_and_http_session_user_from_http if cls.http_user_and_session
+                     else _load_channel_session_user if cls.channel_session_user
+                     else _load_channel_session if cls.channel_session else None)
 
     def __init__(self, message: Message, **kwargs: Any):
         self.message = message
@@ -1315,8 +1463,10 @@ class BaseConsumer:
 
     async def dispatch(self) -> None:
         """Call the method that ``method_mapping`` names for this message's channel."""
-        if self.http_user:
+        if self.http_user and not self.http_user_and_session:
             await _load_http_user(self.message)
+        if self._load is not None:
+            await _bridge("session", _SESSION_POOL_SIZE)(self._load, self.message)
         channel = self.message.channel_name
         name = self.method_mapping.get(channel)
         if name is None:
@@ -1617,6 +1767,13 @@ async def _load_http_user(message: Message) -> None:
             group = Group(_session_group(key), channel_layer=message.channel_layer)
             await group.aadd(message.reply_channel)
     message.http_session, message.user = shared["http_session"], shared["user"]
+    if message.channel_name == "websocket.connect" and getattr(message.user, "is_authenticated", False):
+        # Channels 1.1: the user goes into the channel session, for consumers of other channels.
+        await _bridge("session", _SESSION_POOL_SIZE)(_copy_user_to_channel_session, message)
+
+
+def _copy_user_to_channel_session(message: Message) -> None:
+    _transfer_user(message.http_session, message.channel_session)
 
 
 _LOGGED_OUT_CLOSE_CODE = 4401  # the socket's Django session was logged out
@@ -1644,24 +1801,163 @@ def _close_logged_out_sockets(sender: Any, request: Any = None, **kwargs: Any) -
 
 
 def _session_and_user(scope: Scope) -> tuple[Any, Any]:
+    """The handshake's session (empty without a cookie) and its user (``http_user = True``)."""
     from django.apps import apps
-    from django.conf import settings
-    from django.http.cookie import parse_cookie
 
-    cookie = b"; ".join(value for name, value in scope.get("headers", ()) if name == b"cookie")
-    session_key = parse_cookie(cookie.decode("latin-1")).get(settings.SESSION_COOKIE_NAME)
-    session = importlib.import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    key = _handshake_session_key(scope)
+    session = importlib.import_module(_setting("SESSION_ENGINE")).SessionStore(key)
     if not apps.is_installed("django.contrib.auth"):
         return session, None
     _watch_logouts()
+    return session, _user_of(session)
+
+
+# -- 1.x sessions and users --
+# The decorators of Channels 1.x's `channels.sessions` and `channels.auth`, with their names
+# and meanings. Each loads what it names before the handler runs -- in a thread, as session
+# stores do I/O -- on function consumers and on methods, sync or `async def`; what they
+# changed is saved after the handler (`_handle_message`). Compose them as in 1.x.
+
+def _setting(name: str) -> Any:
+    from django.conf import settings
+    return getattr(settings, name)
+
+
+def _handshake_session_key(headers_from: Any) -> str | None:
+    """The session key of a handshake: its ``session_key`` query parameter or its cookie (1.x)."""
+    from django.http import QueryDict
+    from django.http.cookie import parse_cookie
+
+    query = headers_from.get("query_string") or b""
+    key = QueryDict(query.decode("latin-1") if isinstance(query, bytes) else query).get("session_key")
+    cookie = b"; ".join(value for name, value in headers_from.get("headers") or () if name == b"cookie")
+    return key or parse_cookie(cookie.decode("latin-1")).get(_setting("SESSION_COOKIE_NAME"))
+
+
+def _user_of(session: Any) -> Any:
+    """The user of *session*, as ``AuthenticationMiddleware`` finds it; AnonymousUser if none."""
     from django.contrib.auth import get_user
+    from django.contrib.auth.models import AnonymousUser
 
-    class _Request:  # all that get_user() reads of a request
-        pass
+    if session is None:
+        return AnonymousUser()
+    return get_user(type("SessionOnly", (), {"session": session})())  # all get_user() reads
 
-    request = _Request()
-    request.session = session
-    return session, get_user(request)
+
+def _transfer_user(from_session: Any, to_session: Any) -> None:
+    """Copy the logged-in user from one session to another, as 1.x's ``transfer_user``."""
+    from django.contrib import auth
+
+    names = (auth.BACKEND_SESSION_KEY, auth.SESSION_KEY, auth.HASH_SESSION_KEY)
+    if from_session is not None and all(name in from_session for name in names):
+        for name in names:
+            to_session[name] = from_session[name]
+
+
+def _load_http_session(message: Message) -> None:
+    key = _handshake_session_key(message.scope or message.content)
+    engine = importlib.import_module(_setting("SESSION_ENGINE"))
+    message.http_session = engine.SessionStore(session_key=key) if key else None
+    if key and message.channel_name == "websocket.connect" and message.reply_channel:
+        _watch_logouts()
+        Group(_session_group(key)).add(message.reply_channel)  # so that logging out closes it
+
+
+def _load_channel_session(message: Message) -> None:
+    if message.channel_session is None:
+        raise ValueError(f"A message on {message.channel_name!r} has no reply_channel, so it has "
+                         f"no channel session: use the session decorators on consumers of "
+                         f"messages that carry one.")
+
+
+def _load_http_session_user(message: Message) -> None:
+    _load_http_session(message)
+    message.user = _user_of(message.http_session)
+
+
+def _load_channel_session_user(message: Message) -> None:
+    _load_channel_session(message)
+    message.user = _user_of(message.channel_session)
+
+
+def _load_channel_session_user_from_http(message: Message) -> None:
+    _load_http_session_user(message)
+    _load_channel_session(message)
+    _transfer_user(message.http_session, message.channel_session)
+
+
+def _load_channel_and_http_session(message: Message) -> None:
+    """Keep the handshake's session key in the channel session, and find it there later."""
+    _load_http_session(message)
+    _load_channel_session(message)
+    name, channel_session = _setting("SESSION_COOKIE_NAME"), message.channel_session
+    if message.http_session is not None and name not in channel_session:
+        channel_session[name] = message.http_session.session_key
+    elif message.http_session is None and name in channel_session:
+        engine = importlib.import_module(_setting("SESSION_ENGINE"))
+        message.http_session = engine.SessionStore(session_key=channel_session[name])
+
+
+def _load_channel_and_http_session_user_from_http(message: Message) -> None:
+    _load_channel_and_http_session(message)
+    message.user = _user_of(message.http_session)
+    _transfer_user(message.http_session, message.channel_session)
+
+
+def _message_in(args: tuple, decorator: str) -> Message:
+    for arg in args[:2]:  # a function's first argument, or a method's after self
+        if isinstance(arg, Message):
+            return arg
+    raise ValueError(f"@{decorator} needs a consumer called with a Message (got {args[:2]!r:.200}).")
+
+
+def _session_decorator(load: Callable[[Message], None], name: str, doc: str) -> Callable:
+    def decorator(func: Callable) -> Callable:
+        if _how_to_run(func) == "await":
+            async def handler(*args: Any, **kwargs: Any) -> Any:
+                await _bridge("session", _SESSION_POOL_SIZE)(load, _message_in(args, name))
+                return await func(*args, **kwargs)
+        else:
+            def handler(*args: Any, **kwargs: Any) -> Any:
+                load(_message_in(args, name))  # a sync handler already runs in a worker thread
+                return func(*args, **kwargs)
+        return functools.wraps(func)(handler)
+
+    decorator.__name__ = decorator.__qualname__ = name
+    decorator.__doc__ = doc
+    return decorator
+
+
+channel_session = _session_decorator(_load_channel_session, "channel_session", """\
+Gives the consumer ``message.channel_session``: the session of the message's reply channel.""")
+http_session = _session_decorator(_load_http_session, "http_session", """\
+Gives the consumer ``message.http_session`` from the handshake's cookie (None without one).""")
+http_session_user = _session_decorator(_load_http_session_user, "http_session_user", """\
+``http_session``, plus ``message.user`` from it (``AnonymousUser`` without a session).""")
+channel_session_user = _session_decorator(_load_channel_session_user, "channel_session_user", """\
+``channel_session``, plus ``message.user`` from it: the user that ``..._from_http`` copied there.""")
+channel_session_user_from_http = _session_decorator(
+    _load_channel_session_user_from_http, "channel_session_user_from_http", """\
+On ``websocket.connect``: ``http_session_user``, and the user copied into the channel session.""")
+channel_and_http_session = _session_decorator(
+    _load_channel_and_http_session, "channel_and_http_session", """\
+Both sessions; the handshake's session key is kept in the channel session for later messages.""")
+channel_and_http_session_user_from_http = _session_decorator(
+    _load_channel_and_http_session_user_from_http, "channel_and_http_session_user_from_http", """\
+``channel_and_http_session``, ``message.user``, and the user copied into the channel session.""")
+
+
+def enforce_ordering(func: Callable | None = None, slight: bool = False) -> Any:
+    """Accepted for Channels 1.x code: a socket's messages are always handled in order."""
+    if slight:
+        raise ValueError("Slight ordering is gone (as in Channels 1.1): remove slight=True; "
+                         "ordering is always strict here.")
+    return func if func is not None else (lambda function: function)
+
+
+def allowed_hosts_only(func: Callable) -> Callable:
+    """Accepted for Channels 1.x code: ``Application`` checks every handshake's origin."""
+    return func
 
 
 # -- running one message --
@@ -1681,10 +1977,22 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
         state.deferred = [op for op in state.deferred if not (
             op[0] == "send" and op[2][0] == message.get("reply_channel"))]
         raise
+    except ChannelSocketException as error:
+        error.run(message)  # e.g. WebsocketCloseException: close with its code
     finally:
         _consumer_state.reset(token)
-        await state.apply()
+        try:
+            await _save_sessions(message)  # before the sends: their consumers may read it
+        finally:
+            await state.apply()
     return True
+
+
+async def _save_sessions(message: Message) -> None:
+    """Save the sessions the handler changed, in a thread (session stores do I/O)."""
+    for session in (message._channel_session, message.http_session):
+        if session is not None and getattr(session, "modified", False):
+            await _bridge("session", _SESSION_POOL_SIZE)(_save_session, session)
 
 
 # === 5. Binding ===
@@ -2163,7 +2471,6 @@ class _Connection:
         self.order = 0
         self.state = "connecting"  # then "accepted", then "closed"
         self.closing = False  # a close is queued: frames from now on are dropped
-        self.channel_session: dict = {}
         self.shared: dict = {}  # what every message of the socket carries (the http user)
 
     def __repr__(self) -> str:
@@ -2204,6 +2511,9 @@ class _Connection:
                 await self._leave_groups()  # before disconnect(), as connection_groups promise
                 await self._handle("websocket.disconnect", _disconnect_message(
                     self.reply_channel, self.path, self.order, event.get("code", 1000)))
+                if self.local.session_used:  # else no session row was ever made here
+                    await _bridge("session", _SESSION_POOL_SIZE)(
+                        _delete_channel_session, self.reply_channel)
                 return
             if event["type"] == "websocket.receive" and not self.closing and self.state != "closed":
                 await self._frame(event)
@@ -2223,8 +2533,7 @@ class _Connection:
     async def _handle(self, channel: str, content: dict) -> bool:
         """Run the consumer for one message; a failure closes the socket. False if unrouted."""
         message = Message(content, channel, self.layer)
-        message.channel_session, message.scope = self.channel_session, self.scope
-        message._socket_state = self.shared
+        message.scope, message._socket_state = self.scope, self.shared
         try:
             return await _handle_message(self.router, self.layer, message)
         except DenyConnection:
@@ -2559,11 +2868,13 @@ def _routing_from_settings() -> Any:
 
     _setup_django()
     routing = getattr(settings, "CHANNEL_ROUTING", None)
+    if routing is None:  # Channels 1.x kept it in the layer's settings
+        routing = (getattr(settings, "CHANNEL_LAYERS", None) or {}).get("default", {}).get("ROUTING")
     if routing is None:
         raise ImproperlyConfigured(
-            "settings.CHANNEL_ROUTING is not set, so the module-level 'application' has no "
-            "routes. Set it to a routing list or its dotted path, e.g. "
-            "CHANNEL_ROUTING = 'mysite.routing.channel_routing'.")
+            "settings.CHANNEL_ROUTING is not set (nor CHANNEL_LAYERS['default']['ROUTING'], as "
+            "in Channels 1.x), so the module-level 'application' has no routes. Set it to a "
+            "routing list or its dotted path, e.g. CHANNEL_ROUTING = 'mysite.routing.channel_routing'.")
     return routing
 
 
