@@ -104,6 +104,7 @@ __all__ = [
     "channel_session", "http_session", "http_session_user", "channel_session_user",
     "channel_session_user_from_http", "channel_and_http_session",
     "channel_and_http_session_user_from_http", "enforce_ordering", "allowed_hosts_only",
+    "AsgiRequest", "AsgiHandler", "sse_event", "SSE_HEADERS",
     # 5. binding
     "Binding", "WebsocketBinding",
     # 6. ASGI app
@@ -264,6 +265,9 @@ def _wake(future: asyncio.Future) -> None:
 _nobody_listens_warned = threading.Event()  # set once a group send has "reached nobody"
 
 
+_GONE_REMEMBERED = 10_000  # closed reply channels a layer remembers, to drop late sends
+
+
 class InMemoryChannelLayer:
     """Keeps channels and groups in this process's memory.
 
@@ -291,6 +295,9 @@ class InMemoryChannelLayer:
         ]
         #: Group messages skipped because a member was full, since the layer was made.
         self.dropped = 0
+        #: Messages sent to a connection's reply channel after it closed, dropped quietly.
+        self.late = 0
+        self._gone: dict[str, None] = {}  # closed process-local channels, oldest first
         self._lock = threading.Lock()
         self._queues: dict[str, _Queue] = {}
         self._groups: dict[str, dict[str, float]] = {}  # group -> {channel: joined_at}
@@ -315,6 +322,9 @@ class InMemoryChannelLayer:
         if not isinstance(message, dict):
             _require_dict(message)
         with self._lock:
+            if channel in self._gone:
+                self.late += 1
+                return
             if not self._put(channel, dict(message)):
                 raise ChannelFull(
                     f"Channel {channel!r} holds {self._queues[channel].capacity} messages, its "
@@ -435,10 +445,12 @@ class InMemoryChannelLayer:
         queue = self._queues.get(channel)
         return len(queue.messages) if queue is not None else 0
 
-    def discard_channel(self, channel: str) -> None:
+    def discard_channel(self, channel: str, gone: bool = True) -> None:
         """Remove *channel* from every group and drop its queued messages.
 
-        ``Application`` calls this when a socket closes, so nothing stays behind.
+        ``Application`` calls this when a socket closes, so nothing stays behind. A *gone*
+        process-local channel is never read again: later sends to it (a late long-poll
+        answer, say) are dropped quietly and counted in ``late``.
         """
         with self._lock:
             for group in list(self._memberships.get(channel, ())):
@@ -447,6 +459,10 @@ class InMemoryChannelLayer:
             if queue is not None:
                 queue.messages.clear()
                 self._prune(channel)
+            if gone and "!" in channel:
+                self._gone[channel] = None
+                if len(self._gone) > _GONE_REMEMBERED:
+                    del self._gone[next(iter(self._gone))]  # the oldest
 
     def stats(self) -> dict[str, int]:
         """Counts a test or a status page can read: channels, groups, members, messages, dropped."""
@@ -1960,6 +1976,70 @@ def allowed_hosts_only(func: Callable) -> Callable:
     return func
 
 
+# -- HTTP consumers (1.x) --
+
+def AsgiRequest(message: Message) -> Any:
+    """A Django ``HttpRequest`` for an ``http.request`` message, under Channels 1.x's name.
+
+    ``request = AsgiRequest(message)``, then ``request.GET``, ``request.POST``,
+    ``request.COOKIES`` and ``request.body`` as in a view. Django's own ``ASGIRequest``.
+    """
+    import io
+
+    from django.core.handlers.asgi import ASGIRequest
+
+    scope = {"type": "http", **{key: message.get(key) for key in (
+        "http_version", "method", "path", "root_path", "scheme", "query_string", "headers",
+        "client", "server")}}
+    scope["root_path"], scope["headers"] = scope["root_path"] or "", scope["headers"] or []
+    return ASGIRequest(scope, io.BytesIO(message.get("body") or b""))
+
+
+class AsgiHandler:
+    """Channels 1.x's name for turning Django responses into reply messages."""
+
+    @classmethod
+    def encode_response(cls, response: Any) -> list[dict]:
+        """The reply messages for a Django ``HttpResponse`` (streaming ones too), in order:
+        ``for reply in AsgiHandler.encode_response(response): message.reply_channel.send(reply)``.
+        From sync code (consumers, views), as in 1.x."""
+        from django.core.handlers.asgi import ASGIHandler
+
+        events: list[dict] = []
+
+        async def collect(event: dict) -> None:
+            events.append(event)
+
+        # Django's own encoder (headers, cookies, chunks, streaming), without building a
+        # handler: a handler would load the middleware, and the encoder needs none of it.
+        async_to_sync(ASGIHandler.send_response)(ASGIHandler, response, collect)
+        start, bodies = events[0], events[1:]
+        replies = [{"content": body.get("body", b""), "more_content": body.get("more_body", False)}
+                   for body in bodies] or [{"content": b"", "more_content": False}]
+        replies[0].update(status=start["status"], headers=start["headers"])
+        return replies
+
+
+def sse_event(data: str | None = None, *, event: str | None = None, id: str | None = None,
+              retry: int | None = None, comment: str | None = None) -> bytes:
+    """One server-sent event, framed for an ``EventSource``: send it as a reply's ``content``.
+
+    ``sse_event("hello", event="chat", id="7")`` is ``b"event: chat\\nid: 7\\ndata: hello\\n\\n"``;
+    ``sse_event(comment="keep-alive")`` is a comment that keeps proxies from timing out.
+    """
+    lines = [f": {line}" for line in (comment or "").splitlines()] if comment is not None else []
+    for name, value in (("event", event), ("id", id), ("retry", retry)):
+        if value is not None:
+            lines.append(f"{name}: {value}")
+    if data is not None:
+        lines += [f"data: {line}" for line in str(data).split("\n")]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+#: The headers a server-sent events reply starts with.
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
 # -- running one message --
 
 async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
@@ -2460,36 +2540,163 @@ def _outbox_layer(layer: Any) -> InMemoryChannelLayer:
 
 
 class _Connection:
-    """One websocket connection: its frames in as messages, its outbox out as frames."""
+    """What every connection shares: a reply channel, its outbox, and the one way out.
 
-    def __init__(self, scope: Scope, send: Send, router: Router, layer: Any, max_message_size: int):
+    A subclass says how requests come in (`_run`) and how one reply becomes ASGI events
+    (`_deliver`); everything sent to the reply channel reaches `_deliver` through `_write`.
+    """
+
+    kind = "connection"  # the reply channel's prefix
+    what = "connection"  # its name in log lines
+
+    def __init__(self, scope: Scope, send: Send, router: Router, layer: Any):
         self.scope, self._send, self.router, self.layer = scope, send, router, layer
-        self.max_message_size = max_message_size
         self.path: str = scope.get("path", "")
         self.outbox = _outbox_layer(layer)
         self.reply_channel = ""
-        self.order = 0
-        self.state = "connecting"  # then "accepted", then "closed"
-        self.closing = False  # a close is queued: frames from now on are dropped
-        self.shared: dict = {}  # what every message of the socket carries (the http user)
+        self.closed = False  # nothing more reaches the client
+        self.shared: dict = {}  # what every message of the connection carries (the http user)
 
     def __repr__(self) -> str:
-        return f"<Connection {self.path} {self.reply_channel} {self.state}>"
+        return f"<{type(self).__name__} {self.path} {self.reply_channel} closed={self.closed}>"
 
     async def serve(self, receive: Receive) -> None:
-        """Serve the socket until the client or a consumer closes it."""
-        self.reply_channel = await self.layer.new_channel("websocket.send")
+        """Serve the connection until the client or a consumer ends it."""
+        # channels_redis reads each prefix of process-local channels with its own blocking
+        # read, one at a time: with a shared layer, one prefix keeps replies from waiting.
+        prefix = self.kind if _is_in_memory(self.layer) else "websocket.send"
+        self.reply_channel = await self.layer.new_channel(prefix)
         self.local = _local_sockets[self.reply_channel] = _LocalSocket(self.layer, self.outbox)
         tasks = [asyncio.create_task(self._write())]
         if self.outbox is not self.layer:
             tasks.append(asyncio.create_task(self._listen()))
         try:
-            await self._connect()
-            await self._read(receive)
+            await self._run(receive)
         finally:
             await self._stop(*tasks)
 
-    # -- frames in --
+    async def _run(self, receive: Receive) -> None:
+        raise NotImplementedError
+
+    async def _deliver(self, reply: dict) -> None:
+        raise NotImplementedError
+
+    def _message(self, channel: str, content: dict) -> Message:
+        message = Message(content, channel, self.layer)
+        message.scope, message._socket_state = self.scope, self.shared
+        return message
+
+    def _queue(self, reply: dict) -> None:
+        self.outbox.send_now(self.reply_channel, reply)
+
+    async def _write(self) -> None:
+        """The one way out: each message of the outbox, in order, to `_deliver`."""
+        while True:
+            reply = await self.outbox.receive(self.reply_channel)
+            try:
+                await self._deliver(reply)
+            except Exception:  # a malformed reply: that connection ends
+                logger.exception("Cannot send reply %.200r to %s %.200s; closing it.",
+                                 reply, self.what, self.path)
+                await self._abort()
+
+    async def _abort(self) -> None:
+        """End the connection at once (a reply could not be delivered)."""
+
+    async def _emit(self, event: dict) -> None:
+        try:
+            await self._send(event)
+        except OSError:  # the client went away; its disconnect event follows
+            self.closed = True
+
+    async def _listen(self) -> None:
+        """Move what reaches this connection through the shared layer (group sends, other
+        processes) into its outbox. A full outbox drops the message, counted and logged."""
+        while True:
+            try:
+                message = await self.layer.receive(self.reply_channel)
+            except Exception:
+                if self.closed:
+                    return  # the client is gone: a late error from its receive is no news
+                _log_layer_failure("Cannot receive messages for %s %s from the channel layer; "
+                                   "retrying in 1 s.", self.what, self.path)
+                await asyncio.sleep(1)
+                continue
+            if message == _STOP:
+                return
+            try:
+                self._queue(message)
+            except ChannelFull:
+                self.outbox._report_drops("From the channel layer", [self.reply_channel])
+
+    async def _end(self) -> None:
+        """The client is gone: leave every group, forget the channel session made here."""
+        self.closed = True
+        await self._leave_groups()
+        if self.local.session_used:  # else no session row was ever made here
+            await _bridge("session", _SESSION_POOL_SIZE)(_delete_channel_session, self.reply_channel)
+            self.local.session_used = False
+
+    async def _leave_groups(self) -> None:
+        """Leave every group the connection joined -- through connection_groups or Group.add."""
+        for group in list(self.local.groups):
+            try:
+                await self.layer.group_discard(group, self.reply_channel)
+            except Exception:
+                _log_layer_failure("Cannot remove %s %s from group %r on the channel layer; "
+                                   "the layer's group_expiry will.", self.what, self.path, group)
+        self.local.groups.clear()
+
+    async def _stop(self, writer: asyncio.Task, listener: asyncio.Task | None = None) -> None:
+        await self._end()  # also when serving stopped without a disconnect event
+        del _local_sockets[self.reply_channel]
+        await _cancel_and_wait(writer)  # an in-memory receive is safe to cancel
+        if listener is not None:
+            await self._stop_listener(listener)
+        self.outbox.discard_channel(self.reply_channel)  # later sends to it are dropped quietly
+
+    async def _stop_listener(self, listener: asyncio.Task) -> None:
+        """Stop with a message rather than a cancel: a Redis layer shares one connection
+        between the sockets of a process, and a cancel landing mid-read can lose another
+        socket's message."""
+        try:
+            await asyncio.wait_for(self.layer.send(self.reply_channel, dict(_STOP)), 2)
+            await asyncio.wait({listener}, timeout=2)
+        except Exception:  # the layer is down or the channel full: cancelling is all that is left
+            pass
+        await _cancel_and_wait(listener)
+
+
+# -- websockets --
+
+class _WebsocketConnection(_Connection):
+    """One websocket: its frames in as messages, its outbox out as frames."""
+
+    kind, what = "websocket.send", "websocket"
+
+    def __init__(self, scope: Scope, send: Send, router: Router, layer: Any, max_message_size: int):
+        super().__init__(scope, send, router, layer)
+        self.max_message_size = max_message_size
+        self.order = 0
+        self.accepted = False
+        self.closing = False  # a close is queued: frames from now on are dropped
+
+    # frames in
+
+    async def _run(self, receive: Receive) -> None:
+        await self._connect()
+        while True:
+            event = await receive()
+            if event["type"] == "websocket.disconnect":
+                self.closed = True
+                self.order += 1
+                await self._leave_groups()  # before disconnect(), as connection_groups promise
+                await self._handle("websocket.disconnect", _disconnect_message(
+                    self.reply_channel, self.path, self.order, event.get("code", 1000)))
+                return
+            if event["type"] == "websocket.receive" and not self.closing and not self.closed:
+                await self._frame(event)
+            await asyncio.sleep(0)  # a turn for every other socket, however fast this one sends
 
     async def _connect(self) -> None:
         content = _connect_message(self.scope, self.reply_channel)
@@ -2501,23 +2708,6 @@ class _Connection:
             _warn_client_mistake("Rejected websocket to %.200s: no route for websocket.connect or "
                                  "websocket.receive matches that path.", self.path)
             self._queue_close(1000)
-
-    async def _read(self, receive: Receive) -> None:
-        while True:
-            event = await receive()
-            if event["type"] == "websocket.disconnect":
-                self.state = "closed"
-                self.order += 1
-                await self._leave_groups()  # before disconnect(), as connection_groups promise
-                await self._handle("websocket.disconnect", _disconnect_message(
-                    self.reply_channel, self.path, self.order, event.get("code", 1000)))
-                if self.local.session_used:  # else no session row was ever made here
-                    await _bridge("session", _SESSION_POOL_SIZE)(
-                        _delete_channel_session, self.reply_channel)
-                return
-            if event["type"] == "websocket.receive" and not self.closing and self.state != "closed":
-                await self._frame(event)
-            await asyncio.sleep(0)  # a turn for every other socket, however fast this one sends
 
     async def _frame(self, event: dict) -> None:
         size = _frame_size(event)
@@ -2532,10 +2722,8 @@ class _Connection:
 
     async def _handle(self, channel: str, content: dict) -> bool:
         """Run the consumer for one message; a failure closes the socket. False if unrouted."""
-        message = Message(content, channel, self.layer)
-        message.scope, message._socket_state = self.scope, self.shared
         try:
-            return await _handle_message(self.router, self.layer, message)
+            return await _handle_message(self.router, self.layer, self._message(channel, content))
         except DenyConnection:
             if channel == "websocket.connect":
                 self._queue_close(1000)  # before any accept: the client gets HTTP 403
@@ -2551,41 +2739,27 @@ class _Connection:
         self._queue_close(1011)
         return True
 
-    # -- messages out --
-
-    def _queue(self, reply: dict) -> None:
-        self.outbox.send_now(self.reply_channel, reply)
+    # messages out
 
     def _queue_close(self, code: int) -> None:
         """Close behind whatever is already queued, so those replies still arrive."""
-        if self.closing or self.state == "closed":
+        if self.closing or self.closed:
             return
         self.closing = True
         try:
             self._queue({"close": code})
         except ChannelFull:  # its client stopped reading: what waits would never leave
-            self.outbox.discard_channel(self.reply_channel)
+            self.outbox.discard_channel(self.reply_channel, gone=False)
             self._queue({"close": code})
-
-    async def _write(self) -> None:
-        """The one way out: each message of the outbox, in order, to `_deliver`."""
-        while True:
-            reply = await self.outbox.receive(self.reply_channel)
-            try:
-                await self._deliver(reply)
-            except Exception:  # a malformed reply: that socket closes
-                logger.exception("Cannot send reply %.200r to websocket %.200s; closing it with 1011.",
-                                 reply, self.path)
-                await self._close(1011)
 
     async def _deliver(self, reply: dict) -> None:
         """Turn one reply-channel message into ASGI events (SPEC section 2, replies)."""
-        if self.state == "closed":
+        if self.closed:
             return
         if "accept" in reply:
             if not reply["accept"]:
                 return await self._close(1000)
-            if self.state == "connecting":
+            if not self.accepted:
                 await self._accept(reply.get("subprotocol"))
         for key, kind in (("text", str), ("bytes", bytes)):
             if key in reply:
@@ -2593,7 +2767,7 @@ class _Connection:
                     logger.error("Reply on %s has %r of type %s; it must be %s. Not sent.",
                                  self.reply_channel, key, type(reply[key]).__name__, kind.__name__)
                     continue
-                if self.state == "connecting":
+                if not self.accepted:
                     await self._accept(None)
                 await self._emit({"type": "websocket.send", key: reply[key]})
         close = reply.get("close")
@@ -2602,70 +2776,142 @@ class _Connection:
                 raise TypeError(f"'close' must be True or a close code int (got {close!r}).")
             await self._close(1000 if close is True else close)
 
+    async def _abort(self) -> None:
+        await self._close(1011)
+
     async def _accept(self, subprotocol: str | None) -> None:
-        self.state = "accepted"
+        self.accepted = True
         await self._emit({"type": "websocket.accept", "subprotocol": subprotocol})
 
     async def _close(self, code: int) -> None:
         """Close (or, before accepting, reject with HTTP 403) -- once."""
-        if self.state != "closed":
-            self.state = "closed"
+        if not self.closed:
+            self.closed = True
             await self._emit({"type": "websocket.close", "code": code})
 
-    async def _emit(self, event: dict) -> None:
+
+# -- HTTP (Channels 1.x's http.request) --
+
+_TOO_LARGE = object()  # what _read_body returns for a body over the limit
+
+
+def _request_message(scope: Scope, reply_channel: str, body: bytes = b"") -> dict:
+    return {"reply_channel": reply_channel, "http_version": scope.get("http_version", "1.1"),
+            "method": scope.get("method", "GET"), "path": scope.get("path", ""),
+            "root_path": scope.get("root_path", ""), "scheme": scope.get("scheme", "http"),
+            "query_string": scope.get("query_string", b""), "headers": scope.get("headers", []),
+            "body": body, "client": scope.get("client"), "server": scope.get("server")}
+
+
+async def _read_body(receive: Receive, limit: int | None) -> Any:
+    """The whole request body; `_TOO_LARGE` over *limit* bytes, None if the client left."""
+    chunks, size = [], 0
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            return None
+        chunk = event.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            return _TOO_LARGE
+        chunks.append(chunk)
+        if not event.get("more_body"):
+            return b"".join(chunks)
+
+
+def _header_pairs(headers: Any) -> list[tuple[bytes, bytes]]:
+    """Reply headers as ASGI wants them: pairs of bytes (1.x code often wrote str)."""
+    return [tuple(part.encode("latin-1") if isinstance(part, str) else bytes(part)
+                  for part in pair) for pair in headers]
+
+
+def _plain_reply(status: int, text: str) -> dict:
+    return {"status": status, "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+            "content": text.encode(), "more_content": False}
+
+
+class _HttpConnection(_Connection):
+    """One routed HTTP request: its ``http.request`` message in; replies on its reply channel
+    -- from the consumer, or later from any code -- out as the response, streamed if asked."""
+
+    kind, what = "http.response", "HTTP request"
+
+    def __init__(self, scope: Scope, send: Send, router: Router, layer: Any,
+                 body_limit: int | None, timeout: float):
+        super().__init__(scope, send, router, layer)
+        self.body_limit, self.timeout = body_limit, timeout
+        self.started = False
+        self.done = asyncio.Event()  # the response is complete
+
+    async def _run(self, receive: Receive) -> None:
+        body = await _read_body(receive, self.body_limit)
+        if body is None:
+            return
+        if body is _TOO_LARGE:
+            _warn_client_mistake("Refused a request body over %d bytes on %.200s (413).",
+                                 self.body_limit, self.path)
+            self._queue(_plain_reply(413, f"Request body over {self.body_limit} bytes."))
+        else:
+            await self._handle("http.request", _request_message(self.scope, self.reply_channel, body))
+        await self._wait(receive)
+
+    async def _wait(self, receive: Receive) -> None:
+        """Until the response is complete or the client leaves; 504 if nobody answers."""
+        done = asyncio.create_task(self.done.wait())
+        left = asyncio.create_task(_http_disconnected(receive))
         try:
-            await self._send(event)
-        except OSError:  # the client went away; its disconnect event follows
-            self.state = "closed"
+            finished, _ = await asyncio.wait({done, left}, timeout=self.timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if not finished and not self.started:
+                logger.warning("Nobody answered %s %.200s within %g s: 504.",
+                               self.scope.get("method"), self.path, self.timeout)
+                self._queue(_plain_reply(504, "Nobody answered this request in time."))
+            if not finished:  # a stream goes on for as long as its client listens
+                await asyncio.wait({done, left}, return_when=asyncio.FIRST_COMPLETED)
+            if left.done() and not done.done():
+                self.closed = True
+                await self._leave_groups()  # first: nothing more can reach the client
+                await self._handle("http.disconnect", {"reply_channel": self.reply_channel,
+                                                       "path": self.path})
+        finally:
+            done.cancel()
+            left.cancel()
 
-    async def _listen(self) -> None:
-        """Move what reaches this socket through the shared layer (group sends, other
-        processes) into its outbox. A full outbox drops the message, counted and logged."""
-        while True:
-            try:
-                message = await self.layer.receive(self.reply_channel)
-            except Exception:
-                if self.state == "closed":
-                    return  # the socket is gone: a late error from its receive is no news
-                _log_layer_failure("Cannot receive messages for websocket %s from the channel "
-                                   "layer; retrying in 1 s.", self.path)
-                await asyncio.sleep(1)
-                continue
-            if message == _STOP:
-                return
-            try:
-                self._queue(message)
-            except ChannelFull:
-                self.outbox._report_drops("From the channel layer", [self.reply_channel])
-
-    async def _leave_groups(self) -> None:
-        """Leave every group the socket joined -- through connection_groups or Group.add."""
-        for group in list(self.local.groups):
-            try:
-                await self.layer.group_discard(group, self.reply_channel)
-            except Exception:
-                _log_layer_failure("Cannot remove websocket %s from group %r on the channel "
-                                   "layer; the layer's group_expiry will.", self.path, group)
-        self.local.groups.clear()
-
-    async def _stop(self, writer: asyncio.Task, listener: asyncio.Task | None = None) -> None:
-        await self._leave_groups()  # also when serving stopped without a disconnect event
-        del _local_sockets[self.reply_channel]
-        await _cancel_and_wait(writer)  # an in-memory receive is safe to cancel
-        if listener is not None:
-            await self._stop_listener(listener)
-        self.outbox.discard_channel(self.reply_channel)
-
-    async def _stop_listener(self, listener: asyncio.Task) -> None:
-        """Stop with a message rather than a cancel: a Redis layer shares one connection
-        between the sockets of a process, and a cancel landing mid-read can lose another
-        socket's message."""
+    async def _handle(self, channel: str, content: dict) -> None:
         try:
-            await asyncio.wait_for(self.layer.send(self.reply_channel, dict(_STOP)), 2)
-            await asyncio.wait({listener}, timeout=2)
-        except Exception:  # the layer is down or the channel full: cancelling is all that is left
-            pass
-        await _cancel_and_wait(listener)
+            await _handle_message(self.router, self.layer, self._message(channel, content))
+        except Exception:
+            logger.exception("Consumer failed on %s for %.200s; answering 500.", channel, self.path)
+            if not self.started and not self.closed:
+                self._queue(_plain_reply(500, "The server failed to answer this request."))
+
+    async def _deliver(self, reply: dict) -> None:
+        """Turn one 1.x reply (``status``, ``headers``, ``content``, ``more_content``) into
+        ASGI response events. A started stream takes websocket frames too: a group's
+        ``{"text": ...}`` arrives as one server-sent event, so one group feeds both."""
+        if self.closed or self.done.is_set():
+            return  # late: the response is over
+        if "text" in reply and self.started:  # a websocket frame sent to a group a stream joined
+            reply = {"content": sse_event(reply["text"]), "more_content": True}
+        if not self.started:
+            await self._emit({"type": "http.response.start", "status": int(reply["status"]),
+                              "headers": _header_pairs(reply.get("headers", ()))})
+            self.started = True
+        more = bool(reply.get("more_content", False))
+        await self._emit({"type": "http.response.body", "body": reply.get("content", b""),
+                          "more_body": more})
+        if not more:
+            self.done.set()
+
+    async def _abort(self) -> None:
+        if not self.started:
+            await self._deliver(_plain_reply(500, "The server failed to answer this request."))
+        self.done.set()
+
+
+async def _http_disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class _MembershipKeeper:
@@ -2754,13 +3000,16 @@ class Application:
     ``channel_layer`` replaces ``get_channel_layer()``; ``allowed_origins`` replaces
     ``ALLOWED_HOSTS`` for websocket ``Origin`` checks (same patterns, ``"*"`` for any,
     ``"null"`` to allow the ``null`` origin); larger frames than ``max_message_size``
-    bytes close the socket with 1009.
+    bytes close the socket with 1009. A routed ``http.request`` that nobody answers within
+    ``http_timeout`` seconds gets 504.
     """
 
     def __init__(self, routing: Any, *, http: ASGIApp | None = None, channel_layer: Any = None,
-                 allowed_origins: list[str] | None = None, max_message_size: int = 1_048_576):
+                 allowed_origins: list[str] | None = None, max_message_size: int = 1_048_576,
+                 http_timeout: float = 60):
         self.router = Router(routing) if routing is not None else None
         self.http = http
+        self.http_timeout = http_timeout
         self._channel_layer = channel_layer
         self.allowed_origins = allowed_origins
         self.max_message_size = max_message_size
@@ -2784,7 +3033,7 @@ class Application:
         if kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "http":
-            await self._http_app()(scope, receive, send)
+            await self._http_request(scope, receive, send)
         else:
             raise ValueError(f"Application cannot serve ASGI scope type {kind!r}; it serves "
                              f"'websocket', 'http' and 'lifespan'.")
@@ -2829,7 +3078,18 @@ class Application:
                 self.http = _not_found
         return self.http
 
-    # -- websockets --
+    # -- HTTP and websockets --
+
+    async def _http_request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A routed ``http.request`` goes to its consumer; anything else to Django."""
+        if ("http.request" in self.router.channels
+                and self.router._match("http.request", _request_message(scope, "")) is not None):
+            limit = _setting("DATA_UPLOAD_MAX_MEMORY_SIZE") if _settings_ready() else None
+            connection = _HttpConnection(scope, send, self.router, self.channel_layer,
+                                         limit if limit is not None else self.max_message_size,
+                                         self.http_timeout)
+            return await connection.serve(receive)
+        await self._http_app()(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
@@ -2841,7 +3101,8 @@ class Application:
                                  scope.get("path"), origin)
             await send({"type": "websocket.close", "code": 1008})  # 403 before accepting
             return
-        connection = _Connection(scope, send, self.router, self.channel_layer, self.max_message_size)
+        connection = _WebsocketConnection(scope, send, self.router, self.channel_layer,
+                                          self.max_message_size)
         await connection.serve(receive)
 
     def origin_allowed(self, origin: str | None) -> bool:
