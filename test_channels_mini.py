@@ -69,6 +69,7 @@ django.setup()
 
 import channels_mini  # noqa: E402
 from channels_mini import (  # noqa: E402
+    AsgiHandler, AsgiRequest, SSE_HEADERS, sse_event,
     Application, BaseConsumer, Binding, Channel, ChannelFull, DenyConnection, Group,
     Include, InMemoryChannelLayer, JsonWebsocketConsumer, Message, Route, RouteClass, Router,
     SendNotAvailableOnDemultiplexer, WebsocketBinding, WebsocketCommunicator,
@@ -3431,6 +3432,248 @@ def test_app_uvicorn_lifespan_on_starts_and_stops_cleanly():
     log = server.log()
     assert "Application startup complete." in log and "Application shutdown complete." in log
     assert "Traceback" not in log and "ERROR" not in log
+
+
+# -- HTTP consumers (Channels 1.x's http.request) --
+
+def http_hello(message):
+    """Channels 1.x's Getting Started consumer, as written there (imports aside)."""
+    from django.http import HttpResponse
+    response = HttpResponse("Hello world! You asked for %s" % message.content["path"])
+    for chunk in AsgiHandler.encode_response(response):
+        message.reply_channel.send(chunk)
+
+
+async def http_echo(message, name):
+    """Answers with what the 1.x message holds (the body, the request line, the peers)."""
+    headers = {key.decode(): value.decode() for key, value in message["headers"]}
+    answer = {"name": name, "method": message["method"], "path": message["path"],
+              "query_string": message["query_string"].decode(), "body": message["body"].decode(),
+              "scheme": message["scheme"], "http_version": message["http_version"],
+              "has_client": bool(message["client"]), "has_server": bool(message["server"]),
+              "header": headers.get("x-test"), "reply_channel": message["reply_channel"]}
+    message.reply_channel.send({"status": 201, "headers": [("content-type", "application/json")],
+                                "content": json.dumps(answer).encode()})
+
+
+def http_form(message):
+    """Reads a posted form through AsgiRequest, as a 1.x consumer would."""
+    request = AsgiRequest(message)
+    text = f"{request.method} {request.path} said={request.POST.get('said')} q={request.GET.get('q')}"
+    message.reply_channel.send({"status": 200, "headers": [], "content": text.encode()})
+
+
+def http_poll(message, topic):
+    """A long-poll: the reply channel waits in a group until something is published."""
+    Group(f"http-poll-{topic}").add(message.reply_channel)
+
+
+def http_stream(message):
+    """Server-sent events: headers and a first comment now, then whatever the group gets."""
+    message.reply_channel.send({"status": 200, "headers": SSE_HEADERS,
+                                "content": sse_event(comment="hello"), "more_content": True})
+    Group("http-stream").add(message.reply_channel)
+
+
+http_disconnects: list[str] = []
+
+
+def http_gone(message):
+    http_disconnects.append(message["path"])
+
+
+def http_never(message):
+    """Routed, and never answered: the request gets 504 after http_timeout."""
+
+
+def http_counting(message):
+    http_disconnects.append("counted " + message["path"])
+    message.reply_channel.send({"status": 200, "headers": [], "content": b"ok"})
+
+
+def _view_http_publish(request, topic):
+    """A Django view answers the long-polls of *topic* and feeds the event streams."""
+    from django.http import HttpResponse
+    text = request.GET.get("text", "news")
+    Group(f"http-poll-{topic}").send({"status": 200, "headers": [("content-type", "text/plain")],
+                                      "content": f"{topic}: {text}".encode()})
+    Group("http-stream").send({"content": sse_event(text, id=request.GET.get("id")),
+                               "more_content": True})
+    return HttpResponse("published")
+
+
+def _view_http_stats(request):
+    from django.http import JsonResponse
+    layer = get_channel_layer()
+    return JsonResponse({**layer.stats(), "late": getattr(layer, "late", 0),
+                         "disconnects": http_disconnects})
+
+
+def _http_url_patterns():
+    from django.urls import path
+    return [path("http/publish/<str:topic>/", _view_http_publish), path("http/stats/", _view_http_stats)]
+
+
+urlpatterns += _http_url_patterns()
+
+http_routing = [
+    route("http.request", http_hello, path=r"^/hello/"),
+    route("http.request", http_echo, path=r"^/http/echo/(?P<name>\w+)/$", method="^(?:GET|POST)$"),
+    route("http.request", http_form, path=r"^/http/form/$", method=b"^POST$"),
+    route("http.request", http_poll, path=r"^/http/poll/(?P<topic>\w+)/$", method="^GET$"),
+    route("http.request", http_stream, path=r"^/http/stream/$"),
+    route("http.request", http_never, path=r"^/http/never/$"),
+    route("http.request", http_counting, path=r"^/http/counting/$"),
+    route("http.disconnect", http_gone),
+]
+http_app = Application(http_routing, http_timeout=2)
+
+
+def http_request(url: str, data: bytes | None = None, headers: dict | None = None,
+                 timeout: float = 10) -> tuple:
+    """A real HTTP request: status, body and the (case-insensitive) response headers."""
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read(), response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_app_http_consumers_get_post_and_django_under_each_server(kind):
+    """Routed GET and POST (with a body) reach their consumers with the 1.x message; the 1.x
+    Getting Started consumer answers; unrouted requests still reach Django's views."""
+    with running_server(kind, app=f"{__name__}:http_app") as server:
+        status, body, headers = http_request(server.url("/http/echo/bob/?q=1", "http"),
+                                             data=b"payload", headers={"X-Test": "yes"})
+        got = json.loads(body)
+        get_status, get_body, _ = http_request(server.url("/http/echo/ann/", "http"))
+        hello = http_request(server.url("/hello/there/", "http"))
+        form = http_request(server.url("/http/form/?q=2", "http"), data=b"said=hi+there")
+        django_page = http_get(server.url("/page/", "http"))
+    assert status == 201 and headers["content-type"] == "application/json"
+    assert {key: got[key] for key in ("name", "method", "path", "query_string", "body", "scheme",
+                                      "header", "has_client", "has_server")} == {
+        "name": "bob", "method": "POST", "path": "/http/echo/bob/", "query_string": "q=1",
+        "body": "payload", "scheme": "http", "header": "yes", "has_client": True, "has_server": True}
+    assert got["http_version"] in ("1.0", "1.1") and got["reply_channel"].startswith("http.response")
+    assert get_status == 201 and json.loads(get_body)["method"] == "GET"
+    assert hello[:2] == (200, b"Hello world! You asked for /hello/there/")
+    assert form[:2] == (200, b"POST /http/form/ said=hi there q=2")
+    assert django_page == (200, "django page ok")
+
+
+def test_app_http_long_poll_is_answered_by_a_django_view_in_the_same_process():
+    """A long-poll waits in a group; a Django view's Group.send answers it (and only its topic)."""
+    with running_server(app=f"{__name__}:http_app") as server:
+
+        async def scenario():
+            waiting = asyncio.create_task(asyncio.to_thread(
+                http_request, server.url("/http/poll/alpha/", "http")))
+            other = asyncio.create_task(asyncio.to_thread(
+                http_request, server.url("/http/poll/beta/", "http"), None, None, 8))
+            await asyncio.sleep(0.5)  # both wait in their groups
+            published = await asyncio.to_thread(
+                http_request, server.url("/http/publish/alpha/?text=hello", "http"))
+            return published, await waiting, await other
+
+        published, answered, unanswered = run(scenario())
+    assert published[:2] == (200, b"published")
+    assert answered[:2] == (200, b"alpha: hello")
+    assert unanswered[0] == 504  # beta's topic heard nothing: its request timed out
+
+
+def test_app_http_server_sent_events_receive_group_sends_in_order():
+    """An event stream joined to a group gets every Group.send, in order, as SSE events."""
+    import http.client
+    with running_server(app=f"{__name__}:http_app") as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            connection.request("GET", "/http/stream/")
+            response = connection.getresponse()
+            first = response.readline() + response.readline()
+            for number in range(20):
+                assert http_request(server.url(f"/http/publish/x/?text=n{number}&id={number}",
+                                               "http"))[:2] == (200, b"published")
+            events = []
+            for _ in range(20):
+                lines = [response.readline() for _ in range(3)]  # id:, data:, blank
+                events.append(b"".join(lines))
+            content_type = response.getheader("content-type")
+        finally:
+            connection.close()
+    assert response.status == 200 and content_type == "text/event-stream"
+    assert first == b": hello\n\n"
+    assert events == [f"id: {n}\ndata: n{n}\n\n".encode() for n in range(20)]
+
+
+def test_app_http_client_leaving_mid_wait_leaves_its_groups_and_late_replies_are_dropped():
+    """A long-poll client that disconnects produces http.disconnect; its reply channel leaves
+    every group and nothing stays behind; a late answer is dropped quietly and counted."""
+    with running_server(app=f"{__name__}:http_app") as server:
+        before = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"GET /http/poll/gone/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # until it waits in its group
+                waiting = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+                if waiting["members"] > before["members"]:
+                    break
+                time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until the server saw the client leave
+            after = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+            if "/http/poll/gone/" in after["disconnects"]:
+                break
+            time.sleep(0.05)
+        http_request(server.url("/http/publish/gone/", "http"))  # nobody waits any more
+        final = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+    assert waiting["members"] == before["members"] + 1
+    assert "/http/poll/gone/" in after["disconnects"]
+    assert {key: after[key] for key in ("channels", "groups", "members", "messages")} == \
+        {key: before[key] for key in ("channels", "groups", "members", "messages")}
+    assert final["messages"] == before["messages"]
+
+
+def test_app_http_413_over_the_body_limit_and_504_when_nobody_answers():
+    """A body over DATA_UPLOAD_MAX_MEMORY_SIZE gets 413 and the consumer never runs; a
+    request nobody answers gets 504 after http_timeout (2 s here), not a socket held forever."""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    with running_server(app=f"{__name__}:http_app") as server:
+        too_big = http_request(server.url("/http/counting/", "http"), data=b"x" * (limit + 1))
+        fits = http_request(server.url("/http/counting/", "http"), data=b"x" * 10)
+        start = time.monotonic()
+        never = http_request(server.url("/http/never/", "http"))
+        waited = time.monotonic() - start
+        stats = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+    assert too_big[0] == 413 and f"over {limit} bytes".encode() in too_big[1]
+    assert fits[:2] == (200, b"ok")
+    assert [entry for entry in stats["disconnects"] if entry.startswith("counted")] == \
+        ["counted /http/counting/"]  # only the request that fitted ran the consumer
+    assert never[:2] == (504, b"Nobody answered this request in time.")
+    assert 1.5 <= waited < 6, waited
+
+
+def test_app_http_long_poll_answered_from_another_process_through_redis():
+    """Two servers share Redis: a long-poll waiting on one is answered by a view on the other."""
+    with running_redis() as url:
+        env = redis_server_env(url)
+        with running_server(app=f"{__name__}:http_app", env=env) as first, \
+                running_server(app=f"{__name__}:http_app", env=env) as second:
+
+            async def scenario():
+                waiting = asyncio.create_task(asyncio.to_thread(
+                    http_request, first.url("/http/poll/cross/", "http")))
+                await asyncio.sleep(1.0)
+                published = await asyncio.to_thread(
+                    http_request, second.url("/http/publish/cross/?text=from-b", "http"))
+                return published, await waiting
+
+            published, answered = run(scenario())
+    assert published[:2] == (200, b"published")
+    assert answered[:2] == (200, b"cross: from-b")
+
 
 
 # === 7. Test helpers ===
