@@ -656,6 +656,16 @@ def test_get_channel_layer_builds_backend_from_settings():
         assert isinstance(get_channel_layer("other"), InMemoryChannelLayer)
 
 
+def test_get_channel_layer_accepts_the_1x_in_memory_backend_name():
+    from django.test import override_settings
+
+    config = {"default": {"BACKEND": "asgiref.inmemory.ChannelLayer", "ROUTING": "mysite.routing.x",
+                          "CONFIG": {"capacity": 9}}}
+    with override_settings(CHANNEL_LAYERS=config):
+        reset_channel_layers()
+        layer = get_channel_layer()
+        assert type(layer) is InMemoryChannelLayer and layer.capacity == 9
+
 def test_get_channel_layer_errors_name_alias_and_backend():
     from django.test import override_settings
 
@@ -1125,6 +1135,15 @@ def test_routing_bytes_values_are_decoded_as_ascii():
     assert router.match(msg("c", query_string=b"token=abc")) == (route_consumer, {"token": "abc"})
     assert router.match(msg("c", query_string="token=é".encode())) is None
 
+
+def test_routing_bytes_patterns_are_decoded_as_ascii_as_in_1x():
+    router = Router([route("websocket.connect", route_consumer, path=rb"^/chat/(?P<room>\w+)/$")])
+    assert router.match(msg("websocket.connect", path="/chat/lobby/")) == (route_consumer, {"room": "lobby"})
+    assert router.match(msg("websocket.connect", path=b"/chat/hall/")) == (route_consumer, {"room": "hall"})
+    with pytest.raises(ValueError, match=re.escape(
+            "Filter 'path' for route 'c' is a bytes pattern that is not ASCII (got b'^/caf\\xc3\\xa9/$'). "
+            "Write it as a str.")):
+        route("c", route_consumer, path="^/café/$".encode())
 
 def test_routing_route_takes_a_list_of_channels():
     router = Router([route(["a.x", "b.x"], route_consumer)])
@@ -2552,6 +2571,179 @@ async def test_consumers_1x_socket_exceptions_run_their_action(flavour, caplog):
         WebsocketCloseException(1011)
 
 
+# A 1.x multi-room chat, written as the Channels 1.x "multichat" example is: function
+# consumers, the session decorators, and a custom channel routed by a `command` filter.
+# Every answer names the process that ran the `chat.receive` consumer (`pid`).
+
+def app_chat_answer(message, **content) -> None:
+    message.reply_channel.send({"text": json.dumps({**content, "pid": os.getpid()})})
+
+
+@channel_session_user_from_http
+def app_chat_ws_connect(message):
+    message.reply_channel.send({"accept": True})
+    message.channel_session["rooms"] = []
+
+
+def app_chat_ws_receive(message):
+    payload = json.loads(message["text"])
+    payload["reply_channel"] = message.content["reply_channel"]
+    Channel("chat.receive").send(payload)
+
+
+@channel_session_user
+def app_chat_ws_disconnect(message):
+    for room in message.channel_session.get("rooms", []):
+        Group(f"chat-{room}").discard(message.reply_channel)
+
+
+@channel_session_user
+def app_chat_join(message):
+    room = message["room"]
+    if room.startswith("staff") and not message.user.is_staff:
+        return app_chat_answer(message, error="ROOM_ACCESS_DENIED", room=room)
+    Group(f"chat-{room}").add(message.reply_channel)
+    message.channel_session["rooms"] = sorted({*message.channel_session["rooms"], room})
+    app_chat_answer(message, join=room, user=message.user.username)
+
+
+@channel_session_user
+async def app_chat_leave(message):  # an async consumer, in the same routing
+    room = message["room"]
+    await Group(f"chat-{room}").adiscard(message.reply_channel)
+    message.channel_session["rooms"] = [name for name in message.channel_session["rooms"] if name != room]
+    app_chat_answer(message, leave=room)
+
+
+@channel_session_user
+def app_chat_send(message):
+    room = message["room"]
+    if room not in message.channel_session["rooms"]:
+        return app_chat_answer(message, error="ROOM_NOT_JOINED", room=room)
+    Group(f"chat-{room}").send({"text": json.dumps({
+        "room": room, "user": message.user.username, "message": message["message"], "pid": os.getpid()})})
+
+
+app_chat_socket_routing = [
+    route("websocket.connect", app_chat_ws_connect, path=r"^/chat/$"),
+    route("websocket.receive", app_chat_ws_receive, path=r"^/chat/$"),
+    route("websocket.disconnect", app_chat_ws_disconnect, path=r"^/chat/$"),
+]
+app_chat_routing = app_chat_socket_routing + [
+    route("chat.receive", app_chat_join, command="^join$"),
+    route("chat.receive", app_chat_leave, command="^leave$"),
+    route("chat.receive", app_chat_send, command="^send$"),
+]
+app_chat_app = Application(app_chat_routing)
+app_chat_socket_app = Application(app_chat_socket_routing)  # no chat.receive consumer here
+
+
+def app_chat_users() -> dict:
+    """A staff user and a plain one, with passwords, for the login view."""
+    from django.contrib.auth.models import User
+
+    ensure_database()
+    users = {}
+    for role, staff in (("staff", True), ("plain", False)):
+        name, password = f"chat-{role}-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        User.objects.create_user(name, password=password, is_staff=staff)
+        users[role] = (name, password)
+    return users
+
+
+def app_log_in(server, username: str, password: str) -> str:
+    """POST the test project's login view (Django's AuthenticationForm and login()) with a real
+    HTTP client; the Cookie header value a browser would send from then on."""
+    from http.cookies import SimpleCookie
+    from urllib.parse import urlencode
+
+    data = urlencode({"username": username, "password": password}).encode()
+    with urllib.request.urlopen(server.url("/login/", "http"), data=data, timeout=10) as response:
+        assert response.read() == b"logged in"
+        jar = SimpleCookie()
+        for header in response.headers.get_all("Set-Cookie"):
+            jar.load(header)
+    return f"{settings.SESSION_COOKIE_NAME}={jar[settings.SESSION_COOKIE_NAME].value}"
+
+
+async def app_chat_recv(websocket, timeout: float = 10) -> dict:
+    return json.loads(await asyncio.wait_for(websocket.recv(), timeout))
+
+
+async def app_chat_silent(websocket, timeout: float = 0.5) -> bool:
+    try:
+        await asyncio.wait_for(websocket.recv(), timeout)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+async def app_chat_session(staff_url: str, plain_url: str, staff_cookie: str, plain_cookie: str,
+                           users: dict, chat_pid: int) -> set[str]:
+    """The chat, end to end: joins, a staff-only room refused, messages to a room, a leave.
+    Every `chat.receive` answer must come from the process *chat_pid*. Returns the channel
+    session rows stored while both sockets were open."""
+    staff_name, plain_name = users["staff"][0], users["plain"][0]
+
+    async def ask(websocket, **payload) -> dict:
+        await websocket.send(json.dumps(payload))
+        return await app_chat_recv(websocket)
+
+    async with ws_connect(staff_url, additional_headers=[("Cookie", staff_cookie)]) as staff, \
+            ws_connect(plain_url, additional_headers=[("Cookie", plain_cookie)]) as plain:
+        answers = [await ask(staff, command="join", room="lobby"),
+                   await ask(staff, command="join", room="staff-room"),
+                   await ask(plain, command="join", room="lobby"),
+                   await ask(plain, command="join", room="staff-room"),
+                   await ask(plain, command="send", room="staff-room", message="let me in")]
+        assert answers == [
+            {"join": "lobby", "user": staff_name, "pid": chat_pid},
+            {"join": "staff-room", "user": staff_name, "pid": chat_pid},
+            {"join": "lobby", "user": plain_name, "pid": chat_pid},
+            {"error": "ROOM_ACCESS_DENIED", "room": "staff-room", "pid": chat_pid},
+            {"error": "ROOM_NOT_JOINED", "room": "staff-room", "pid": chat_pid},
+        ]
+        await plain.send(json.dumps({"command": "send", "room": "lobby", "message": "hello"}))
+        hello = {"room": "lobby", "user": plain_name, "message": "hello", "pid": chat_pid}
+        assert [await app_chat_recv(plain), await app_chat_recv(staff)] == [hello, hello]
+        await staff.send(json.dumps({"command": "send", "room": "staff-room", "message": "staff only"}))
+        assert (await app_chat_recv(staff))["message"] == "staff only"
+        assert await app_chat_silent(plain)
+        assert await ask(plain, command="leave", room="lobby") == {"leave": "lobby", "pid": chat_pid}
+        await staff.send(json.dumps({"command": "send", "room": "lobby", "message": "anyone?"}))
+        assert (await app_chat_recv(staff))["message"] == "anyone?"
+        assert await app_chat_silent(plain)
+        assert await ask(plain, command="send", room="lobby", message="x") == {
+            "error": "ROOM_NOT_JOINED", "room": "lobby", "pid": chat_pid}
+        return await asyncio.to_thread(app_session_rows)
+
+
+def app_chat_rows_settle(before: set[str], timeout: float = 10) -> set[str]:
+    """The channel-session rows once the closed sockets' rows are gone (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while app_session_rows() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return app_session_rows()
+
+
+def test_consumers_1x_multi_room_chat_under_uvicorn_with_users_logged_in_through_django():
+    """The 1.x multi-room chat above, unchanged but for its imports, under a real uvicorn with
+    the in-memory layer: users log in through Django's AuthenticationForm and login() (the
+    test project's CSRF-exempt login view, POSTed with a real HTTP client), `ws_connect` copies
+    the user into the channel session, and the `chat.receive` consumers -- routed by the
+    `command` filter -- find `message.user` and `channel_session["rooms"]` there. Staff-only
+    rooms are refused to others. The channel sessions are deleted when the sockets close."""
+    users = app_chat_users()
+    before = app_session_rows()
+    with running_server(app=f"{__name__}:app_chat_app") as server:
+        cookies = [app_log_in(server, *users[role]) for role in ("staff", "plain")]
+        url = server.url("/chat/")
+        rows_open = run(app_chat_session(url, url, *cookies, users, chat_pid=server.process.pid),
+                        timeout=60)
+        assert len(rows_open - before) == 2  # one per socket ...
+        assert app_chat_rows_settle(before) == before  # ... deleted when it closed
+
+
 # === 5. Binding ===
 # One WebsocketBinding on Item, heard by group "bind-items-all" and by one group per team,
 # and a demultiplexer that carries it on stream "items" (and a binding that keeps the
@@ -3705,6 +3897,35 @@ async def test_app_module_level_application_reads_channel_routing_setting():
     assert (echoed, heard) == ("via settings", ["room message", "room message"])
 
 
+def test_app_module_level_application_takes_the_routing_from_a_1x_channel_layers_setting(tmp_path):
+    """A 1.x settings file, unchanged: no CHANNEL_ROUTING, and CHANNEL_LAYERS naming
+    asgiref.inmemory.ChannelLayer with its ROUTING. The module-level `application` serves that
+    routing on the in-memory layer (in a fresh process: `application` reads its settings once)."""
+    (tmp_path / "old_settings.py").write_text(
+        "SECRET_KEY = 'x'\nINSTALLED_APPS = []\nALLOWED_HOSTS = ['testserver']\n"
+        "CHANNEL_LAYERS = {'default': {'BACKEND': 'asgiref.inmemory.ChannelLayer',\n"
+        "                              'ROUTING': 'old_routing.channel_routing'}}\n")
+    (tmp_path / "old_routing.py").write_text(
+        "from channels_mini import route\n"
+        "def ws_message(message):\n"
+        "    message.reply_channel.send({'text': message['text'].upper()})\n"
+        "channel_routing = [route('websocket.receive', ws_message)]\n")
+    script = (
+        "import asyncio\n"
+        "from channels_mini import InMemoryChannelLayer, WebsocketCommunicator, application, get_channel_layer\n"
+        "async def main():\n"
+        "    communicator = WebsocketCommunicator(application, '/')\n"
+        "    assert await communicator.connect(timeout=5) == (True, None)\n"
+        "    await communicator.send_to(text_data='old routing')\n"
+        "    print(await communicator.receive_from(timeout=5))\n"
+        "    await communicator.disconnect()\n"
+        "asyncio.run(main())\n"
+        "print(type(get_channel_layer()) is InMemoryChannelLayer)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+                                               "DJANGO_SETTINGS_MODULE": "old_settings"})
+    assert result.stdout.split() == ["OLD", "ROUTING", "True"], result.stderr
+
 def test_app_unknown_consumer_path_is_improperly_configured_at_construction():
     missing = f"{__name__}.app_no_such_consumer"
     expected = f"Consumer for route('email.receive'): cannot import {missing!r}"
@@ -4169,6 +4390,26 @@ def test_command_line_redis_model_saved_in_another_process_reaches_both_servers(
         "action": "create", "pk": view_pk, "data": {"name": "redis-from-view", "team": "green"},
         "model": label}}
     assert frames == [from_script, from_script, from_view, from_view]
+
+
+def test_command_line_redis_1x_chat_across_two_servers_sharing_redis_and_the_session_database():
+    """Section 4's 1.x multi-room chat on two uvicorn processes sharing Redis and the database
+    session backend: server A has only the websocket routes, server B also the `chat.receive`
+    ones. A socket on A joins through a consumer that runs on B (every answer carries B's pid),
+    which finds the user and the rooms in the channel session A's `ws_connect` saved; room
+    messages reach sockets on both servers; both channel sessions go when the sockets close."""
+    users = app_chat_users()
+    before = app_session_rows()
+    with running_redis() as url:
+        env = redis_server_env(url)
+        with running_server(app=f"{__name__}:app_chat_socket_app", env=env) as server_a, \
+                running_server(app=f"{__name__}:app_chat_app", env=env) as server_b:
+            cookies = [app_log_in(server_a, *users[role]) for role in ("staff", "plain")]
+            rows_open = run(app_chat_session(server_a.url("/chat/"), server_b.url("/chat/"), *cookies,
+                                             users, chat_pid=server_b.process.pid), timeout=60)
+            assert server_a.process.pid != server_b.process.pid
+            assert len(rows_open - before) == 2
+            assert app_chat_rows_settle(before) == before
 
 
 # -- runworker: a tiny Django project in a temporary directory --
