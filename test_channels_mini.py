@@ -7035,3 +7035,33 @@ def test_readme_api_reference_lists_every_public_name():
     listed = set(re.findall(r"`([A-Za-z_]+)[(`]", table))
     assert sorted(set(channels_mini.__all__) - listed) == []
     assert all(hasattr(channels_mini, name) for name in channels_mini.__all__)
+
+
+def test_readme_porting_changes_only_the_imports():
+    """"Coming from Channels 1.x": each before/after pair differs only in its import lines, and
+    the imports after name only public channels_mini names."""
+    with open(README, encoding="utf-8") as handle:
+        section = handle.read().split("\n## Coming from Channels 1.x", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(# (mysite/\w+\.py) -- (.*?)\n.*?)```", section, flags=re.S)
+    pairs: dict[str, dict[str, str]] = {}
+    for code, path, label in blocks:
+        pairs.setdefault(path, {})["before" if "(before)" in label else "after"] = code
+    assert {path for path, pair in pairs.items() if set(pair) == {"before", "after"}} == {
+        "mysite/consumers.py", "mysite/routing.py"}
+
+    def split(code: str) -> tuple[list[str], list[str]]:
+        lines = code.splitlines()[1:]  # below the "# mysite/... -- ..." line
+        imports = [line for line in lines if line.startswith(("import ", "from "))]
+        return imports, [line for line in lines if line not in imports]
+
+    for path in ("mysite/consumers.py", "mysite/routing.py"):
+        (old_imports, old_body), (new_imports, new_body) = split(pairs[path]["before"]), split(pairs[path]["after"])
+        assert old_body == new_body, path
+        assert old_imports != new_imports
+        for line in new_imports:
+            if line.startswith("from channels_mini import "):
+                names = line.split(" import ", 1)[1].split(", ")
+                assert set(names) <= set(channels_mini.__all__), line
+            assert not line.startswith(("from channels ", "from channels.")), line
+    assert "channels_redis.core.RedisChannelLayer" in section and "asgiref.inmemory.ChannelLayer" in section
+    assert "no decorator" not in section and "there are no" not in section
