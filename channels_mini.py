@@ -1454,9 +1454,10 @@ class BaseConsumer:
         super().__init_subclass__(**kwargs)
         names = {*cls.method_mapping.values(), *cls._hooks}
         cls._how = {name: _how_to_run(getattr(cls, name)) for name in names if hasattr(cls, name)}
-        cls._load = (_load_channel_and_http_session_user_from_http if cls.http_user_and_session
-                     else _load_channel_session_user if cls.channel_session_user
-                     else _load_channel_session if cls.channel_session else None)
+        load = (_load_channel_and_http_session_user_from_http if cls.http_user_and_session
+                else _load_channel_session_user if cls.channel_session_user
+                else _load_channel_session if cls.channel_session else None)
+        cls._load = staticmethod(load) if load else None  # a plain function, never bound to self
 
     def __init__(self, message: Message, **kwargs: Any):
         self.message = message
@@ -1873,10 +1874,16 @@ def _transfer_user(from_session: Any, to_session: Any) -> None:
 def _load_http_session(message: Message) -> None:
     key = _handshake_session_key(message.scope or message.content)
     engine = importlib.import_module(_setting("SESSION_ENGINE"))
-    message.http_session = engine.SessionStore(session_key=key) if key else None
+    message.http_session = _loaded(engine.SessionStore(session_key=key)) if key else None
     if key and message.channel_name == "websocket.connect" and message.reply_channel:
         _watch_logouts()
         Group(_session_group(key)).add(message.reply_channel)  # so that logging out closes it
+
+
+def _loaded(session: Any) -> Any:
+    """*session*, read now (in the session thread), so async handlers may use it on the loop."""
+    session.keys()
+    return session
 
 
 def _load_channel_session(message: Message) -> None:
@@ -1911,7 +1918,7 @@ def _load_channel_and_http_session(message: Message) -> None:
         channel_session[name] = message.http_session.session_key
     elif message.http_session is None and name in channel_session:
         engine = importlib.import_module(_setting("SESSION_ENGINE"))
-        message.http_session = engine.SessionStore(session_key=channel_session[name])
+        message.http_session = _loaded(engine.SessionStore(session_key=channel_session[name]))
 
 
 def _load_channel_and_http_session_user_from_http(message: Message) -> None:

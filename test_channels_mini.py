@@ -70,11 +70,14 @@ django.setup()
 import channels_mini  # noqa: E402
 from channels_mini import (  # noqa: E402
     AsgiHandler, AsgiRequest, SSE_HEADERS, sse_event,
-    Application, BaseConsumer, Binding, Channel, ChannelFull, DenyConnection, Group,
-    Include, InMemoryChannelLayer, JsonWebsocketConsumer, Message, Route, RouteClass, Router,
-    SendNotAvailableOnDemultiplexer, WebsocketBinding, WebsocketCommunicator,
-    WebsocketConsumer, WebsocketDemultiplexer, WebsocketMultiplexer, consumer_context,
-    get_channel_layer, include, reset_channel_layers, route, route_class,
+    Application, BaseConsumer, Binding, Channel, ChannelFull, ChannelSocketException,
+    DenyConnection, Group, Include, InMemoryChannelLayer, JsonWebsocketConsumer, Message, Route,
+    RouteClass, Router, SendNotAvailableOnDemultiplexer, WebsocketBinding,
+    WebsocketCloseException, WebsocketCommunicator, WebsocketConsumer, WebsocketDemultiplexer,
+    WebsocketMultiplexer, allowed_hosts_only, channel_and_http_session,
+    channel_and_http_session_user_from_http, channel_session, channel_session_user,
+    channel_session_user_from_http, consumer_context, enforce_ordering, get_channel_layer,
+    http_session, http_session_user, include, reset_channel_layers, route, route_class,
 )
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.db import models  # noqa: E402
@@ -118,10 +121,28 @@ def _view_logout(request):
     return HttpResponse("logged out")
 
 
+def _view_login(request):
+    """Log in with Django's own form and login(): what LoginView does, minus its template.
+
+    CSRF-exempt, so a test can POST username and password with a plain HTTP client and
+    keep the session cookie from the answer, as a browser would after logging in.
+    """
+    from django.contrib.auth import login
+    from django.contrib.auth.forms import AuthenticationForm
+    from django.http import HttpResponse
+
+    form = AuthenticationForm(request, data=request.POST)
+    if not form.is_valid():
+        return HttpResponse(form.errors.as_json(), status=403, content_type="application/json")
+    login(request, form.get_user())
+    return HttpResponse("logged in")
+
+
 def _url_patterns():
     from django.urls import path
+    from django.views.decorators.csrf import csrf_exempt
     return [path("page/", _view_page), path("items/create/", _view_create_item),
-            path("logout/", _view_logout)]
+            path("logout/", _view_logout), path("login/", csrf_exempt(_view_login))]
 
 
 urlpatterns = _url_patterns()
@@ -636,6 +657,16 @@ def test_get_channel_layer_builds_backend_from_settings():
         assert isinstance(get_channel_layer("other"), InMemoryChannelLayer)
 
 
+def test_get_channel_layer_accepts_the_1x_in_memory_backend_name():
+    from django.test import override_settings
+
+    config = {"default": {"BACKEND": "asgiref.inmemory.ChannelLayer", "ROUTING": "mysite.routing.x",
+                          "CONFIG": {"capacity": 9}}}
+    with override_settings(CHANNEL_LAYERS=config):
+        reset_channel_layers()
+        layer = get_channel_layer()
+        assert type(layer) is InMemoryChannelLayer and layer.capacity == 9
+
 def test_get_channel_layer_errors_name_alias_and_backend():
     from django.test import override_settings
 
@@ -1105,6 +1136,15 @@ def test_routing_bytes_values_are_decoded_as_ascii():
     assert router.match(msg("c", query_string=b"token=abc")) == (route_consumer, {"token": "abc"})
     assert router.match(msg("c", query_string="token=é".encode())) is None
 
+
+def test_routing_bytes_patterns_are_decoded_as_ascii_as_in_1x():
+    router = Router([route("websocket.connect", route_consumer, path=rb"^/chat/(?P<room>\w+)/$")])
+    assert router.match(msg("websocket.connect", path="/chat/lobby/")) == (route_consumer, {"room": "lobby"})
+    assert router.match(msg("websocket.connect", path=b"/chat/hall/")) == (route_consumer, {"room": "hall"})
+    with pytest.raises(ValueError, match=re.escape(
+            "Filter 'path' for route 'c' is a bytes pattern that is not ASCII (got b'^/caf\\xc3\\xa9/$'). "
+            "Write it as a str.")):
+        route("c", route_consumer, path="^/café/$".encode())
 
 def test_routing_route_takes_a_list_of_channels():
     router = Router([route(["a.x", "b.x"], route_consumer)])
@@ -1938,6 +1978,7 @@ async def test_consumers_demultiplexer_answers_bad_frames_with_error_and_stays_o
 
 @asynchronous
 async def test_consumers_channel_session_per_socket_and_scope():
+    await asyncio.to_thread(ensure_database)  # the channel session is a row of the session table
     app, layer = app_setup([AppSessionCounter.as_route(path=r"^/count/$")])
 
     first = WebsocketCommunicator(app, "/count/?who=first")
@@ -2131,6 +2172,577 @@ def test_consumers_calling_a_class_directly_dispatches_as_in_channels_1():
             "event loop")):
         run(on_the_loop())
     assert ReviewDirect.calls == [(1, {"room": "r"})]
+
+
+# -- Channels 1.x sessions, decorators and exceptions (issue 13) --
+# 1.x code as written: function consumers wrapped in the session decorators, the 1.1 class
+# attributes, `message.channel_session` as a Django session keyed by the reply channel,
+# `Message` items and the socket exceptions. Each consumer below exists in both flavours:
+# `app_flavoured` wraps a plain body in an `async def` for the async run.
+
+APP_COLOR = "teal"  # what the logged-in user's HTTP session holds, to see which session a consumer got
+
+
+def app_flavoured(flavour: str, body):
+    """*body* as a sync function consumer, or wrapped in an ``async def`` one."""
+    if flavour == "sync":
+        return functools.wraps(body)(lambda message, **kwargs: body(message, **kwargs))
+
+    async def handler(message, **kwargs):
+        return body(message, **kwargs)
+    return functools.wraps(body)(handler)
+
+
+def app_login(username: str, color: str | None = APP_COLOR):
+    """A user and the Cookie header of a session logged in for it, with ``color`` in the session."""
+    from django.contrib.sessions.backends.db import SessionStore
+
+    user, cookie = rel_login(username)
+    if color is not None:
+        session = SessionStore(cookie.split("=", 1)[1])
+        session["color"] = color
+        session.save()
+    return user, cookie
+
+
+def app_seen(message, on: str, **more) -> dict:
+    """What a decorated consumer was given: ``user`` (None if not set) and the HTTP session's color."""
+    user, session = message.user, message.http_session
+    return {"on": on, "user": None if user is None else (user.get_username() or "anonymous"),
+            "http": None if session is None else session.get("color", "no color"), **more}
+
+
+def app_channel_session_items(message) -> dict:
+    """The channel session's own keys (not the user Django's auth keeps in it)."""
+    return {key: value for key, value in message.channel_session.items() if not key.startswith("_")}
+
+
+def app_decorator_routing(flavour: str) -> list:
+    """Every 1.x decorator on a function consumer of *flavour*; each reports what it was given."""
+    from django.contrib.auth import SESSION_KEY
+
+    def connect(message, **kwargs):
+        message.channel_session["count"] = 0
+        app_report(**app_seen(message, "connect", user_copied=SESSION_KEY in message.channel_session))
+        message.reply_channel.send({"accept": True})
+
+    def count(message, **kwargs):
+        message.channel_session["count"] += 1
+        app_report(**app_seen(message, "channel_session", **app_channel_session_items(message)))
+
+    def relay(message, **kwargs):  # stores the cookie's key in the channel session, then forwards
+        app_report(**app_seen(message, "relay", key_kept=settings.SESSION_COOKIE_NAME in message.channel_session))
+        for ask in ("channel_and_http_session", "channel_and_http_session_user_from_http"):
+            Channel("app.deco.background").send({"reply_channel": message["reply_channel"], "ask": ask})
+
+    def report(message, **kwargs):
+        app_report(**app_seen(message, message.get("ask") or message["text"]))
+
+    def disconnect(message, **kwargs):
+        app_report(**app_seen(message, "disconnect", **app_channel_session_items(message)))
+
+    def consumer(decorator, body):
+        return decorator(app_flavoured(flavour, body))
+
+    receive = functools.partial(route, "websocket.receive")
+    return [
+        route("websocket.connect", consumer(channel_session_user_from_http, connect)),
+        receive(consumer(channel_session, count), text="^channel_session$"),
+        receive(consumer(channel_session_user, report), text="^channel_session_user$"),
+        receive(consumer(http_session, report), text="^http_session$"),
+        receive(consumer(http_session_user, report), text="^http_session_user$"),
+        receive(consumer(channel_and_http_session, relay), text="^relay$"),
+        route("app.deco.background", consumer(channel_and_http_session, report),
+              ask="^channel_and_http_session$"),
+        route("app.deco.background", consumer(channel_and_http_session_user_from_http, report),
+              ask="^channel_and_http_session_user_from_http$"),
+        # enforce_ordering and allowed_hosts_only are accepted, bare or called, and change nothing
+        route("websocket.disconnect", enforce_ordering(allowed_hosts_only(
+            enforce_ordering()(consumer(channel_session, disconnect))))),
+    ]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@asynchronous
+async def test_consumers_1x_session_decorators_on_function_consumers(flavour):
+    """Each 1.x decorator gives what it gave in 1.x, on sync and async function consumers: the
+    user comes from the handshake's cookie (copied into the channel session on connect), the
+    channel session lasts across messages, and a message on another channel that carries the
+    reply channel finds the HTTP session again through it."""
+    user, cookie = await asyncio.to_thread(app_login, "deco")
+    app, layer = app_setup(app_decorator_routing(flavour))
+    frames = ["channel_session", "channel_session_user", "http_session", "http_session_user", "relay"]
+
+    async def scenario(headers):
+        communicator = WebsocketCommunicator(app, "/deco/", headers=headers)
+        assert await communicator.connect(timeout=5) == (True, None)
+        reports = [await app_observed(layer)]
+        for frame in frames:
+            await communicator.send_to(text_data=frame)
+            reports.append(await app_observed(layer))
+        reports += [await app_observed(layer), await app_observed(layer)]  # the background two
+        await communicator.disconnect()
+        reports.append(await app_observed(layer))
+        return {report.pop("on"): report for report in reports}
+
+    name = user.username
+    assert await scenario([("cookie", cookie)]) == {
+        "connect": {"user": name, "http": APP_COLOR, "user_copied": True},
+        "channel_session": {"user": None, "http": None, "count": 1},
+        "channel_session_user": {"user": name, "http": None},
+        "http_session": {"user": None, "http": APP_COLOR},
+        "http_session_user": {"user": name, "http": APP_COLOR},
+        "relay": {"user": None, "http": APP_COLOR, "key_kept": True},
+        "channel_and_http_session": {"user": None, "http": APP_COLOR},
+        "channel_and_http_session_user_from_http": {"user": name, "http": APP_COLOR},
+        # channel_and_http_session kept the handshake's session key there, as in 1.x
+        "disconnect": {"user": None, "http": None, "count": 1,
+                       settings.SESSION_COOKIE_NAME: cookie.split("=", 1)[1]},
+    }
+    assert await scenario([]) == {  # no cookie: no HTTP session, and AnonymousUser as 1.x set it
+        "connect": {"user": "anonymous", "http": None, "user_copied": False},
+        "channel_session": {"user": None, "http": None, "count": 1},
+        "channel_session_user": {"user": "anonymous", "http": None},
+        "http_session": {"user": None, "http": None},
+        "http_session_user": {"user": "anonymous", "http": None},
+        "relay": {"user": None, "http": None, "key_kept": False},
+        "channel_and_http_session": {"user": None, "http": None},
+        "channel_and_http_session_user_from_http": {"user": "anonymous", "http": None},
+        "disconnect": {"user": None, "http": None, "count": 1},
+    }
+
+
+def test_consumers_1x_decorator_errors_say_what_to_do():
+    with pytest.raises(ValueError, match=re.escape(
+            "Slight ordering is gone (as in Channels 1.1): remove slight=True; ordering is always "
+            "strict here.")):
+        enforce_ordering(slight=True)
+
+    @channel_session
+    def needs_a_message(message):
+        return "ran"
+
+    with pytest.raises(ValueError, match=re.escape(
+            "@channel_session needs a consumer called with a Message (got ('not a message',)).")):
+        needs_a_message("not a message")
+    no_reply_channel = Message({"text": "hi"}, "app.deco.background", get_channel_layer())
+    with pytest.raises(ValueError, match=re.escape(
+            "A message on 'app.deco.background' has no reply_channel, so it has no channel session: "
+            "use the session decorators on consumers of messages that carry one.")):
+        needs_a_message(no_reply_channel)
+    assert (channel_session.__name__, channel_session_user_from_http.__name__) == (
+        "channel_session", "channel_session_user_from_http")
+    assert needs_a_message.__name__ == "needs_a_message"  # functools.wraps, as in 1.x
+
+
+# The 1.1 class attributes, on sync and async methods. The socket forwards each frame to
+# a background channel with its reply channel, as 1.x projects did; the background class
+# finds the socket's user through the channel session.
+
+class AppAttrSocket(WebsocketConsumer):
+    http_user = True
+
+    def connect(self, message, **kwargs):
+        app_report(**app_seen(message, "connect"))
+        super().connect(message, **kwargs)
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        app_report(**app_seen(self.message, "receive"))
+        Channel("app.attr.background").send({"reply_channel": self.message["reply_channel"]})
+
+
+class AppAttrSocketAsync(AppAttrSocket):
+    async def connect(self, message, **kwargs):
+        app_report(**app_seen(message, "connect"))
+        message.reply_channel.send({"accept": True})
+
+    async def receive(self, text=None, bytes=None, **kwargs):
+        AppAttrSocket.receive(self, text)
+
+
+class AppAttrBackground(BaseConsumer):
+    method_mapping = {"app.attr.background": "handle"}
+    channel_session_user = True
+
+    def handle(self, message, **kwargs):
+        message.channel_session["handled"] = message.channel_session.get("handled", 0) + 1
+        app_report(**app_seen(message, "background", **app_channel_session_items(message)))
+
+
+class AppAttrBackgroundAsync(AppAttrBackground):
+    async def handle(self, message, **kwargs):
+        AppAttrBackground.handle(self, message)
+
+
+@pytest.mark.parametrize("socket_class, background_class, attribute", [
+    (AppAttrSocket, AppAttrBackground, "http_user"),
+    (AppAttrSocketAsync, AppAttrBackgroundAsync, "http_user"),
+    (AppAttrSocket, AppAttrBackground, "http_user_and_session"),
+    (AppAttrSocketAsync, AppAttrBackgroundAsync, "http_user_and_session"),
+], ids=["http_user-sync", "http_user-async", "http_user_and_session-sync", "http_user_and_session-async"])
+@asynchronous
+async def test_consumers_1x_class_attributes_mean_what_they_meant_in_1_1(socket_class, background_class,
+                                                                         attribute):
+    """``http_user`` / ``http_user_and_session``: ``message.user`` on every message of the
+    socket, the user copied into the channel session on connect, where a class with
+    ``channel_session_user`` finds it; ``channel_session_user`` implies ``channel_session``
+    (loaded before the method, so async methods use it too). ``http_user_and_session`` also
+    finds the HTTP session again on a message without cookies."""
+    user, cookie = await asyncio.to_thread(app_login, "attr")
+    attrs = {"http_user": False, attribute: True}
+    background_attrs = {} if attribute == "http_user" else {"http_user_and_session": True}
+    app, layer = app_setup([socket_class.as_route(attrs, path=r"^/attr/$"),
+                            background_class.as_route(background_attrs)])
+    communicator = WebsocketCommunicator(app, "/attr/", headers=[("cookie", cookie)])
+    assert await communicator.connect(timeout=5) == (True, None)
+    reports = [await app_observed(layer)]
+    for _ in range(2):
+        await communicator.send_to(text_data="hello")
+        reports += [await app_observed(layer), await app_observed(layer)]
+    await communicator.disconnect()
+    name = user.username
+    # the background message has no cookie: http_user_and_session finds the HTTP session
+    # through the key it kept in the channel session (as 1.x did); http_user does not
+    background = ({"http": APP_COLOR, settings.SESSION_COOKIE_NAME: cookie.split("=", 1)[1]}
+                  if attribute == "http_user_and_session" else {"http": None})
+    by_place = sorted(reports, key=lambda report: (report["on"], report.get("handled", 0)))
+    assert by_place == [
+        {"on": "background", "user": name, **background, "handled": 1},
+        {"on": "background", "user": name, **background, "handled": 2},
+        {"on": "connect", "user": name, "http": APP_COLOR},
+        {"on": "receive", "user": name, "http": APP_COLOR},
+        {"on": "receive", "user": name, "http": APP_COLOR},
+    ]
+
+
+class AppAttrChannelSession(WebsocketConsumer):
+    channel_session = True  # loaded before every method: async ones may use it on the loop
+
+    async def connect(self, message, **kwargs):
+        message.channel_session["frames"] = []
+        message.reply_channel.send({"accept": True})
+
+    async def receive(self, text=None, bytes=None, **kwargs):
+        session = self.message.channel_session
+        session["frames"] = [*session["frames"], text]
+        self.send(text=json.dumps(session["frames"]))
+
+
+@asynchronous
+async def test_consumers_1x_channel_session_attribute_loads_it_for_async_methods():
+    await asyncio.to_thread(ensure_database)
+    app, _ = app_setup([AppAttrChannelSession.as_route(path=r"^/frames/$")])
+    communicator = WebsocketCommunicator(app, "/frames/")
+    assert await communicator.connect(timeout=5) == (True, None)
+    replies = []
+    for text in ("a", "b"):
+        await communicator.send_to(text_data=text)
+        replies.append(json.loads(await communicator.receive_from(timeout=5)))
+    await communicator.disconnect()
+    assert replies == [["a"], ["a", "b"]]
+
+
+def app_session_rows() -> set[str]:
+    """The keys of the channel sessions stored in the database (1.x's 'chn...' keys)."""
+    from django.contrib.sessions.models import Session
+    return set(Session.objects.filter(session_key__startswith="chn").values_list("session_key", flat=True))
+
+
+class AppSessionUntouched(WebsocketConsumer):
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=text)
+
+
+class AppSessionReader(AppSessionUntouched):
+    def receive(self, text=None, bytes=None, **kwargs):
+        session = self.message.channel_session
+        if text == "write":
+            session["written"] = session.get("written", 0) + 1
+        self.send(text=json.dumps(dict(session)))
+
+
+def test_consumers_channel_session_saved_when_modified_deleted_on_close_untouched_costs_nothing(monkeypatch):
+    """The channel session is a row of the session store (the database engine here): a
+    consumer that never touches it costs no session I/O at all; one that reads it loads it
+    and saves it only after a handler that changed it; the row goes when the socket closes."""
+    from django.contrib.sessions.backends.db import SessionStore
+
+    ensure_database()
+    calls: list[str] = []
+    for name in ("load", "save", "delete", "exists", "create"):
+        original = getattr(SessionStore, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(SessionStore, name, counted)
+    before = app_session_rows()
+    app, _ = app_setup([AppSessionUntouched.as_route(path=r"^/untouched/$"),
+                        AppSessionReader.as_route(path=r"^/reader/$")])
+
+    async def exchange(path, frames):
+        communicator = WebsocketCommunicator(app, path)
+        assert await communicator.connect(timeout=5) == (True, None)
+        replies, rows_open = [], []
+        for frame in frames:
+            calls.clear()
+            await communicator.send_to(text_data=frame)
+            replies.append(await communicator.receive_from(timeout=5))
+            rows_open.append(await asyncio.to_thread(app_session_rows))
+            replies.append(list(calls))
+        await communicator.disconnect()
+        return replies, rows_open
+
+    replies, rows_open = run(exchange("/untouched/", ["one", "two"]))
+    assert replies == ["one", [], "two", []]
+    assert rows_open == [before, before]
+    calls.clear()
+    replies, rows_open = run(exchange("/reader/", ["read", "write", "read", "write"]))
+    assert replies == ['{}', ["load"], '{"written": 1}', ["load", "save", "save"],  # update, then create
+                       '{"written": 1}', ["load"], '{"written": 2}', ["load", "save"]]
+    assert rows_open[0] == before and len(rows_open[1] - before) == 1 == len(rows_open[3] - before)
+    assert calls[-1:] == ["delete"] and app_session_rows() == before  # gone with its socket
+
+
+def test_consumers_1x_message_items_and_deep_copy():
+    message = Message({"text": "hi", "meta": {"tags": ["a"]}, "reply_channel": "websocket.send!x"},
+                      "websocket.receive", get_channel_layer())
+    message["room"] = "lobby"  # as 1.x projects did before re-sending a message
+    del message["text"]
+    assert message.content == {"meta": {"tags": ["a"]}, "reply_channel": "websocket.send!x",
+                               "room": "lobby"}
+    clone = message.copy()
+    clone["meta"]["tags"].append("b")
+    clone["room"] = "kitchen"
+    assert (message["meta"], message["room"]) == ({"tags": ["a"]}, "lobby")  # independent, deeply
+    assert (clone.channel_name, clone.reply_channel.name) == ("websocket.receive", "websocket.send!x")
+    assert dict(message.copy(room="hall")) == {**message.content, "room": "hall"}
+
+
+class AppSocketAction(ChannelSocketException):
+    """A 1.x-style socket action: tell the client why, then close with 4003."""
+
+    def run(self, message):
+        message.reply_channel.send({"text": "not allowed", "close": 4003})
+
+
+def app_exception_routing(flavour: str) -> list:
+    def raising(message, **kwargs):
+        text = message.get("text", "")
+        if text == "close":
+            raise WebsocketCloseException(4005)
+        if text == "close-normal":
+            raise WebsocketCloseException()
+        if text == "action":
+            raise AppSocketAction()
+        if text == "later":
+            Channel("app.exc.background").send({"reply_channel": message["reply_channel"]})
+        return None
+
+    def background(message, **kwargs):
+        raise WebsocketCloseException(4010)
+
+    return [route("websocket.receive", app_flavoured(flavour, raising)),
+            route("app.exc.background", app_flavoured(flavour, background))]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@asynchronous
+async def test_consumers_1x_socket_exceptions_run_their_action(flavour, caplog):
+    """Raised in a consumer -- also one of a background channel that holds the reply
+    channel -- a ChannelSocketException runs its action instead of failing the socket:
+    WebsocketCloseException(code) closes with that code (1000 without one)."""
+    app, _ = app_setup(app_exception_routing(flavour))
+
+    async def outcome(frame):
+        communicator = WebsocketCommunicator(app, "/exc/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data=frame)
+        event = await communicator.receive_output(timeout=5)
+        if event["type"] == "websocket.send":
+            return event["text"], await app_close_code(communicator)
+        assert event["type"] == "websocket.close", event
+        return event["code"]
+
+    assert [await outcome(frame) for frame in ("close", "close-normal", "action", "later")] == [
+        4005, 1000, ("not allowed", 4003), 4010]
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    with pytest.raises(ValueError, match=re.escape(
+            "Invalid close code 1011: use 1000 or one from 3000 to 4999.")):
+        WebsocketCloseException(1011)
+
+
+# A 1.x multi-room chat, written as the Channels 1.x "multichat" example is: function
+# consumers, the session decorators, and a custom channel routed by a `command` filter.
+# Every answer names the process that ran the `chat.receive` consumer (`pid`).
+
+def app_chat_answer(message, **content) -> None:
+    message.reply_channel.send({"text": json.dumps({**content, "pid": os.getpid()})})
+
+
+@channel_session_user_from_http
+def app_chat_ws_connect(message):
+    message.reply_channel.send({"accept": True})
+    message.channel_session["rooms"] = []
+
+
+def app_chat_ws_receive(message):
+    payload = json.loads(message["text"])
+    payload["reply_channel"] = message.content["reply_channel"]
+    Channel("chat.receive").send(payload)
+
+
+@channel_session_user
+def app_chat_ws_disconnect(message):
+    for room in message.channel_session.get("rooms", []):
+        Group(f"chat-{room}").discard(message.reply_channel)
+
+
+@channel_session_user
+def app_chat_join(message):
+    room = message["room"]
+    if room.startswith("staff") and not message.user.is_staff:
+        return app_chat_answer(message, error="ROOM_ACCESS_DENIED", room=room)
+    Group(f"chat-{room}").add(message.reply_channel)
+    message.channel_session["rooms"] = sorted({*message.channel_session["rooms"], room})
+    app_chat_answer(message, join=room, user=message.user.username)
+
+
+@channel_session_user
+async def app_chat_leave(message):  # an async consumer, in the same routing
+    room = message["room"]
+    await Group(f"chat-{room}").adiscard(message.reply_channel)
+    message.channel_session["rooms"] = [name for name in message.channel_session["rooms"] if name != room]
+    app_chat_answer(message, leave=room)
+
+
+@channel_session_user
+def app_chat_send(message):
+    room = message["room"]
+    if room not in message.channel_session["rooms"]:
+        return app_chat_answer(message, error="ROOM_NOT_JOINED", room=room)
+    Group(f"chat-{room}").send({"text": json.dumps({
+        "room": room, "user": message.user.username, "message": message["message"], "pid": os.getpid()})})
+
+
+app_chat_socket_routing = [
+    route("websocket.connect", app_chat_ws_connect, path=r"^/chat/$"),
+    route("websocket.receive", app_chat_ws_receive, path=r"^/chat/$"),
+    route("websocket.disconnect", app_chat_ws_disconnect, path=r"^/chat/$"),
+]
+app_chat_routing = app_chat_socket_routing + [
+    route("chat.receive", app_chat_join, command="^join$"),
+    route("chat.receive", app_chat_leave, command="^leave$"),
+    route("chat.receive", app_chat_send, command="^send$"),
+]
+app_chat_app = Application(app_chat_routing)
+app_chat_socket_app = Application(app_chat_socket_routing)  # no chat.receive consumer here
+
+
+def app_chat_users() -> dict:
+    """A staff user and a plain one, with passwords, for the login view."""
+    from django.contrib.auth.models import User
+
+    ensure_database()
+    users = {}
+    for role, staff in (("staff", True), ("plain", False)):
+        name, password = f"chat-{role}-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        User.objects.create_user(name, password=password, is_staff=staff)
+        users[role] = (name, password)
+    return users
+
+
+def app_log_in(server, username: str, password: str) -> str:
+    """POST the test project's login view (Django's AuthenticationForm and login()) with a real
+    HTTP client; the Cookie header value a browser would send from then on."""
+    from http.cookies import SimpleCookie
+    from urllib.parse import urlencode
+
+    data = urlencode({"username": username, "password": password}).encode()
+    with urllib.request.urlopen(server.url("/login/", "http"), data=data, timeout=10) as response:
+        assert response.read() == b"logged in"
+        jar = SimpleCookie()
+        for header in response.headers.get_all("Set-Cookie"):
+            jar.load(header)
+    return f"{settings.SESSION_COOKIE_NAME}={jar[settings.SESSION_COOKIE_NAME].value}"
+
+
+async def app_chat_recv(websocket, timeout: float = 10) -> dict:
+    return json.loads(await asyncio.wait_for(websocket.recv(), timeout))
+
+
+async def app_chat_silent(websocket, timeout: float = 0.5) -> bool:
+    try:
+        await asyncio.wait_for(websocket.recv(), timeout)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+async def app_chat_session(staff_url: str, plain_url: str, staff_cookie: str, plain_cookie: str,
+                           users: dict, chat_pid: int) -> set[str]:
+    """The chat, end to end: joins, a staff-only room refused, messages to a room, a leave.
+    Every `chat.receive` answer must come from the process *chat_pid*. Returns the channel
+    session rows stored while both sockets were open."""
+    staff_name, plain_name = users["staff"][0], users["plain"][0]
+
+    async def ask(websocket, **payload) -> dict:
+        await websocket.send(json.dumps(payload))
+        return await app_chat_recv(websocket)
+
+    async with ws_connect(staff_url, additional_headers=[("Cookie", staff_cookie)]) as staff, \
+            ws_connect(plain_url, additional_headers=[("Cookie", plain_cookie)]) as plain:
+        answers = [await ask(staff, command="join", room="lobby"),
+                   await ask(staff, command="join", room="staff-room"),
+                   await ask(plain, command="join", room="lobby"),
+                   await ask(plain, command="join", room="staff-room"),
+                   await ask(plain, command="send", room="staff-room", message="let me in")]
+        assert answers == [
+            {"join": "lobby", "user": staff_name, "pid": chat_pid},
+            {"join": "staff-room", "user": staff_name, "pid": chat_pid},
+            {"join": "lobby", "user": plain_name, "pid": chat_pid},
+            {"error": "ROOM_ACCESS_DENIED", "room": "staff-room", "pid": chat_pid},
+            {"error": "ROOM_NOT_JOINED", "room": "staff-room", "pid": chat_pid},
+        ]
+        await plain.send(json.dumps({"command": "send", "room": "lobby", "message": "hello"}))
+        hello = {"room": "lobby", "user": plain_name, "message": "hello", "pid": chat_pid}
+        assert [await app_chat_recv(plain), await app_chat_recv(staff)] == [hello, hello]
+        await staff.send(json.dumps({"command": "send", "room": "staff-room", "message": "staff only"}))
+        assert (await app_chat_recv(staff))["message"] == "staff only"
+        assert await app_chat_silent(plain)
+        assert await ask(plain, command="leave", room="lobby") == {"leave": "lobby", "pid": chat_pid}
+        await staff.send(json.dumps({"command": "send", "room": "lobby", "message": "anyone?"}))
+        assert (await app_chat_recv(staff))["message"] == "anyone?"
+        assert await app_chat_silent(plain)
+        assert await ask(plain, command="send", room="lobby", message="x") == {
+            "error": "ROOM_NOT_JOINED", "room": "lobby", "pid": chat_pid}
+        return await asyncio.to_thread(app_session_rows)
+
+
+def app_chat_rows_settle(before: set[str], timeout: float = 10) -> set[str]:
+    """The channel-session rows once the closed sockets' rows are gone (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while app_session_rows() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return app_session_rows()
+
+
+def test_consumers_1x_multi_room_chat_under_uvicorn_with_users_logged_in_through_django():
+    """The 1.x multi-room chat above, unchanged but for its imports, under a real uvicorn with
+    the in-memory layer: users log in through Django's AuthenticationForm and login() (the
+    test project's CSRF-exempt login view, POSTed with a real HTTP client), `ws_connect` copies
+    the user into the channel session, and the `chat.receive` consumers -- routed by the
+    `command` filter -- find `message.user` and `channel_session["rooms"]` there. Staff-only
+    rooms are refused to others. The channel sessions are deleted when the sockets close."""
+    users = app_chat_users()
+    before = app_session_rows()
+    with running_server(app=f"{__name__}:app_chat_app") as server:
+        cookies = [app_log_in(server, *users[role]) for role in ("staff", "plain")]
+        url = server.url("/chat/")
+        rows_open = run(app_chat_session(url, url, *cookies, users, chat_pid=server.process.pid),
+                        timeout=60)
+        assert len(rows_open - before) == 2  # one per socket ...
+        assert app_chat_rows_settle(before) == before  # ... deleted when it closed
 
 
 # === 5. Binding ===
@@ -3286,6 +3898,35 @@ async def test_app_module_level_application_reads_channel_routing_setting():
     assert (echoed, heard) == ("via settings", ["room message", "room message"])
 
 
+def test_app_module_level_application_takes_the_routing_from_a_1x_channel_layers_setting(tmp_path):
+    """A 1.x settings file, unchanged: no CHANNEL_ROUTING, and CHANNEL_LAYERS naming
+    asgiref.inmemory.ChannelLayer with its ROUTING. The module-level `application` serves that
+    routing on the in-memory layer (in a fresh process: `application` reads its settings once)."""
+    (tmp_path / "old_settings.py").write_text(
+        "SECRET_KEY = 'x'\nINSTALLED_APPS = []\nALLOWED_HOSTS = ['testserver']\n"
+        "CHANNEL_LAYERS = {'default': {'BACKEND': 'asgiref.inmemory.ChannelLayer',\n"
+        "                              'ROUTING': 'old_routing.channel_routing'}}\n")
+    (tmp_path / "old_routing.py").write_text(
+        "from channels_mini import route\n"
+        "def ws_message(message):\n"
+        "    message.reply_channel.send({'text': message['text'].upper()})\n"
+        "channel_routing = [route('websocket.receive', ws_message)]\n")
+    script = (
+        "import asyncio\n"
+        "from channels_mini import InMemoryChannelLayer, WebsocketCommunicator, application, get_channel_layer\n"
+        "async def main():\n"
+        "    communicator = WebsocketCommunicator(application, '/')\n"
+        "    assert await communicator.connect(timeout=5) == (True, None)\n"
+        "    await communicator.send_to(text_data='old routing')\n"
+        "    print(await communicator.receive_from(timeout=5))\n"
+        "    await communicator.disconnect()\n"
+        "asyncio.run(main())\n"
+        "print(type(get_channel_layer()) is InMemoryChannelLayer)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+                                               "DJANGO_SETTINGS_MODULE": "old_settings"})
+    assert result.stdout.split() == ["OLD", "ROUTING", "True"], result.stderr
+
 def test_app_unknown_consumer_path_is_improperly_configured_at_construction():
     missing = f"{__name__}.app_no_such_consumer"
     expected = f"Consumer for route('email.receive'): cannot import {missing!r}"
@@ -3992,6 +4633,26 @@ def test_command_line_redis_model_saved_in_another_process_reaches_both_servers(
         "action": "create", "pk": view_pk, "data": {"name": "redis-from-view", "team": "green"},
         "model": label}}
     assert frames == [from_script, from_script, from_view, from_view]
+
+
+def test_command_line_redis_1x_chat_across_two_servers_sharing_redis_and_the_session_database():
+    """Section 4's 1.x multi-room chat on two uvicorn processes sharing Redis and the database
+    session backend: server A has only the websocket routes, server B also the `chat.receive`
+    ones. A socket on A joins through a consumer that runs on B (every answer carries B's pid),
+    which finds the user and the rooms in the channel session A's `ws_connect` saved; room
+    messages reach sockets on both servers; both channel sessions go when the sockets close."""
+    users = app_chat_users()
+    before = app_session_rows()
+    with running_redis() as url:
+        env = redis_server_env(url)
+        with running_server(app=f"{__name__}:app_chat_socket_app", env=env) as server_a, \
+                running_server(app=f"{__name__}:app_chat_app", env=env) as server_b:
+            cookies = [app_log_in(server_a, *users[role]) for role in ("staff", "plain")]
+            rows_open = run(app_chat_session(server_a.url("/chat/"), server_b.url("/chat/"), *cookies,
+                                             users, chat_pid=server_b.process.pid), timeout=60)
+            assert server_a.process.pid != server_b.process.pid
+            assert len(rows_open - before) == 2
+            assert app_chat_rows_settle(before) == before
 
 
 # -- runworker: a tiny Django project in a temporary directory --
@@ -6617,3 +7278,33 @@ def test_readme_api_reference_lists_every_public_name():
     listed = set(re.findall(r"`([A-Za-z_]+)[(`]", table))
     assert sorted(set(channels_mini.__all__) - listed) == []
     assert all(hasattr(channels_mini, name) for name in channels_mini.__all__)
+
+
+def test_readme_porting_changes_only_the_imports():
+    """"Coming from Channels 1.x": each before/after pair differs only in its import lines, and
+    the imports after name only public channels_mini names."""
+    with open(README, encoding="utf-8") as handle:
+        section = handle.read().split("\n## Coming from Channels 1.x", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(# (mysite/\w+\.py) -- (.*?)\n.*?)```", section, flags=re.S)
+    pairs: dict[str, dict[str, str]] = {}
+    for code, path, label in blocks:
+        pairs.setdefault(path, {})["before" if "(before)" in label else "after"] = code
+    assert {path for path, pair in pairs.items() if set(pair) == {"before", "after"}} == {
+        "mysite/consumers.py", "mysite/routing.py"}
+
+    def split(code: str) -> tuple[list[str], list[str]]:
+        lines = code.splitlines()[1:]  # below the "# mysite/... -- ..." line
+        imports = [line for line in lines if line.startswith(("import ", "from "))]
+        return imports, [line for line in lines if line not in imports]
+
+    for path in ("mysite/consumers.py", "mysite/routing.py"):
+        (old_imports, old_body), (new_imports, new_body) = split(pairs[path]["before"]), split(pairs[path]["after"])
+        assert old_body == new_body, path
+        assert old_imports != new_imports
+        for line in new_imports:
+            if line.startswith("from channels_mini import "):
+                names = line.split(" import ", 1)[1].split(", ")
+                assert set(names) <= set(channels_mini.__all__), line
+            assert not line.startswith(("from channels ", "from channels.")), line
+    assert "channels_redis.core.RedisChannelLayer" in section and "asgiref.inmemory.ChannelLayer" in section
+    assert "no decorator" not in section and "there are no" not in section
