@@ -52,5 +52,8 @@ echo "    Open a chat room or the live list in two windows. Ctrl-C stops the ser
 echo
 # --ws-max-size: the same limit as Application(max_message_size=1_048_576), so uvicorn refuses
 # larger frames before buffering them (its own default is 16 MiB).
+# An open /live/events/ stream (the live list's EventSource fallback, /items/?transport=sse)
+# never ends by itself: on Ctrl-C uvicorn waits for it ("Waiting for connections to close");
+# close that tab, or press Ctrl-C again to quit at once.
 exec "$PYTHON" -m uvicorn demo.asgi:application --app-dir "$EXAMPLE_DIR" --host "$HOST" --port "$PORT" \
     --ws-max-size 1048576

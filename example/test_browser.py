@@ -3,8 +3,10 @@
 It starts the demo under a real uvicorn process on a free 127.0.0.1 port, with
 a fresh SQLite database, and drives Chromium through Playwright: two visitors
 chat, share the live item list, run a background job, and an edit in the
-admin reaches an open page. It also restarts the server under an open page
-to check that the page reconnects.
+admin reaches an open page. The live list also runs on its server-sent
+events fallback (EventSource on /live/events/, no WebSocket), fed by the
+same binding group. It also restarts the server under an open page to check
+that the page reconnects.
 
 Run it from the repository root:
 
@@ -19,6 +21,7 @@ channels_mini, so it never clashes with the settings of test_channels_mini.py.
 """
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import os
 import socket
@@ -180,6 +183,27 @@ def item_row(page, name: str):
     return page.locator(f'#items li[data-name="{name}"]')
 
 
+# Runs before the page's scripts: records each WebSocket and EventSource the
+# page constructs (a Proxy keeps their constants, WebSocket.OPEN and the rest).
+RECORD_TRANSPORTS = """
+window.__transports = [];
+for (const name of ["WebSocket", "EventSource"]) {
+  const Real = window[name];
+  if (!Real) continue;
+  window[name] = new Proxy(Real, {
+    construct(target, args) {
+      window.__transports.push(name + " " + new URL(args[0], location.href).pathname);
+      return Reflect.construct(target, args);
+    },
+  });
+}
+"""
+
+
+def transports(page) -> list[str]:
+    return page.evaluate("window.__transports")
+
+
 # === tests ===
 
 
@@ -303,6 +327,73 @@ def test_admin_edit_reaches_an_open_page(visitors):
     admin.click("input[name=_save]")
     expect(admin.locator(".messagelist")).to_contain_text("was added successfully")
     expect(item_row(bob, "from the admin")).to_have_count(1)
+
+
+def test_live_list_over_server_sent_events(visitors):
+    alice, bob = visitors("alice"), visitors("bob")
+    bob.add_init_script(RECORD_TRANSPORTS)
+    open_online(bob, "/items/?transport=sse")  # online: the stream said "ready"
+    expect(bob.locator("#status")).to_have_text("live (events)")
+    expect(bob.locator("#read-only")).to_be_visible()
+    expect(bob.locator("#item-form")).to_be_hidden()
+    open_online(alice, "/items/")
+    expect(alice.locator("#status")).to_have_text("live (websocket)")
+    expect(alice.locator("#read-only")).to_be_hidden()
+
+    # create, update and delete over alice's socket; bob's stream follows
+    alice.fill("#new-item", "eggs")
+    alice.press("#new-item", "Enter")
+    expect(item_row(bob, "eggs")).to_have_count(1)
+    item_row(alice, "eggs").locator(".done").check()
+    expect(item_row(bob, "eggs").locator(".done")).to_be_checked()
+    expect(item_row(bob, "eggs").locator(".done")).to_be_disabled()  # read-only
+    item_row(alice, "eggs").locator(".delete").click()
+    expect(item_row(bob, "eggs")).to_have_count(0)
+
+    # bob's page used EventSource only, once: no WebSocket was ever made
+    assert transports(bob) == ["EventSource /live/events/"]
+
+
+def test_live_list_without_websocket_support_uses_events(visitors):
+    alice, bob = visitors("alice"), visitors("bob")
+    bob.add_init_script("delete window.WebSocket;" + RECORD_TRANSPORTS)
+    open_online(bob, "/items/")  # no ?transport: the missing WebSocket decides
+    expect(bob.locator("#status")).to_have_text("live (events)")
+    expect(bob.locator("#read-only")).to_be_visible()
+
+    open_online(alice, "/items/")
+    alice.fill("#new-item", "bread")
+    alice.press("#new-item", "Enter")
+    expect(item_row(bob, "bread")).to_have_count(1)
+    assert transports(bob) == ["EventSource /live/events/"]
+
+
+def test_event_stream_answers_as_server_sent_events(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("GET", "/live/events/", headers={"Accept": "text/event-stream"})
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.getheader("content-type") == "text/event-stream"
+        assert response.getheader("cache-control") == "no-cache"
+        lines = []
+        while "event: ready" not in lines:  # bounded by the 10 s socket timeout
+            line = response.readline()
+            assert line, f"the stream ended early: {lines}"
+            lines.append(line.decode().rstrip("\r\n"))
+        assert "retry: 2000" in lines, lines
+    finally:
+        connection.close()
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("POST", "/live/events/", body=b"")
+        response = connection.getresponse()
+        assert response.status == 405
+        assert response.getheader("allow") == "GET"
+        response.read()
+    finally:
+        connection.close()
 
 
 def test_page_reconnects_after_a_server_restart(visitors, server):

@@ -8,6 +8,11 @@ sends a frame like this to the "items" group once the transaction commits:
      "payload": {"action": "update", "pk": 3, "model": "chat.item",
                  "data": {"name": "milk", "done": true}}}
 
+Every /live/ socket is in that group, and so is every /live/events/ stream
+(chat.consumers.live_events), which gets the same JSON text as one
+server-sent event: the page's EventSource fallback when there is no
+WebSocket.
+
 Inbound, `ItemBinding.consumer` sits in the /live/ demultiplexer (see
 chat/consumers.py) and applies the same shape coming from the browser:
 
@@ -26,8 +31,9 @@ class ItemBinding(WebsocketBinding):
 
     @classmethod
     def group_names(cls, instance):
-        # Every item goes to one group that every /live/ socket joins. A
-        # per-user list would return e.g. [f"items-{instance.owner_id}"].
+        # Every item goes to one group that every /live/ socket and every
+        # /live/events/ stream joins. A per-user list would return e.g.
+        # [f"items-{instance.owner_id}"].
         return ["items"]
 
     def has_permission(self, user, action, pk):

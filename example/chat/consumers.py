@@ -4,16 +4,20 @@ demo/routing.py decides which consumer gets which message:
 
 - ChatConsumer       websocket.* on /chat/<room>/   (a chat room)
 - LiveDemultiplexer  websocket.* on /live/          (the live item list)
+- live_events        http.request on /live/events/  (the same list, for
+                                                     EventSource: no WebSocket)
 - run_job            jobs.run                       (a slow background job)
 
-All three are plain sync code. channels_mini runs sync consumers in worker
+All four are plain sync code. channels_mini runs sync consumers in worker
 threads, so they may use the ORM and sleep without stalling other sockets.
 """
 import json
 import logging
 import time
 
-from channels_mini import Group, WebsocketConsumer, WebsocketDemultiplexer
+from channels_mini import (
+    SSE_HEADERS, Group, WebsocketConsumer, WebsocketDemultiplexer, sse_event,
+)
 
 from chat.bindings import ItemBinding
 
@@ -99,6 +103,62 @@ class LiveDemultiplexer(WebsocketDemultiplexer):
     http_user = True
     consumers = {"items": ItemBinding.consumer}
     groups = ["items"]
+
+
+#: How long, in milliseconds, an EventSource waits before it reconnects after
+#: losing the stream (server restart, or a proxy that cut an idle stream).
+EVENTS_RETRY_MS = 2000
+
+#: Response headers of the event stream: SSE_HEADERS (text/event-stream,
+#: no-cache) plus "X-Accel-Buffering: no", which tells nginx not to buffer
+#: the stream (events would reach the browser late, in batches).
+EVENTS_HEADERS = SSE_HEADERS + [(b"x-accel-buffering", b"no")]
+
+
+def live_events(message):
+    """The live list as server-sent events, for pages without a WebSocket.
+
+    An HTTP consumer (Channels 1.x's http.request): it starts a streaming
+    response on message.reply_channel and joins that channel to the same
+    groups as the /live/ sockets. From then on every frame ItemBinding sends
+    to those groups -- {"text": '{"stream": "items", "payload": ...}'} --
+    reaches this stream as one event, "data: <that JSON text>", so the page
+    applies exactly what a socket would get. The stream is read-only: writes
+    need the socket.
+
+    What the browser receives, in order:
+
+        : live list             a comment: headers and first bytes out at once
+        retry: 2000             EventSource reconnects 2 s after a drop
+        event: ready            sent after the groups are joined: the page
+        data: items             loads the full list only then, so no change
+                                can fall between the load and the stream
+        data: {"stream": ...}   one event per change, as long as it listens
+
+    There is no periodic keep-alive: a proxy that closes an idle stream costs
+    one reconnect (after `retry`) and one reload of the list, and the page
+    reloads the whole list on every "ready" anyway. When the browser leaves,
+    channels_mini removes the channel from its groups.
+    """
+    if message["method"] != "GET":
+        message.reply_channel.send({
+            "status": 405, "headers": [(b"allow", b"GET"), (b"content-type", b"text/plain")],
+            "content": b"GET only: this is an EventSource stream.",
+        })
+        return
+    # Sends and Group.add from a consumer happen in call order once it
+    # returns: the response starts, then the channel joins the groups, then
+    # "ready" goes out. (A group frame must not come first: the response
+    # has to start with a status and headers.)
+    message.reply_channel.send({
+        "status": 200, "headers": EVENTS_HEADERS,
+        "content": sse_event(comment="live list", retry=EVENTS_RETRY_MS),
+        "more_content": True,
+    })
+    for group in LiveDemultiplexer.groups:
+        Group(group).add(message.reply_channel)
+    message.reply_channel.send({"content": sse_event("items", event="ready"),
+                                "more_content": True})
 
 
 # -- a background channel --

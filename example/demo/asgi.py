@@ -3,8 +3,9 @@
 One `Application` serves the whole site. WebSocket connections become
 Channels 1.x messages (websocket.connect / receive / disconnect) that the
 routes in demo/routing.py hand to consumers; HTTP requests go to Django as
-usual; the "jobs.run" channel is consumed by a background worker inside the
-same process.
+usual, except the one routed http.request path, /live/events/ (a
+server-sent events stream answered by a consumer); the "jobs.run" channel
+is consumed by a background worker inside the same process.
 """
 import os
 import sys
@@ -42,5 +43,6 @@ http_app = get_asgi_application()
 if settings.DEBUG:
     http_app = ASGIStaticFilesHandler(http_app)
 
-# 3. WebSockets and background channels: the Channels 1.x routing.
+# 3. WebSockets, the /live/events/ stream and background channels: the
+#    Channels 1.x routing.
 application = Application(channel_routing, http=http_app)
