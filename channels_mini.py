@@ -445,12 +445,12 @@ class InMemoryChannelLayer:
         queue = self._queues.get(channel)
         return len(queue.messages) if queue is not None else 0
 
-    def discard_channel(self, channel: str, gone: bool = True) -> None:
+    def discard_channel(self, channel: str, gone: bool = False) -> None:
         """Remove *channel* from every group and drop its queued messages.
 
-        ``Application`` calls this when a socket closes, so nothing stays behind. A *gone*
-        process-local channel is never read again: later sends to it (a late long-poll
-        answer, say) are dropped quietly and counted in ``late``.
+        ``Application`` calls this when a connection closes, so nothing stays behind, with
+        *gone*: that process-local channel is never read again, and later sends to it (a late
+        long-poll answer, say) are dropped quietly and counted in ``late``.
         """
         with self._lock:
             for group in list(self._memberships.get(channel, ())):
@@ -2660,7 +2660,7 @@ class _Connection:
         await _cancel_and_wait(writer)  # an in-memory receive is safe to cancel
         if listener is not None:
             await self._stop_listener(listener)
-        self.outbox.discard_channel(self.reply_channel)  # later sends to it are dropped quietly
+        self.outbox.discard_channel(self.reply_channel, gone=True)  # later sends: dropped quietly
 
     async def _stop_listener(self, listener: asyncio.Task) -> None:
         """Stop with a message rather than a cancel: a Redis layer shares one connection
@@ -2756,7 +2756,7 @@ class _WebsocketConnection(_Connection):
         try:
             self._queue({"close": code})
         except ChannelFull:  # its client stopped reading: what waits would never leave
-            self.outbox.discard_channel(self.reply_channel, gone=False)
+            self.outbox.discard_channel(self.reply_channel)
             self._queue({"close": code})
 
     async def _deliver(self, reply: dict) -> None:
