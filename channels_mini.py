@@ -702,12 +702,13 @@ _OPERATIONS_PER_TURN = 16  # deferred operations between two turns for the socke
 class _LocalSocket:
     """What this process knows of a socket it serves: its layers and the groups it joined."""
 
-    __slots__ = ("layer", "outbox", "groups", "session_used")
+    __slots__ = ("layer", "outbox", "groups", "presence", "session_used")
 
     def __init__(self, layer: Any, outbox: InMemoryChannelLayer):
         self.layer = layer  # the app's layer, where its groups live
         self.outbox = outbox  # the in-memory layer holding its outbox
         self.groups: set[str] = set()
+        self.presence: set[str] = set()  # groups whose presence lists it
         self.session_used = False  # a handler here read its channel session
 
 
@@ -962,6 +963,32 @@ class Group:
         _require_dict(content, "Content")
         await self.channel_layer.group_send(self.name, content)
 
+    # -- presence --
+
+    def track(self, channel: Channel | str, key: str | None = None, meta: dict | None = None) -> None:
+        """List *channel* in this group's presence under *key* (default: a key of its own)
+        with *meta* (a small JSON-able dict); it joins the group too, and both end when its
+        socket closes. A new key is announced to the group as a ``presence_diff`` frame."""
+        name = _channel_name(channel)
+        _track(self, name, key or f"anonymous.{name}", dict(meta or {}))
+
+    def untrack(self, channel: Channel | str) -> None:
+        """Stop listing *channel*; a key with no socket left is announced as a leave."""
+        _untrack(self, _channel_name(channel))
+
+    def presence(self) -> dict[str, list[dict]]:
+        """Who is in the group, in every process: ``{key: [meta, ...]}``, a meta per socket."""
+        return _members(_presence_entries(self.name))
+
+    async def atrack(self, channel: Channel | str, key: str | None = None,
+                     meta: dict | None = None) -> None:
+        """``track``, from async code (the cache is read and written in a thread)."""
+        await _bridge("session", _SESSION_POOL_SIZE)(self.track, channel, key, meta)
+
+    async def apresence(self) -> dict[str, list[dict]]:
+        """``presence``, from async code."""
+        return await _bridge("session", _SESSION_POOL_SIZE)(self.presence)
+
     def __repr__(self) -> str:
         return f"Group({self.name!r})"
 
@@ -1117,6 +1144,113 @@ def _delete_channel_session(reply_channel: str) -> None:
         engine = _session_engine()
         if engine is not None:
             engine.SessionStore().delete(_channel_session_key(reply_channel))
+
+
+# -- presence --
+# Who is in a group, which Channels never had (Phoenix calls it Presence). A socket is
+# tracked in a group under a key -- its user, or one anonymous key per socket -- with a small
+# JSON-able `meta`; `Group(name).presence()` lists one entry per key with the metas of its
+# sockets. Each process keeps its own members in Django's cache (one entry per group and
+# process, refreshed by a heartbeat), so with a shared cache (Django's RedisCache) every
+# process sees the same members, and those of a process that dies vanish when its entry
+# expires. Keys that join or leave go to the group as one "presence_diff" frame.
+
+_PRESENCE_DEFAULTS = {"CACHE": "default", "HEARTBEAT": 5.0, "TIMEOUT": 20.0}
+_process_id = secrets.token_hex(6)  # names this process's presence entries
+_tracked: dict[str, dict[str, tuple[str, dict]]] = {}  # group -> {channel: (key, meta)}, here
+_tracked_lock = threading.Lock()
+_private_cache: Any = None  # without Django settings
+
+
+def _presence_setting(name: str) -> Any:
+    from django.conf import settings
+
+    configured = getattr(settings, "CHANNELS_MINI_PRESENCE", {}) if _settings_ready() else {}
+    return configured.get(name, _PRESENCE_DEFAULTS[name])
+
+
+def _presence_cache() -> Any:
+    """The Django cache named by ``CHANNELS_MINI_PRESENCE["CACHE"]`` (default: "default")."""
+    global _private_cache
+    if _settings_ready():
+        from django.core.cache import caches
+        return caches[_presence_setting("CACHE")]
+    if _private_cache is None:
+        from django.core.cache.backends.locmem import LocMemCache
+        _private_cache = LocMemCache("channels_mini.presence", {})
+    return _private_cache
+
+
+def _presence_index(group: str) -> str:
+    return f"channels_mini.presence.{group}"  # the processes with members; each has index.<id>
+
+
+def _publish_tracked(group: str) -> None:
+    """Write this process's members of *group*, and its name in the group's index."""
+    cache, index_key = _presence_cache(), _presence_index(group)
+    with _tracked_lock:
+        members = dict(_tracked.get(group, {}))
+    if not members:
+        cache.delete(f"{index_key}.{_process_id}")
+        return
+    cache.set(f"{index_key}.{_process_id}", members, _presence_setting("TIMEOUT"))
+    index = cache.get(index_key) or set()
+    if _process_id not in index:  # two processes adding at once: the heartbeat mends it
+        cache.set(index_key, index | {_process_id}, None)
+
+
+def _presence_entries(group: str) -> dict[str, dict]:
+    """``{process id: {channel: (key, meta)}}`` for every live process with members."""
+    cache, index_key = _presence_cache(), _presence_index(group)
+    found = cache.get_many([f"{index_key}.{process}" for process in cache.get(index_key) or ()])
+    return {name.rsplit(".", 1)[1]: entry for name, entry in found.items()}
+
+
+def _members(entries: dict[str, dict]) -> dict[str, list[dict]]:
+    members: dict[str, list[dict]] = {}
+    for entry in entries.values():
+        for key, meta in entry.values():
+            members.setdefault(key, []).append(meta)
+    return members
+
+
+def _announce_presence(group: Group, joins: dict, leaves: dict) -> None:
+    if joins or leaves:
+        diff = {"type": "presence_diff", "group": group.name, "joins": joins, "leaves": leaves}
+        group.send({"text": json.dumps(diff)})  # in a consumer: after its own replies
+
+
+def _track(group: Group, channel: str, key: str, meta: dict) -> None:
+    json.dumps(meta)  # a meta that is not JSON-able fails here, in the caller's code
+    group.add(channel)  # tracked sockets hear the diffs
+    before = _members(_presence_entries(group.name))
+    with _tracked_lock:
+        _tracked.setdefault(group.name, {})[channel] = (key, meta)
+    local = _local_sockets.get(channel)
+    if local is not None:
+        local.presence.add(group.name)
+    _publish_tracked(group.name)
+    _announce_presence(group, {} if key in before else {key: [meta]}, {})
+
+
+def _untrack(group: Group, channel: str) -> None:
+    with _tracked_lock:
+        key, meta = _tracked.get(group.name, {}).pop(channel, (None, None))
+        if group.name in _tracked and not _tracked[group.name]:
+            del _tracked[group.name]
+    if key is None:
+        return
+    _publish_tracked(group.name)
+    still_here = key in _members(_presence_entries(group.name))  # another tab of the same user
+    _announce_presence(group, {}, {} if still_here else {key: [meta]})
+
+
+def _presence_key(user: Any, channel: str) -> str:
+    """A socket's default key: its user's pk, or one anonymous key per socket."""
+    if getattr(user, "is_authenticated", False):
+        return str(user.pk)
+    return f"anonymous.{channel}"
+
 
 
 # -- running handlers --
@@ -1558,9 +1692,12 @@ class WebsocketConsumer(BaseConsumer):
         "websocket.receive": "raw_receive",
         "websocket.disconnect": "raw_disconnect",
     }
-    _hooks = ("connection_groups", "connect", "receive", "disconnect")
+    _hooks = ("connection_groups", "presence_groups", "presence_meta", "connect", "receive",
+              "disconnect")
     #: Groups every socket of this consumer joins on connect.
     groups: list[str] | None = None
+    #: Groups whose presence lists every socket of this consumer (see ``presence_groups``).
+    presence: list[str] | None = None
     #: Accepted for Channels 1.x code; messages of one socket are always handled in order.
     strict_ordering = False
 
@@ -1577,10 +1714,17 @@ class WebsocketConsumer(BaseConsumer):
     # -- what the router calls --
 
     async def raw_connect(self, message: Message, **kwargs: Any) -> None:
-        """Join the connection groups, then call ``connect``."""
+        """Join the connection groups, call ``connect``, then join the presence groups."""
         for name in await self._call("connection_groups", **kwargs):
             await Group(name, channel_layer=message.channel_layer).aadd(message.reply_channel)
         await self._call("connect", message, **kwargs)
+        names = await self._call("presence_groups", **kwargs)
+        if names:
+            key = _presence_key(message.user, message.reply_channel.name)
+            meta = await self._call("presence_meta", **kwargs)
+            for name in names:
+                await Group(name, channel_layer=message.channel_layer).atrack(
+                    message.reply_channel, key, meta)
 
     async def raw_receive(self, message: Message, **kwargs: Any) -> None:
         if message.get("text") is not None:
@@ -1591,6 +1735,19 @@ class WebsocketConsumer(BaseConsumer):
     async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
         """Call ``disconnect``: the connection has already left every group it joined."""
         await self._call("disconnect", message, **kwargs)
+
+    @_on_loop
+    def presence_groups(self, **kwargs: Any) -> list[str]:
+        """The groups whose presence lists this socket after ``connect`` (default:
+        ``presence``): under its user's pk with ``http_user = True``, else a key of its own."""
+        return list(self.presence or ())
+
+    @_on_loop
+    def presence_meta(self, **kwargs: Any) -> dict:
+        """The socket's entry in a presence list: its user's name and when it joined."""
+        user = self.message.user
+        name = user.get_username() if getattr(user, "is_authenticated", False) else "anonymous"
+        return {"name": name, "joined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     # -- what you override --
 
@@ -2645,7 +2802,16 @@ class _Connection:
             self.local.session_used = False
 
     async def _leave_groups(self) -> None:
-        """Leave every group the connection joined -- through connection_groups or Group.add."""
+        """Leave every group the connection joined -- through connection_groups or Group.add --
+        and every presence list, announced to the group as a leave."""
+        for group in list(self.local.presence):
+            try:
+                untrack = Group(group, channel_layer=self.layer).untrack
+                await _bridge("session", _SESSION_POOL_SIZE)(untrack, self.reply_channel)
+            except Exception:
+                _log_layer_failure("Cannot remove %s %s from the presence of %r; its entry "
+                                   "expires by itself.", self.what, self.path, group)
+        self.local.presence.clear()
         for group in list(self.local.groups):
             try:
                 await self.layer.group_discard(group, self.reply_channel)
@@ -2968,6 +3134,42 @@ class _MembershipKeeper:
                 await asyncio.sleep(1)
 
 
+class _PresenceHeartbeat:
+    """Refreshes this process's presence entries; announces the keys of a process that died
+    as leaves (the first live process of the group does, so each is announced once)."""
+
+    def __init__(self):
+        self.seen: dict[str, dict[str, dict]] = {}  # group -> entries at the last beat
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(_presence_setting("HEARTBEAT"))
+            try:
+                await _bridge("session", _SESSION_POOL_SIZE)(self.beat)
+            except Exception:
+                _log_layer_failure("Cannot refresh this process's presence entries in the "
+                                   "cache; retrying.")
+
+    def beat(self) -> None:
+        with _tracked_lock:
+            groups = list(_tracked)
+        for group in groups:
+            _publish_tracked(group)
+            entries = _presence_entries(group)
+            dead = [process for process in self.seen.get(group, {}) if process not in entries]
+            if dead and _process_id == min(entries):
+                members = _members(entries)
+                gone: dict[str, list[dict]] = {}
+                for process in dead:
+                    for key, meta in self.seen[group][process].values():
+                        if key not in members:
+                            gone.setdefault(key, []).append(meta)
+                _announce_presence(Group(group), {}, gone)
+                _presence_cache().set(_presence_index(group), set(entries), None)
+            self.seen[group] = entries
+        self.seen = {group: self.seen[group] for group in groups}
+
+
 _layer_failure_reports = _Throttle(10.0)
 
 
@@ -3056,7 +3258,7 @@ class Application:
         loop = asyncio.get_running_loop()
         if self._workers is None or self._workers.loop is not loop:
             self._workers = _BackgroundWorkers(self, _background_channels(self.router))
-            self._workers.start(keep_memberships=not _is_in_memory(self.channel_layer))
+            self._workers.start(serving=True)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -3204,12 +3406,16 @@ class _BackgroundWorkers:
         self._idle: set[asyncio.Task] = set()  # waiting for a message: safe to cancel
         self._stopping = False
 
-    def start(self, keep_memberships: bool = False) -> None:
+    def start(self, serving: bool = False) -> None:
+        """Start the workers; a server also keeps its sockets' presence and, on a shared
+        layer, their memberships."""
         self.loop = asyncio.get_running_loop()
         self._tasks = [self.loop.create_task(self._consume(channel)) for channel in self.channels]
-        if keep_memberships:  # a server's sockets, on a shared layer
-            keeper = self.loop.create_task(_MembershipKeeper(self.app.channel_layer).run())
-            self._idle.add(keeper)  # cancelled first on stop, as an idle worker is
+        if serving:
+            keepers = [_PresenceHeartbeat().run()]
+            if not _is_in_memory(self.app.channel_layer):
+                keepers.append(_MembershipKeeper(self.app.channel_layer).run())
+            self._idle.update(self.loop.create_task(keeper) for keeper in keepers)  # stop cancels
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop receiving; a message in hand is finished (up to *timeout* seconds)."""
