@@ -10,22 +10,23 @@ The file reads top to bottom in the order a message travels
 (``grep -n '^# ===' channels_mini.py`` prints this list):
 
 1. Channel layer   -- in-process queues, groups, capacity and expiry.
-2. Messages        -- ``Message``, ``Channel``, ``Group``, deferred sends, running handlers.
+2. Messages        -- ``Message``, ``Channel``, ``Group``, deferred sends, channel sessions,
+                      presence, running handlers.
 3. Routing         -- ``route()``, ``route_class()``, ``include()``, filters.
 4. Consumers       -- functions, ``BaseConsumer``, WebSocket/JSON consumers.
 5. Binding         -- model signals to groups, and writes from clients.
-6. Connection      -- one socket: frames in as messages, one outbox out as frames.
-7. ASGI app        -- ``Application``: scopes to connections, HTTP to Django, workers.
+6. Connection      -- one socket or HTTP request: events in as messages, one outbox out.
+7. ASGI app        -- ``Application``: scopes to connections, the rest of HTTP to Django.
 8. Test helpers    -- ``WebsocketCommunicator``.
 9. Command line    -- ``python -m channels_mini runworker``.
 
 Two paths to follow through it. A frame from the browser reaches ``receive()``:
 
-1. ``Application.__call__`` -> ``_websocket``: the origin is checked, a ``_Connection`` made.
+1. ``Application.__call__`` -> ``_websocket``: the origin is checked, a connection made.
 2. ``_Connection.serve``: a reply channel and its outbox; the writer task starts.
-3. ``_Connection._read``: one ASGI event at a time, a turn for other sockets after each.
-4. ``_Connection._frame``: the size limit; ``_receive_message`` builds the 1.x message.
-5. ``_Connection._handle``: the message as a ``Message``; a failure closes with 1011.
+3. ``_WebsocketConnection._run``: one ASGI event at a time, a turn for other sockets after each.
+4. ``_WebsocketConnection._frame``: the size limit; ``_receive_message`` builds the message.
+5. ``_WebsocketConnection._handle``: the message as a ``Message``; a failure closes with 1011.
 6. ``_handle_message``: ``Router._match`` picks the route; its sends are deferred.
 7. ``BaseConsumer._consume`` -> ``dispatch``: ``method_mapping`` names the method.
 8. ``WebsocketConsumer.raw_receive`` -> your ``receive(text=...)``.
@@ -34,10 +35,10 @@ A model save reaches the browser:
 
 1. Django's ``post_save`` signal -> ``_after_save``: groups before and after the save.
 2. ``Binding._announce``: delete/update/create per group, queued for the commit.
-3. ``transaction.on_commit`` -> ``_send_to_groups`` -> ``Group.send``.
+3. ``transaction.on_commit`` -> ``Binding._send_to_groups`` -> ``Group.send``.
 4. ``InMemoryChannelLayer.group_send_now``: into each member socket's outbox.
 5. ``_Connection._write``: the socket's one way out takes the message, in order.
-6. ``_Connection._deliver``: reply dict to ASGI events, then the server's ``send``.
+6. ``_WebsocketConnection._deliver``: reply dict to ASGI events, then the server's ``send``.
 
 A complete chat server::
 
@@ -2226,7 +2227,8 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
     finally:
         _consumer_state.reset(token)
         try:
-            await _save_sessions(message)  # before the sends: their consumers may read it
+            if message._channel_session is not None or message.http_session is not None:
+                await _save_sessions(message)  # before the sends: their consumers may read it
         finally:
             await state.apply()
     return True
