@@ -4205,9 +4205,10 @@ def test_app_http_consumers_get_post_and_django_under_each_server(kind):
     assert django_page == (200, "django page ok")
 
 
-def test_app_http_long_poll_is_answered_by_a_django_view_in_the_same_process():
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_app_http_long_poll_is_answered_by_a_django_view_in_the_same_process(kind):
     """A long-poll waits in a group; a Django view's Group.send answers it (and only its topic)."""
-    with running_server(app=f"{__name__}:http_app") as server:
+    with running_server(kind, app=f"{__name__}:http_app") as server:
 
         async def scenario():
             waiting = asyncio.create_task(asyncio.to_thread(
@@ -4225,10 +4226,11 @@ def test_app_http_long_poll_is_answered_by_a_django_view_in_the_same_process():
     assert unanswered[0] == 504  # beta's topic heard nothing: its request timed out
 
 
-def test_app_http_server_sent_events_receive_group_sends_in_order():
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_app_http_server_sent_events_receive_group_sends_in_order(kind):
     """An event stream joined to a group gets every Group.send, in order, as SSE events."""
     import http.client
-    with running_server(app=f"{__name__}:http_app") as server:
+    with running_server(kind, app=f"{__name__}:http_app") as server:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         try:
             connection.request("GET", "/http/stream/")
@@ -4249,10 +4251,11 @@ def test_app_http_server_sent_events_receive_group_sends_in_order():
     assert events == [f"id: {n}\ndata: n{n}\n\n".encode() for n in range(20)]
 
 
-def test_app_http_client_leaving_mid_wait_leaves_its_groups_and_late_replies_are_dropped():
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_app_http_client_leaving_mid_wait_leaves_its_groups_and_late_replies_are_dropped(kind):
     """A long-poll client that disconnects produces http.disconnect; its reply channel leaves
     every group and nothing stays behind; a late answer is dropped quietly and counted."""
-    with running_server(app=f"{__name__}:http_app") as server:
+    with running_server(kind, app=f"{__name__}:http_app") as server:
         before = json.loads(http_request(server.url("/http/stats/", "http"))[1])
         with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
             raw.sendall(b"GET /http/poll/gone/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -4277,11 +4280,12 @@ def test_app_http_client_leaving_mid_wait_leaves_its_groups_and_late_replies_are
     assert final["messages"] == before["messages"]
 
 
-def test_app_http_413_over_the_body_limit_and_504_when_nobody_answers():
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_app_http_413_over_the_body_limit_and_504_when_nobody_answers(kind):
     """A body over DATA_UPLOAD_MAX_MEMORY_SIZE gets 413 and the consumer never runs; a
     request nobody answers gets 504 after http_timeout (2 s here), not a socket held forever."""
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    with running_server(app=f"{__name__}:http_app") as server:
+    with running_server(kind, app=f"{__name__}:http_app") as server:
         too_big = http_request(server.url("/http/counting/", "http"), data=b"x" * (limit + 1))
         fits = http_request(server.url("/http/counting/", "http"), data=b"x" * 10)
         start = time.monotonic()
