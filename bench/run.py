@@ -15,6 +15,7 @@ Results also go to bench/results.json. See bench/README.md for what each row mea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -35,10 +36,10 @@ import django  # noqa: E402
 
 django.setup()
 
-from bench import layerbench, webbench  # noqa: E402
+from bench import layerbench, presencebench, webbench  # noqa: E402
 
 IMPLS = ("mini", "ch4", "floor")
-SECTIONS = ("layer", "echo", "broadcast", "memory", "flood")
+SECTIONS = ("layer", "echo", "broadcast", "memory", "flood", "presence")
 HEADERS = {"mini": "channels_mini", "ch4": "Channels 4", "floor": "floor"}
 
 
@@ -86,6 +87,7 @@ def make_config(args) -> dict:
         "flood_during_seconds": 1.5 if quick else 3.0,
         "flood_cap": 5000,
         "flood_drain_timeout": 30.0,
+        "presence_members": 1000,
     }
 
 
@@ -275,6 +277,27 @@ class FloodRow(Row):
                          and not (r[impl]["flood_complete"] and r[impl]["in_order"])})
         return text + (f" — missing or out-of-order replies: {', '.join(failed)}" if failed
                        else " — every flooder got every reply, in order")
+
+
+class PresenceRow(Row):
+    """A presence row: Channels has no presence, so its column is a dash."""
+
+    def __init__(self, key, label, metric, per_op=None):
+        super().__init__(key, label, "ms", False, metric=metric)
+        self.per_op = per_op  # ("join_us_per_op", "join"): the µs per call, in the cell
+
+    def cell(self, impl):
+        return "—" if impl == "ch4" else super().cell(impl)
+
+    def extra(self, impl):
+        if self.per_op is None:
+            return ""
+        metric, what = self.per_op
+        values = [r[impl][metric] for r in self.rounds if self.value(r.get(impl)) is not None]
+        return f"{statistics.median(values):,.0f} µs/{what}" if values else ""
+
+    def ratio_text(self):
+        return super().ratio_text() + " — no Channels 4 figure: Channels has no presence"
 
 
 def measure(fn, *args, **kwargs):
@@ -552,6 +575,79 @@ def _flood_fresh(server_name, path, cfg, log_dir):
                               cfg["flood_drain_timeout"])
 
 
+# -- 3. presence -------------------------------------------------------------------------------
+
+#: (backend key, label of the cache, label of the floor)
+PRESENCE_BACKENDS = [
+    ("locmem", "in-process (Django's locmem default cache)", "a plain dict"),
+    ("redis", "Redis (Django's RedisCache, local redis-server)", "one Redis hash via redis-py"),
+]
+
+
+def run_presence(cfg, mini, rows, log_dir):
+    """Join, read and leave a group of N tracked members: the sync API, from this (plain)
+    thread; the in-process default cache and a real redis-server; the floor in between."""
+    n = cfg["presence_members"]
+    presence_rows = {}
+    for backend, cache_label, floor_label in PRESENCE_BACKENDS:
+        prefix = f"presence, {cache_label}: "
+        presence_rows[backend] = [
+            PresenceRow(f"presence_{backend}_join", prefix + f"{n:,} joins (Group.track, "
+                        f"each announced to the group; floor: {floor_label})", "join_ms",
+                        ("join_us_per_op", "join")),
+            PresenceRow(f"presence_{backend}_read", prefix + f"one presence() read of {n:,} "
+                        "members", "read_ms"),
+            PresenceRow(f"presence_{backend}_leave", prefix + f"{n:,} leaves (untrack, each "
+                        "announced)", "leave_ms", ("leave_us_per_op", "leave")),
+        ]
+        for row in presence_rows[backend]:
+            rows.append(row)
+    server = contextlib.ExitStack()
+    try:
+        try:
+            port = server.enter_context(presencebench.redis_server(log_dir))
+            log(f"[presence] redis-server {presencebench.redis_version()} on 127.0.0.1:{port}")
+        except Exception as exc:  # the Redis rows then show ERROR; the in-process rows run
+            port = exc
+            log(f"    ! redis-server: {exc!r}")
+
+        def mini_run(backend, run, port):
+            if mini is None:
+                return {"error": "channels_mini unavailable"}
+            if backend == "locmem":
+                if presencebench.presence_cache_backend() != "LocMemCache":
+                    raise AssertionError("the default cache is not Django's LocMemCache")
+                return presencebench.mini_presence(mini, n, run)
+            with presencebench.redis_cache(port):
+                if presencebench.presence_cache_backend() != "RedisCache":
+                    raise AssertionError("CHANNELS_MINI_PRESENCE did not reach the RedisCache")
+                return presencebench.mini_presence(mini, n, run)
+
+        def floor_run(backend, run, port):
+            if backend == "locmem":
+                return presencebench.floor_dict(n, run)
+            return presencebench.floor_redis(port, n, run)
+
+        plan = [(backend, impl) for backend, _, _ in PRESENCE_BACKENDS for impl in ("mini", "floor")]
+        for r in range(cfg["heavy_rounds"]):
+            log(f"[presence] round {r + 1}/{cfg['heavy_rounds']}")
+            cells = {backend: {} for backend in presence_rows}
+            for backend, impl in ordered(plan, r):
+                run = f"r{r}-{impl}-{backend}"
+                fn = mini_run if impl == "mini" else floor_run
+                # with no redis-server (port is its exception) measure() skips the run
+                cells[backend][impl] = measure(fn, backend, run,
+                                               port if backend == "redis" else None)
+            for backend, backend_rows in presence_rows.items():
+                for row in backend_rows:
+                    row.rounds.append(cells[backend])
+            log("   ", {b: {i: {k: round(v, 3) for k, v in c.items() if k != "members"}
+                            if "error" not in c else c for i, c in cs.items()}
+                        for b, cs in cells.items()})
+    finally:
+        server.close()  # stops redis-server
+
+
 # -- output ----------------------------------------------------------------------------------
 
 def table(rows) -> str:
@@ -580,6 +676,13 @@ def environment(mini_path: Path) -> dict:
         "uvicorn": uvicorn.__version__,
         "websockets": websockets.__version__,
     }
+    try:
+        import redis
+
+        env["redis_py"] = redis.__version__
+    except ImportError:
+        env["redis_py"] = "unavailable"
+    env["redis_server"] = presencebench.redis_version()
     if mini_path.exists():
         env["channels_mini_sha256"] = hashlib.sha256(mini_path.read_bytes()).hexdigest()[:16]
     try:
@@ -595,8 +698,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="short run (under 2 minutes)")
     parser.add_argument("--rounds", type=int, help="rounds for layer and echo benchmarks "
                         "(default 5, quick 2)")
-    parser.add_argument("--heavy-rounds", type=int, help="rounds for broadcast, memory and "
-                        "flood (default min(rounds, 3), quick 1)")
+    parser.add_argument("--heavy-rounds", type=int, help="rounds for broadcast, memory, "
+                        "flood and presence (default min(rounds, 3), quick 1)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS,
                         help="run only these sections")
     parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
@@ -626,7 +729,7 @@ def main(argv=None) -> int:
         log(f"note: load average is {load_before[0]:.1f} on {os.cpu_count()} CPUs; other work "
             "will add noise (the interleaved ratios are the figures to trust)")
     started = time.perf_counter()
-    if set(sections) - {"layer"}:
+    if set(sections) - {"layer", "presence"}:  # the in-process sections start no servers
         apps = ["bare", "ch4"] + (["mini"] if mini is not None else [])
         problems = webbench.warm_bytecode_cache(apps)
         log(f"bytecode cache {webbench.PYCACHE_DIR} warmed" +
@@ -636,7 +739,8 @@ def main(argv=None) -> int:
                "echo": lambda: run_echo(cfg, mini is not None, rows, log_dir),
                "broadcast": lambda: run_broadcast(cfg, mini is not None, rows, log_dir),
                "memory": lambda: run_memory(cfg, mini is not None, rows, log_dir),
-               "flood": lambda: run_flood(cfg, mini is not None, rows, log_dir)}
+               "flood": lambda: run_flood(cfg, mini is not None, rows, log_dir),
+               "presence": lambda: run_presence(cfg, mini, rows, log_dir)}
     for section in sections:
         t = time.perf_counter()
         runners[section]()
@@ -647,7 +751,7 @@ def main(argv=None) -> int:
     markdown = table(rows)
     print(markdown)
     print(f"\n_{'quick' if cfg['quick'] else 'full'} run, {cfg['rounds']} rounds "
-          f"(broadcast/memory/flood: {cfg['heavy_rounds']}), {elapsed:.0f} s; figures are medians "
+          f"(broadcast/memory/flood/presence: {cfg['heavy_rounds']}), {elapsed:.0f} s; figures are medians "
           "over rounds, ratios are medians of per-round ratios; 1-minute load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after, {os.cpu_count()} CPUs._")
     results = {

@@ -2,11 +2,11 @@
 
 It starts the demo under a real uvicorn process on a free 127.0.0.1 port, with
 a fresh SQLite database, and drives Chromium through Playwright: two visitors
-chat, share the live item list, run a background job, and an edit in the
-admin reaches an open page. The live list also runs on its server-sent
-events fallback (EventSource on /live/events/, no WebSocket), fed by the
-same binding group. It also restarts the server under an open page to check
-that the page reconnects.
+chat and see each other in the room's "Here now" list, share the live item
+list, run a background job, and an edit in the admin reaches an open page.
+The live list also runs on its server-sent events fallback (EventSource on
+/live/events/, no WebSocket), fed by the same binding group. It also restarts
+the server under an open page to check that the page reconnects.
 
 Run it from the repository root:
 
@@ -179,6 +179,11 @@ def open_online(page, path: str) -> None:
     expect(page.locator("#status")).to_have_attribute("data-state", "online")
 
 
+def here_now(page):
+    """The names in a chat room's "Here now" list, in the page's (alphabetical) order."""
+    return page.locator("#here-now li")
+
+
 def item_row(page, name: str):
     return page.locator(f'#items li[data-name="{name}"]')
 
@@ -222,6 +227,34 @@ def test_chat_message_reaches_the_other_tab(visitors):
     bob.fill("#chat-input", "hi alice")
     bob.click("#chat-form button")
     expect(alice.locator("#messages li.chat", has_text="bob: hi alice")).to_be_visible()
+
+
+def test_here_now_shows_a_second_tab_until_it_closes(visitors):
+    alice, bob = visitors("alice"), visitors("bob")
+    open_online(alice, "/chat/here-now/")
+    expect(here_now(alice)).to_have_text(["alice"])  # the snapshot was empty; its own join
+
+    open_online(bob, "/chat/here-now/")
+    expect(here_now(alice)).to_have_text(["alice", "bob"])  # bob's join, live
+    expect(here_now(bob)).to_have_text(["alice", "bob"])  # the snapshot, then its own join
+    expect(alice.locator("#here-now-title")).to_have_text("Here now (2)")
+
+    bob.close()  # the tab goes, and its socket with it
+    expect(here_now(alice)).to_have_text(["alice"])
+    expect(alice.locator("#here-now-title")).to_have_text("Here now (1)")
+    # presence frames never show up as chat lines
+    expect(alice.locator("#messages li", has_text="presence")).to_have_count(0)
+
+
+def test_here_now_lists_each_tab_of_a_visitor(visitors):
+    # Names picked on the index page are not accounts: every socket is an entry.
+    alice = visitors("alice")
+    open_online(alice, "/chat/two-tabs/")
+    second = alice.context.new_page()
+    open_online(second, "/chat/two-tabs/")
+    expect(here_now(alice)).to_have_text(["alice", "alice"])
+    second.close()
+    expect(here_now(alice)).to_have_text(["alice"])
 
 
 def test_a_room_link_without_a_name_asks_for_one_then_joins(browser, server):
@@ -411,6 +444,8 @@ def test_page_reconnects_after_a_server_restart(visitors, server):
     alice.fill("#chat-input", "still here")
     alice.press("#chat-input", "Enter")
     expect(bob.locator("#messages li.chat", has_text="alice: still here")).to_be_visible()
+    # the new server's presence, rebuilt from the reconnected sockets
+    expect(here_now(alice)).to_have_text(["alice", "bob"])
 
 
 def test_server_logged_no_errors(server):

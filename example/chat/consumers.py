@@ -2,7 +2,8 @@
 
 demo/routing.py decides which consumer gets which message:
 
-- ChatConsumer       websocket.* on /chat/<room>/   (a chat room)
+- ChatConsumer       websocket.* on /chat/<room>/   (a chat room, with its
+                                                     "Here now" list)
 - LiveDemultiplexer  websocket.* on /live/          (the live item list)
 - live_events        http.request on /live/events/  (the same list, for
                                                      EventSource: no WebSocket)
@@ -55,7 +56,26 @@ def display_name(message):
 
 
 class ChatConsumer(WebsocketConsumer):
-    """A chat room: every text frame is broadcast to everyone in the room."""
+    """A chat room: every text frame is broadcast to everyone in the room.
+
+    It also keeps the room's "Here now" list (channels_mini's presence): every
+    socket is tracked in the room's group, and the page gets
+
+        {"type": "presence_state", "group": ..., "presence": {key: [meta, ...]}}
+
+    once, right after the accept (who was there before this socket), then a
+
+        {"type": "presence_diff", "group": ..., "joins": {...}, "leaves": {...}}
+
+    frame whenever someone arrives or leaves -- its own arrival included.
+    Chat frames never have a "type", so the page tells the two apart by it.
+
+    The key of an entry is channels_mini's default: the user's pk for a
+    signed-in user (http_user = True; e.g. admin, signed in at /admin/: all
+    of their tabs are one entry), otherwise one key per socket (the names
+    picked on the index page are not accounts, so two tabs of "alice" are two
+    entries). The meta carries the name picked on the index page.
+    """
 
     # Load the Django session and user from the handshake's cookies, and keep
     # them on every message of this socket (message.http_session,
@@ -67,8 +87,29 @@ class ChatConsumer(WebsocketConsumer):
         # comes from the route's path filter.
         return [room_group(room)]
 
+    def presence_groups(self, room, **kwargs):
+        # Tracked after connect() returns, untracked when the socket closes:
+        # both send a presence_diff to the group. A tracked socket is also a
+        # member of the group, so it hears the diffs.
+        return [room_group(room)]
+
+    def presence_meta(self, **kwargs):
+        # What every page shows for this socket: the chosen name, not the
+        # default ("anonymous" for visitors who did not sign in).
+        return {"name": display_name(self.message),
+                "joined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
     def connect(self, message, **kwargs):
         super().connect(message, **kwargs)  # accepts the socket
+        # Who is here already: sent after the accept (sends are deferred until
+        # the handler returns), followed by the diff of this socket's own join.
+        # The socket is in the room's group already, so a join or leave that
+        # happens after this read reaches it as a diff; the page applies the
+        # diffs that arrive before this snapshot on top of it.
+        group = room_group(kwargs["room"])
+        snapshot = {"type": "presence_state", "group": group,
+                    "presence": Group(group).presence()}
+        self.send(text=json.dumps(snapshot))
         self.announce(kwargs["room"], f"{display_name(message)} joined")
 
     def receive(self, text=None, bytes=None, **kwargs):
@@ -81,6 +122,8 @@ class ChatConsumer(WebsocketConsumer):
         self.group_send(room_group(kwargs["room"]), text=json.dumps(payload))
 
     def disconnect(self, message, **kwargs):
+        # The socket has left the presence list already; the others got the
+        # leave diff.
         self.announce(kwargs["room"], f"{display_name(message)} left")
 
     def announce(self, room, text):

@@ -80,6 +80,18 @@ CHANNEL_ROUTING = "demo.routing.channel_routing"
 #     }
 # }
 
+# The chat rooms' "Here now" lists (channels_mini's presence) live in Django's
+# cache. Django's default cache is the in-process LocMemCache, which is all
+# one process needs; with several server processes, point presence at a
+# shared cache (Django's RedisCache) so every process sees every socket:
+#
+# CACHES = {
+#     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+#     "presence": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+#                  "LOCATION": "redis://127.0.0.1:6379"},
+# }
+# CHANNELS_MINI_PRESENCE = {"CACHE": "presence", "HEARTBEAT": 5.0, "TIMEOUT": 20.0}
+
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
