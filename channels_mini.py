@@ -2656,13 +2656,14 @@ def _after_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None
 
 
 # === 6. Connection ===
-# One websocket, as Channels 1.x's interface server saw it. *Frames in*: the server's ASGI
-# events become the messages `websocket.connect` / `receive` / `disconnect`, handled one at
-# a time, in order, with a turn for the other sockets after each. *Messages out*: whatever
-# is sent to the socket's reply channel -- by its own handlers, group sends, other sockets,
-# threads, views -- waits in one outbox (the reply channel's queue in an in-memory layer)
-# and leaves through `_deliver`. With a shared layer (Redis), sends to a socket of this
-# process stay in the process; messages from other processes are moved into the outbox.
+# One websocket or routed HTTP request, as Channels 1.x's interface server saw it. *In*: the
+# server's ASGI events become the messages `websocket.connect` / `receive` / `disconnect` (or
+# `http.request` / `http.disconnect`), handled one at a time, in order, with a turn for the
+# other sockets after each. *Out*: whatever is sent to the reply channel -- by its own
+# handlers, group sends, other sockets, threads, views -- waits in one outbox (the reply
+# channel's queue in an in-memory layer) and leaves through `_deliver`. With a shared layer
+# (Redis), sends to a connection of this process stay in the process; messages from other
+# processes are moved into the same outbox.
 
 _STOP = {"channels_mini.connection": "stop"}  # never a user reply: those hold accept/text/bytes/close
 _process_outboxes: InMemoryChannelLayer | None = None  # outboxes when the app's layer is shared
@@ -3195,9 +3196,9 @@ async def _cancel_and_wait(task: asyncio.Task, interval: float = 0.1) -> None:
 
 # === 7. ASGI app ===
 # `Application` is what the server calls. A websocket scope whose origin is allowed gets a
-# `_Connection`; HTTP goes to Django. Routed channels that are not `websocket.*`/`http.*`
-# are consumed from the layer by background worker tasks, in the server process or in
-# `runworker` processes.
+# `_WebsocketConnection`, a routed `http.request` an `_HttpConnection`; the rest of HTTP goes
+# to Django. Routed channels that are not `websocket.*`/`http.*` are consumed from the layer
+# by background worker tasks, in the server process or in `runworker` processes.
 
 _DEV_HOSTS = [".localhost", "127.0.0.1", "[::1]"]  # what Django allows when DEBUG has none
 _DEFAULT_PORTS = {"http": "80", "ws": "80", "https": "443", "wss": "443"}
