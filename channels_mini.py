@@ -108,11 +108,12 @@ __all__ = [
     "AsgiRequest", "AsgiHandler", "sse_event", "SSE_HEADERS",
     # 5. binding
     "Binding", "WebsocketBinding",
-    # 6. ASGI app
+    # 6. connection: nothing public (Application makes them)
+    # 7. ASGI app
     "Application", "application",
-    # 7. test helpers
+    # 8. test helpers
     "WebsocketCommunicator", "reset_channel_layers",
-    # 8. command line
+    # 9. command line
     "main",
 ]
 
