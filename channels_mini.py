@@ -3140,9 +3140,11 @@ class _MembershipKeeper:
 
 class _PresenceHeartbeat:
     """Refreshes this process's presence entries; announces the keys of a process that died
-    as leaves (the first live process of the group does, so each is announced once)."""
+    as leaves (the first live process of the group does, so each is announced once), on
+    *layer*: the app's, where its sockets' groups live."""
 
-    def __init__(self):
+    def __init__(self, layer: Any):
+        self.layer = layer
         self.seen: dict[str, dict[str, dict]] = {}  # group -> entries at the last beat
 
     async def run(self) -> None:
@@ -3168,7 +3170,7 @@ class _PresenceHeartbeat:
                     for key, meta in self.seen[group][process].values():
                         if key not in members:
                             gone.setdefault(key, []).append(meta)
-                _announce_presence(Group(group), {}, gone)
+                _announce_presence(Group(group, channel_layer=self.layer), {}, gone)
                 _presence_cache().set(_presence_index(group), set(entries), None)
             self.seen[group] = entries
         self.seen = {group: self.seen[group] for group in groups}
@@ -3416,7 +3418,7 @@ class _BackgroundWorkers:
         self.loop = asyncio.get_running_loop()
         self._tasks = [self.loop.create_task(self._consume(channel)) for channel in self.channels]
         if serving:
-            keepers = [_PresenceHeartbeat().run()]
+            keepers = [_PresenceHeartbeat(self.app.channel_layer).run()]
             if not _is_in_memory(self.app.channel_layer):
                 keepers.append(_MembershipKeeper(self.app.channel_layer).run())
             self._idle.update(self.loop.create_task(keeper) for keeper in keepers)  # stop cancels

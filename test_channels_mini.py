@@ -42,6 +42,12 @@ from django.conf import settings  # noqa: E402
 
 if not settings.configured:
     _redis_url = os.environ.get("CHANNELS_MINI_TEST_REDIS")  # set by tests that start servers on Redis
+    # On Redis, presence shares Django's RedisCache too; a test wanting a quick heartbeat
+    # passes CHANNELS_MINI_PRESENCE as JSON in CHANNELS_MINI_TEST_PRESENCE.
+    _on_redis = {"CACHES": {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                        "LOCATION": _redis_url}}} if _redis_url else {}
+    if os.environ.get("CHANNELS_MINI_TEST_PRESENCE"):
+        _on_redis["CHANNELS_MINI_PRESENCE"] = json.loads(os.environ["CHANNELS_MINI_TEST_PRESENCE"])
     settings.configure(
         DEBUG=False,
         SECRET_KEY="channels-mini-tests-only",
@@ -61,6 +67,7 @@ if not settings.configured:
             "CONFIG": {"hosts": [_redis_url]}}} if _redis_url else {}),
         DEFAULT_AUTO_FIELD="django.db.models.AutoField",
         LOGGING_CONFIG=None,
+        **_on_redis,
     )
 
 import django  # noqa: E402
@@ -1077,6 +1084,280 @@ async def test_messages_deferred_sends_keep_the_content_as_it_was_when_sent():
         Group("g").send(content)
         content["text"] = "changed later"
     assert await layer.receive("a") == {"text": "as sent"}
+
+
+# -- presence (issue 15) --
+# A socket tracked in a group under a key (its user's pk with `http_user`, else one
+# anonymous key per socket); `Group(name).presence()` reads `{key: [meta, ...]}`; keys that
+# come and go reach the group as one `presence_diff` text frame. One process, no settings:
+# the default cache (locmem) holds the entries.
+
+class presence_Room(WebsocketConsumer):
+    """Listed in its room's presence with the meta from `?tab=`; "who" answers the room's
+    presence, read from inside a handler as an app would on every connect."""
+
+    http_user = True
+
+    def presence_groups(self, room, **kwargs):
+        return [f"presence-{room}"]
+
+    def presence_meta(self, **kwargs):
+        return {"tab": self.message.scope["query_string"].decode().partition("tab=")[2] or "main"}
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        self.send(text=json.dumps(Group(f"presence-{room}").presence()))
+
+
+class presence_Lobby(WebsocketConsumer):
+    """The declarative form: `presence = [...]`, the default meta, no `http_user`."""
+
+    presence = ["presence-lobby"]
+
+
+def presence_track_by_hand(message, **kwargs):
+    """A function consumer tracking its socket itself, under a key it chooses."""
+    if message.channel_name == "websocket.connect":
+        message.reply_channel.send({"accept": True})
+        Group("presence-by-hand").track(message.reply_channel, key="desk-7", meta={"by": "hand"})
+
+
+presence_routing = [
+    presence_Room.as_route(path=r"^/presence/room/(?P<room>[\w-]+)/$"),
+    presence_Lobby.as_route(path=r"^/presence/lobby/$"),
+    route(["websocket.connect"], presence_track_by_hand, path=r"^/presence/by-hand/$"),
+]
+
+
+def presence_diff(group: str, joins: dict | None = None, leaves: dict | None = None) -> dict:
+    """The frame a group hears when keys join or leave (the documented contract)."""
+    return {"type": "presence_diff", "group": group, "joins": joins or {}, "leaves": leaves or {}}
+
+
+async def presence_open(app, path: str, cookie: str | None = None) -> WebsocketCommunicator:
+    socket = WebsocketCommunicator(app, path, headers=[("cookie", cookie)] if cookie else None)
+    assert await socket.connect(timeout=5) == (True, None)
+    return socket
+
+
+async def presence_who(socket: WebsocketCommunicator) -> dict:
+    await socket.send_to(text_data="who")
+    return await socket.receive_json_from(timeout=5)
+
+
+@asynchronous
+async def test_messages_presence_tracks_sockets_and_announces_joins_and_leaves():
+    app = Application(presence_routing)
+    room = f"presence-{uuid.uuid4().hex[:8]}"
+    first = await presence_open(app, f"/presence/room/{room[9:]}/?tab=one")
+    [first_key] = await Group(room).apresence()
+    assert first_key.startswith("anonymous.websocket.send")
+    assert await first.receive_json_from(timeout=5) == presence_diff(
+        room, joins={first_key: [{"tab": "one"}]})  # a socket hears its own join
+
+    second = await presence_open(app, f"/presence/room/{room[9:]}/?tab=two")
+    [second_key] = set(await Group(room).apresence()) - {first_key}
+    joined = presence_diff(room, joins={second_key: [{"tab": "two"}]})
+    assert await first.receive_json_from(timeout=5) == joined
+    assert await second.receive_json_from(timeout=5) == joined
+    assert await presence_who(second) == {first_key: [{"tab": "one"}], second_key: [{"tab": "two"}]}
+
+    await first.disconnect()
+    assert await second.receive_json_from(timeout=5) == presence_diff(
+        room, leaves={first_key: [{"tab": "one"}]})
+    assert await presence_who(second) == {second_key: [{"tab": "two"}]}
+    await second.disconnect()
+    assert await Group(room).apresence() == {}
+
+
+@asynchronous
+async def test_messages_presence_same_user_in_two_tabs_is_one_member_with_two_metas():
+    user, cookie = await asyncio.to_thread(rel_login, "tabs")
+    key = str(user.pk)
+    app = Application(presence_routing)
+    room = f"presence-{uuid.uuid4().hex[:8]}"
+    path = f"/presence/room/{room[9:]}/"
+    watcher = await presence_open(app, path + "?tab=watcher")  # anonymous, hears the diffs
+    [watcher_key] = await Group(room).apresence()
+    await watcher.receive_json_from(timeout=5)  # its own join
+
+    tab_one = await presence_open(app, path + "?tab=one", cookie)
+    joined = presence_diff(room, joins={key: [{"tab": "one"}]})
+    assert await watcher.receive_json_from(timeout=5) == joined
+    assert await tab_one.receive_json_from(timeout=5) == joined
+    tab_two = await presence_open(app, path + "?tab=two", cookie)
+    assert await presence_who(watcher) == {watcher_key: [{"tab": "watcher"}],
+                                           key: [{"tab": "one"}, {"tab": "two"}]}
+    # The key was already present: the second tab is no join.
+    assert await tab_two.receive_nothing(timeout=0.3) and await watcher.receive_nothing(timeout=0.1)
+
+    await tab_one.disconnect()  # the user still has a tab: no leave
+    assert await watcher.receive_nothing(timeout=0.3) and await tab_two.receive_nothing(timeout=0.1)
+    assert await presence_who(tab_two) == {watcher_key: [{"tab": "watcher"}], key: [{"tab": "two"}]}
+
+    await tab_two.disconnect()  # the last tab: the user leaves, with that tab's meta
+    assert await watcher.receive_json_from(timeout=5) == presence_diff(
+        room, leaves={key: [{"tab": "two"}]})
+    assert await presence_who(watcher) == {watcher_key: [{"tab": "watcher"}]}
+    await watcher.disconnect()
+
+
+@asynchronous
+async def test_messages_presence_declared_on_the_class_with_the_default_meta():
+    app = Application(presence_routing)
+    socket = await presence_open(app, "/presence/lobby/")
+    frame = await socket.receive_json_from(timeout=5)
+    [(key, [meta])] = frame["joins"].items()
+    assert frame == presence_diff("presence-lobby", joins={key: [meta]})
+    assert key.startswith("anonymous.websocket.send")
+    assert meta["name"] == "anonymous"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["joined_at"]), meta
+    assert await Group("presence-lobby").apresence() == {key: [meta]}
+    await socket.disconnect()
+    assert await Group("presence-lobby").apresence() == {}
+
+
+@asynchronous
+async def test_messages_presence_function_consumer_tracks_by_hand_and_leaves_on_disconnect():
+    app = Application(presence_routing)
+    socket = await presence_open(app, "/presence/by-hand/")
+    assert await socket.receive_json_from(timeout=5) == presence_diff(
+        "presence-by-hand", joins={"desk-7": [{"by": "hand"}]})
+    assert await Group("presence-by-hand").apresence() == {"desk-7": [{"by": "hand"}]}
+    await socket.disconnect()
+    assert await Group("presence-by-hand").apresence() == {}
+
+
+def test_messages_presence_of_plain_channels_track_untrack_and_meta_checks():
+    layer = InMemoryChannelLayer()
+    group = Group(f"presence-{uuid.uuid4().hex[:8]}", channel_layer=layer)
+    with pytest.raises(TypeError, match=re.escape("Object of type object is not JSON serializable")):
+        group.track("a", meta={"when": object()})
+    assert group.presence() == {}
+    group.track("a", key="ada", meta={"n": 1})
+    group.track(Channel("b", channel_layer=layer))  # default key: one of its own
+    group.track("c", key="ada", meta={"n": 2})
+    assert group.presence() == {"ada": [{"n": 1}, {"n": 2}], "anonymous.b": [{}]}
+    group.untrack("a")
+    group.untrack("a")  # not listed any more: nothing happens
+    group.untrack("b")
+    assert group.presence() == {"ada": [{"n": 2}]}
+    # "a" and "b" stay in the group (untrack only stops listing them; Group.discard leaves),
+    # so they hear the diffs sent after they joined; "c" joined when "ada" was already present, and hears only the leave.
+    heard_by_a = [json.loads(run(layer.receive("a"))["text"]) for _ in range(3)]
+    heard_by_c = json.loads(run(layer.receive("c"))["text"])
+    assert heard_by_a == [presence_diff(group.name, joins={"ada": [{"n": 1}]}),
+                          presence_diff(group.name, joins={"anonymous.b": [{}]}),
+                          presence_diff(group.name, leaves={"anonymous.b": [{}]})]
+    assert heard_by_c == presence_diff(group.name, leaves={"anonymous.b": [{}]})
+    heard_by_b = [json.loads(run(layer.receive("b"))["text"]) for _ in range(2)]
+    assert heard_by_b == heard_by_a[1:]
+    assert layer.stats()["messages"] == 0
+
+
+
+def test_messages_presence_of_1000_members_read_and_left_with_one_diff_each(caplog):
+    """1,000 keys (plain channels, as a function consumer would track reply channels): the
+    presence lists all of them, each join and each leave reaches the group once, and the
+    group is empty again afterwards. (The members themselves do not read: their diffs are
+    dropped at capacity, counted and logged, which is what the layer does for slow readers.)"""
+    layer = InMemoryChannelLayer(channel_capacity={"observer": 2_500})
+    group = Group(f"presence-{uuid.uuid4().hex[:8]}", channel_layer=layer)
+    group.add("observer")  # a listener that is not itself listed
+    for number in range(1_000):
+        group.track(f"member.{number}", key=f"user-{number}", meta={"n": number})
+    members = group.presence()
+    for number in range(1_000):
+        group.untrack(f"member.{number}")
+    left = group.presence()
+
+    async def observed():
+        return [json.loads((await layer.receive("observer"))["text"]) for _ in range(2_000)]
+
+    frames = run(observed())
+    assert members == {f"user-{number}": [{"n": number}] for number in range(1_000)}
+    assert left == {}
+    assert frames == (
+        [presence_diff(group.name, joins={f"user-{n}": [{"n": n}]}) for n in range(1_000)]
+        + [presence_diff(group.name, leaves={f"user-{n}": [{"n": n}]}) for n in range(1_000)])
+    assert layer.stats()["messages"] == 1_000 * 100  # what the members' channels hold
+
+
+@asynchronous
+async def test_messages_presence_heartbeat_keeps_a_servers_members_past_the_timeout():
+    """Entries expire TIMEOUT seconds after they were written: a server's heartbeat
+    rewrites them every HEARTBEAT seconds, so its sockets stay listed."""
+    from django.test import override_settings
+
+    with override_settings(CHANNELS_MINI_PRESENCE={"HEARTBEAT": 0.2, "TIMEOUT": 1.0}):
+        app = Application(presence_routing)
+        room = f"presence-{uuid.uuid4().hex[:8]}"
+        socket = await presence_open(app, f"/presence/room/{room[9:]}/")
+        [key] = await Group(room).apresence()
+        assert await socket.receive_json_from(timeout=5) == presence_diff(
+            room, joins={key: [{"tab": "main"}]})
+        assert await socket.receive_nothing(timeout=2.5)  # more than twice the TIMEOUT: no diff
+        assert await presence_who(socket) == {key: [{"tab": "main"}]}
+        await socket.disconnect()
+        assert await Group(room).apresence() == {}
+
+
+presence_GHOST = """
+import sys
+import django
+from django.conf import settings
+settings.configure(CACHES={"default": {
+    "BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": sys.argv[1]}},
+    CHANNELS_MINI_PRESENCE={"TIMEOUT": 1.5})
+django.setup()
+from channels_mini import Group
+Group(sys.argv[2]).track("ghost.channel", key="ghost", meta={"from": "a process that died"})
+"""  # and it exits without untracking, as a killed process would
+
+
+@asynchronous
+async def test_messages_presence_members_of_a_process_that_died_leave_on_a_heartbeat(tmp_path):
+    """Two processes sharing a cache (a file-based one here; Redis in section 8): another
+    process tracks a member and dies; its entry expires after TIMEOUT and this process's
+    heartbeat announces the member's leave, on the app's own layer."""
+    from django.test import override_settings
+
+    shared = {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+              "LOCATION": str(tmp_path / "cache")}
+    with override_settings(CACHES={"default": shared},
+                           CHANNELS_MINI_PRESENCE={"HEARTBEAT": 0.2, "TIMEOUT": 1.5}):
+        app = Application(presence_routing, channel_layer=InMemoryChannelLayer())
+        room = f"presence-{uuid.uuid4().hex[:8]}"
+        socket = await presence_open(app, f"/presence/room/{room[9:]}/")
+        [key] = await Group(room).apresence()
+        await socket.receive_json_from(timeout=5)  # its own join
+        await asyncio.to_thread(subprocess.run, [sys.executable, "-c", presence_GHOST,
+                                                 shared["LOCATION"], room],
+                                check=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+        died = time.monotonic()
+        listed = await presence_who(socket)
+        diff = await socket.receive_json_from(timeout=10)
+        waited = time.monotonic() - died
+        after = await presence_who(socket)
+        await socket.disconnect()
+    assert listed == {key: [{"tab": "main"}], "ghost": [{"from": "a process that died"}]}
+    assert diff == presence_diff(room, leaves={"ghost": [{"from": "a process that died"}]})
+    assert after == {key: [{"tab": "main"}]}
+    assert waited < 1.5 + 0.2 + 1, waited  # TIMEOUT + HEARTBEAT, and some slack
+
+
+def test_messages_presence_tracked_where_nothing_heartbeats_expires_after_the_timeout():
+    """A script (no server in the process, so no heartbeat) may track a channel, but its
+    entry lasts only TIMEOUT seconds: presence lists what live servers keep alive."""
+    from django.test import override_settings
+
+    group = Group(f"presence-{uuid.uuid4().hex[:8]}", channel_layer=InMemoryChannelLayer())
+    with override_settings(CHANNELS_MINI_PRESENCE={"HEARTBEAT": 0.2, "TIMEOUT": 1.0}):
+        group.track("script.channel", key="scripted")
+        listed = group.presence()
+        time.sleep(1.5)
+        expired = group.presence()
+        group.untrack("script.channel")
+    assert (listed, expired) == ({"scripted": [{}]}, {})
 
 
 # === 3. Routing ===
@@ -4456,7 +4737,24 @@ class redis_WhoAmIConsumer(WebsocketConsumer):
         self.send(text=message.user.get_username() or "anonymous")
 
 
+class redis_PresenceConsumer(WebsocketConsumer):
+    """Listed in its room's presence under its user, with the server's pid in its meta;
+    "who" answers the room's presence as this server process reads it."""
+
+    http_user = True
+
+    def presence_groups(self, room, **kwargs):
+        return [f"redis-presence-{room}"]
+
+    def presence_meta(self, **kwargs):
+        return {"name": self.message.user.get_username(), "pid": os.getpid()}
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        self.send(text=json.dumps(Group(f"redis-presence-{room}").presence()))
+
+
 redis_routing = [
+    redis_PresenceConsumer.as_route(path=r"^/redis/presence/(?P<room>[\w-]+)/$"),
     redis_RoomConsumer.as_route(path=r"^/redis/room/(?P<room>[\w-]+)/$"),
     redis_JoinerConsumer.as_route(path=r"^/redis/join/(?P<group>\w+)/$"),
     redis_WhoAmIConsumer.as_route(path=r"^/redis/whoami/$"),
@@ -4468,14 +4766,19 @@ redis_routing = [
 redis_app = Application(redis_routing)
 
 
-def redis_server_env(url: str, backend: str = redis_CORE) -> dict:
-    return {"CHANNELS_MINI_TEST_REDIS": url, "CHANNELS_MINI_TEST_REDIS_BACKEND": backend}
+def redis_server_env(url: str, backend: str = redis_CORE, presence: dict | None = None) -> dict:
+    """The env of a server on the Redis at *url* (layer and cache); *presence* becomes its
+    CHANNELS_MINI_PRESENCE setting."""
+    env = {"CHANNELS_MINI_TEST_REDIS": url, "CHANNELS_MINI_TEST_REDIS_BACKEND": backend}
+    if presence is not None:
+        env["CHANNELS_MINI_TEST_PRESENCE"] = json.dumps(presence)
+    return env
 
 
 @contextlib.contextmanager
-def redis_two_servers(url: str, backend: str = redis_CORE):
+def redis_two_servers(url: str, backend: str = redis_CORE, presence: dict | None = None):
     """Two uvicorn processes on different ports, sharing the Redis at *url*."""
-    env = redis_server_env(url, backend)
+    env = redis_server_env(url, backend, presence)
     with running_server(app=f"{__name__}:redis_app", env=env) as first, \
             running_server(app=f"{__name__}:redis_app", env=env) as second:
         assert first.port != second.port
@@ -5145,6 +5448,135 @@ def test_command_line_redis_sockets_closing_right_after_a_reply_leave_no_error_b
     bogus = [line for line in log.splitlines() if "Cannot receive replies" in line]
     assert bogus == [], f"{len(bogus)} error(s) for closed sockets, e.g. {bogus[0]!r}"
     assert stopped_after < 3, f"{stopped_after:.1f} s to stop"
+
+
+# -- presence across processes (issue 15) --
+# Both servers keep their members in the same RedisCache: each reads every process's
+# entries, diffs travel through the Redis layer, and the members of a process killed
+# with SIGKILL leave once its entry expires (TIMEOUT) and a survivor's heartbeat notices.
+
+redis_PRESENCE_SETTINGS = {"HEARTBEAT": 0.5, "TIMEOUT": 3}
+
+
+def redis_presence_who(metas_by_key: dict) -> dict:
+    """A presence with each key's metas in a fixed order (processes are read in any order)."""
+    return {key: sorted(metas, key=json.dumps) for key, metas in metas_by_key.items()}
+
+
+async def redis_presence_open(server: Server, room: str, cookie: str):
+    """An open socket in *room*'s presence, logged in with *cookie*; close it yourself."""
+    return await ws_connect(server.url(f"/redis/presence/{room}/"),
+                            additional_headers=[("Cookie", cookie)]).__aenter__()
+
+
+async def redis_presence_ask(socket) -> dict:
+    await socket.send("who")
+    return redis_presence_who(json.loads(await redis_recv(socket)))
+
+
+async def redis_silent(socket, timeout: float) -> bool:
+    """True if *socket* receives nothing within *timeout* seconds."""
+    try:
+        await asyncio.wait_for(socket.recv(), timeout)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+def test_command_line_redis_presence_is_the_same_from_two_servers():
+    """alice on server A and (a second tab) on server B, bob on B: both servers list the
+    same members; a join crosses processes; alice's second tab (another process) is no
+    join, and closing one of her tabs is no leave; closing the last one is."""
+    room = uuid.uuid4().hex[:8]
+    group = f"redis-presence-{room}"
+    alice, alice_cookie = rel_login("alice")
+    bob, bob_cookie = rel_login("bob")
+    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
+        pid_a, pid_b = server_a.process.pid, server_b.process.pid
+        alice_a = {"name": alice.username, "pid": pid_a}
+        alice_b, bob_b = {"name": alice.username, "pid": pid_b}, {"name": bob.username, "pid": pid_b}
+
+        async def scenario():
+            sockets = []
+            try:
+                sockets.append(first := await redis_presence_open(server_a, room, alice_cookie))
+                assert json.loads(await redis_recv(first)) == presence_diff(
+                    group, joins={str(alice.pk): [alice_a]})
+                sockets.append(bob_socket := await redis_presence_open(server_b, room, bob_cookie))
+                bob_joined = presence_diff(group, joins={str(bob.pk): [bob_b]})
+                assert json.loads(await redis_recv(first)) == bob_joined  # from the other process
+                assert json.loads(await redis_recv(bob_socket)) == bob_joined
+                sockets.append(second := await redis_presence_open(server_b, room, alice_cookie))
+                assert await redis_silent(first, 0.5) and await redis_silent(bob_socket, 0.1)
+                assert await redis_silent(second, 0.1)
+                seen = [await redis_presence_ask(socket) for socket in (first, bob_socket)]
+
+                await first.close()  # alice keeps her tab on server B
+                assert await redis_silent(bob_socket, 0.5)
+                seen.append(await redis_presence_ask(bob_socket))
+                await second.close()
+                left = json.loads(await redis_recv(bob_socket))
+                seen.append(await redis_presence_ask(bob_socket))
+                return seen, left
+            finally:
+                for socket in sockets:
+                    await socket.close()
+
+        seen, left = run(scenario(), timeout=60)
+    both = redis_presence_who({str(alice.pk): [alice_a, alice_b], str(bob.pk): [bob_b]})
+    assert seen == [both, both, {str(alice.pk): [alice_b], str(bob.pk): [bob_b]},
+                    {str(bob.pk): [bob_b]}]
+    assert left == presence_diff(group, leaves={str(alice.pk): [alice_b]})
+
+
+def test_command_line_redis_presence_members_of_a_killed_server_leave_within_the_bound():
+    """`kill -9` of server A: its members leave with one diff, heard on server B within
+    TIMEOUT + HEARTBEAT seconds (3 + 0.5 here; 25 s with the defaults), and not before its
+    entry could have expired. alice, who also has a tab on B, stays; carol, only on A, leaves."""
+    room = uuid.uuid4().hex[:8]
+    group = f"redis-presence-{room}"
+    (alice, alice_cookie), (bob, bob_cookie), (carol, carol_cookie) = (
+        rel_login(name) for name in ("alice", "bob", "carol"))
+    heartbeat, timeout = redis_PRESENCE_SETTINGS["HEARTBEAT"], redis_PRESENCE_SETTINGS["TIMEOUT"]
+    with running_redis() as url, redis_two_servers(
+            url, presence=redis_PRESENCE_SETTINGS) as (server_a, server_b):
+        pid_a, pid_b = server_a.process.pid, server_b.process.pid
+
+        async def scenario():
+            on_a = [await redis_presence_open(server_a, room, cookie)
+                    for cookie in (carol_cookie, alice_cookie)]
+            on_b = [await redis_presence_open(server_b, room, cookie)
+                    for cookie in (alice_cookie, bob_cookie)]
+            try:
+                watcher = on_b[1]  # bob
+                joins = [json.loads(await redis_recv(watcher))]  # his own
+                before = await redis_presence_ask(watcher)
+                await asyncio.sleep(2 * heartbeat)  # server B's heartbeat has seen A's entry
+                server_a.process.kill()
+                await asyncio.to_thread(server_a.process.wait, 10)
+                killed = time.monotonic()
+                diff = json.loads(await redis_recv(watcher, timeout + heartbeat + 10))
+                waited = time.monotonic() - killed
+                assert await redis_silent(watcher, 2 * heartbeat)  # one diff, not repeated
+                after = await redis_presence_ask(watcher)
+                return joins, before, diff, waited, after
+            finally:
+                for socket in on_a + on_b:
+                    with contextlib.suppress(Exception):
+                        await socket.close()
+
+        joins, before, diff, waited, after = run(scenario(), timeout=90)
+    carol_a = {"name": carol.username, "pid": pid_a}
+    alice_a, alice_b = {"name": alice.username, "pid": pid_a}, {"name": alice.username, "pid": pid_b}
+    bob_b = {"name": bob.username, "pid": pid_b}
+    assert joins == [presence_diff(group, joins={str(bob.pk): [bob_b]})]
+    assert before == redis_presence_who({str(carol.pk): [carol_a], str(alice.pk): [alice_a, alice_b],
+                                         str(bob.pk): [bob_b]})
+    assert diff == presence_diff(group, leaves={str(carol.pk): [carol_a]})
+    assert after == {str(alice.pk): [alice_b], str(bob.pk): [bob_b]}
+    print(f"\nmembers of a killed server left after {waited:.2f} s "
+          f"(bound {timeout + heartbeat} s)")
+    assert timeout - heartbeat - 0.5 < waited < timeout + heartbeat + 1.5, waited
 
 
 # === 9. Reliability and security ===
@@ -7134,6 +7566,42 @@ def test_readme_tutorial_in_a_fresh_virtualenv(tmp_path):
     finally:
         stop_process(process)
     assert "Traceback" not in server.log(), server.log()
+
+
+def test_readme_presence_example_runs():
+    """The Presence section's consumer: a socket gets the room's presence on connect, then
+    the diffs; the same user in a second tab is no join; the last tab closing is a leave."""
+    block = next(b for b in readme_python_blocks()
+                 if b.startswith("# mysite/consumers.py") and "presence_groups" in b)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    app = Application([namespace["ChatRoom"].as_route(path=r"^/chat/(?P<room>[\w-]+)/$")])
+    room = f"readme-{uuid.uuid4().hex[:8]}"
+    user, cookie = rel_login("readme-presence")
+    ada = {str(user.pk): [{"name": user.username}]}
+
+    async def scenario():
+        first = await presence_open(app, f"/chat/{room}/", cookie)
+        frames = [await first.receive_json_from(timeout=5) for _ in range(2)]
+        second = await presence_open(app, f"/chat/{room}/", cookie)
+        frames.append(await second.receive_json_from(timeout=5))
+        quiet = await first.receive_nothing(timeout=0.3)
+        watcher = await presence_open(app, f"/chat/{room}/")
+        frames.append((await watcher.receive_json_from(timeout=5))["members"])
+        await first.disconnect()
+        await second.disconnect()
+        leave = [frame for frame in [await watcher.receive_json_from(timeout=5) for _ in range(2)]
+                 if frame["leaves"]]
+        await watcher.disconnect()
+        return frames, quiet, leave
+
+    frames, quiet, leave = run(scenario())
+    assert frames[:3] == [{"type": "presence_state", "members": {}},
+                      presence_diff(f"chat-{room}", joins=ada),
+                      {"type": "presence_state", "members": ada}]
+    assert quiet  # the second tab: no join
+    assert frames[3] == {str(user.pk): [{"name": user.username}] * 2}
+    assert leave == [presence_diff(f"chat-{room}", leaves=ada)]
 
 
 def test_readme_binding_example_runs():
