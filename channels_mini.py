@@ -3140,8 +3140,8 @@ class _MembershipKeeper:
 
 class _PresenceHeartbeat:
     """Refreshes this process's presence entries; announces the keys of a process that died
-    as leaves (the first live process of the group does, so each is announced once), on
-    *layer*: the app's, where its sockets' groups live."""
+    as leaves, on *layer* (the app's, where its sockets' groups live). Of the processes that
+    saw the dead one, the first to claim it in the cache announces, so each leave goes once."""
 
     def __init__(self, layer: Any):
         self.layer = layer
@@ -3163,17 +3163,27 @@ class _PresenceHeartbeat:
             _publish_tracked(group)
             entries = _presence_entries(group)
             dead = [process for process in self.seen.get(group, {}) if process not in entries]
-            if dead and _process_id == min(entries):
+            claimed = [process for process in dead if self._claim(group, process)]
+            if claimed:
                 members = _members(entries)
                 gone: dict[str, list[dict]] = {}
-                for process in dead:
+                for process in claimed:
                     for key, meta in self.seen[group][process].values():
                         if key not in members:
                             gone.setdefault(key, []).append(meta)
                 _announce_presence(Group(group, channel_layer=self.layer), {}, gone)
-                _presence_cache().set(_presence_index(group), set(entries), None)
             self.seen[group] = entries
         self.seen = {group: self.seen[group] for group in groups}
+
+    @staticmethod
+    def _claim(group: str, process: str) -> bool:
+        """Be the one process that announces *process*'s death (``cache.add`` sets only once)."""
+        cache, index_key = _presence_cache(), _presence_index(group)
+        if not cache.add(f"{index_key}.{process}.gone", True, 3600):
+            return False
+        index = cache.get(index_key) or set()
+        cache.set(index_key, index - {process}, None)  # the others' ids stay
+        return True
 
 
 _layer_failure_reports = _Throttle(10.0)
