@@ -321,12 +321,13 @@ class InMemoryChannelLayer:
         """The same as ``send``, for synchronous code: it never waits."""
         if type(channel) is not str or channel not in self._queues:  # queued names were checked
             _require_name("Channel", channel, _CHANNEL_NAME)
+            if channel in self._gone:  # its connection has closed (a gone channel has no queue)
+                with self._lock:
+                    self.late += 1
+                return
         if not isinstance(message, dict):
             _require_dict(message)
         with self._lock:
-            if channel in self._gone:
-                self.late += 1
-                return
             if not self._put(channel, dict(message)):
                 raise ChannelFull(
                     f"Channel {channel!r} holds {self._queues[channel].capacity} messages, its "
