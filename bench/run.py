@@ -503,25 +503,32 @@ def run_memory(cfg, have_mini, rows, log_dir):
                    "consumer server)", "MiB", False, fmt="{:.1f}", metric="rss_before_mib")
     mem_rows[("rss_before_mib", "sync")] = baseline
     rows.append(baseline)
+    for cells in _rounds_with_one_floor("memory", _memory_fresh, cfg, have_mini, log_dir):
+        for (metric, key), row in mem_rows.items():
+            row.rounds.append(cells[key])
+
+
+def _rounds_with_one_floor(section, fresh, cfg, have_mini, log_dir):
+    """Run *fresh* for channels_mini and Channels 4 in each flavour, and once for the bare app
+    (its figure stands for both flavours), in interleaved order; yield each round's cells."""
     plan = [("floor", "floor")] + [(key, impl) for key, _, _ in ECHO_FLAVOURS
                                    for impl in ("mini", "ch4")]
     for r in range(cfg["heavy_rounds"]):
-        log(f"[memory] round {r + 1}/{cfg['heavy_rounds']}")
+        log(f"[{section}] round {r + 1}/{cfg['heavy_rounds']}")
         cells = {key: {} for key, _, _ in ECHO_FLAVOURS}
         floor_result = None
         for key, impl in ordered(plan, r):
             if impl == "mini" and not have_mini:
                 continue
             server_name, path = target(ECHO_FLAVOURS, "sync" if key == "floor" else key, impl)
-            result = measure(_memory_fresh, server_name, path, cfg, log_dir)
+            result = measure(fresh, server_name, path, cfg, log_dir)
             if impl == "floor":
                 floor_result = result
             else:
                 cells[key][impl] = result
         for key in cells:
             cells[key]["floor"] = floor_result
-        for (metric, key), row in mem_rows.items():
-            row.rounds.append(cells[key])
+        yield cells
         log("   ", {k2: {i: _short(v) for i, v in c.items()} for k2, c in cells.items()})
 
 
@@ -544,26 +551,10 @@ def run_flood(cfg, have_mini, rows, log_dir):
                      metric="flood_replies_per_s"),
         ]
         rows.extend(flood_rows[key])
-    plan = [("floor", "floor")] + [(key, impl) for key, _, _ in ECHO_FLAVOURS
-                                   for impl in ("mini", "ch4")]
-    for r in range(cfg["heavy_rounds"]):
-        log(f"[flood] round {r + 1}/{cfg['heavy_rounds']}")
-        cells = {key: {} for key in flood_rows}
-        floor_result = None
-        for key, impl in ordered(plan, r):
-            if impl == "mini" and not have_mini:
-                continue
-            server_name, path = target(ECHO_FLAVOURS, "sync" if key == "floor" else key, impl)
-            result = measure(_flood_fresh, server_name, path, cfg, log_dir)
-            if impl == "floor":
-                floor_result = result
-            else:
-                cells[key][impl] = result
+    for cells in _rounds_with_one_floor("flood", _flood_fresh, cfg, have_mini, log_dir):
         for key in cells:
-            cells[key]["floor"] = floor_result
             for row in flood_rows[key]:
                 row.rounds.append(cells[key])
-        log("   ", {k2: {i: _short(v) for i, v in c.items()} for k2, c in cells.items()})
 
 
 def _flood_fresh(server_name, path, cfg, log_dir):
