@@ -986,11 +986,11 @@ class Group:
     async def atrack(self, channel: Channel | str, key: str | None = None,
                      meta: dict | None = None) -> None:
         """``track``, from async code (the cache is read and written in a thread)."""
-        await _bridge("session", _SESSION_POOL_SIZE)(self.track, channel, key, meta)
+        await _in_session_thread(self.track, channel, key, meta)
 
     async def apresence(self) -> dict[str, list[dict]]:
         """``presence``, from async code."""
-        return await _bridge("session", _SESSION_POOL_SIZE)(self.presence)
+        return await _in_session_thread(self.presence)
 
     def __repr__(self) -> str:
         return f"Group({self.name!r})"
@@ -1299,6 +1299,11 @@ def _async_handler(consumer: Any) -> Callable[..., Awaitable]:
 
 async def _in_thread(function: Callable, *args: Any, **kwargs: Any) -> Any:
     return await _bridge("consumer", _THREAD_POOL_SIZE)(function, *args, **kwargs)
+
+
+async def _in_session_thread(function: Callable, *args: Any) -> Any:
+    """Run session-store and presence I/O in its own small pool, never behind blocked handlers."""
+    return await _bridge("session", _SESSION_POOL_SIZE)(function, *args)
 
 
 def _bridge(pool_name: str, size: int) -> Callable[..., Awaitable]:
@@ -1620,7 +1625,7 @@ class BaseConsumer:
         if self.http_user and not self.http_user_and_session:
             await _load_http_user(self.message)
         if self._load is not None:
-            await _bridge("session", _SESSION_POOL_SIZE)(self._load, self.message)
+            await _in_session_thread(self._load, self.message)
         channel = self.message.channel_name
         name = self.method_mapping.get(channel)
         if name is None:
@@ -1937,8 +1942,8 @@ async def _load_http_user(message: Message) -> None:
     if shared is None:
         return
     if "user" not in shared:
-        load = _bridge("session", _SESSION_POOL_SIZE)
-        shared["http_session"], shared["user"] = await load(_session_and_user, message.scope)
+        shared["http_session"], shared["user"] = await _in_session_thread(_session_and_user,
+                                                                           message.scope)
         key = shared["http_session"].session_key
         if key and message.reply_channel is not None:  # so that logging out closes it
             group = Group(_session_group(key), channel_layer=message.channel_layer)
@@ -1946,7 +1951,7 @@ async def _load_http_user(message: Message) -> None:
     message.http_session, message.user = shared["http_session"], shared["user"]
     if message.channel_name == "websocket.connect" and getattr(message.user, "is_authenticated", False):
         # Channels 1.1: the user goes into the channel session, for consumers of other channels.
-        await _bridge("session", _SESSION_POOL_SIZE)(_copy_user_to_channel_session, message)
+        await _in_session_thread(_copy_user_to_channel_session, message)
 
 
 def _copy_user_to_channel_session(message: Message) -> None:
@@ -2098,7 +2103,7 @@ def _session_decorator(load: Callable[[Message], None], name: str, doc: str) -> 
     def decorator(func: Callable) -> Callable:
         if _how_to_run(func) == "await":
             async def handler(*args: Any, **kwargs: Any) -> Any:
-                await _bridge("session", _SESSION_POOL_SIZE)(load, _message_in(args, name))
+                await _in_session_thread(load, _message_in(args, name))
                 return await func(*args, **kwargs)
         else:
             def handler(*args: Any, **kwargs: Any) -> Any:
@@ -2240,7 +2245,7 @@ async def _save_sessions(message: Message) -> None:
     """Save the sessions the handler changed, in a thread (session stores do I/O)."""
     for session in (message._channel_session, message.http_session):
         if session is not None and getattr(session, "modified", False):
-            await _bridge("session", _SESSION_POOL_SIZE)(_save_session, session)
+            await _in_session_thread(_save_session, session)
 
 
 # === 5. Binding ===
@@ -2803,7 +2808,7 @@ class _Connection:
         self.closed = True
         await self._leave_groups()
         if self.local.session_used:  # else no session row was ever made here
-            await _bridge("session", _SESSION_POOL_SIZE)(_delete_channel_session, self.reply_channel)
+            await _in_session_thread(_delete_channel_session, self.reply_channel)
             self.local.session_used = False
 
     async def _leave_groups(self) -> None:
@@ -2812,7 +2817,7 @@ class _Connection:
         for group in list(self.local.presence):
             try:
                 untrack = Group(group, channel_layer=self.layer).untrack
-                await _bridge("session", _SESSION_POOL_SIZE)(untrack, self.reply_channel)
+                await _in_session_thread(untrack, self.reply_channel)
             except Exception:
                 _log_layer_failure("Cannot remove %s %s from the presence of %r; its entry "
                                    "expires by itself.", self.what, self.path, group)
@@ -3152,7 +3157,7 @@ class _PresenceHeartbeat:
         while True:
             await asyncio.sleep(_presence_setting("HEARTBEAT"))
             try:
-                await _bridge("session", _SESSION_POOL_SIZE)(self.beat)
+                await _in_session_thread(self.beat)
             except Exception:
                 _log_layer_failure("Cannot refresh this process's presence entries in the "
                                    "cache; retrying.")
