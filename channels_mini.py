@@ -2220,24 +2220,19 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
     if matched is None:
         return False
     route, kwargs = matched
-    state = _ConsumerState(layer)  # what consumer_context does, without its two awaits
-    token = _consumer_state.set(state)
-    try:
-        await route.handler(message, **kwargs)
-    except DenyConnection:
-        # A rejection wins over an accept the handler queued before raising.
-        state.deferred = [op for op in state.deferred if not (
-            op[0] == "send" and op[2][0] == message.get("reply_channel"))]
-        raise
-    except ChannelSocketException as error:
-        error.run(message)  # e.g. WebsocketCloseException: close with its code
-    finally:
-        _consumer_state.reset(token)
+    async with consumer_context(layer) as state:  # its exit sends what the handler deferred
         try:
+            await route.handler(message, **kwargs)
+        except DenyConnection:
+            # A rejection wins over an accept the handler queued before raising.
+            state.deferred = [op for op in state.deferred if not (
+                op[0] == "send" and op[2][0] == message.get("reply_channel"))]
+            raise
+        except ChannelSocketException as error:
+            error.run(message)  # e.g. WebsocketCloseException: close with its code
+        finally:
             if message._channel_session is not None or message.http_session is not None:
                 await _save_sessions(message)  # before the sends: their consumers may read it
-        finally:
-            await state.apply()
     return True
 
 
