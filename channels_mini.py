@@ -72,6 +72,8 @@ import contextvars
 import copy
 import fnmatch
 import functools
+import hashlib
+import hmac
 import importlib
 import inspect
 import itertools
@@ -705,14 +707,17 @@ _OPERATIONS_PER_TURN = 16  # deferred operations between two turns for the socke
 class _LocalSocket:
     """What this process knows of a socket it serves: its layers and the groups it joined."""
 
-    __slots__ = ("layer", "outbox", "groups", "presence", "session_used")
+    __slots__ = ("layer", "outbox", "groups", "presence", "session_used", "login", "loop", "close")
 
-    def __init__(self, layer: Any, outbox: InMemoryChannelLayer):
+    def __init__(self, layer: Any, outbox: InMemoryChannelLayer, close: Callable[[int], None]):
         self.layer = layer  # the app's layer, where its groups live
         self.outbox = outbox  # the in-memory layer holding its outbox
         self.groups: set[str] = set()
         self.presence: set[str] = set()  # groups whose presence lists it
         self.session_used = False  # a handler here read its channel session
+        self.login: tuple[str, Any, Any] | None = None  # (session key, user id, hash) it opened with
+        self.loop = asyncio.get_running_loop()  # where its connection runs
+        self.close = close  # close(code), on that loop: ends the connection
 
 
 #: Reply channels of the sockets this process serves. A send to one of them stays in the
@@ -973,7 +978,7 @@ class Group:
         with *meta* (a small JSON-able dict); it joins the group too, and both end when its
         socket closes. A new key is announced to the group as a ``presence_diff`` frame."""
         name = _channel_name(channel)
-        _track(self, name, key or f"anonymous.{name}", dict(meta or {}))
+        _track(self, name, key or _anonymous_key(name), dict(meta or {}))
 
     def untrack(self, channel: Channel | str) -> None:
         """Stop listing *channel*; a key with no socket left is announced as a leave."""
@@ -1078,9 +1083,23 @@ _DB_SESSIONS = "django.contrib.sessions.backends.db"
 _fallback_sessions: dict[str, Any] = {}
 
 
+_process_secret = secrets.token_bytes(32)  # keys digests when there are no Django settings
+
+
+def _keyed_digest(purpose: str, value: str) -> str:
+    """A hex digest of *value* that only this project can compute: an HMAC keyed with
+    ``SECRET_KEY`` (a secret of this process without settings), different for each *purpose*.
+    Every process with the same settings computes the same digest."""
+    if _settings_ready():
+        from django.utils.crypto import salted_hmac
+        return salted_hmac(f"channels_mini.{purpose}", value, algorithm="sha256").hexdigest()
+    return hmac.new(_process_secret, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
 def _channel_session_key(reply_channel: str) -> str:
-    import hashlib
-    return "chn" + hashlib.sha1(reply_channel.encode()).hexdigest()[:29]  # as 1.x: 32 characters
+    # 1.x used sha1(reply channel): anyone shown a reply channel name could load that socket's
+    # session as their own cookie. Keyed with the secret, nobody outside the project can.
+    return "chn" + _keyed_digest("channel_session", reply_channel)[:29]  # as 1.x: 32 characters
 
 
 def _session_engine() -> Any:
@@ -1252,7 +1271,13 @@ def _presence_key(user: Any, channel: str) -> str:
     """A socket's default key: its user's pk, or one anonymous key per socket."""
     if getattr(user, "is_authenticated", False):
         return str(user.pk)
-    return f"anonymous.{channel}"
+    return _anonymous_key(channel)
+
+
+def _anonymous_key(channel: str) -> str:
+    """An anonymous socket's presence key: opaque, so that the members of a group, who all
+    see it, learn nothing of the socket's reply channel (nor, from it, its channel session)."""
+    return "anonymous." + _keyed_digest("presence", channel)[:24]
 
 
 
@@ -1944,10 +1969,8 @@ async def _load_http_user(message: Message) -> None:
     if "user" not in shared:
         shared["http_session"], shared["user"] = await _in_session_thread(_session_and_user,
                                                                            message.scope)
-        key = shared["http_session"].session_key
-        if key and message.reply_channel is not None:  # so that logging out closes it
-            group = Group(_session_group(key), channel_layer=message.channel_layer)
-            await group.aadd(message.reply_channel)
+        if getattr(shared["user"], "is_authenticated", False):
+            _watch_login(message, shared["http_session"])
     message.http_session, message.user = shared["http_session"], shared["user"]
     if message.channel_name == "websocket.connect" and getattr(message.user, "is_authenticated", False):
         # Channels 1.1: the user goes into the channel session, for consumers of other channels.
@@ -1958,28 +1981,100 @@ def _copy_user_to_channel_session(message: Message) -> None:
     _transfer_user(message.http_session, message.channel_session)
 
 
-_LOGGED_OUT_CLOSE_CODE = 4401  # the socket's Django session was logged out
+# -- connections end with their login --
+# A connection opened with a logged-in Django session acts as that user until the login ends,
+# however it ends. Logout in this process closes it at once (user_logged_out); everything else
+# -- a logout in another process, another login flushing the session, a password change (the
+# key cycled here, or the hash changed elsewhere), the user deactivated or deleted -- shows in
+# the session store, which `_LoginWatch` reads every CHANNELS_MINI_LOGIN_CHECK seconds.
+
+_LOGGED_OUT_CLOSE_CODE = 4401  # the login the connection was opened with has ended
+_LOGIN_CHECK = 2.0  # seconds between two checks, unless CHANNELS_MINI_LOGIN_CHECK says otherwise
+_signal_failures: dict[str, int] = {}  # failures of our signal receivers, by signal
+_signal_failure_reports = _Throttle(10.0)
 
 
-def _session_group(session_key: str) -> str:
-    import hashlib
-    return "channels_mini.session." + hashlib.sha256(session_key.encode()).hexdigest()[:40]
+def _login_of(session: Any) -> tuple[str, Any, Any] | None:
+    """What a connection's login is checked against later: (session key, user id, hash)."""
+    user_id, _, user_hash = _login_names()
+    if session is None or not session.session_key or user_id not in session:
+        return None
+    return session.session_key, session[user_id], session.get(user_hash)
+
+
+def _watch_login(message: Message, session: Any) -> None:
+    """Tie the message's connection, if this process serves it, to the login of *session*."""
+    local = _local_sockets.get(message.content.get("reply_channel") or "")
+    if local is not None and local.login is None:
+        local.login = _login_of(session)
+        if local.login is not None:
+            _watch_logouts()
+
+
+def _login_ended(login: tuple[str, Any, Any]) -> bool:
+    """Has *login* ended? Read now, as Django's AuthenticationMiddleware would read it: the
+    session still holds that user and hash (not flushed, cycled or expired), and ``get_user``
+    still finds the user (password unchanged, ``is_active``)."""
+    key, user_id, user_hash = login
+    user_id_name, _, hash_name = _login_names()
+    session = importlib.import_module(_setting("SESSION_ENGINE")).SessionStore(key)
+    if session.get(user_id_name) != user_id or session.get(hash_name) != user_hash:
+        return True
+    user = _user_of(session)
+    return not (user.is_authenticated and str(user.pk) == str(user_id))
+
+
+def _login_still_valid(message: Message) -> bool:
+    """Is ``message.user`` still logged in, read from its HTTP session now? (A user read from
+    the channel session was checked by ``get_user`` for this very message.)"""
+    login = _login_of(message.http_session)
+    return login is None or not getattr(message.user, "is_authenticated", False) or not _login_ended(login)
+
+
+def _ended_logins(logins: Iterable[tuple[str, Any, Any]]) -> set[str]:
+    """The session keys of the *logins* that have ended."""
+    return {login[0] for login in logins if _login_ended(login)}
+
+
+def _end_logins(session_keys: set[str]) -> None:
+    """Close (4401) this process's connections opened with one of *session_keys*; any thread."""
+    for local in list(_local_sockets.values()):
+        if local.login is not None and local.login[0] in session_keys:
+            try:
+                local.loop.call_soon_threadsafe(local.close, _LOGGED_OUT_CLOSE_CODE)
+            except RuntimeError:  # its loop has closed: so has the connection
+                pass
 
 
 def _watch_logouts() -> None:
-    """Close a session's sockets, in every process, when Django logs that session out."""
+    """Close a session's connections in this process when Django logs that session out."""
     from django.apps import apps
 
     if apps.ready and apps.is_installed("django.contrib.auth"):
         from django.contrib.auth.signals import user_logged_out
-        user_logged_out.connect(_close_logged_out_sockets, weak=False,
-                                dispatch_uid=f"{__name__}._close_logged_out_sockets")
+        user_logged_out.connect(_close_logged_out_connections, weak=False,
+                                dispatch_uid=f"{__name__}._close_logged_out_connections")
 
 
-def _close_logged_out_sockets(sender: Any, request: Any = None, **kwargs: Any) -> None:
-    key = getattr(getattr(request, "session", None), "session_key", None)
-    if key:
-        Group(_session_group(key)).send({"close": _LOGGED_OUT_CLOSE_CODE})
+def _close_logged_out_connections(sender: Any, request: Any = None, **kwargs: Any) -> None:
+    """``user_logged_out``: end this process's connections of that session now. It never
+    raises: Django sends the signal before it flushes the session, so an error here would
+    answer the logout with 500 and leave the user logged in."""
+    try:
+        key = getattr(getattr(request, "session", None), "session_key", None)
+        if key:
+            _end_logins({key})
+    except Exception:
+        _report_signal_failure("user_logged_out")
+
+
+def _report_signal_failure(signal: str) -> None:
+    """Count a failure of one of our signal receivers; log it at most every 10 s."""
+    _signal_failures[signal] = _signal_failures.get(signal, 0) + 1
+    held = _signal_failure_reports.ready()
+    if held is not None:
+        logger.error("The %s receiver failed (%d failure(s) of our receivers since the last "
+                     "report); Django's own work goes on.", signal, held, exc_info=True)
 
 
 def _session_and_user(scope: Scope) -> tuple[Any, Any]:
@@ -2026,23 +2121,48 @@ def _user_of(session: Any) -> Any:
     return get_user(type("SessionOnly", (), {"session": session})())  # all get_user() reads
 
 
-def _transfer_user(from_session: Any, to_session: Any) -> None:
-    """Copy the logged-in user from one session to another, as 1.x's ``transfer_user``."""
-    from django.contrib import auth
+_CHANNEL_LOGIN = "channels_mini.login"  # where a channel session keeps the user copied into it
 
-    names = (auth.BACKEND_SESSION_KEY, auth.SESSION_KEY, auth.HASH_SESSION_KEY)
+
+def _login_names() -> tuple[str, str, str]:
+    from django.contrib import auth
+    return auth.SESSION_KEY, auth.BACKEND_SESSION_KEY, auth.HASH_SESSION_KEY
+
+
+def _transfer_user(from_session: Any, channel_session: Any) -> None:
+    """Copy the logged-in user from the HTTP session into the channel session (1.x's
+    ``transfer_user``) -- under a key of ours, not Django's own: a channel session is never
+    a login, even for someone who learnt its key and sends it as a session cookie."""
+    names = _login_names()
     if from_session is not None and all(name in from_session for name in names):
-        for name in names:
-            to_session[name] = from_session[name]
+        channel_session[_CHANNEL_LOGIN] = {name: from_session[name] for name in names}
+
+
+class _ChannelLogin(dict):
+    """The user a channel session keeps, under Django's key names, for ``get_user()``;
+    what get_user() changes (a flush when the password changed) reaches the channel session."""
+
+    def __init__(self, channel_session: Any):
+        super().__init__(channel_session.get(_CHANNEL_LOGIN) or {})
+        self.channel_session = channel_session
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, value)
+        self.channel_session[_CHANNEL_LOGIN] = dict(self)
+
+    def flush(self) -> None:
+        self.clear()
+        self.channel_session.pop(_CHANNEL_LOGIN, None)
+
+    def cycle_key(self) -> None:
+        """Nothing to do: nobody outside this project can compute a channel session's key."""
 
 
 def _load_http_session(message: Message) -> None:
     key = _handshake_session_key(message.scope or message.content)
     engine = importlib.import_module(_setting("SESSION_ENGINE"))
     message.http_session = _loaded(engine.SessionStore(session_key=key)) if key else None
-    if key and message.channel_name == "websocket.connect" and message.reply_channel:
-        _watch_logouts()
-        Group(_session_group(key)).add(message.reply_channel)  # so that logging out closes it
+    _watch_login(message, message.http_session)
 
 
 def _loaded(session: Any) -> Any:
@@ -2065,7 +2185,7 @@ def _load_http_session_user(message: Message) -> None:
 
 def _load_channel_session_user(message: Message) -> None:
     _load_channel_session(message)
-    message.user = _user_of(message.channel_session)
+    message.user = _user_of(_ChannelLogin(message.channel_session))
 
 
 def _load_channel_session_user_from_http(message: Message) -> None:
@@ -2423,6 +2543,12 @@ class Binding:
         binding = cls()
         binding.message, binding.kwargs, binding.user = message, kwargs, message.user
         request = json.loads(message["text"])  # the demultiplexer checked it is an object
+        if not _login_still_valid(message):  # nobody writes as a user whose login has ended
+            kwargs["multiplexer"].send({"error": "Your login has ended: log in again.",
+                                        "action": _echoed(request.get("action")),
+                                        "pk": _echoed(request.get("pk"))})
+            message.reply_channel.send({"close": _LOGGED_OUT_CLOSE_CODE})
+            return
         error, pk = binding._apply_request(request)
         answer = {"action": _echoed(request.get("action")), "pk": _echoed(pk)}
         if "request_id" in request:
@@ -2724,6 +2850,7 @@ class _Connection:
         self.outbox = _outbox_layer(layer)
         self.reply_channel = ""
         self.closed = False  # nothing more reaches the client
+        self.closing = False  # a close is queued: what comes in from now on is dropped
         self.shared: dict = {}  # what every message of the connection carries (the http user)
 
     def __repr__(self) -> str:
@@ -2735,7 +2862,8 @@ class _Connection:
         # read, one at a time: with a shared layer, one prefix keeps replies from waiting.
         prefix = self.kind if _is_in_memory(self.layer) else "websocket.send"
         self.reply_channel = await self.layer.new_channel(prefix)
-        self.local = _local_sockets[self.reply_channel] = _LocalSocket(self.layer, self.outbox)
+        self.local = _LocalSocket(self.layer, self.outbox, self._queue_close)
+        _local_sockets[self.reply_channel] = self.local
         tasks = [asyncio.create_task(self._write())]
         if self.outbox is not self.layer:
             tasks.append(asyncio.create_task(self._listen()))
@@ -2757,6 +2885,17 @@ class _Connection:
 
     def _queue(self, reply: dict) -> None:
         self.outbox.send_now(self.reply_channel, reply)
+
+    def _queue_close(self, code: int) -> None:
+        """Close behind whatever is already queued, so those replies still arrive."""
+        if self.closing or self.closed:
+            return
+        self.closing = True
+        try:
+            self._queue({"close": code})
+        except ChannelFull:  # its client stopped reading: what waits would never leave
+            self.outbox.discard_channel(self.reply_channel)
+            self._queue({"close": code})
 
     async def _write(self) -> None:
         """The one way out: each message of the outbox, in order, to `_deliver`."""
@@ -2857,7 +2996,6 @@ class _WebsocketConnection(_Connection):
         self.max_message_size = max_message_size
         self.order = 0
         self.accepted = False
-        self.closing = False  # a close is queued: frames from now on are dropped
 
     # frames in
 
@@ -2919,17 +3057,6 @@ class _WebsocketConnection(_Connection):
 
     # messages out
 
-    def _queue_close(self, code: int) -> None:
-        """Close behind whatever is already queued, so those replies still arrive."""
-        if self.closing or self.closed:
-            return
-        self.closing = True
-        try:
-            self._queue({"close": code})
-        except ChannelFull:  # its client stopped reading: what waits would never leave
-            self.outbox.discard_channel(self.reply_channel)
-            self._queue({"close": code})
-
     async def _deliver(self, reply: dict) -> None:
         """Turn one reply-channel message into ASGI events (SPEC section 2, replies)."""
         if self.closed:
@@ -2971,6 +3098,7 @@ class _WebsocketConnection(_Connection):
 # -- HTTP (Channels 1.x's http.request) --
 
 _TOO_LARGE = object()  # what _read_body returns for a body over the limit
+_ANSWERED = object()  # a request answered before any consumer ran (413, 408)
 
 
 def _request_message(scope: Scope, reply_channel: str, body: bytes = b"") -> dict:
@@ -3022,35 +3150,55 @@ class _HttpConnection(_Connection):
         self.done = asyncio.Event()  # the response is complete
 
     async def _run(self, receive: Receive) -> None:
-        body = await _read_body(receive, self.body_limit)
+        deadline = time.monotonic() + self.timeout  # both limits count from the arrival
+        body = await self._read(receive, deadline)
         if body is None:
-            return
+            return  # the client left
+        handler = None
+        if body is not _ANSWERED:
+            handler = asyncio.create_task(self._handle(
+                "http.request", _request_message(self.scope, self.reply_channel, body)))
+        left = await self._wait(receive, deadline)
+        if handler is not None:
+            await handler  # a consumer still busy after a 504: its replies are dropped
+        if left:
+            self.closed = True
+            await self._leave_groups()  # first: nothing more can reach the client
+            await self._handle("http.disconnect", {"reply_channel": self.reply_channel,
+                                                   "path": self.path})
+
+    async def _read(self, receive: Receive, deadline: float) -> Any:
+        """The body; `_ANSWERED` if it is refused (413) or too slow (408); None if the client left."""
+        try:
+            body = await asyncio.wait_for(_read_body(receive, self.body_limit),
+                                          deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            _warn_client_mistake("The body of %s %.200s did not arrive within %g s: 408.",
+                                 self.scope.get("method"), self.path, self.timeout)
+            self._queue(_plain_reply(408, "The request body did not arrive in time."))
+            return _ANSWERED
         if body is _TOO_LARGE:
             _warn_client_mistake("Refused a request body over %d bytes on %.200s (413).",
                                  self.body_limit, self.path)
             self._queue(_plain_reply(413, f"Request body over {self.body_limit} bytes."))
-        else:
-            await self._handle("http.request", _request_message(self.scope, self.reply_channel, body))
-        await self._wait(receive)
+            return _ANSWERED
+        return body
 
-    async def _wait(self, receive: Receive) -> None:
-        """Until the response is complete or the client leaves; 504 if nobody answers."""
+    async def _wait(self, receive: Receive, deadline: float) -> bool:
+        """Until the response is complete or the client leaves (True); 504 at *deadline* if
+        nothing was answered yet, whatever the consumer is still doing."""
         done = asyncio.create_task(self.done.wait())
         left = asyncio.create_task(_http_disconnected(receive))
         try:
-            finished, _ = await asyncio.wait({done, left}, timeout=self.timeout,
+            finished, _ = await asyncio.wait({done, left}, timeout=max(0.0, deadline - time.monotonic()),
                                              return_when=asyncio.FIRST_COMPLETED)
             if not finished and not self.started:
-                logger.warning("Nobody answered %s %.200s within %g s: 504.",
-                               self.scope.get("method"), self.path, self.timeout)
+                _warn_client_mistake("Nobody answered %s %.200s within %g s: 504.",
+                                     self.scope.get("method"), self.path, self.timeout)
                 self._queue(_plain_reply(504, "Nobody answered this request in time."))
             if not finished:  # a stream goes on for as long as its client listens
                 await asyncio.wait({done, left}, return_when=asyncio.FIRST_COMPLETED)
-            if left.done() and not done.done():
-                self.closed = True
-                await self._leave_groups()  # first: nothing more can reach the client
-                await self._handle("http.disconnect", {"reply_channel": self.reply_channel,
-                                                       "path": self.path})
+            return left.done() and not done.done()
         finally:
             done.cancel()
             left.cancel()
@@ -3067,8 +3215,11 @@ class _HttpConnection(_Connection):
         """Turn one 1.x reply (``status``, ``headers``, ``content``, ``more_content``) into
         ASGI response events. A started stream takes websocket frames too: a group's
         ``{"text": ...}`` arrives as one server-sent event, so one group feeds both."""
-        if self.closed or self.done.is_set():
-            return  # late: the response is over
+        if self.closed or self.done.is_set() or ("status" in reply and self.started):
+            return  # late: the response is over, or has started (after a 504, say)
+        if "close" in reply:  # the login ended (_LoginWatch): end the stream, or refuse
+            reply = ({"content": b"", "more_content": False} if self.started else
+                     _plain_reply(403, "The login this request was made with has ended."))
         if "text" in reply and self.started:  # a websocket frame sent to a group a stream joined
             reply = {"content": sse_event(reply["text"]), "more_content": True}
         if not self.started:
@@ -3185,6 +3336,31 @@ class _PresenceHeartbeat:
         index = cache.get(index_key) or set()
         cache.set(index_key, index - {process}, None)  # the others' ids stay
         return True
+
+
+class _LoginWatch:
+    """Every CHANNELS_MINI_LOGIN_CHECK seconds, ends this loop's connections whose login has
+    ended: the session store tells every process what no signal reaches them all with. It
+    costs one session read and one user read per logged-in session served, per check."""
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_login_check_interval())
+            logins = {local.login for local in list(_local_sockets.values())
+                      if local.login is not None and local.loop is loop}
+            if not logins:
+                continue
+            try:
+                _end_logins(await _in_session_thread(_ended_logins, logins))
+            except Exception:  # the session store or the database is down: check again later
+                _log_layer_failure("Cannot check the logins of this process's connections; "
+                                   "retrying in %g s.", _login_check_interval())
+
+
+def _login_check_interval() -> float:
+    from django.conf import settings
+    return float(getattr(settings, "CHANNELS_MINI_LOGIN_CHECK", _LOGIN_CHECK))
 
 
 _layer_failure_reports = _Throttle(10.0)
@@ -3430,6 +3606,8 @@ class _BackgroundWorkers:
         self._tasks = [self.loop.create_task(self._consume(channel)) for channel in self.channels]
         if serving:
             keepers = [_PresenceHeartbeat(self.app.channel_layer).run()]
+            if _settings_ready():
+                keepers.append(_LoginWatch().run())
             if not _is_in_memory(self.app.channel_layer):
                 keepers.append(_MembershipKeeper(self.app.channel_layer).run())
             self._idle.update(self.loop.create_task(keeper) for keeper in keepers)  # stop cancels
