@@ -48,6 +48,8 @@ if not settings.configured:
                                         "LOCATION": _redis_url}}} if _redis_url else {}
     if os.environ.get("CHANNELS_MINI_TEST_PRESENCE"):
         _on_redis["CHANNELS_MINI_PRESENCE"] = json.loads(os.environ["CHANNELS_MINI_TEST_PRESENCE"])
+    if os.environ.get("CHANNELS_MINI_TEST_LOGIN_CHECK"):  # seconds between two login checks
+        _on_redis["CHANNELS_MINI_LOGIN_CHECK"] = float(os.environ["CHANNELS_MINI_TEST_LOGIN_CHECK"])
     settings.configure(
         DEBUG=False,
         SECRET_KEY="channels-mini-tests-only",
@@ -145,11 +147,29 @@ def _view_login(request):
     return HttpResponse("logged in")
 
 
+def _view_whoami(request):
+    """Who Django's AuthenticationMiddleware says the request is: the username, or "anonymous"."""
+    from django.http import HttpResponse
+    return HttpResponse(request.user.get_username() if request.user.is_authenticated else "anonymous")
+
+
+def _view_password(request):
+    """Change the logged-in user's password and keep this session logged in, as Django's
+    PasswordChangeView does (update_session_auth_hash cycles the session key)."""
+    from django.contrib.auth import update_session_auth_hash
+    from django.http import HttpResponse
+    request.user.set_password(request.POST["password"])
+    request.user.save()
+    update_session_auth_hash(request, request.user)
+    return HttpResponse("password changed")
+
+
 def _url_patterns():
     from django.urls import path
     from django.views.decorators.csrf import csrf_exempt
     return [path("page/", _view_page), path("items/create/", _view_create_item),
-            path("logout/", _view_logout), path("login/", csrf_exempt(_view_login))]
+            path("logout/", _view_logout), path("login/", csrf_exempt(_view_login)),
+            path("whoami/", _view_whoami), path("password/", csrf_exempt(_view_password))]
 
 
 urlpatterns = _url_patterns()
@@ -7326,6 +7346,494 @@ def test_reliability_random_requests_into_a_binding(request_payload):
         answer = json.loads(replies[0])
         assert answer["stream"] == "open" and set(answer["payload"]) == {"error", "action", "pk"}, answer
         assert rel_fuzz_rows() == before
+
+
+# -- logins and secrets (issue 19) --
+# The attacks of issue 19, each through a real uvicorn with real clients: a channel session
+# key used as a login cookie, reply channel names in frames, logins that end while their
+# connections stay open (also across two processes sharing Redis, with Redis down), binding
+# writes by a user whose login ended, and HTTP requests held past their timeout.
+
+#: A process-local channel name (every reply channel is one): a "!" between name characters.
+SEC_REPLY_CHANNEL = re.compile(r"[A-Za-z0-9_.-]+![A-Za-z0-9_.-]+")
+
+
+@channel_session_user_from_http
+def sec_room_connect(message, **kwargs):
+    """The README's function consumer: it tracks its socket in the room without a key."""
+    message.reply_channel.send({"accept": True})
+    Group("sec-room").track(message.reply_channel, meta={"name": message.user.get_username()})
+
+
+@channel_session_user
+def sec_room_receive(message, **kwargs):
+    """"who": the user, from the channel session; "presence": the room's presence; "secret":
+    what an attacker wants (told here for the test only): the channel session key and the
+    reply channel name."""
+    text = message["text"]
+    if text == "who":
+        answer = message.user.get_username() or "anonymous"
+    elif text == "presence":
+        answer = json.dumps(Group("sec-room").presence())
+    else:
+        answer = json.dumps({"key": message.channel_session.session_key,
+                             "reply_channel": message["reply_channel"]})
+    message.reply_channel.send({"text": answer})
+
+
+class sec_WhoAmI(WebsocketConsumer):
+    """``http_user``: says who it is on connect and on every frame."""
+
+    http_user = True
+
+    def connect(self, message, **kwargs):
+        self.send(text=message.user.get_username() or "anonymous")
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=self.message.user.get_username() or "anonymous")
+
+
+@http_session_user
+def sec_stream(message):
+    """An event stream of the user's private group, opened with ``@http_session_user``."""
+    message.reply_channel.send({"status": 200, "headers": SSE_HEADERS, "more_content": True,
+                                "content": sse_event(comment=message.user.get_username())})
+    Group(f"sec-private-{message.user.pk}").add(message.reply_channel)
+
+
+@http_session_user
+def sec_poll(message):
+    """A long-poll on the user's private group, opened with ``@http_session_user``."""
+    Group(f"sec-private-{message.user.pk}").add(message.reply_channel)
+
+
+def sec_slow(message):
+    """A consumer busy for 3 s: longer than the quick app's http_timeout."""
+    time.sleep(3)
+    message.reply_channel.send({"status": 200, "headers": [], "content": b"late"})
+
+
+def sec_never(message):
+    """Never answers: the request gets 504."""
+
+
+def sec_body_length(message):
+    message.reply_channel.send({"status": 200, "headers": [],
+                                "content": str(len(message["body"])).encode()})
+
+
+class sec_NoteBinding(WebsocketBinding):
+    """Signed-in users create notes; every note is announced to the group "sec-notes"."""
+
+    model = rel_Note
+    stream = "notes"
+    fields = ["title", "count"]
+
+    @classmethod
+    def group_names(cls, instance):
+        return ["sec-notes"]
+
+    def has_permission(self, user, action, pk):
+        return user.is_authenticated and action == "create"
+
+
+class sec_Demux(WebsocketDemultiplexer):
+    groups = ["sec-notes"]
+    consumers = {"notes": sec_NoteBinding.consumer}
+
+
+class sec_Lobby(WebsocketConsumer):
+    """Declared presence with the default key and meta."""
+
+    presence = ["sec-lobby"]
+
+
+sec_routing = [
+    route("websocket.connect", sec_room_connect, path=r"^/sec/room/$"),
+    route("websocket.receive", sec_room_receive, path=r"^/sec/room/$"),
+    sec_WhoAmI.as_route(path=r"^/sec/whoami/$"),
+    sec_Demux.as_route(path=r"^/sec/notes/$"),
+    sec_Lobby.as_route(path=r"^/sec/lobby/$"),
+    route("http.request", sec_stream, path=r"^/sec/stream/$"),
+    route("http.request", sec_poll, path=r"^/sec/poll/$"),
+]
+sec_app = Application(sec_routing, http_timeout=30)
+sec_quick_app = Application([
+    route("http.request", sec_slow, path=r"^/sec/slow/$"),
+    route("http.request", sec_never, path=r"^/sec/never/$"),
+    route("http.request", sec_body_length, path=r"^/sec/body/$"),
+], http_timeout=1.5)
+
+
+def sec_whoami(server: Server, cookie: str) -> str:
+    """What a Django view says the request with this cookie is: a username or "anonymous"."""
+    status, body, _ = http_request(server.url("/whoami/", "http"), headers={"Cookie": cookie})
+    assert status == 200, body
+    return body.decode()
+
+
+async def sec_until_closed(websocket, timeout: float = 10) -> tuple[int | None, float]:
+    """Wait for the server to close *websocket*: (close code, seconds waited)."""
+    start = time.monotonic()
+    _, code = await rel_until_closed(websocket, timeout)
+    return code, time.monotonic() - start
+
+
+def sec_open_stream(server: Server, cookie: str):
+    """An event stream with *cookie*, once its first event (the user's name) arrived."""
+    import http.client
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
+    connection.request("GET", "/sec/stream/", headers={"Cookie": cookie})
+    response = connection.getresponse()
+    assert response.status == 200
+    first = response.readline() + response.readline()
+    return connection, response, first
+
+
+def sec_stream_end(response) -> float:
+    """Read the stream to its end; the time it ended (monotonic)."""
+    response.read()
+    return time.monotonic()
+
+
+def test_security_a_channel_session_is_never_a_login_and_presence_tells_no_reply_channel():
+    """The takeover of issue 19 fails: an anonymous member of a room hears a logged-in
+    member's presence key, which is opaque (1.x's sha1 of it is no session of anyone); and
+    even the real key of that member's channel session, sent as a session cookie, is an
+    anonymous request, to a Django view and to an ``http_user`` websocket."""
+    import hashlib
+
+    victim, cookie = rel_login("victim")
+    with running_server(app=f"{__name__}:sec_app") as server:
+
+        async def scenario():
+            async with ws_connect(server.url("/sec/room/")) as attacker:
+                heard = [await app_recv(attacker)]  # its own join
+                async with ws_connect(server.url("/sec/room/"),
+                                      additional_headers=[("Cookie", cookie)]) as member:
+                    heard.append(await app_recv(attacker))  # the member's join
+                    await attacker.send("presence")
+                    heard.append(await app_recv(attacker))
+                    await member.send("secret")
+                    await app_recv(member)  # its own join first
+                    secret = json.loads(await app_recv(member))
+                    await member.send("who")
+                    member_is = await app_recv(member)
+                    forged = []
+                    for name in secret["key"], "chn" + hashlib.sha1(
+                            secret["reply_channel"].encode()).hexdigest()[:29]:
+                        async with ws_connect(server.url("/sec/whoami/"), additional_headers=[
+                                ("Cookie", f"{settings.SESSION_COOKIE_NAME}={name}")]) as forger:
+                            forged.append(await app_recv(forger))
+                    return heard, secret, member_is, forged
+
+        heard, secret, member_is, forged_sockets = run(scenario())
+        [member_key] = json.loads(heard[1])["joins"]
+        legacy_keys = {"chn" + hashlib.sha1(name.encode()).hexdigest()[:29]
+                       for name in (member_key.partition(".")[2], secret["reply_channel"])}
+        as_views = {name: sec_whoami(server, f"{settings.SESSION_COOKIE_NAME}={name}")
+                    for name in {secret["key"], *legacy_keys}}
+        own = sec_whoami(server, cookie)
+    assert SEC_REPLY_CHANNEL.fullmatch(secret["reply_channel"])  # what the check below looks for
+    assert not any(SEC_REPLY_CHANNEL.search(frame) for frame in heard), heard
+    assert re.fullmatch(r"anonymous\.[0-9a-f]{24}", member_key), member_key
+    assert json.loads(heard[2])[member_key] == [{"name": victim.username}]
+    assert secret["key"] not in legacy_keys  # keyed with SECRET_KEY, not computable from names
+    assert (own, member_is) == (victim.username, victim.username)  # the member is logged in
+    assert as_views == {name: "anonymous" for name in as_views}
+    assert forged_sockets == ["anonymous", "anonymous"]
+
+
+def test_security_no_frame_the_module_composes_carries_a_reply_channel_name():
+    """Presence diffs and snapshots (keyed and anonymous), binding frames (outbound, answers,
+    refusals) and multiplexer errors: none holds a reply channel name."""
+    user, cookie = rel_login("frames")
+    with running_server(app=f"{__name__}:sec_app") as server:
+
+        async def scenario():
+            frames = []
+            async with ws_connect(server.url("/sec/lobby/")) as lobby, \
+                    ws_connect(server.url("/sec/room/"), additional_headers=[("Cookie", cookie)]) as room, \
+                    ws_connect(server.url("/sec/notes/")) as anonymous, \
+                    ws_connect(server.url("/sec/notes/"), additional_headers=[("Cookie", cookie)]) as notes:
+                frames.append(await app_recv(lobby))
+                frames.append(await app_recv(room))
+                await room.send("presence")
+                frames.append(await app_recv(room))
+                for text in ('{"stream": "notes", "payload": {"action": "create", "data": {"title": "a"}}}',
+                             '{"stream": "nope", "payload": {}}', "not json", '{"stream": 1}'):
+                    await anonymous.send(text)
+                    frames.append(await app_recv(anonymous))
+                await anonymous.send(b"binary")
+                frames.append(await app_recv(anonymous))
+                await notes.send(json.dumps({"stream": "notes", "payload": {
+                    "action": "create", "data": {"title": "frames"}, "request_id": 7}}))
+                frames += [await app_recv(notes), await app_recv(notes), await app_recv(anonymous)]
+            return frames
+
+        frames = run(scenario())
+    kinds = [json.loads(frame).get("type") or "stream" if frame.startswith("{") else frame
+             for frame in frames]
+    assert kinds.count("presence_diff") == 2 and len(frames) == 11, frames
+    assert any('"request_id": 7' in frame for frame in frames), frames
+    assert any('"action": "create"' in frame and '"frames"' in frame for frame in frames), frames
+    assert not [frame for frame in frames if SEC_REPLY_CHANNEL.search(frame)], frames
+
+
+SEC_ENDINGS = ["logout", "another_login", "password_changed_here", "password_changed_elsewhere",
+               "deactivated"]
+
+
+def sec_end_login(ending: str, server: Server, user, cookie: str) -> str | None:
+    """End *user*'s login the way *ending* says; the session cookie that is now valid, if any."""
+    from django.contrib.auth.models import User
+
+    if ending == "logout":
+        assert http_request(server.url("/logout/", "http"), headers={"Cookie": cookie})[:2] == \
+            (200, b"logged out")
+    elif ending == "another_login":  # someone else signs in on the same browser
+        other = User.objects.create_user(f"other-{uuid.uuid4().hex[:8]}", password="x")
+        answer = http_request(server.url("/login/", "http"), headers={"Cookie": cookie},
+                              data=f"username={other.username}&password=x".encode())
+        assert answer[:2] == (200, b"logged in")
+    elif ending == "password_changed_here":  # the session key is cycled, the user stays in
+        status, body, headers = http_request(server.url("/password/", "http"), data=b"password=y",
+                                             headers={"Cookie": cookie})
+        assert (status, body) == (200, b"password changed")
+        return headers["Set-Cookie"].split(";")[0]
+    elif ending == "password_changed_elsewhere":
+        user.set_password("changed elsewhere")
+        user.save()
+    else:
+        User.objects.filter(pk=user.pk).update(is_active=False)
+    return None
+
+
+@pytest.mark.parametrize("ending", SEC_ENDINGS)
+def test_security_every_ending_of_a_login_ends_its_connections_within_5_seconds(ending):
+    """Websockets (``http_user``, 1.x decorators), an event stream and a long-poll opened with
+    a login end with it -- 4401, the stream ended, the poll refused -- within 5 s (logout: at
+    once); another user's socket stays open; a session that still holds the user (the
+    password changed here) reconnects as that user."""
+    user, cookie = rel_login("ending")
+    bystander, bystander_cookie = rel_login("bystander")
+    with running_server(app=f"{__name__}:sec_app") as server:
+        connection, stream, first = sec_open_stream(server, cookie)
+
+        async def scenario():
+            headers = [("Cookie", cookie)]
+            sockets = [await ws_connect(server.url(path), additional_headers=headers).__aenter__()
+                       for path in ("/sec/whoami/", "/sec/room/")]
+            other = await ws_connect(server.url("/sec/whoami/"), additional_headers=[
+                ("Cookie", bystander_cookie)]).__aenter__()
+            try:
+                greeted = [await app_recv(sockets[0]), await app_recv(other)]
+                poll = asyncio.create_task(asyncio.to_thread(
+                    http_request, server.url("/sec/poll/", "http"), None, {"Cookie": cookie}, 20))
+                stream_end = asyncio.create_task(asyncio.to_thread(sec_stream_end, stream))
+                await asyncio.sleep(0.5)  # the poll waits in its group
+                ended_at = time.monotonic()
+                new_cookie = await asyncio.to_thread(sec_end_login, ending, server, user, cookie)
+                closes = [await sec_until_closed(socket) for socket in sockets]
+                polled = await poll
+                polled_after = time.monotonic() - ended_at
+                stream_after = await stream_end - ended_at
+                await other.send("still here?")
+                still = await app_recv(other)
+                again = None
+                if new_cookie:
+                    async with ws_connect(server.url("/sec/whoami/"),
+                                          additional_headers=[("Cookie", new_cookie)]) as socket:
+                        again = await app_recv(socket)
+                return greeted, closes, polled, polled_after, stream_after, still, again, new_cookie
+            finally:
+                for socket in [*sockets, other]:
+                    await socket.close()
+
+        try:
+            greeted, closes, polled, polled_after, stream_after, still, again, new_cookie = \
+                run(scenario(), timeout=60)
+        finally:
+            connection.close()
+        view_says = sec_whoami(server, cookie)
+    assert first == f": {user.username}\n\n".encode()
+    assert greeted == [user.username, bystander.username]
+    bound = 1.0 if ending == "logout" else 5.0
+    assert [code for code, _ in closes] == [4401, 4401], closes
+    assert closes[0][1] < bound and sum(seconds for _, seconds in closes) < bound, closes
+    assert polled[:2] == (403, b"The login this request was made with has ended."), polled
+    assert polled_after < bound + 0.5 and stream_after < bound + 0.5, (polled_after, stream_after)
+    assert still == bystander.username
+    assert view_says == "anonymous"  # Django agrees: the old session is nobody's login
+    if ending == "password_changed_here":
+        assert again == user.username
+
+
+def test_security_logout_with_redis_down_completes_and_closes_in_both_processes():
+    """Two uvicorn processes share Redis; Redis stops; a logout on the first answers as Django
+    does and flushes the session; that session's sockets close with 4401 at once there and
+    within 5 s on the second, whose event stream ends too; another user's socket stays open."""
+    user, cookie = rel_login("redis-down")
+    bystander, bystander_cookie = rel_login("redis-bystander")
+    with running_redis() as url, running_server(app=f"{__name__}:sec_app", env=redis_server_env(url)) as first, \
+            running_server(app=f"{__name__}:sec_app", env=redis_server_env(url)) as second:
+        connection, stream, _ = sec_open_stream(second, cookie)
+
+        async def scenario():
+            sockets = [await ws_connect(server.url("/sec/whoami/"), additional_headers=[
+                ("Cookie", value)]).__aenter__() for server, value in (
+                (first, cookie), (second, cookie), (second, bystander_cookie))]
+            try:
+                greeted = [await app_recv(socket) for socket in sockets]
+                stream_end = asyncio.create_task(asyncio.to_thread(sec_stream_end, stream))
+                await asyncio.to_thread(redis_shutdown, url)
+                started = time.monotonic()
+                logout = await asyncio.to_thread(http_request, first.url("/logout/", "http"), None,
+                                                 {"Cookie": cookie})
+                logout_took = time.monotonic() - started
+                closes = [await sec_until_closed(socket) for socket in sockets[:2]]
+                stream_after = await stream_end - started
+                await sockets[2].send("still here?")
+                return greeted, logout[:2], logout_took, closes, stream_after, await app_recv(sockets[2])
+            finally:
+                for socket in sockets:
+                    await socket.close()
+
+        try:
+            greeted, logout, logout_took, closes, stream_after, still = run(scenario(), timeout=60)
+        finally:
+            connection.close()
+        after = [sec_whoami(server, cookie) for server in (first, second)]
+    assert greeted == [user.username, user.username, bystander.username]
+    assert logout == (200, b"logged out") and logout_took < 2, logout_took
+    assert after == ["anonymous", "anonymous"]  # the session was flushed
+    assert [code for code, _ in closes] == [4401, 4401]
+    assert closes[0][1] < 1.0 and closes[0][1] + closes[1][1] < 5.0, closes
+    assert stream_after < 5.5, stream_after
+    assert still == bystander.username
+
+
+@pytest.mark.parametrize("ending", ["deactivated", "password_changed_elsewhere"])
+def test_security_a_binding_write_rechecks_the_user_before_it_saves(ending):
+    """A socket whose user was deactivated (or whose password changed on another device) --
+    before any login check closed it -- cannot write through a binding: the write is
+    refused, nothing is saved, and the socket closes with 4401."""
+    user, cookie = rel_login("writer")
+    before_title, after_title = f"b-{user.pk}", f"a-{user.pk}"
+    env = {"CHANNELS_MINI_TEST_LOGIN_CHECK": "60"}  # so that only the write's own check runs
+    with running_server(app=f"{__name__}:sec_app", env=env) as server:
+
+        def write(title):
+            return json.dumps({"stream": "notes", "payload": {
+                "action": "create", "data": {"title": title}, "request_id": title}})
+
+        async def scenario():
+            async with ws_connect(server.url("/sec/notes/"),
+                                  additional_headers=[("Cookie", cookie)]) as socket:
+                await socket.send(write(before_title))
+                before = [json.loads(await app_recv(socket)) for _ in range(2)]
+                await asyncio.to_thread(sec_end_login, ending, server, user, cookie)
+                await socket.send(write(after_title))
+                frames, code = await rel_until_closed(socket)
+                return before, frames, code
+
+        before, frames, code = run(scenario())
+    answers = [frame["payload"] for frame in before]
+    assert {"action": "create", "pk": answers[0].get("pk") or answers[1].get("pk"),
+            "request_id": before_title} in answers
+    assert [json.loads(frame)["payload"] for frame in frames] == [
+        {"error": "Your login has ended: log in again.", "action": "create", "pk": None}]
+    assert code == 4401
+    assert list(rel_Note.objects.filter(title__in=[before_title, after_title]).values_list(
+        "title", flat=True)) == [before_title]
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_security_http_timeout_counts_from_arrival_whatever_the_consumer_does(kind):
+    """A consumer busy for 3 s behind http_timeout=1.5: the client gets 504 at 1.5 s, and
+    the consumer's late answer goes nowhere; the server keeps answering."""
+    with running_server(kind, app=f"{__name__}:sec_quick_app") as server:
+        start = time.monotonic()
+        answer = http_request(server.url("/sec/slow/", "http"))
+        waited = time.monotonic() - start
+        time.sleep(2)  # the consumer finishes and answers, too late
+        fine = http_request(server.url("/sec/body/", "http"), data=b"12345")
+    assert answer[:2] == (504, b"Nobody answered this request in time.")
+    assert 1.3 <= waited < 2.8, waited
+    assert fine[:2] == (200, b"5")
+
+
+def sec_trickle(port: int, seconds: float = 8) -> tuple[bytes, float]:
+    """POST a 100-byte body one byte every 0.5 s; what the server answered and when."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"POST /sec/body/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
+        raw.settimeout(0.5)
+        start = time.monotonic()
+        answer = b""
+        while time.monotonic() - start < seconds:
+            try:
+                chunk = raw.recv(4096)
+            except socket.timeout:
+                with contextlib.suppress(OSError):
+                    raw.sendall(b"x")
+                continue
+            if not chunk:
+                break
+            answer += chunk
+            if answer.endswith(b"\r\n0\r\n\r\n"):  # the end of a chunked body
+                break
+        return answer, time.monotonic() - start
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "hypercorn"])  # daphne reads bodies itself first
+def test_security_a_body_that_does_not_arrive_in_time_gets_408(kind):
+    """A body trickled a byte every 0.5 s gets 408 once http_timeout (1.5 s) has passed since
+    the request arrived; the consumer never runs and nothing stays behind."""
+    with running_server(kind, app=f"{__name__}:sec_quick_app") as server:
+        before = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+        answer, waited = sec_trickle(server.port)
+        time.sleep(0.3)
+        after = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"\r\nThe request body did not arrive in time.\r\n" in answer, answer
+    assert 1.3 <= waited < 3, waited
+    assert {key: after[key] for key in ("channels", "groups", "members")} == \
+        {key: before[key] for key in ("channels", "groups", "members")}
+
+
+async def sec_status_of_get(port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        await writer.drain()
+        return int((await reader.readline()).split()[1])
+    finally:
+        writer.close()
+
+
+def test_security_6000_unanswered_polls_log_at_most_ten_lines_a_second():
+    """6,000 long-polls nobody answers, 1,000 at a time: each gets its 504, and the log holds
+    at most ten 504 lines a second, each counting those left out since the one before."""
+    with running_server(app=f"{__name__}:sec_quick_app") as server:
+
+        async def scenario():
+            statuses = []
+            for _ in range(6):
+                statuses += await asyncio.gather(*(sec_status_of_get(server.port, "/sec/never/")
+                                                   for _ in range(1000)))
+            return statuses
+
+        start = time.monotonic()
+        statuses = run(scenario(), timeout=120)
+        elapsed = time.monotonic() - start
+        lines = [line for line in server.log().splitlines() if "Nobody answered" in line]
+    assert statuses == [504] * 6000
+    assert len(lines) <= 10 * (elapsed + 1), (len(lines), elapsed)
+    counted = sum(int(m.group(1)) for line in lines
+                  for m in [re.search(r"\((\d+) more like it", line)] if m)
+    # Those after the last line wait for the next one: at most the last round.
+    assert 5000 <= counted + len(lines) <= 6000, (counted, len(lines))
+
 
 
 # === Documentation ===
