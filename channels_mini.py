@@ -1076,8 +1076,10 @@ class Message(MutableMapping):
 # Channels 1.x kept per-socket state in a Django session keyed by the reply channel, so any
 # consumer of any message carrying that reply channel -- in any process sharing the session
 # store -- sees it. It is read only when a handler touches it, saved after the handler when
-# changed, and deleted when its socket closes. Without a usable session engine (no settings,
-# or the database engine without django.contrib.sessions) a dict in this process stands in.
+# changed, and deleted when its socket closes. Its key is an HMAC of the reply channel with
+# SECRET_KEY, so only the project can compute it, and it never holds a Django login (see
+# `_transfer_user`). Without a usable session engine (no settings, or the database engine
+# without django.contrib.sessions) a dict in this process stands in.
 
 _DB_SESSIONS = "django.contrib.sessions.backends.db"
 _fallback_sessions: dict[str, Any] = {}
