@@ -1284,53 +1284,32 @@ def _anonymous_key(channel: str) -> str:
 
 
 # -- running handlers --
-# A handler is run in one of three ways, decided once -- when its route or class is
-# built -- by `_how_to_run`: `async def` code is awaited on the loop; plain functions run
-# in a worker thread, with Django's database connections tidied as around a request; our
-# own trivial defaults (marked `_on_loop`) are called in place, sparing a thread hop.
+# One function runs every handler: `async def` code is awaited on the loop; anything else runs
+# in a worker thread (a pool of 32), with Django's database connections tidied before and
+# after, as around a request -- so a slow sync handler holds up only its own socket.
 
 _bridges: dict[str, Callable[..., Awaitable]] = {}  # asgiref's bridge to each thread pool
 _THREAD_POOL_SIZE = 32  # sync handlers running at once; a blocked one holds only its own socket
-_SESSION_POOL_SIZE = 4  # handshake session loads, which never wait behind blocked handlers
 
 
-def _on_loop(function: Callable) -> Callable:
-    """Mark a sync default that does no I/O: it runs on the loop, without a thread hop."""
-    function._on_loop = True  # type: ignore[attr-defined]
-    return function
+def _is_async(handler: Any) -> bool:
+    """Is *handler* ``async def`` (or an object with an ``async def __call__``)? The only such check."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None))
 
 
-def _how_to_run(handler: Any) -> str:
-    """``"await"``, ``"call"`` (on the loop) or ``"thread"``: the only coroutine check."""
-    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-            getattr(handler, "__call__", None)):
-        return "await"
-    return "call" if getattr(handler, "_on_loop", False) else "thread"
-
-
-async def _run_handler(how: str, handler: Callable, /, *args: Any, **kwargs: Any) -> Any:
-    if how == "await":
+async def _run_handler(handler: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """Run a consumer or a consumer's method: awaited if ``async def``, else in a worker thread.
+    A consumer class brings its own ``_consume`` coroutine (it builds the instance, then
+    dispatches)."""
+    handler = getattr(handler, "_consume", handler)
+    if _is_async(handler):
         return await handler(*args, **kwargs)
-    if how == "call":
-        return handler(*args, **kwargs)
     return await _in_thread(handler, *args, **kwargs)
-
-
-def _async_handler(consumer: Any) -> Callable[..., Awaitable]:
-    """*consumer* as one async callable, decided now: consumer classes bring their own."""
-    own = getattr(consumer, "_consume", None)  # BaseConsumer subclasses (section 4)
-    if own is not None:
-        return own
-    return functools.partial(_run_handler, _how_to_run(consumer), consumer)
 
 
 async def _in_thread(function: Callable, *args: Any, **kwargs: Any) -> Any:
     return await _bridge("consumer", _THREAD_POOL_SIZE)(function, *args, **kwargs)
-
-
-async def _in_session_thread(function: Callable, *args: Any) -> Any:
-    """Run session-store and presence I/O in its own small pool, never behind blocked handlers."""
-    return await _bridge("session", _SESSION_POOL_SIZE)(function, *args)
 
 
 def _bridge(pool_name: str, size: int) -> Callable[..., Awaitable]:
@@ -1432,7 +1411,20 @@ def _filters_repr(filters: dict[str, re.Pattern]) -> str:
     return "".join(f", {key}={regex.pattern!r}" for key, regex in filters.items())
 
 
-class Route:
+class _Matcher:
+    """What every routing entry (and a whole ``Router``) answers: which route takes a message."""
+
+    def match(self, message: Message) -> tuple[Any, dict] | None:
+        """``(consumer, kwargs)`` for *message*, or None if nothing here takes it."""
+        found = self._find(message.channel_name, message.content)
+        return None if found is None else (found[0].consumer, found[1])
+
+    def _find(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
+        """The matched route and its kwargs; *partial* skips filters on keys *content* lacks."""
+        raise NotImplementedError
+
+
+class Route(_Matcher):
     r"""Sends messages on *channels* that pass every filter to *consumer*.
 
     ``route("websocket.receive", chat, path=r"^/chat/(?P<room>\w+)/$")`` calls
@@ -1445,13 +1437,9 @@ class Route:
             raise TypeError(f"A route needs a channel name or a list of them (got {channels!r}).")
         self.channels = set(names)
         self.consumer = _resolve_consumer(consumer, f"route({channels!r})")
-        self.handler = _async_handler(self.consumer)  # how it runs is decided here, once
         self.filters = _compile_filters(filters, f"route {channels!r}")
 
-    def match(self, message: Message) -> tuple[Any, dict] | None:
-        return _public_match(self._match(message.channel_name, message.content))
-
-    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
+    def _find(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
         if channel not in self.channels:
             return None
         result = _match_filters(self.filters, content, partial)
@@ -1482,7 +1470,7 @@ class RouteClass(Route):
         return f"route_class({_consumer_label(self.consumer)}{_filters_repr(self.filters)})"
 
 
-class Include:
+class Include(_Matcher):
     """Nests a routing under prefixes: each prefix regex must match the start of its key.
 
     The matched part is cut off before the inner routes see the value, so
@@ -1498,10 +1486,7 @@ class Include:
     def channels(self) -> set[str]:
         return self.router.channels
 
-    def match(self, message: Message) -> tuple[Any, dict] | None:
-        return _public_match(self._match(message.channel_name, message.content))
-
-    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
+    def _find(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
         if channel not in self.router.channels:
             return None
         result = _match_filters(self.prefixes, content, partial)
@@ -1511,7 +1496,7 @@ class Include:
         stripped = dict(content)
         for key, found in matched.items():
             stripped[key] = found.string[found.end():]
-        inner = self.router._match(channel, stripped, partial)
+        inner = self.router._find(channel, stripped, partial)
         if inner is None:
             return None
         matched_route, inner_kwargs = inner
@@ -1526,7 +1511,7 @@ route_class = RouteClass
 include = Include
 
 
-class Router:
+class Router(_Matcher):
     """A routing table: ``match(message)`` returns ``(consumer, kwargs)`` or ``None``.
 
     *routing* is a list of routes (``route``/``route_class``/``include``), a dict
@@ -1541,12 +1526,9 @@ class Router:
         self.routes: list[Route | Include] = list(_expand_routing(routing))
         self.channels: set[str] = set().union(*(r.channels for r in self.routes))
 
-    def match(self, message: Message) -> tuple[Any, dict] | None:
-        return _public_match(self._match(message.channel_name, message.content))
-
-    def _match(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
+    def _find(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
         for entry in self.routes:
-            result = entry._match(channel, content, partial)
+            result = entry._find(channel, content, partial)
             if result is not None:
                 return result
         return None
@@ -1571,11 +1553,6 @@ def _expand_routing(routing: Any) -> Iterable[Route | Include]:
     else:
         raise TypeError(f"A routing is a list of routes, a dict {{channel: consumer}} or a "
                         f"dotted path to one (got {type(routing).__name__} {routing!r}).")
-
-
-def _public_match(matched: tuple[Route, dict] | None) -> tuple[Any, dict] | None:
-    """``(consumer, kwargs)``, as ``match()`` promises; inside, the matched route travels."""
-    return None if matched is None else (matched[0].consumer, matched[1])
 
 
 def _resolve_consumer(consumer: Any, where: str) -> Any:
@@ -1606,27 +1583,6 @@ class BaseConsumer:
 
     #: Which method handles each channel: ``{channel name: method name}``.
     method_mapping: dict[str, str] = {}
-    #: True gives ``message.user`` and ``message.http_session`` from the handshake's cookie on
-    #: every message, and (1.1) copies a logged-in user into the channel session on connect.
-    http_user = False
-    #: 1.1: as ``http_user``, and the handshake's session found again on later messages.
-    http_user_and_session = False
-    #: 1.1: load ``message.channel_session`` before each handler.
-    channel_session = False
-    #: 1.1: ``message.user`` from the channel session (implies ``channel_session``).
-    channel_session_user = False
-    _hooks: tuple[str, ...] = ()  # methods users override, besides those of method_mapping
-    _how: dict[str, str] = {}  # method name -> "await" | "call" | "thread" (see _how_to_run)
-    _load: Callable[[Message], None] | None = None  # what the 1.1 attributes load, decided once
-
-    def __init_subclass__(cls, **kwargs: Any):
-        super().__init_subclass__(**kwargs)
-        names = {*cls.method_mapping.values(), *cls._hooks}
-        cls._how = {name: _how_to_run(getattr(cls, name)) for name in names if hasattr(cls, name)}
-        load = (_load_channel_and_http_session_user_from_http if cls.http_user_and_session
-                else _load_channel_session_user if cls.channel_session_user
-                else _load_channel_session if cls.channel_session else None)
-        cls._load = staticmethod(load) if load else None  # a plain function, never bound to self
 
     def __init__(self, message: Message, **kwargs: Any):
         self.message = message
@@ -1649,10 +1605,8 @@ class BaseConsumer:
 
     async def dispatch(self) -> None:
         """Call the method that ``method_mapping`` names for this message's channel."""
-        if self.http_user and not self.http_user_and_session:
-            await _load_http_user(self.message)
-        if self._load is not None:
-            await _in_session_thread(self._load, self.message)
+        for hook in _hooks.message:  # what the message carries: sessions, the user (Part II)
+            await hook(self)
         channel = self.message.channel_name
         name = self.method_mapping.get(channel)
         if name is None:
@@ -1661,13 +1615,7 @@ class BaseConsumer:
                 f"method_mapping is {self.method_mapping!r}. Add the channel, or route "
                 f"only the channels it lists."
             )
-        await self._call(name, self.message, **self.kwargs)
-
-    async def _call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
-        """Run method *name* the way its class decided (URL kwargs may hold a ``name``)."""
-        method = getattr(self, name)
-        how = self._how.get(name) or _how_to_run(method)
-        return await _run_handler(how, method, *args, **kwargs)
+        await _run_handler(getattr(self, name), self.message, **self.kwargs)
 
     @classmethod
     def channel_names(cls) -> set[str]:
@@ -1727,12 +1675,8 @@ class WebsocketConsumer(BaseConsumer):
         "websocket.receive": "raw_receive",
         "websocket.disconnect": "raw_disconnect",
     }
-    _hooks = ("connection_groups", "presence_groups", "presence_meta", "connect", "receive",
-              "disconnect")
     #: Groups every socket of this consumer joins on connect.
     groups: list[str] | None = None
-    #: Groups whose presence lists every socket of this consumer (see ``presence_groups``).
-    presence: list[str] | None = None
     #: Accepted for Channels 1.x code; messages of one socket are always handled in order.
     strict_ordering = False
 
@@ -1741,7 +1685,6 @@ class WebsocketConsumer(BaseConsumer):
         """The socket's URL path, e.g. ``"/chat/lobby/"``."""
         return self.message["path"]
 
-    @_on_loop
     def connection_groups(self, **kwargs: Any) -> list[str]:
         """The groups to join on connect and leave on disconnect (default: ``groups``)."""
         return list(self.groups or ())
@@ -1749,53 +1692,32 @@ class WebsocketConsumer(BaseConsumer):
     # -- what the router calls --
 
     async def raw_connect(self, message: Message, **kwargs: Any) -> None:
-        """Join the connection groups, call ``connect``, then join the presence groups."""
-        for name in await self._call("connection_groups", **kwargs):
+        """Join the connection groups, then call ``connect``."""
+        for name in await _run_handler(self.connection_groups, **kwargs):
             await Group(name, channel_layer=message.channel_layer).aadd(message.reply_channel)
-        await self._call("connect", message, **kwargs)
-        names = await self._call("presence_groups", **kwargs)
-        if names:
-            key = _presence_key(message.user, message.reply_channel.name)
-            meta = await self._call("presence_meta", **kwargs)
-            for name in names:
-                await Group(name, channel_layer=message.channel_layer).atrack(
-                    message.reply_channel, key, meta)
+        await _run_handler(self.connect, message, **kwargs)
+        for hook in _hooks.connected:  # e.g. presence tracks the socket (Part II)
+            await hook(self, kwargs)
 
     async def raw_receive(self, message: Message, **kwargs: Any) -> None:
         if message.get("text") is not None:
-            await self._call("receive", text=message["text"], **kwargs)
+            await _run_handler(self.receive, text=message["text"], **kwargs)
         else:
-            await self._call("receive", bytes=message.get("bytes"), **kwargs)
+            await _run_handler(self.receive, bytes=message.get("bytes"), **kwargs)
 
     async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
         """Call ``disconnect``: the connection has already left every group it joined."""
-        await self._call("disconnect", message, **kwargs)
-
-    @_on_loop
-    def presence_groups(self, **kwargs: Any) -> list[str]:
-        """The groups whose presence lists this socket after ``connect`` (default:
-        ``presence``): under its user's pk with ``http_user = True``, else a key of its own."""
-        return list(self.presence or ())
-
-    @_on_loop
-    def presence_meta(self, **kwargs: Any) -> dict:
-        """The socket's entry in a presence list: its user's name and when it joined."""
-        user = self.message.user
-        name = user.get_username() if getattr(user, "is_authenticated", False) else "anonymous"
-        return {"name": name, "joined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        await _run_handler(self.disconnect, message, **kwargs)
 
     # -- what you override --
 
-    @_on_loop
     def connect(self, message: Message, **kwargs: Any) -> None:
         """Called on the handshake; accepts by default. Raise ``DenyConnection`` to reject."""
         self.message.reply_channel.send({"accept": True})
 
-    @_on_loop
     def receive(self, text: str | None = None, bytes: bytes | None = None, **kwargs: Any) -> None:
         """Called for each frame, with its ``text`` or ``bytes``."""
 
-    @_on_loop
     def disconnect(self, message: Message, **kwargs: Any) -> None:
         """Called once the socket has closed; ``message["code"]`` is the close code."""
 
@@ -1837,9 +1759,8 @@ class JsonWebsocketConsumer(WebsocketConsumer):
                                  "with 1007.", type(self).__name__, message.get("path"), error, text)
             self.close(1007)
             return
-        await self._call("receive", content, **kwargs)
+        await _run_handler(self.receive, content, **kwargs)
 
-    @_on_loop
     def receive(self, content: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Called with each frame's decoded JSON."""
 
@@ -1905,9 +1826,6 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
 
     #: ``{stream name: consumer}``; consumers are classes or functions, as in routing.
     consumers: dict[str, Any] = {}
-    _stream_handlers: dict[str, Callable[..., Awaitable]] = {}  # made from `consumers`, once
-    #: On by default here, so bindings behind it can check ``message.user``.
-    http_user = True
 
     async def raw_connect(self, message: Message, **kwargs: Any) -> None:
         await super().raw_connect(message, **kwargs)
@@ -1937,14 +1855,9 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
             await self._forward(stream, message, kwargs)
         await super().raw_disconnect(message, **kwargs)
 
-    def __init_subclass__(cls, **kwargs: Any):
-        super().__init_subclass__(**kwargs)
-        cls._stream_handlers = {stream: _async_handler(consumer)
-                                for stream, consumer in cls.consumers.items()}
-
     async def _forward(self, stream: str, message: Message, kwargs: dict) -> None:
         multiplexer = WebsocketMultiplexer(stream, message.reply_channel)
-        await self._stream_handlers[stream](message, **kwargs, multiplexer=multiplexer)
+        await _run_handler(self.consumers[stream], message, **kwargs, multiplexer=multiplexer)
 
     def send(self, *args: Any, **kwargs: Any) -> None:
         raise SendNotAvailableOnDemultiplexer(
@@ -2338,13 +2251,13 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-
 
 async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
     """Route *message* and run its consumer, then send what it deferred; False if unrouted."""
-    matched = router._match(message.channel_name, message.content)
+    matched = router._find(message.channel_name, message.content)
     if matched is None:
         return False
     route, kwargs = matched
     async with consumer_context(layer) as state:  # its exit sends what the handler deferred
         try:
-            await route.handler(message, **kwargs)
+            await _run_handler(route.consumer, message, **kwargs)
         except DenyConnection:
             # A rejection wins over an accept the handler queued before raising.
             state.deferred = [op for op in state.deferred if not (
@@ -2353,8 +2266,8 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
         except ChannelSocketException as error:
             error.run(message)  # e.g. WebsocketCloseException: close with its code
         finally:
-            if message._channel_session is not None or message.http_session is not None:
-                await _save_sessions(message)  # before the sends: their consumers may read it
+            for hook in _hooks.handled:  # e.g. sessions saved, before the sends (Part II)
+                await hook(message)
     return True
 
 
@@ -2545,13 +2458,9 @@ class Binding:
         binding = cls()
         binding.message, binding.kwargs, binding.user = message, kwargs, message.user
         request = json.loads(message["text"])  # the demultiplexer checked it is an object
-        if not _login_still_valid(message):  # nobody writes as a user whose login has ended
-            kwargs["multiplexer"].send({"error": "Your login has ended: log in again.",
-                                        "action": _echoed(request.get("action")),
-                                        "pk": _echoed(request.get("pk"))})
-            message.reply_channel.send({"close": _LOGGED_OUT_CLOSE_CODE})
-            return
-        error, pk = binding._apply_request(request)
+        # A check of an extension may refuse first (a login that has ended): (why, close code).
+        refused = next(filter(None, (check(message) for check in _hooks.write)), None)
+        error, pk = (refused[0], request.get("pk")) if refused else binding._apply_request(request)
         answer = {"action": _echoed(request.get("action")), "pk": _echoed(pk)}
         if "request_id" in request:
             answer["request_id"] = _echoed(request["request_id"])
@@ -2561,6 +2470,8 @@ class Binding:
             kwargs["multiplexer"].send({"error": error, **answer})
         elif "request_id" in request:
             kwargs["multiplexer"].send(answer)
+        if refused and refused[1]:
+            message.reply_channel.send({"close": refused[1]})
 
     def _apply_request(self, request: dict) -> tuple[str | None, Any]:
         """Check and apply one write; return why it was refused (or None) and the row's pk."""
@@ -2940,24 +2851,14 @@ class _Connection:
                 self.outbox._report_drops("From the channel layer", [self.reply_channel])
 
     async def _end(self) -> None:
-        """The client is gone: leave every group, forget the channel session made here."""
+        """The client is gone: leave every group; extensions let go of what the connection held."""
         self.closed = True
         await self._leave_groups()
-        if self.local.session_used:  # else no session row was ever made here
-            await _in_session_thread(_delete_channel_session, self.reply_channel)
-            self.local.session_used = False
+        for hook in _hooks.closed:  # e.g. presence, the channel session (Part II)
+            await hook(self)
 
     async def _leave_groups(self) -> None:
-        """Leave every group the connection joined -- through connection_groups or Group.add --
-        and every presence list, announced to the group as a leave."""
-        for group in list(self.local.presence):
-            try:
-                untrack = Group(group, channel_layer=self.layer).untrack
-                await _in_session_thread(untrack, self.reply_channel)
-            except Exception:
-                _log_layer_failure("Cannot remove %s %s from the presence of %r; its entry "
-                                   "expires by itself.", self.what, self.path, group)
-        self.local.presence.clear()
+        """Leave every group the connection joined, through connection_groups or Group.add."""
         for group in list(self.local.groups):
             try:
                 await self.layer.group_discard(group, self.reply_channel)
@@ -3020,7 +2921,7 @@ class _WebsocketConnection(_Connection):
         content = _connect_message(self.scope, self.reply_channel)
         if await self._handle("websocket.connect", content):
             return
-        if self.router._match("websocket.receive", content, partial=True) is not None:
+        if self.router._find("websocket.receive", content, partial=True) is not None:
             self._queue({"accept": True})  # Channels 1.x: frames are routed, so accept
         else:
             _warn_client_mistake("Rejected websocket to %.200s: no route for websocket.connect or "
@@ -3485,14 +3386,11 @@ class Application:
     # -- HTTP and websockets --
 
     async def _http_request(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """A routed ``http.request`` goes to its consumer; anything else to Django."""
-        if ("http.request" in self.router.channels
-                and self.router._match("http.request", _request_message(scope, "")) is not None):
-            limit = _setting("DATA_UPLOAD_MAX_MEMORY_SIZE") if _settings_ready() else None
-            connection = _HttpConnection(scope, send, self.router, self.channel_layer,
-                                         limit if limit is not None else self.max_message_size,
-                                         self.http_timeout)
-            return await connection.serve(receive)
+        """HTTP goes to Django, unless an extension serves it (routed ``http.request``)."""
+        for hook in _hooks.http:
+            connection = hook(self, scope, send)
+            if connection is not None:
+                return await connection.serve(receive)
         await self._http_app()(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -3602,16 +3500,11 @@ class _BackgroundWorkers:
         self._stopping = False
 
     def start(self, serving: bool = False) -> None:
-        """Start the workers; a server also keeps its sockets' presence and, on a shared
-        layer, their memberships."""
+        """Start the workers; a server also starts what the extensions run while it serves."""
         self.loop = asyncio.get_running_loop()
         self._tasks = [self.loop.create_task(self._consume(channel)) for channel in self.channels]
-        if serving:
-            keepers = [_PresenceHeartbeat(self.app.channel_layer).run()]
-            if _settings_ready():
-                keepers.append(_LoginWatch().run())
-            if not _is_in_memory(self.app.channel_layer):
-                keepers.append(_MembershipKeeper(self.app.channel_layer).run())
+        if serving:  # e.g. heartbeats and checks of what the served connections hold (Part II)
+            keepers = [keeper for hook in _hooks.serving if (keeper := hook(self.app)) is not None]
             self._idle.update(self.loop.create_task(keeper) for keeper in keepers)  # stop cancels
 
     async def stop(self, timeout: float = 5.0) -> None:

@@ -7742,7 +7742,8 @@ def test_security_a_binding_write_rechecks_the_user_before_it_saves(ending):
     assert {"action": "create", "pk": answers[0].get("pk") or answers[1].get("pk"),
             "request_id": before_title} in answers
     assert [json.loads(frame)["payload"] for frame in frames] == [
-        {"error": "Your login has ended: log in again.", "action": "create", "pk": None}]
+        {"error": "Your login has ended: log in again.", "action": "create", "pk": None,
+         "request_id": after_title}]
     assert code == 4401
     assert list(rel_Note.objects.filter(title__in=[before_title, after_title]).values_list(
         "title", flat=True)) == [before_title]
