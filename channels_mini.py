@@ -76,7 +76,6 @@ import hashlib
 import hmac
 import importlib
 import inspect
-import itertools
 import json
 import logging
 import re
@@ -165,6 +164,43 @@ class WebsocketCloseException(ChannelSocketException):
         message.reply_channel.send({"close": self.code or True})
 
 
+# -- module state and hooks --
+
+_state_resets: list[Callable[[], None]] = []  # one per registered holder of module state
+
+
+def _module_state(holder: Any) -> Any:
+    """Register a module-level dict, set or list whose contents `reset_channel_layers()`
+    (section 8) clears, and return it: the one registry of what the module keeps between calls."""
+    _state_resets.append(holder.clear)
+    return holder
+
+
+class _Hooks:
+    """Where Part II plugs into the core. The core calls each list, in order, at one point of
+    its work; an extension appends to it when the module is imported. Without Part II they
+    would all be empty."""
+
+    def __init__(self) -> None:
+        #: ``await hook(consumer)`` before a consumer class's method runs: what its message carries.
+        self.message: list[Callable[[Any], Awaitable[None]]] = []
+        #: ``await hook(consumer, kwargs)`` after a websocket consumer's ``connect()``: a socket opened.
+        self.connected: list[Callable[[Any, dict], Awaitable[None]]] = []
+        #: ``await hook(message)`` after a handler, before the sends it deferred leave.
+        self.handled: list[Callable[[Any], Awaitable[None]]] = []
+        #: ``await hook(connection)`` once a connection has closed and left its groups.
+        self.closed: list[Callable[[Any], Awaitable[None]]] = []
+        #: ``hook(app)`` returns a coroutine to run while *app* serves (or None).
+        self.serving: list[Callable[[Any], Awaitable[None] | None]] = []
+        #: ``hook(app, scope, send)`` returns a connection to serve an HTTP scope (or None: Django).
+        self.http: list[Callable[[Any, Scope, Send], Any]] = []
+        #: ``hook(message)`` returns ``(why, close code or None)`` to refuse a binding write (or None).
+        self.write: list[Callable[[Any], tuple[str, int | None] | None]] = []
+
+
+_hooks = _Hooks()
+
+
 # === 1. Channel layer ===
 # A channel layer moves messages (dicts) between the parts of a program: a queue per
 # channel name, plus groups -- named sets of channels to broadcast to. This one lives
@@ -228,17 +264,34 @@ class _Throttle:
             return held
 
 
-_mistake_reports: dict[str, _Throttle] = {}
+_log_throttles: dict[str, _Throttle] = _module_state({})  # kind of report -> its throttle
 
 
-def _warn_client_mistake(text: str, *args: Any) -> None:
-    """Log a client's mistake as one WARNING line, at most ten a second for each kind: a
-    client can repeat a mistake as fast as it sends, and the log must not grow with it.
-    Values in *text* are cut short by its format (``%.200r``)."""
-    held = _mistake_reports.setdefault(text, _Throttle(1.0, burst=10)).ready()
+def _log_limited(level: int, text: str, *args: Any, key: str | None = None, every: float = 1.0,
+                 burst: int = 10, count: int = 1, traceback: bool = False) -> None:
+    """Log ``text % args`` as one line, at most *burst* lines per *every* seconds for each kind
+    of report (*key*, default: *text*), each saying how many like it were left out since the
+    line before (*count*: how many events this call stands for) -- or, where *text* holds
+    ``{held}``, how many events the line stands for.
+
+    The module's one rate-limited log: a client repeats a mistake as fast as it sends, an
+    outage fails every retry, a flood drops thousands of messages, and the log must not grow
+    with them. The default suits a client's mistake (ten lines a second); `_OUTAGE` suits a
+    failure of ours. Values in *text* are cut short by its format (``%.200r``).
+    """
+    throttle = _log_throttles.get(key or text) or _log_throttles.setdefault(
+        key or text, _Throttle(every, burst))
+    held = throttle.ready(count)
     if held is not None:
-        more = f" ({held - 1} more like it since the last report)" if held > 1 else ""
-        logger.warning(text + more, *args)
+        if "{held}" in text:
+            text = text.replace("{held}", str(held))
+        elif held > count:
+            text += f" ({held - count} more like it since the last report)"
+        logger.log(level, text, *args, exc_info=traceback)
+
+
+#: An outage or a failure of ours: one line with its traceback every 10 s, for all of them.
+_OUTAGE = {"key": "outage", "every": 10.0, "burst": 1, "traceback": True}
 
 
 class _InvalidName(ValueError):
@@ -306,7 +359,6 @@ class InMemoryChannelLayer:
         self._queues: dict[str, _Queue] = {}
         self._groups: dict[str, dict[str, float]] = {}  # group -> {channel: joined_at}
         self._memberships: dict[str, set[str]] = {}  # channel -> groups, for cleanup
-        self._drop_reports = _Throttle(1.0)  # a flood of drops stays one readable line a second
         self._next_sweep = 0.0
 
     def __repr__(self) -> str:
@@ -592,16 +644,14 @@ class InMemoryChannelLayer:
         """Count skipped deliveries and warn at most once a second, so a flood stays readable."""
         with self._lock:
             self.dropped += len(channels)
-        count = self._drop_reports.ready(len(channels))
-        if count is None:
-            return
-        logger.warning(
-            "%s: %d message(s) dropped since the last report because receivers were at "
-            "capacity (e.g. %r). A receiver is slow or gone; raise 'capacity' if bursts are "
-            "expected. Total dropped: %d.", source, count, channels[0], self.dropped)
+        _log_limited(logging.WARNING, "%s: {held} message(s) dropped since the last report because "
+                     "receivers were at capacity (e.g. %r). A receiver is slow or gone; raise "
+                     "'capacity' if bursts are expected. Total dropped: %d.", source, channels[0],
+                     self.dropped,
+                     key=f"drops {id(self)}", burst=1, count=len(channels))
 
 
-_layers: dict[str, Any] = {}
+_layers: dict[str, Any] = _module_state({})
 _layers_lock = threading.Lock()
 
 
@@ -707,15 +757,12 @@ _OPERATIONS_PER_TURN = 16  # deferred operations between two turns for the socke
 class _LocalSocket:
     """What this process knows of a socket it serves: its layers and the groups it joined."""
 
-    __slots__ = ("layer", "outbox", "groups", "presence", "session_used", "login", "loop", "close")
+    __slots__ = ("layer", "outbox", "groups", "loop", "close")
 
     def __init__(self, layer: Any, outbox: InMemoryChannelLayer, close: Callable[[int], None]):
         self.layer = layer  # the app's layer, where its groups live
         self.outbox = outbox  # the in-memory layer holding its outbox
         self.groups: set[str] = set()
-        self.presence: set[str] = set()  # groups whose presence lists it
-        self.session_used = False  # a handler here read its channel session
-        self.login: tuple[str, Any, Any] | None = None  # (session key, user id, hash) it opened with
         self.loop = asyncio.get_running_loop()  # where its connection runs
         self.close = close  # close(code), on that loop: ends the connection
 
@@ -723,7 +770,7 @@ class _LocalSocket:
 #: Reply channels of the sockets this process serves. A send to one of them stays in the
 #: process, whatever layer the app uses; the groups they join are left when they close,
 #: and joined again if a shared layer forgets them (a Redis restart).
-_local_sockets: dict[str, _LocalSocket] = {}
+_local_sockets: dict[str, _LocalSocket] = _module_state({})
 
 
 def _note_membership(group: str, channel: str, joined: bool) -> None:
@@ -971,32 +1018,6 @@ class Group:
         _require_dict(content, "Content")
         await self.channel_layer.group_send(self.name, content)
 
-    # -- presence --
-
-    def track(self, channel: Channel | str, key: str | None = None, meta: dict | None = None) -> None:
-        """List *channel* in this group's presence under *key* (default: a key of its own)
-        with *meta* (a small JSON-able dict); it joins the group too, and both end when its
-        socket closes. A new key is announced to the group as a ``presence_diff`` frame."""
-        name = _channel_name(channel)
-        _track(self, name, key or _anonymous_key(name), dict(meta or {}))
-
-    def untrack(self, channel: Channel | str) -> None:
-        """Stop listing *channel*; a key with no socket left is announced as a leave."""
-        _untrack(self, _channel_name(channel))
-
-    def presence(self) -> dict[str, list[dict]]:
-        """Who is in the group, in every process: ``{key: [meta, ...]}``, a meta per socket."""
-        return _members(_presence_entries(self.name))
-
-    async def atrack(self, channel: Channel | str, key: str | None = None,
-                     meta: dict | None = None) -> None:
-        """``track``, from async code (the cache is read and written in a thread)."""
-        await _in_session_thread(self.track, channel, key, meta)
-
-    async def apresence(self) -> dict[str, list[dict]]:
-        """``presence``, from async code."""
-        return await _in_session_thread(self.presence)
-
     def __repr__(self) -> str:
         return f"Group({self.name!r})"
 
@@ -1004,22 +1025,19 @@ class Group:
 class Message(MutableMapping):
     """A message as a consumer sees it: dict-like over ``content``, plus where it came from.
 
-    A message with a ``reply_channel`` has ``channel_session``: the Django session of that
-    reply channel (Channels 1.x), loaded when first read, saved after the handler if
-    changed. WebSocket messages also carry ``scope`` (the ASGI scope) and, for consumers with
-    ``http_user = True`` or the 1.x decorators, ``user`` and ``http_session`` from the
-    handshake's Django session cookie.
+    WebSocket messages also carry ``scope`` (the ASGI scope). Section 10 adds what Channels
+    1.x gave them: ``channel_session``, and ``user`` and ``http_session`` from the handshake's
+    Django session cookie (None here until something loads them).
     """
 
     def __init__(self, content: dict, channel_name: str, channel_layer: Any):
         self.content = content
         self.channel_name = channel_name
         self.channel_layer = channel_layer
-        self._channel_session: Any = None
         self.scope: Scope | None = None
         self.user: Any = None
         self.http_session: Any = None
-        self._socket_state: dict | None = None  # what the socket's messages share: http_user
+        self._socket_state: dict | None = None  # what every message of one connection shares
         self._reply_channel: Channel | None = None
 
     @property
@@ -1032,17 +1050,6 @@ class Message(MutableMapping):
             self._reply_channel = Channel(self.content["reply_channel"],
                                           channel_layer=self.channel_layer)
         return self._reply_channel
-
-    @property
-    def channel_session(self) -> Any:
-        """The reply channel's session (a Django ``SessionStore``); ``None`` without one."""
-        if self._channel_session is None and self.content.get("reply_channel"):
-            self._channel_session = _channel_session_for(self.content["reply_channel"])
-        return self._channel_session
-
-    @channel_session.setter
-    def channel_session(self, session: Any) -> None:
-        self._channel_session = session
 
     def __getitem__(self, key: str) -> Any:
         return self.content[key]
@@ -1060,227 +1067,16 @@ class Message(MutableMapping):
         return len(self.content)
 
     def copy(self, **changes: Any) -> Message:
-        """An independent (deep) copy of the content, with *changes*; the sessions are shared."""
+        """An independent (deep) copy of the content, with *changes*; the rest (scope, user,
+        sessions) is shared."""
         clone = Message({**copy.deepcopy(self.content), **changes}, self.channel_name,
                         self.channel_layer)
-        clone._channel_session, clone.scope = self._channel_session, self.scope
-        clone.user, clone.http_session = self.user, self.http_session
-        clone._socket_state = self._socket_state
+        clone.__dict__.update({name: value for name, value in vars(self).items()
+                               if name not in ("content", "_reply_channel")})
         return clone
 
     def __repr__(self) -> str:
         return f"<Message channel={self.channel_name!r} content={self.content!r:.120}>"
-
-
-# -- channel sessions --
-# Channels 1.x kept per-socket state in a Django session keyed by the reply channel, so any
-# consumer of any message carrying that reply channel -- in any process sharing the session
-# store -- sees it. It is read only when a handler touches it, saved after the handler when
-# changed, and deleted when its socket closes. Its key is an HMAC of the reply channel with
-# SECRET_KEY, so only the project can compute it, and it never holds a Django login (see
-# `_transfer_user`). Without a usable session engine (no settings, or the database engine
-# without django.contrib.sessions) a dict in this process stands in.
-
-_DB_SESSIONS = "django.contrib.sessions.backends.db"
-_fallback_sessions: dict[str, Any] = {}
-
-
-_process_secret = secrets.token_bytes(32)  # keys digests when there are no Django settings
-
-
-def _keyed_digest(purpose: str, value: str) -> str:
-    """A hex digest of *value* that only this project can compute: an HMAC keyed with
-    ``SECRET_KEY`` (a secret of this process without settings), different for each *purpose*.
-    Every process with the same settings computes the same digest."""
-    if _settings_ready():
-        from django.utils.crypto import salted_hmac
-        return salted_hmac(f"channels_mini.{purpose}", value, algorithm="sha256").hexdigest()
-    return hmac.new(_process_secret, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
-
-
-def _channel_session_key(reply_channel: str) -> str:
-    # 1.x used sha1(reply channel): anyone shown a reply channel name could load that socket's
-    # session as their own cookie. Keyed with the secret, nobody outside the project can.
-    return "chn" + _keyed_digest("channel_session", reply_channel)[:29]  # as 1.x: 32 characters
-
-
-def _session_engine() -> Any:
-    """The module of ``SESSION_ENGINE``, or None when sessions cannot be stored."""
-    from django.conf import settings
-
-    if not _settings_ready():
-        return None
-    from django.apps import apps
-    name = settings.SESSION_ENGINE
-    if name == _DB_SESSIONS and not (apps.ready and apps.is_installed("django.contrib.sessions")):
-        return None
-    if name.endswith("signed_cookies"):
-        raise ImproperlyConfigured(
-            f"Channel sessions cannot use SESSION_ENGINE={name!r}: a cookie cannot hold a "
-            f"socket's session. Use the database or cache engine (as Channels 1.x required).")
-    return importlib.import_module(name)
-
-
-class _DictSession(dict):
-    """The stand-in session: a dict with the few session methods handlers call."""
-
-    modified = False
-
-    def save(self, must_create: bool = False) -> None:
-        """Nothing to store: the dict lives in this process."""
-
-
-def _channel_session_for(reply_channel: str) -> Any:
-    """The session of *reply_channel*, loaded now (the caller touched it)."""
-    local = _local_sockets.get(reply_channel)
-    if local is not None:
-        local.session_used = True  # so its socket deletes it when it closes
-    engine = _session_engine()
-    if engine is None:
-        return _fallback_sessions.setdefault(reply_channel, _DictSession())
-    key = _channel_session_key(reply_channel)
-    session = engine.SessionStore(session_key=key)
-    try:
-        session.keys()  # load now; a store that has no such row forgets the key ...
-    except Exception as error:
-        if type(error).__name__ == "SynchronousOnlyOperation":
-            raise RuntimeError(
-                "message.channel_session reads the session store, which Django forbids on the "
-                "event loop. In an async def handler, decorate it with @channel_session (it "
-                "loads the session in a thread first).") from error
-        raise
-    session._session_key = key  # ... so give it back, as Channels 1.x did
-    return session
-
-
-def _save_session(session: Any) -> None:
-    from django.contrib.sessions.backends.base import UpdateError
-
-    try:
-        session.save()
-    except UpdateError:  # a new channel session: no row to update yet
-        session.save(must_create=True)
-    session.modified = False
-
-
-def _delete_channel_session(reply_channel: str) -> None:
-    if _fallback_sessions.pop(reply_channel, None) is None:
-        engine = _session_engine()
-        if engine is not None:
-            engine.SessionStore().delete(_channel_session_key(reply_channel))
-
-
-# -- presence --
-# Who is in a group, which Channels never had (Phoenix calls it Presence). A socket is
-# tracked in a group under a key -- its user, or one anonymous key per socket -- with a small
-# JSON-able `meta`; `Group(name).presence()` lists one entry per key with the metas of its
-# sockets. Each process keeps its own members in Django's cache (one entry per group and
-# process, refreshed by a heartbeat), so with a shared cache (Django's RedisCache) every
-# process sees the same members, and those of a process that dies vanish when its entry
-# expires. Keys that join or leave go to the group as one "presence_diff" frame.
-
-_PRESENCE_DEFAULTS = {"CACHE": "default", "HEARTBEAT": 5.0, "TIMEOUT": 20.0}
-_process_id = secrets.token_hex(6)  # names this process's presence entries
-_tracked: dict[str, dict[str, tuple[str, dict]]] = {}  # group -> {channel: (key, meta)}, here
-_tracked_lock = threading.Lock()
-_private_cache: Any = None  # without Django settings
-
-
-def _presence_setting(name: str) -> Any:
-    from django.conf import settings
-
-    configured = getattr(settings, "CHANNELS_MINI_PRESENCE", {}) if _settings_ready() else {}
-    return configured.get(name, _PRESENCE_DEFAULTS[name])
-
-
-def _presence_cache() -> Any:
-    """The Django cache named by ``CHANNELS_MINI_PRESENCE["CACHE"]`` (default: "default")."""
-    global _private_cache
-    if _settings_ready():
-        from django.core.cache import caches
-        return caches[_presence_setting("CACHE")]
-    if _private_cache is None:
-        from django.core.cache.backends.locmem import LocMemCache
-        _private_cache = LocMemCache("channels_mini.presence", {})
-    return _private_cache
-
-
-def _presence_index(group: str) -> str:
-    return f"channels_mini.presence.{group}"  # the processes with members; each has index.<id>
-
-
-def _publish_tracked(group: str) -> None:
-    """Write this process's members of *group*, and its name in the group's index."""
-    cache, index_key = _presence_cache(), _presence_index(group)
-    with _tracked_lock:
-        members = dict(_tracked.get(group, {}))
-    if not members:
-        cache.delete(f"{index_key}.{_process_id}")
-        return
-    cache.set(f"{index_key}.{_process_id}", members, _presence_setting("TIMEOUT"))
-    index = cache.get(index_key) or set()
-    if _process_id not in index:  # two processes adding at once: the heartbeat mends it
-        cache.set(index_key, index | {_process_id}, None)
-
-
-def _presence_entries(group: str) -> dict[str, dict]:
-    """``{process id: {channel: (key, meta)}}`` for every live process with members."""
-    cache, index_key = _presence_cache(), _presence_index(group)
-    found = cache.get_many([f"{index_key}.{process}" for process in cache.get(index_key) or ()])
-    return {name.rsplit(".", 1)[1]: entry for name, entry in found.items()}
-
-
-def _members(entries: dict[str, dict]) -> dict[str, list[dict]]:
-    members: dict[str, list[dict]] = {}
-    for entry in entries.values():
-        for key, meta in entry.values():
-            members.setdefault(key, []).append(meta)
-    return members
-
-
-def _announce_presence(group: Group, joins: dict, leaves: dict) -> None:
-    if joins or leaves:
-        diff = {"type": "presence_diff", "group": group.name, "joins": joins, "leaves": leaves}
-        group.send({"text": json.dumps(diff)})  # in a consumer: after its own replies
-
-
-def _track(group: Group, channel: str, key: str, meta: dict) -> None:
-    json.dumps(meta)  # a meta that is not JSON-able fails here, in the caller's code
-    group.add(channel)  # tracked sockets hear the diffs
-    before = _members(_presence_entries(group.name))
-    with _tracked_lock:
-        _tracked.setdefault(group.name, {})[channel] = (key, meta)
-    local = _local_sockets.get(channel)
-    if local is not None:
-        local.presence.add(group.name)
-    _publish_tracked(group.name)
-    _announce_presence(group, {} if key in before else {key: [meta]}, {})
-
-
-def _untrack(group: Group, channel: str) -> None:
-    with _tracked_lock:
-        key, meta = _tracked.get(group.name, {}).pop(channel, (None, None))
-        if group.name in _tracked and not _tracked[group.name]:
-            del _tracked[group.name]
-    if key is None:
-        return
-    _publish_tracked(group.name)
-    still_here = key in _members(_presence_entries(group.name))  # another tab of the same user
-    _announce_presence(group, {}, {} if still_here else {key: [meta]})
-
-
-def _presence_key(user: Any, channel: str) -> str:
-    """A socket's default key: its user's pk, or one anonymous key per socket."""
-    if getattr(user, "is_authenticated", False):
-        return str(user.pk)
-    return _anonymous_key(channel)
-
-
-def _anonymous_key(channel: str) -> str:
-    """An anonymous socket's presence key: opaque, so that the members of a group, who all
-    see it, learn nothing of the socket's reply channel (nor, from it, its channel session)."""
-    return "anonymous." + _keyed_digest("presence", channel)[:24]
-
 
 
 # -- running handlers --
@@ -1693,7 +1489,10 @@ class WebsocketConsumer(BaseConsumer):
 
     async def raw_connect(self, message: Message, **kwargs: Any) -> None:
         """Join the connection groups, then call ``connect``."""
-        for name in await _run_handler(self.connection_groups, **kwargs):
+        # The default reads ``groups``: no worker thread (they may all be busy) is needed for that.
+        overridden = type(self).connection_groups is not WebsocketConsumer.connection_groups
+        names = await _run_handler(self.connection_groups, **kwargs) if overridden else self.groups
+        for name in names or ():
             await Group(name, channel_layer=message.channel_layer).aadd(message.reply_channel)
         await _run_handler(self.connect, message, **kwargs)
         for hook in _hooks.connected:  # e.g. presence tracks the socket (Part II)
@@ -1748,14 +1547,14 @@ class JsonWebsocketConsumer(WebsocketConsumer):
     async def raw_receive(self, message: Message, **kwargs: Any) -> None:
         text = message.get("text")
         if text is None:
-            _warn_client_mistake("%s got a binary frame on %.200s; it takes JSON text. Closing "
+            _log_limited(logging.WARNING, "%s got a binary frame on %.200s; it takes JSON text. Closing "
                                  "with 1003.", type(self).__name__, message.get("path"))
             self.close(1003)
             return
         try:
             content = self.decode_json(text)
         except (ValueError, RecursionError) as error:  # RecursionError: nested too deep to decode
-            _warn_client_mistake("%s got invalid JSON on %.200s (%.200s; received %.80r). Closing "
+            _log_limited(logging.WARNING, "%s got invalid JSON on %.200s (%.200s; received %.80r). Closing "
                                  "with 1007.", type(self).__name__, message.get("path"), error, text)
             self.close(1007)
             return
@@ -1842,7 +1641,7 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
                    else "Invalid multiplexed frame (received a binary frame): send JSON text "
                         '{"stream": "<name>", "payload": {...}}.')
         if problem:
-            _warn_client_mistake("%s on %.200s: %s", type(self).__name__, message.get("path"), problem)
+            _log_limited(logging.WARNING, "%s on %.200s: %s", type(self).__name__, message.get("path"), problem)
             WebsocketConsumer.send(self, text=self.encode_json({"error": problem}))
             return
         stream = frame["stream"]
@@ -1876,377 +1675,6 @@ def _multiplexed_frame_problem(frame: Any, consumers: dict) -> str | None:
     return None
 
 
-async def _load_http_user(message: Message) -> None:
-    """Fill ``message.user``/``http_session`` from the socket's session cookie, once per socket."""
-    shared = message._socket_state
-    if shared is None:
-        return
-    if "user" not in shared:
-        shared["http_session"], shared["user"] = await _in_session_thread(_session_and_user,
-                                                                           message.scope)
-        if getattr(shared["user"], "is_authenticated", False):
-            _watch_login(message, shared["http_session"])
-    message.http_session, message.user = shared["http_session"], shared["user"]
-    if message.channel_name == "websocket.connect" and getattr(message.user, "is_authenticated", False):
-        # Channels 1.1: the user goes into the channel session, for consumers of other channels.
-        await _in_session_thread(_copy_user_to_channel_session, message)
-
-
-def _copy_user_to_channel_session(message: Message) -> None:
-    _transfer_user(message.http_session, message.channel_session)
-
-
-# -- connections end with their login --
-# A connection opened with a logged-in Django session acts as that user until the login ends,
-# however it ends. Logout in this process closes it at once (user_logged_out); everything else
-# -- a logout in another process, another login flushing the session, a password change (the
-# key cycled here, or the hash changed elsewhere), the user deactivated or deleted -- shows in
-# the session store, which `_LoginWatch` reads every CHANNELS_MINI_LOGIN_CHECK seconds.
-
-_LOGGED_OUT_CLOSE_CODE = 4401  # the login the connection was opened with has ended
-_LOGIN_CHECK = 2.0  # seconds between two checks, unless CHANNELS_MINI_LOGIN_CHECK says otherwise
-_signal_failures: dict[str, int] = {}  # failures of our signal receivers, by signal
-_signal_failure_reports = _Throttle(10.0)
-
-
-def _login_of(session: Any) -> tuple[str, Any, Any] | None:
-    """What a connection's login is checked against later: (session key, user id, hash)."""
-    user_id, _, user_hash = _login_names()
-    if session is None or not session.session_key or user_id not in session:
-        return None
-    return session.session_key, session[user_id], session.get(user_hash)
-
-
-def _watch_login(message: Message, session: Any) -> None:
-    """Tie the message's connection, if this process serves it, to the login of *session*."""
-    local = _local_sockets.get(message.content.get("reply_channel") or "")
-    if local is not None and local.login is None:
-        local.login = _login_of(session)
-        if local.login is not None:
-            _watch_logouts()
-
-
-def _login_ended(login: tuple[str, Any, Any]) -> bool:
-    """Has *login* ended? Read now, as Django's AuthenticationMiddleware would read it: the
-    session still holds that user and hash (not flushed, cycled or expired), and ``get_user``
-    still finds the user (password unchanged, ``is_active``)."""
-    key, user_id, user_hash = login
-    user_id_name, _, hash_name = _login_names()
-    session = importlib.import_module(_setting("SESSION_ENGINE")).SessionStore(key)
-    if session.get(user_id_name) != user_id or session.get(hash_name) != user_hash:
-        return True
-    user = _user_of(session)
-    return not (user.is_authenticated and str(user.pk) == str(user_id))
-
-
-def _login_still_valid(message: Message) -> bool:
-    """Is ``message.user`` still logged in, read from its HTTP session now? (A user read from
-    the channel session was checked by ``get_user`` for this very message.)"""
-    login = _login_of(message.http_session)
-    return login is None or not getattr(message.user, "is_authenticated", False) or not _login_ended(login)
-
-
-def _ended_logins(logins: Iterable[tuple[str, Any, Any]]) -> set[str]:
-    """The session keys of the *logins* that have ended."""
-    return {login[0] for login in logins if _login_ended(login)}
-
-
-def _end_logins(session_keys: set[str]) -> None:
-    """Close (4401) this process's connections opened with one of *session_keys*; any thread."""
-    for local in list(_local_sockets.values()):
-        if local.login is not None and local.login[0] in session_keys:
-            try:
-                local.loop.call_soon_threadsafe(local.close, _LOGGED_OUT_CLOSE_CODE)
-            except RuntimeError:  # its loop has closed: so has the connection
-                pass
-
-
-def _watch_logouts() -> None:
-    """Close a session's connections in this process when Django logs that session out."""
-    from django.apps import apps
-
-    if apps.ready and apps.is_installed("django.contrib.auth"):
-        from django.contrib.auth.signals import user_logged_out
-        user_logged_out.connect(_close_logged_out_connections, weak=False,
-                                dispatch_uid=f"{__name__}._close_logged_out_connections")
-
-
-def _close_logged_out_connections(sender: Any, request: Any = None, **kwargs: Any) -> None:
-    """``user_logged_out``: end this process's connections of that session now. It never
-    raises: Django sends the signal before it flushes the session, so an error here would
-    answer the logout with 500 and leave the user logged in."""
-    try:
-        key = getattr(getattr(request, "session", None), "session_key", None)
-        if key:
-            _end_logins({key})
-    except Exception:
-        _report_signal_failure("user_logged_out")
-
-
-def _report_signal_failure(signal: str) -> None:
-    """Count a failure of one of our signal receivers; log it at most every 10 s."""
-    _signal_failures[signal] = _signal_failures.get(signal, 0) + 1
-    held = _signal_failure_reports.ready()
-    if held is not None:
-        logger.error("The %s receiver failed (%d failure(s) of our receivers since the last "
-                     "report); Django's own work goes on.", signal, held, exc_info=True)
-
-
-def _session_and_user(scope: Scope) -> tuple[Any, Any]:
-    """The handshake's session (empty without a cookie) and its user (``http_user = True``)."""
-    from django.apps import apps
-
-    key = _handshake_session_key(scope)
-    session = importlib.import_module(_setting("SESSION_ENGINE")).SessionStore(key)
-    if not apps.is_installed("django.contrib.auth"):
-        return session, None
-    _watch_logouts()
-    return session, _user_of(session)
-
-
-# -- 1.x sessions and users --
-# The decorators of Channels 1.x's `channels.sessions` and `channels.auth`, with their names
-# and meanings. Each loads what it names before the handler runs -- in a thread, as session
-# stores do I/O -- on function consumers and on methods, sync or `async def`; what they
-# changed is saved after the handler (`_handle_message`). Compose them as in 1.x.
-
-def _setting(name: str) -> Any:
-    from django.conf import settings
-    return getattr(settings, name)
-
-
-def _handshake_session_key(headers_from: Any) -> str | None:
-    """The session key of a handshake: its ``session_key`` query parameter or its cookie (1.x)."""
-    from django.http import QueryDict
-    from django.http.cookie import parse_cookie
-
-    query = headers_from.get("query_string") or b""
-    key = QueryDict(query.decode("latin-1") if isinstance(query, bytes) else query).get("session_key")
-    cookie = b"; ".join(value for name, value in headers_from.get("headers") or () if name == b"cookie")
-    return key or parse_cookie(cookie.decode("latin-1")).get(_setting("SESSION_COOKIE_NAME"))
-
-
-def _user_of(session: Any) -> Any:
-    """The user of *session*, as ``AuthenticationMiddleware`` finds it; AnonymousUser if none."""
-    from django.contrib.auth import get_user
-    from django.contrib.auth.models import AnonymousUser
-
-    if session is None:
-        return AnonymousUser()
-    return get_user(type("SessionOnly", (), {"session": session})())  # all get_user() reads
-
-
-_CHANNEL_LOGIN = "channels_mini.login"  # where a channel session keeps the user copied into it
-
-
-def _login_names() -> tuple[str, str, str]:
-    from django.contrib import auth
-    return auth.SESSION_KEY, auth.BACKEND_SESSION_KEY, auth.HASH_SESSION_KEY
-
-
-def _transfer_user(from_session: Any, channel_session: Any) -> None:
-    """Copy the logged-in user from the HTTP session into the channel session (1.x's
-    ``transfer_user``) -- under a key of ours, not Django's own: a channel session is never
-    a login, even for someone who learnt its key and sends it as a session cookie."""
-    names = _login_names()
-    if from_session is not None and all(name in from_session for name in names):
-        channel_session[_CHANNEL_LOGIN] = {name: from_session[name] for name in names}
-
-
-class _ChannelLogin(dict):
-    """The user a channel session keeps, under Django's key names, for ``get_user()``;
-    what get_user() changes (a flush when the password changed) reaches the channel session."""
-
-    def __init__(self, channel_session: Any):
-        super().__init__(channel_session.get(_CHANNEL_LOGIN) or {})
-        self.channel_session = channel_session
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        super().__setitem__(name, value)
-        self.channel_session[_CHANNEL_LOGIN] = dict(self)
-
-    def flush(self) -> None:
-        self.clear()
-        self.channel_session.pop(_CHANNEL_LOGIN, None)
-
-    def cycle_key(self) -> None:
-        """Nothing to do: nobody outside this project can compute a channel session's key."""
-
-
-def _load_http_session(message: Message) -> None:
-    key = _handshake_session_key(message.scope or message.content)
-    engine = importlib.import_module(_setting("SESSION_ENGINE"))
-    message.http_session = _loaded(engine.SessionStore(session_key=key)) if key else None
-    _watch_login(message, message.http_session)
-
-
-def _loaded(session: Any) -> Any:
-    """*session*, read now (in the session thread), so async handlers may use it on the loop."""
-    session.keys()
-    return session
-
-
-def _load_channel_session(message: Message) -> None:
-    if message.channel_session is None:
-        raise ValueError(f"A message on {message.channel_name!r} has no reply_channel, so it has "
-                         f"no channel session: use the session decorators on consumers of "
-                         f"messages that carry one.")
-
-
-def _load_http_session_user(message: Message) -> None:
-    _load_http_session(message)
-    message.user = _user_of(message.http_session)
-
-
-def _load_channel_session_user(message: Message) -> None:
-    _load_channel_session(message)
-    message.user = _user_of(_ChannelLogin(message.channel_session))
-
-
-def _load_channel_session_user_from_http(message: Message) -> None:
-    _load_http_session_user(message)
-    _load_channel_session(message)
-    _transfer_user(message.http_session, message.channel_session)
-
-
-def _load_channel_and_http_session(message: Message) -> None:
-    """Keep the handshake's session key in the channel session, and find it there later."""
-    _load_http_session(message)
-    _load_channel_session(message)
-    name, channel_session = _setting("SESSION_COOKIE_NAME"), message.channel_session
-    if message.http_session is not None and name not in channel_session:
-        channel_session[name] = message.http_session.session_key
-    elif message.http_session is None and name in channel_session:
-        engine = importlib.import_module(_setting("SESSION_ENGINE"))
-        message.http_session = _loaded(engine.SessionStore(session_key=channel_session[name]))
-
-
-def _load_channel_and_http_session_user_from_http(message: Message) -> None:
-    _load_channel_and_http_session(message)
-    message.user = _user_of(message.http_session)
-    _transfer_user(message.http_session, message.channel_session)
-
-
-def _message_in(args: tuple, decorator: str) -> Message:
-    for arg in args[:2]:  # a function's first argument, or a method's after self
-        if isinstance(arg, Message):
-            return arg
-    raise ValueError(f"@{decorator} needs a consumer called with a Message (got {args[:2]!r:.200}).")
-
-
-def _session_decorator(load: Callable[[Message], None], name: str, doc: str) -> Callable:
-    def decorator(func: Callable) -> Callable:
-        if _how_to_run(func) == "await":
-            async def handler(*args: Any, **kwargs: Any) -> Any:
-                await _in_session_thread(load, _message_in(args, name))
-                return await func(*args, **kwargs)
-        else:
-            def handler(*args: Any, **kwargs: Any) -> Any:
-                load(_message_in(args, name))  # a sync handler already runs in a worker thread
-                return func(*args, **kwargs)
-        return functools.wraps(func)(handler)
-
-    decorator.__name__ = decorator.__qualname__ = name
-    decorator.__doc__ = doc
-    return decorator
-
-
-channel_session = _session_decorator(_load_channel_session, "channel_session", """\
-Gives the consumer ``message.channel_session``: the session of the message's reply channel.""")
-http_session = _session_decorator(_load_http_session, "http_session", """\
-Gives the consumer ``message.http_session`` from the handshake's cookie (None without one).""")
-http_session_user = _session_decorator(_load_http_session_user, "http_session_user", """\
-``http_session``, plus ``message.user`` from it (``AnonymousUser`` without a session).""")
-channel_session_user = _session_decorator(_load_channel_session_user, "channel_session_user", """\
-``channel_session``, plus ``message.user`` from it: the user that ``..._from_http`` copied there.""")
-channel_session_user_from_http = _session_decorator(
-    _load_channel_session_user_from_http, "channel_session_user_from_http", """\
-On ``websocket.connect``: ``http_session_user``, and the user copied into the channel session.""")
-channel_and_http_session = _session_decorator(
-    _load_channel_and_http_session, "channel_and_http_session", """\
-Both sessions; the handshake's session key is kept in the channel session for later messages.""")
-channel_and_http_session_user_from_http = _session_decorator(
-    _load_channel_and_http_session_user_from_http, "channel_and_http_session_user_from_http", """\
-``channel_and_http_session``, ``message.user``, and the user copied into the channel session.""")
-
-
-def enforce_ordering(func: Callable | None = None, slight: bool = False) -> Any:
-    """Accepted for Channels 1.x code: a socket's messages are always handled in order."""
-    if slight:
-        raise ValueError("Slight ordering is gone (as in Channels 1.1): remove slight=True; "
-                         "ordering is always strict here.")
-    return func if func is not None else (lambda function: function)
-
-
-def allowed_hosts_only(func: Callable) -> Callable:
-    """Accepted for Channels 1.x code: ``Application`` checks every handshake's origin."""
-    return func
-
-
-# -- HTTP consumers (1.x) --
-
-def AsgiRequest(message: Message) -> Any:
-    """A Django ``HttpRequest`` for an ``http.request`` message, under Channels 1.x's name.
-
-    ``request = AsgiRequest(message)``, then ``request.GET``, ``request.POST``,
-    ``request.COOKIES`` and ``request.body`` as in a view. Django's own ``ASGIRequest``.
-    """
-    import io
-
-    from django.core.handlers.asgi import ASGIRequest
-
-    scope = {"type": "http", **{key: message.get(key) for key in (
-        "http_version", "method", "path", "root_path", "scheme", "query_string", "headers",
-        "client", "server")}}
-    scope["root_path"], scope["headers"] = scope["root_path"] or "", scope["headers"] or []
-    return ASGIRequest(scope, io.BytesIO(message.get("body") or b""))
-
-
-class AsgiHandler:
-    """Channels 1.x's name for turning Django responses into reply messages."""
-
-    @classmethod
-    def encode_response(cls, response: Any) -> list[dict]:
-        """The reply messages for a Django ``HttpResponse`` (streaming ones too), in order:
-        ``for reply in AsgiHandler.encode_response(response): message.reply_channel.send(reply)``.
-        From sync code (consumers, views), as in 1.x."""
-        from django.core.handlers.asgi import ASGIHandler
-
-        events: list[dict] = []
-
-        async def collect(event: dict) -> None:
-            events.append(event)
-
-        # Django's own encoder (headers, cookies, chunks, streaming), without building a
-        # handler: a handler would load the middleware, and the encoder needs none of it.
-        async_to_sync(ASGIHandler.send_response)(ASGIHandler, response, collect)
-        start, bodies = events[0], events[1:]
-        replies = [{"content": body.get("body", b""), "more_content": body.get("more_body", False)}
-                   for body in bodies] or [{"content": b"", "more_content": False}]
-        replies[0].update(status=start["status"], headers=start["headers"])
-        return replies
-
-
-def sse_event(data: str | None = None, *, event: str | None = None, id: str | None = None,
-              retry: int | None = None, comment: str | None = None) -> bytes:
-    """One server-sent event, framed for an ``EventSource``: send it as a reply's ``content``.
-
-    ``sse_event("hello", event="chat", id="7")`` is ``b"event: chat\\nid: 7\\ndata: hello\\n\\n"``;
-    ``sse_event(comment="keep-alive")`` is a comment that keeps proxies from timing out.
-    """
-    lines = [f": {line}" for line in (comment or "").splitlines()] if comment is not None else []
-    for name, value in (("event", event), ("id", id), ("retry", retry)):
-        if value is not None:
-            lines.append(f"{name}: {value}")
-    if data is not None:
-        lines += [f"data: {line}" for line in str(data).split("\n")]
-    return ("\n".join(lines) + "\n\n").encode()
-
-
-#: The headers a server-sent events reply starts with.
-SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-
-
 # -- running one message --
 
 async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
@@ -2271,13 +1699,6 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
     return True
 
 
-async def _save_sessions(message: Message) -> None:
-    """Save the sessions the handler changed, in a thread (session stores do I/O)."""
-    for session in (message._channel_session, message.http_session):
-        if session is not None and getattr(session, "modified", False):
-            await _in_session_thread(_save_session, session)
-
-
 # === 5. Binding ===
 # Data binding re-creates the Channels 1.x feature that 2.0 removed: a `Binding` watches
 # one model through Django's save/delete signals and sends each change to groups; a
@@ -2285,11 +1706,10 @@ async def _save_sessions(message: Message) -> None:
 # create/update/delete requests coming back from clients when `has_permission` allows.
 # Changes leave only when their transaction commits (Channels 1.x sent them at once).
 
-_bindings: list[type[Binding]] = []
+_bindings: list[type[Binding]] = _module_state([])  # every binding class, in definition order
+_module_bindings: list[type[Binding]] = []  # those defined at module level: a reset keeps them
 _ACTIONS = ("create", "update", "delete")
 _SHOWN_CHARACTERS = 200  # of a client's value, in an answer or a log line: enough to recognise it
-_refusal_reports = _Throttle(1.0)  # a flood of bad requests stays one log line a second
-_send_failure_reports: dict[str, _Throttle] = {}  # one per kind of failure, so each kind is seen
 _send_failure_lock = threading.Lock()
 
 
@@ -2620,30 +2040,27 @@ def _echoed(value: Any) -> Any:
 
 def _report_refusal(binding: type[Binding], error: str) -> None:
     """Log a refused request: a client's mistake, so one line, no traceback, once a second."""
-    held = _refusal_reports.ready()
-    if held is not None:
-        logger.warning("%s refused %d request(s) since the last report, e.g.: %s",
-                       binding.__name__, held, error)
+    _log_limited(logging.WARNING, "%s refused {held} request(s) since the last report, e.g.: %s",
+                 binding.__name__, error, key=f"refusals {binding.__name__}", burst=1)
 
 
 def _report_send_failure(binding: type[Binding], group: str, error: Exception) -> None:
     """Count a change not sent after its commit; log each kind of failure at most every 10 s."""
     with _send_failure_lock:
         Binding.send_failures += 1
-        reports = _send_failure_reports.setdefault(_error_kind(error), _Throttle(10.0))
-    held = reports.ready()
-    if held is not None:
-        logger.error(
-            "%s could not send a change to group %s after its transaction committed; the save "
-            "stands. %s: %s (%d such failure(s) since the last report; %d in all, see "
-            "Binding.send_failures.)", binding.__name__, _shown(group), _error_kind(error),
-            _clip(str(error), 5 * _SHOWN_CHARACTERS), held, Binding.send_failures)
+    _log_limited(logging.ERROR, "%s could not send a change to group %s after its transaction "
+                 "committed; the save stands. %s: %s ({held} such failure(s) since the last "
+                 "report; %d in all, see Binding.send_failures.)",
+                 binding.__name__, _shown(group), _error_kind(error),
+                 _clip(str(error), 5 * _SHOWN_CHARACTERS), Binding.send_failures,
+                 key=f"binding send failure {_error_kind(error)}", every=10.0, burst=1)
 
 
 def _register_binding(binding: type[Binding]) -> None:
-    if not _bindings:
-        _connect_model_signals()
+    _connect_model_signals()  # once: the receivers have a dispatch_uid
     _bindings.append(binding)
+    if "<locals>" not in binding.__qualname__:
+        _module_bindings.append(binding)
 
 
 def _connect_model_signals() -> None:
@@ -2839,8 +2256,8 @@ class _Connection:
             except Exception:
                 if self.closed:
                     return  # the client is gone: a late error from its receive is no news
-                _log_layer_failure("Cannot receive messages for %s %s from the channel layer; "
-                                   "retrying in 1 s.", self.what, self.path)
+                _log_limited(logging.ERROR, "Cannot receive messages for %s %s from the channel layer; "
+                                   "retrying in 1 s.", self.what, self.path, **_OUTAGE)
                 await asyncio.sleep(1)
                 continue
             if message == _STOP:
@@ -2863,8 +2280,8 @@ class _Connection:
             try:
                 await self.layer.group_discard(group, self.reply_channel)
             except Exception:
-                _log_layer_failure("Cannot remove %s %s from group %r on the channel layer; "
-                                   "the layer's group_expiry will.", self.what, self.path, group)
+                _log_limited(logging.ERROR, "Cannot remove %s %s from group %r on the channel layer; "
+                                   "the layer's group_expiry will.", self.what, self.path, group, **_OUTAGE)
         self.local.groups.clear()
 
     async def _stop(self, writer: asyncio.Task, listener: asyncio.Task | None = None) -> None:
@@ -2924,14 +2341,14 @@ class _WebsocketConnection(_Connection):
         if self.router._find("websocket.receive", content, partial=True) is not None:
             self._queue({"accept": True})  # Channels 1.x: frames are routed, so accept
         else:
-            _warn_client_mistake("Rejected websocket to %.200s: no route for websocket.connect or "
+            _log_limited(logging.WARNING, "Rejected websocket to %.200s: no route for websocket.connect or "
                                  "websocket.receive matches that path.", self.path)
             self._queue_close(1000)
 
     async def _frame(self, event: dict) -> None:
         size = _frame_size(event)
         if size > self.max_message_size:
-            _warn_client_mistake("Closing websocket %.200s with 1009: a frame of %d bytes exceeds "
+            _log_limited(logging.WARNING, "Closing websocket %.200s with 1009: a frame of %d bytes exceeds "
                                  "max_message_size=%d.", self.path, size, self.max_message_size)
             self._queue_close(1009)
             return
@@ -2950,7 +2367,7 @@ class _WebsocketConnection(_Connection):
             logger.error("DenyConnection raised while handling %s on %.200s: it only rejects "
                          "in websocket.connect. Closing that socket with 1011.", channel, self.path)
         except _InvalidName as error:  # a name built from the URL or a frame, most often
-            _warn_client_mistake("Consumer failed on %s for %.200s (order %s): %s Closing that "
+            _log_limited(logging.WARNING, "Consumer failed on %s for %.200s (order %s): %s Closing that "
                                  "socket with 1011.", channel, self.path, content.get("order"), error)
         except Exception:
             logger.exception("Consumer failed on %s for %.200s (order %s); closing that socket "
@@ -2996,288 +2413,6 @@ class _WebsocketConnection(_Connection):
         if not self.closed:
             self.closed = True
             await self._emit({"type": "websocket.close", "code": code})
-
-
-# -- HTTP (Channels 1.x's http.request) --
-
-_TOO_LARGE = object()  # what _read_body returns for a body over the limit
-_ANSWERED = object()  # a request answered before any consumer ran (413, 408)
-
-
-def _request_message(scope: Scope, reply_channel: str, body: bytes = b"") -> dict:
-    return {"reply_channel": reply_channel, "http_version": scope.get("http_version", "1.1"),
-            "method": scope.get("method", "GET"), "path": scope.get("path", ""),
-            "root_path": scope.get("root_path", ""), "scheme": scope.get("scheme", "http"),
-            "query_string": scope.get("query_string", b""), "headers": scope.get("headers", []),
-            "body": body, "client": scope.get("client"), "server": scope.get("server")}
-
-
-async def _read_body(receive: Receive, limit: int | None) -> Any:
-    """The whole request body; `_TOO_LARGE` over *limit* bytes, None if the client left."""
-    chunks, size = [], 0
-    while True:
-        event = await receive()
-        if event["type"] == "http.disconnect":
-            return None
-        chunk = event.get("body", b"")
-        size += len(chunk)
-        if limit is not None and size > limit:
-            return _TOO_LARGE
-        chunks.append(chunk)
-        if not event.get("more_body"):
-            return b"".join(chunks)
-
-
-def _header_pairs(headers: Any) -> list[tuple[bytes, bytes]]:
-    """Reply headers as ASGI wants them: pairs of bytes (1.x code often wrote str)."""
-    return [tuple(part.encode("latin-1") if isinstance(part, str) else bytes(part)
-                  for part in pair) for pair in headers]
-
-
-def _plain_reply(status: int, text: str) -> dict:
-    return {"status": status, "headers": [(b"content-type", b"text/plain; charset=utf-8")],
-            "content": text.encode(), "more_content": False}
-
-
-class _HttpConnection(_Connection):
-    """One routed HTTP request: its ``http.request`` message in; replies on its reply channel
-    -- from the consumer, or later from any code -- out as the response, streamed if asked."""
-
-    kind, what = "http.response", "HTTP request"
-
-    def __init__(self, scope: Scope, send: Send, router: Router, layer: Any,
-                 body_limit: int | None, timeout: float):
-        super().__init__(scope, send, router, layer)
-        self.body_limit, self.timeout = body_limit, timeout
-        self.started = False
-        self.done = asyncio.Event()  # the response is complete
-
-    async def _run(self, receive: Receive) -> None:
-        deadline = time.monotonic() + self.timeout  # both limits count from the arrival
-        body = await self._read(receive, deadline)
-        if body is None:
-            return  # the client left
-        handler = None
-        if body is not _ANSWERED:
-            handler = asyncio.create_task(self._handle(
-                "http.request", _request_message(self.scope, self.reply_channel, body)))
-        left = await self._wait(receive, deadline)
-        if handler is not None:
-            await handler  # a consumer still busy after a 504: its replies are dropped
-        if left:
-            self.closed = True
-            await self._leave_groups()  # first: nothing more can reach the client
-            await self._handle("http.disconnect", {"reply_channel": self.reply_channel,
-                                                   "path": self.path})
-
-    async def _read(self, receive: Receive, deadline: float) -> Any:
-        """The body; `_ANSWERED` if it is refused (413) or too slow (408); None if the client left."""
-        try:
-            body = await asyncio.wait_for(_read_body(receive, self.body_limit),
-                                          deadline - time.monotonic())
-        except asyncio.TimeoutError:
-            _warn_client_mistake("The body of %s %.200s did not arrive within %g s: 408.",
-                                 self.scope.get("method"), self.path, self.timeout)
-            self._queue(_plain_reply(408, "The request body did not arrive in time."))
-            return _ANSWERED
-        if body is _TOO_LARGE:
-            _warn_client_mistake("Refused a request body over %d bytes on %.200s (413).",
-                                 self.body_limit, self.path)
-            self._queue(_plain_reply(413, f"Request body over {self.body_limit} bytes."))
-            return _ANSWERED
-        return body
-
-    async def _wait(self, receive: Receive, deadline: float) -> bool:
-        """Until the response is complete or the client leaves (True); 504 at *deadline* if
-        nothing was answered yet, whatever the consumer is still doing."""
-        done = asyncio.create_task(self.done.wait())
-        left = asyncio.create_task(_http_disconnected(receive))
-        try:
-            finished, _ = await asyncio.wait({done, left}, timeout=max(0.0, deadline - time.monotonic()),
-                                             return_when=asyncio.FIRST_COMPLETED)
-            if not finished and not self.started:
-                _warn_client_mistake("Nobody answered %s %.200s within %g s: 504.",
-                                     self.scope.get("method"), self.path, self.timeout)
-                self._queue(_plain_reply(504, "Nobody answered this request in time."))
-            if not finished:  # a stream goes on for as long as its client listens
-                await asyncio.wait({done, left}, return_when=asyncio.FIRST_COMPLETED)
-            return left.done() and not done.done()
-        finally:
-            done.cancel()
-            left.cancel()
-
-    async def _handle(self, channel: str, content: dict) -> None:
-        try:
-            await _handle_message(self.router, self.layer, self._message(channel, content))
-        except Exception:
-            logger.exception("Consumer failed on %s for %.200s; answering 500.", channel, self.path)
-            if not self.started and not self.closed:
-                self._queue(_plain_reply(500, "The server failed to answer this request."))
-
-    async def _deliver(self, reply: dict) -> None:
-        """Turn one 1.x reply (``status``, ``headers``, ``content``, ``more_content``) into
-        ASGI response events. A started stream takes websocket frames too: a group's
-        ``{"text": ...}`` arrives as one server-sent event, so one group feeds both."""
-        if self.closed or self.done.is_set() or ("status" in reply and self.started):
-            return  # late: the response is over, or has started (after a 504, say)
-        if "close" in reply:  # the login ended (_LoginWatch): end the stream, or refuse
-            reply = ({"content": b"", "more_content": False} if self.started else
-                     _plain_reply(403, "The login this request was made with has ended."))
-        if "text" in reply and self.started:  # a websocket frame sent to a group a stream joined
-            reply = {"content": sse_event(reply["text"]), "more_content": True}
-        if not self.started:
-            await self._emit({"type": "http.response.start", "status": int(reply["status"]),
-                              "headers": _header_pairs(reply.get("headers", ()))})
-            self.started = True
-        more = bool(reply.get("more_content", False))
-        await self._emit({"type": "http.response.body", "body": reply.get("content", b""),
-                          "more_body": more})
-        if not more:
-            self.done.set()
-
-    async def _abort(self) -> None:
-        if not self.started:
-            await self._deliver(_plain_reply(500, "The server failed to answer this request."))
-        self.done.set()
-
-
-async def _http_disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class _MembershipKeeper:
-    """With a shared layer, joins this process's sockets to their groups again when the layer
-    has lost them (Redis restarted empty): a canary group, checked every *interval* seconds,
-    tells. Without it, those sockets would stay open and hear nothing."""
-
-    def __init__(self, layer: Any, interval: float = 2.0):
-        self.layer, self.interval = layer, interval
-        self.group = f"channels_mini.canary.{secrets.token_hex(8)}"
-        self.channel = ""
-        self.sent = self.heard = 0
-
-    async def run(self) -> None:
-        # The sockets' prefix: channels_redis serves the process-local channels of a prefix
-        # with one blocking read, so a second prefix would make theirs wait behind this one.
-        self.channel = await self.layer.new_channel("websocket.send")
-        listener = asyncio.create_task(self._listen())
-        try:
-            lost = True
-            while True:
-                try:
-                    if lost or self.heard < self.sent:  # the last canary never came back
-                        await self._rejoin()
-                    await self.layer.group_send(self.group, {"n": self.sent + 1})
-                    self.sent += 1
-                    lost = False
-                except Exception:
-                    _log_layer_failure("Cannot check this process's group memberships on the "
-                                       "channel layer; retrying in %g s.", self.interval)
-                await asyncio.sleep(self.interval)
-        finally:
-            await _cancel_and_wait(listener)
-
-    async def _rejoin(self) -> None:
-        await self.layer.group_add(self.group, self.channel)
-        for reply_channel, local in list(_local_sockets.items()):
-            if local.layer is self.layer:
-                for group in list(local.groups):
-                    await self.layer.group_add(group, reply_channel)
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                self.heard = max(self.heard, (await self.layer.receive(self.channel))["n"])
-            except Exception:  # the layer is down: run() reports it
-                await asyncio.sleep(1)
-
-
-class _PresenceHeartbeat:
-    """Refreshes this process's presence entries; announces the keys of a process that died
-    as leaves, on *layer* (the app's, where its sockets' groups live). Of the processes that
-    saw the dead one, the first to claim it in the cache announces, so each leave goes once."""
-
-    def __init__(self, layer: Any):
-        self.layer = layer
-        self.seen: dict[str, dict[str, dict]] = {}  # group -> entries at the last beat
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(_presence_setting("HEARTBEAT"))
-            try:
-                await _in_session_thread(self.beat)
-            except Exception:
-                _log_layer_failure("Cannot refresh this process's presence entries in the "
-                                   "cache; retrying.")
-
-    def beat(self) -> None:
-        with _tracked_lock:
-            groups = list(_tracked)
-        for group in groups:
-            _publish_tracked(group)
-            entries = _presence_entries(group)
-            dead = [process for process in self.seen.get(group, {}) if process not in entries]
-            claimed = [process for process in dead if self._claim(group, process)]
-            if claimed:
-                members = _members(entries)
-                gone: dict[str, list[dict]] = {}
-                for process in claimed:
-                    for key, meta in self.seen[group][process].values():
-                        if key not in members:
-                            gone.setdefault(key, []).append(meta)
-                _announce_presence(Group(group, channel_layer=self.layer), {}, gone)
-            self.seen[group] = entries
-        self.seen = {group: self.seen[group] for group in groups}
-
-    @staticmethod
-    def _claim(group: str, process: str) -> bool:
-        """Be the one process that announces *process*'s death (``cache.add`` sets only once)."""
-        cache, index_key = _presence_cache(), _presence_index(group)
-        if not cache.add(f"{index_key}.{process}.gone", True, 3600):
-            return False
-        index = cache.get(index_key) or set()
-        cache.set(index_key, index - {process}, None)  # the others' ids stay
-        return True
-
-
-class _LoginWatch:
-    """Every CHANNELS_MINI_LOGIN_CHECK seconds, ends this loop's connections whose login has
-    ended: the session store tells every process what no signal reaches them all with. It
-    costs one session read and one user read per logged-in session served, per check."""
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(_login_check_interval())
-            logins = {local.login for local in list(_local_sockets.values())
-                      if local.login is not None and local.loop is loop}
-            if not logins:
-                continue
-            try:
-                _end_logins(await _in_session_thread(_ended_logins, logins))
-            except Exception:  # the session store or the database is down: check again later
-                _log_layer_failure("Cannot check the logins of this process's connections; "
-                                   "retrying in %g s.", _login_check_interval())
-
-
-def _login_check_interval() -> float:
-    from django.conf import settings
-    return float(getattr(settings, "CHANNELS_MINI_LOGIN_CHECK", _LOGIN_CHECK))
-
-
-_layer_failure_reports = _Throttle(10.0)
-
-
-def _log_layer_failure(text: str, *args: Any) -> None:
-    """Log a layer outage with its traceback at most every 10 s: every socket and worker
-    retries each second, and a thousand tracebacks a second would bury the cause."""
-    held = _layer_failure_reports.ready()
-    if held is None:
-        logger.debug(text, *args, exc_info=True)
-        return
-    logger.error(text + " (%d similar failures not shown since the last report)", *args, held - 1,
-                 exc_info=True)
 
 
 async def _cancel_and_wait(task: asyncio.Task, interval: float = 0.1) -> None:
@@ -3349,8 +2484,6 @@ class Application:
         """Load the routing (module-level ``application``) and start workers, once per loop."""
         if self.router is None:
             self.router = Router(_routing_from_settings())
-        if _settings_ready():
-            _watch_logouts()  # the logout may come through this process's views
         loop = asyncio.get_running_loop()
         if self._workers is None or self._workers.loop is not loop:
             self._workers = _BackgroundWorkers(self, _background_channels(self.router))
@@ -3375,7 +2508,6 @@ class Application:
 
     def _http_app(self) -> ASGIApp:
         if self.http is None:
-            from django.conf import settings
             if _settings_ready():
                 from django.core.asgi import get_asgi_application
                 self.http = get_asgi_application()
@@ -3398,7 +2530,7 @@ class Application:
             return
         origin = _header(scope, b"origin")
         if not self.origin_allowed(origin):
-            _warn_client_mistake("Rejected websocket to %.200s from origin %.200r: not in the "
+            _log_limited(logging.WARNING, "Rejected websocket to %.200s from origin %.200r: not in the "
                                  "allowed origins (ALLOWED_HOSTS or allowed_origins).",
                                  scope.get("path"), origin)
             await send({"type": "websocket.close", "code": 1008})  # 403 before accepting
@@ -3530,8 +2662,8 @@ class _BackgroundWorkers:
             except Exception:
                 if self._stopping:
                     return
-                _log_layer_failure("Background worker for %r cannot receive from the channel "
-                                   "layer; retrying in 1 s.", channel)
+                _log_limited(logging.ERROR, "Background worker for %r cannot receive from the channel "
+                                   "layer; retrying in 1 s.", channel, **_OUTAGE)
                 await asyncio.sleep(1)
                 continue
             finally:
@@ -3684,11 +2816,14 @@ def _as_bytes(value: str | bytes) -> bytes:
 
 
 def reset_channel_layers() -> None:
-    """Forget every layer ``get_channel_layer()`` built, e.g. after tests change settings,
-    and the rate limits of client-mistake warnings, so each test sees its own."""
+    """Forget all the module keeps between calls, for tests: the layers ``get_channel_layer()``
+    built (e.g. after a test changed settings), the rate limits of log lines, the connections
+    and what extensions hold for them, and bindings defined inside functions (a test's own);
+    bindings defined at module level stay bound."""
     with _layers_lock:
-        _layers.clear()
-    _mistake_reports.clear()
+        for reset in _state_resets:
+            reset()
+    _bindings.extend(_module_bindings)
 
 
 # === 9. Command line ===
@@ -3757,6 +2892,1093 @@ async def _run_worker(app: Application, channels: list[str]) -> None:
     logger.info("runworker stopping: finishing the messages in hand.")
     await workers.stop()
 
+
+# === Part II: extensions ===
+# Everything below is optional to a reader of the core: each section adds one capability and
+# plugs it in through the hooks of section 0 (`_hooks`), registering itself where it ends.
+# A section uses only the core and the sections above it.
+
+
+# === 10. Sessions and logins ===
+# Channels 1.x's per-socket state and auth: `message.channel_session` (a Django session keyed
+# by the reply channel), `message.http_session` and `message.user` from the handshake's
+# cookie, the 1.x decorators (`channels.sessions`, `channels.auth`) and the 1.1 class
+# attributes (`http_user`, ...), one loader for both. A connection opened with a login ends
+# with it. Hooks: `message` (load before a class's handler), `handled` (save what changed),
+# `closed` (delete the channel session), `serving` (login checks), `write` (re-check before a
+# binding write). Costs: nothing for a consumer that uses none of it; a session read per
+# socket for `http_user`; one session and user read per logged-in session every 2 s.
+
+# -- channel sessions --
+# Channels 1.x kept per-socket state in a Django session keyed by the reply channel, so any
+# consumer of any message carrying that reply channel -- in any process sharing the session
+# store -- sees it. It is read only when a handler touches it, saved after the handler when
+# changed, and deleted when its socket closes. Its key is an HMAC of the reply channel with
+# SECRET_KEY, so only the project can compute it, and it never holds a Django login (see
+# `_transfer_user`). Without a usable session engine (no settings, or the database engine
+# without django.contrib.sessions) a dict in this process stands in.
+
+_DB_SESSIONS = "django.contrib.sessions.backends.db"
+_SESSION_POOL_SIZE = 4  # threads for session I/O, which never waits behind blocked handlers
+_fallback_sessions: dict[str, Any] = _module_state({})  # reply channel -> stand-in session
+_sessions_used: set[str] = _module_state(set())  # reply channels (here) whose session was read
+
+
+_process_secret = secrets.token_bytes(32)  # keys digests when there are no Django settings
+
+
+def _keyed_digest(purpose: str, value: str) -> str:
+    """A hex digest of *value* that only this project can compute: an HMAC keyed with
+    ``SECRET_KEY`` (a secret of this process without settings), different for each *purpose*.
+    Every process with the same settings computes the same digest."""
+    if _settings_ready():
+        from django.utils.crypto import salted_hmac
+        return salted_hmac(f"channels_mini.{purpose}", value, algorithm="sha256").hexdigest()
+    return hmac.new(_process_secret, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def _channel_session_key(reply_channel: str) -> str:
+    # 1.x used sha1(reply channel): anyone shown a reply channel name could load that socket's
+    # session as their own cookie. Keyed with the secret, nobody outside the project can.
+    return "chn" + _keyed_digest("channel_session", reply_channel)[:29]  # as 1.x: 32 characters
+
+
+def _session_engine() -> Any:
+    """The module of ``SESSION_ENGINE``, or None when sessions cannot be stored."""
+    from django.conf import settings
+
+    if not _settings_ready():
+        return None
+    from django.apps import apps
+    name = settings.SESSION_ENGINE
+    if name == _DB_SESSIONS and not (apps.ready and apps.is_installed("django.contrib.sessions")):
+        return None
+    if name.endswith("signed_cookies"):
+        raise ImproperlyConfigured(
+            f"Channel sessions cannot use SESSION_ENGINE={name!r}: a cookie cannot hold a "
+            f"socket's session. Use the database or cache engine (as Channels 1.x required).")
+    return importlib.import_module(name)
+
+
+class _DictSession(dict):
+    """The stand-in session: a dict with the few session methods handlers call."""
+
+    modified = False
+
+    def save(self, must_create: bool = False) -> None:
+        """Nothing to store: the dict lives in this process."""
+
+
+def _channel_session_for(reply_channel: str) -> Any:
+    """The session of *reply_channel*, loaded now (the caller touched it)."""
+    if reply_channel in _local_sockets:
+        _sessions_used.add(reply_channel)  # so its connection deletes it when it closes
+    engine = _session_engine()
+    if engine is None:
+        return _fallback_sessions.setdefault(reply_channel, _DictSession())
+    key = _channel_session_key(reply_channel)
+    session = engine.SessionStore(session_key=key)
+    try:
+        session.keys()  # load now; a store that has no such row forgets the key ...
+    except Exception as error:
+        if type(error).__name__ == "SynchronousOnlyOperation":
+            raise RuntimeError(
+                "message.channel_session reads the session store, which Django forbids on the "
+                "event loop. In an async def handler, decorate it with @channel_session (it "
+                "loads the session in a thread first).") from error
+        raise
+    session._session_key = key  # ... so give it back, as Channels 1.x did
+    return session
+
+
+async def _in_session_thread(function: Callable, *args: Any) -> Any:
+    """Run session-store (and presence) I/O in its own small pool, never behind blocked handlers."""
+    return await _bridge("session", _SESSION_POOL_SIZE)(function, *args)
+
+
+def _channel_session(message: Message) -> Any:
+    """``message.channel_session``: the reply channel's session (a Django ``SessionStore``),
+    loaded when first read; ``None`` for a message without a reply channel."""
+    if vars(message).get("_channel_session") is None and message.content.get("reply_channel"):
+        message._channel_session = _channel_session_for(message.content["reply_channel"])
+    return vars(message).get("_channel_session")
+
+
+def _set_channel_session(message: Message, session: Any) -> None:
+    message._channel_session = session
+
+
+Message.channel_session = property(_channel_session, _set_channel_session)  # type: ignore[attr-defined]
+
+
+def _save_session(session: Any) -> None:
+    from django.contrib.sessions.backends.base import UpdateError
+
+    try:
+        session.save()
+    except UpdateError:  # a new channel session: no row to update yet
+        session.save(must_create=True)
+    session.modified = False
+
+
+def _delete_channel_session(reply_channel: str) -> None:
+    if _fallback_sessions.pop(reply_channel, None) is None:
+        engine = _session_engine()
+        if engine is not None:
+            engine.SessionStore().delete(_channel_session_key(reply_channel))
+
+
+# -- the handshake's session and user --
+
+def _setting(name: str) -> Any:
+    from django.conf import settings
+    return getattr(settings, name)
+
+
+def _handshake_session_key(headers_from: Any) -> str | None:
+    """The session key of a handshake: its ``session_key`` query parameter or its cookie (1.x)."""
+    from django.http import QueryDict
+    from django.http.cookie import parse_cookie
+
+    query = headers_from.get("query_string") or b""
+    key = QueryDict(query.decode("latin-1") if isinstance(query, bytes) else query).get("session_key")
+    cookie = b"; ".join(value for name, value in headers_from.get("headers") or () if name == b"cookie")
+    return key or parse_cookie(cookie.decode("latin-1")).get(_setting("SESSION_COOKIE_NAME"))
+
+
+def _user_of(session: Any) -> Any:
+    """The user of *session*, as ``AuthenticationMiddleware`` finds it; AnonymousUser if none."""
+    from django.contrib.auth import get_user
+    from django.contrib.auth.models import AnonymousUser
+
+    if session is None:
+        return AnonymousUser()
+    return get_user(type("SessionOnly", (), {"session": session})())  # all get_user() reads
+
+
+_CHANNEL_LOGIN = "channels_mini.login"  # where a channel session keeps the user copied into it
+
+
+def _login_names() -> tuple[str, str, str]:
+    from django.contrib import auth
+    return auth.SESSION_KEY, auth.BACKEND_SESSION_KEY, auth.HASH_SESSION_KEY
+
+
+def _transfer_user(from_session: Any, channel_session: Any) -> None:
+    """Copy the logged-in user from the HTTP session into the channel session (1.x's
+    ``transfer_user``) -- under a key of ours, not Django's own: a channel session is never
+    a login, even for someone who learnt its key and sends it as a session cookie."""
+    names = _login_names()
+    if from_session is not None and all(name in from_session for name in names):
+        channel_session[_CHANNEL_LOGIN] = {name: from_session[name] for name in names}
+
+
+class _ChannelLogin(dict):
+    """The user a channel session keeps, under Django's key names, for ``get_user()``;
+    what get_user() changes (a flush when the password changed) reaches the channel session."""
+
+    def __init__(self, channel_session: Any):
+        super().__init__(channel_session.get(_CHANNEL_LOGIN) or {})
+        self.channel_session = channel_session
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        super().__setitem__(name, value)
+        self.channel_session[_CHANNEL_LOGIN] = dict(self)
+
+    def flush(self) -> None:
+        self.clear()
+        self.channel_session.pop(_CHANNEL_LOGIN, None)
+
+    def cycle_key(self) -> None:
+        """Nothing to do: nobody outside this project can compute a channel session's key."""
+
+
+# -- loading sessions and users: one way, for the decorators and the class attributes --
+# Each loader fills what it names into the message. They run in a session thread (session
+# stores do I/O) before the handler: the decorators wrap a consumer, the 1.1 class
+# attributes choose loaders for every method of a class. The handshake's session and user
+# are read once per socket and kept for its later messages.
+
+def _socket_cache(message: Message) -> dict:
+    """What a socket's messages share (one dict per connection); a fresh one for a message
+    that came from elsewhere (a background channel)."""
+    return message._socket_state if message._socket_state is not None else {}
+
+
+def _load_http_session(message: Message) -> None:
+    cache = _socket_cache(message)
+    if "http_session" not in cache:
+        key = _handshake_session_key(message.scope or message.content)
+        engine = importlib.import_module(_setting("SESSION_ENGINE"))
+        cache["http_session"] = _loaded(engine.SessionStore(session_key=key)) if key else None
+        _watch_login(message, cache["http_session"])
+    message.http_session = cache["http_session"]
+
+
+def _loaded(session: Any) -> Any:
+    """*session*, read now (in the session thread), so async handlers may use it on the loop."""
+    session.keys()
+    return session
+
+
+def _load_http_session_user(message: Message) -> None:
+    _load_http_session(message)
+    cache = _socket_cache(message)
+    if "user" not in cache:
+        cache["user"] = _user_of(message.http_session)
+    message.user = cache["user"]
+
+
+def _load_http_user(message: Message) -> None:
+    """``http_user = True``: the handshake's session (an empty one without a cookie, as a
+    view's ``request.session``) and user; on connect (Channels 1.1) a logged-in user is copied
+    into the channel session too, for consumers of other channels."""
+    _load_http_session_user(message)
+    if message.http_session is None:
+        engine = importlib.import_module(_setting("SESSION_ENGINE"))
+        message.http_session = _socket_cache(message)["http_session"] = engine.SessionStore()
+    if message.channel_name == "websocket.connect" and message.user.is_authenticated:
+        _transfer_user(message.http_session, message.channel_session)
+
+
+def _load_channel_session(message: Message) -> None:
+    if message.channel_session is None:
+        raise ValueError(f"A message on {message.channel_name!r} has no reply_channel, so it has "
+                         f"no channel session: use the session decorators on consumers of "
+                         f"messages that carry one.")
+
+
+def _load_channel_session_user(message: Message) -> None:
+    _load_channel_session(message)
+    message.user = _user_of(_ChannelLogin(message.channel_session))
+
+
+def _load_channel_session_user_from_http(message: Message) -> None:
+    _load_http_session_user(message)
+    _load_channel_session(message)
+    _transfer_user(message.http_session, message.channel_session)
+
+
+def _load_channel_and_http_session(message: Message) -> None:
+    """Keep the handshake's session key in the channel session, and find it there later."""
+    _load_http_session(message)
+    _load_channel_session(message)
+    name, channel_session = _setting("SESSION_COOKIE_NAME"), message.channel_session
+    if message.http_session is not None and name not in channel_session:
+        channel_session[name] = message.http_session.session_key
+    elif message.http_session is None and name in channel_session:
+        engine = importlib.import_module(_setting("SESSION_ENGINE"))
+        message.http_session = _loaded(engine.SessionStore(session_key=channel_session[name]))
+
+
+def _load_channel_and_http_session_user_from_http(message: Message) -> None:
+    _load_channel_and_http_session(message)
+    message.user = _user_of(message.http_session)
+    _transfer_user(message.http_session, message.channel_session)
+
+
+# -- the 1.x decorators --
+# `channels.sessions` and `channels.auth` with their names and meanings, on function
+# consumers and on methods, sync or `async def`. Compose them as in 1.x.
+
+def _message_in(args: tuple, decorator: str) -> Message:
+    for arg in args[:2]:  # a function's first argument, or a method's after self
+        if isinstance(arg, Message):
+            return arg
+    raise ValueError(f"@{decorator} needs a consumer called with a Message (got {args[:2]!r:.200}).")
+
+
+def _session_decorator(load: Callable[[Message], None], name: str, doc: str) -> Callable:
+    def decorator(func: Callable) -> Callable:
+        if _is_async(func):
+            async def handler(*args: Any, **kwargs: Any) -> Any:
+                await _in_session_thread(load, _message_in(args, name))
+                return await func(*args, **kwargs)
+        else:
+            def handler(*args: Any, **kwargs: Any) -> Any:
+                load(_message_in(args, name))  # a sync handler already runs in a worker thread
+                return func(*args, **kwargs)
+        return functools.wraps(func)(handler)
+
+    decorator.__name__ = decorator.__qualname__ = name
+    decorator.__doc__ = doc
+    return decorator
+
+
+channel_session = _session_decorator(_load_channel_session, "channel_session", """\
+Gives the consumer ``message.channel_session``: the session of the message's reply channel.""")
+http_session = _session_decorator(_load_http_session, "http_session", """\
+Gives the consumer ``message.http_session`` from the handshake's cookie (None without one).""")
+http_session_user = _session_decorator(_load_http_session_user, "http_session_user", """\
+``http_session``, plus ``message.user`` from it (``AnonymousUser`` without a session).""")
+channel_session_user = _session_decorator(_load_channel_session_user, "channel_session_user", """\
+``channel_session``, plus ``message.user`` from it: the user that ``..._from_http`` copied there.""")
+channel_session_user_from_http = _session_decorator(
+    _load_channel_session_user_from_http, "channel_session_user_from_http", """\
+On ``websocket.connect``: ``http_session_user``, and the user copied into the channel session.""")
+channel_and_http_session = _session_decorator(
+    _load_channel_and_http_session, "channel_and_http_session", """\
+Both sessions; the handshake's session key is kept in the channel session for later messages.""")
+channel_and_http_session_user_from_http = _session_decorator(
+    _load_channel_and_http_session_user_from_http, "channel_and_http_session_user_from_http", """\
+``channel_and_http_session``, ``message.user``, and the user copied into the channel session.""")
+
+
+def enforce_ordering(func: Callable | None = None, slight: bool = False) -> Any:
+    """Accepted for Channels 1.x code: a socket's messages are always handled in order."""
+    if slight:
+        raise ValueError("Slight ordering is gone (as in Channels 1.1): remove slight=True; "
+                         "ordering is always strict here.")
+    return func if func is not None else (lambda function: function)
+
+
+def allowed_hosts_only(func: Callable) -> Callable:
+    """Accepted for Channels 1.x code: ``Application`` checks every handshake's origin."""
+    return func
+
+
+# -- the 1.1 class attributes --
+
+#: True gives ``message.user`` and ``message.http_session`` from the handshake's cookie on
+#: every message, and (1.1) copies a logged-in user into the channel session on connect.
+BaseConsumer.http_user = False  # type: ignore[attr-defined]
+#: 1.1: as ``http_user``, and the handshake's session found again on later messages.
+BaseConsumer.http_user_and_session = False  # type: ignore[attr-defined]
+#: 1.1: load ``message.channel_session`` before each handler.
+BaseConsumer.channel_session = False  # type: ignore[attr-defined]
+#: 1.1: ``message.user`` from the channel session (implies ``channel_session``).
+BaseConsumer.channel_session_user = False  # type: ignore[attr-defined]
+#: On by default behind a demultiplexer, so bindings can check ``message.user``.
+WebsocketDemultiplexer.http_user = True  # type: ignore[attr-defined]
+
+_loaders_of_class: dict[type, list[Callable[[Message], None]]] = {}  # decided once per class
+
+
+def _class_loaders(cls: type) -> list[Callable[[Message], None]]:
+    """The loaders a consumer class's 1.x attributes ask for, in 1.1's order."""
+    loaders = _loaders_of_class.get(cls)
+    if loaders is None:
+        loaders = [_load_http_user] if cls.http_user and not cls.http_user_and_session else []
+        if cls.http_user_and_session:
+            loaders.append(_load_channel_and_http_session_user_from_http)
+        elif cls.channel_session_user:
+            loaders.append(_load_channel_session_user)
+        elif cls.channel_session:
+            loaders.append(_load_channel_session)
+        _loaders_of_class[cls] = loaders
+    return loaders
+
+
+async def _load_for_class(consumer: BaseConsumer) -> None:
+    """Hook ``message``: load what the consumer's class attributes ask for."""
+    loaders, message = _class_loaders(type(consumer)), consumer.message
+    cache = message._socket_state
+    if loaders == [_load_http_user] and cache and "user" in cache and message.channel_name != "websocket.connect":
+        message.http_session, message.user = cache["http_session"], cache["user"]  # no I/O left
+    elif loaders:
+        await _in_session_thread(_run_loaders, loaders, message)
+
+
+def _run_loaders(loaders: list[Callable[[Message], None]], message: Message) -> None:
+    for load in loaders:
+        load(message)
+
+
+async def _save_sessions(message: Message) -> None:
+    """Hook ``handled``: save the sessions the handler changed, before its sends leave
+    (their consumers may read them)."""
+    for session in (vars(message).get("_channel_session"), message.http_session):
+        if session is not None and getattr(session, "modified", False):
+            await _in_session_thread(_save_session, session)
+
+
+async def _forget_channel_session(connection: Any) -> None:
+    """Hook ``closed``: delete the channel session the connection used, and its login."""
+    _logins.pop(connection.reply_channel, None)
+    if connection.reply_channel in _sessions_used:  # else no session row was ever made here
+        _sessions_used.discard(connection.reply_channel)
+        await _in_session_thread(_delete_channel_session, connection.reply_channel)
+
+
+# -- connections end with their login --
+# A connection opened with a logged-in Django session acts as that user until the login ends,
+# however it ends. Logout in this process closes it at once (user_logged_out); everything else
+# -- a logout in another process, another login flushing the session, a password change (the
+# key cycled here, or the hash changed elsewhere), the user deactivated or deleted -- shows in
+# the session store, which `_LoginWatch` reads every CHANNELS_MINI_LOGIN_CHECK seconds.
+
+_LOGGED_OUT_CLOSE_CODE = 4401  # the login the connection was opened with has ended
+_LOGIN_CHECK = 2.0  # seconds between two checks, unless CHANNELS_MINI_LOGIN_CHECK says otherwise
+_logins: dict[str, tuple[str, Any, Any]] = _module_state({})  # reply channel -> its login, here
+
+
+def _login_of(session: Any) -> tuple[str, Any, Any] | None:
+    """What a connection's login is checked against later: (session key, user id, hash)."""
+    user_id, _, user_hash = _login_names()
+    if session is None or not session.session_key or user_id not in session:
+        return None
+    return session.session_key, session[user_id], session.get(user_hash)
+
+
+def _watch_login(message: Message, session: Any) -> None:
+    """Tie the message's connection, if this process serves it, to the login of *session*."""
+    reply_channel = message.content.get("reply_channel") or ""
+    login = _login_of(session)
+    if login is not None and reply_channel in _local_sockets:
+        _logins.setdefault(reply_channel, login)
+        _watch_logouts()
+
+
+def _login_ended(login: tuple[str, Any, Any]) -> bool:
+    """Has *login* ended? Read now, as Django's AuthenticationMiddleware would read it: the
+    session still holds that user and hash (not flushed, cycled or expired), and ``get_user``
+    still finds the user (password unchanged, ``is_active``)."""
+    key, user_id, user_hash = login
+    user_id_name, _, hash_name = _login_names()
+    session = importlib.import_module(_setting("SESSION_ENGINE")).SessionStore(key)
+    if session.get(user_id_name) != user_id or session.get(hash_name) != user_hash:
+        return True
+    user = _user_of(session)
+    return not (user.is_authenticated and str(user.pk) == str(user_id))
+
+
+def _refuse_ended_login(message: Message) -> tuple[str, int] | None:
+    """Hook ``write``: refuse a binding write from a user whose login has ended, read from the
+    HTTP session now, and close the socket. (A user read from the channel session was
+    checked by ``get_user`` for this very message.)"""
+    login = _login_of(message.http_session)
+    if login is None or not getattr(message.user, "is_authenticated", False) or not _login_ended(login):
+        return None
+    return "Your login has ended: log in again.", _LOGGED_OUT_CLOSE_CODE
+
+
+def _ended_logins(logins: Iterable[tuple[str, Any, Any]]) -> set[str]:
+    """The session keys of the *logins* that have ended."""
+    return {login[0] for login in logins if _login_ended(login)}
+
+
+def _end_logins(session_keys: set[str]) -> None:
+    """Close (4401) this process's connections opened with one of *session_keys*; any thread."""
+    for reply_channel, login in list(_logins.items()):
+        local = _local_sockets.get(reply_channel)
+        if local is not None and login[0] in session_keys:
+            try:
+                local.loop.call_soon_threadsafe(local.close, _LOGGED_OUT_CLOSE_CODE)
+            except RuntimeError:  # its loop has closed: so has the connection
+                pass
+
+
+def _watch_logouts() -> None:
+    """Close a session's connections in this process when Django logs that session out."""
+    from django.apps import apps
+
+    if apps.ready and apps.is_installed("django.contrib.auth"):
+        from django.contrib.auth.signals import user_logged_out
+        user_logged_out.connect(_close_logged_out_connections, weak=False,
+                                dispatch_uid=f"{__name__}._close_logged_out_connections")
+
+
+def _close_logged_out_connections(sender: Any, request: Any = None, **kwargs: Any) -> None:
+    """``user_logged_out``: end this process's connections of that session now. It never
+    raises: Django sends the signal before it flushes the session, so an error here would
+    answer the logout with 500 and leave the user logged in."""
+    try:
+        key = getattr(getattr(request, "session", None), "session_key", None)
+        if key:
+            _end_logins({key})
+    except Exception:
+        _log_limited(logging.ERROR, "The user_logged_out receiver failed; the logout goes on.",
+                     **_OUTAGE)
+
+
+class _LoginWatch:
+    """Every CHANNELS_MINI_LOGIN_CHECK seconds, ends this loop's connections whose login has
+    ended: the session store tells every process what no signal reaches them all with. It
+    costs one session read and one user read per logged-in session served, per check."""
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_login_check_interval())
+            logins = {login for reply_channel, login in list(_logins.items())
+                       if getattr(_local_sockets.get(reply_channel), "loop", None) is loop}
+            if not logins:
+                continue
+            try:
+                _end_logins(await _in_session_thread(_ended_logins, logins))
+            except Exception:  # the session store or the database is down: check again later
+                _log_limited(logging.ERROR, "Cannot check the logins of this process's connections; "
+                                   "retrying in %g s.", _login_check_interval(), **_OUTAGE)
+
+
+def _login_check_interval() -> float:
+    from django.conf import settings
+    return float(getattr(settings, "CHANNELS_MINI_LOGIN_CHECK", _LOGIN_CHECK))
+
+
+def _start_login_watch(app: Any) -> Any:
+    """Hook ``serving``: the login checks, and the logout receiver for this process's views."""
+    if not _settings_ready():
+        return None
+    _watch_logouts()
+    return _LoginWatch().run()
+
+
+
+_hooks.message.append(_load_for_class)
+_hooks.handled.append(_save_sessions)
+_hooks.closed.append(_forget_channel_session)
+_hooks.serving.append(_start_login_watch)
+_hooks.write.append(_refuse_ended_login)
+
+
+# === 11. HTTP consumers and event streams ===
+# Channels 1.x routed `http.request` like any channel: a consumer answers on the request's
+# reply channel -- at once, or later from any code (long-polling), or as a stream that stays
+# open (server-sent events). Requests no route takes still go to Django. Hook: `http` (a
+# routed request gets an `_HttpConnection`, the core's connection with requests in instead of
+# frames). Costs: one route match per HTTP request when `http.request` is routed; else none.
+
+
+def AsgiRequest(message: Message) -> Any:
+    """A Django ``HttpRequest`` for an ``http.request`` message, under Channels 1.x's name.
+
+    ``request = AsgiRequest(message)``, then ``request.GET``, ``request.POST``,
+    ``request.COOKIES`` and ``request.body`` as in a view. Django's own ``ASGIRequest``.
+    """
+    import io
+
+    from django.core.handlers.asgi import ASGIRequest
+
+    scope = {"type": "http", **{key: message.get(key) for key in (
+        "http_version", "method", "path", "root_path", "scheme", "query_string", "headers",
+        "client", "server")}}
+    scope["root_path"], scope["headers"] = scope["root_path"] or "", scope["headers"] or []
+    return ASGIRequest(scope, io.BytesIO(message.get("body") or b""))
+
+
+class AsgiHandler:
+    """Channels 1.x's name for turning Django responses into reply messages."""
+
+    @classmethod
+    def encode_response(cls, response: Any) -> list[dict]:
+        """The reply messages for a Django ``HttpResponse`` (streaming ones too), in order:
+        ``for reply in AsgiHandler.encode_response(response): message.reply_channel.send(reply)``.
+        From sync code (consumers, views), as in 1.x."""
+        from django.core.handlers.asgi import ASGIHandler
+
+        events: list[dict] = []
+
+        async def collect(event: dict) -> None:
+            events.append(event)
+
+        # Django's own encoder (headers, cookies, chunks, streaming), without building a
+        # handler: a handler would load the middleware, and the encoder needs none of it.
+        async_to_sync(ASGIHandler.send_response)(ASGIHandler, response, collect)
+        start, bodies = events[0], events[1:]
+        replies = [{"content": body.get("body", b""), "more_content": body.get("more_body", False)}
+                   for body in bodies] or [{"content": b"", "more_content": False}]
+        replies[0].update(status=start["status"], headers=start["headers"])
+        return replies
+
+
+def sse_event(data: str | None = None, *, event: str | None = None, id: str | None = None,
+              retry: int | None = None, comment: str | None = None) -> bytes:
+    """One server-sent event, framed for an ``EventSource``: send it as a reply's ``content``.
+
+    ``sse_event("hello", event="chat", id="7")`` is ``b"event: chat\\nid: 7\\ndata: hello\\n\\n"``;
+    ``sse_event(comment="keep-alive")`` is a comment that keeps proxies from timing out.
+    """
+    lines = [f": {line}" for line in (comment or "").splitlines()] if comment is not None else []
+    for name, value in (("event", event), ("id", id), ("retry", retry)):
+        if value is not None:
+            lines.append(f"{name}: {value}")
+    if data is not None:
+        lines += [f"data: {line}" for line in str(data).split("\n")]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+#: The headers a server-sent events reply starts with.
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+# -- the connection of one request --
+
+_TOO_LARGE = object()  # what _read_body returns for a body over the limit
+_ANSWERED = object()  # a request answered before any consumer ran (413, 408)
+
+
+def _request_message(scope: Scope, reply_channel: str, body: bytes = b"") -> dict:
+    return {"reply_channel": reply_channel, "http_version": scope.get("http_version", "1.1"),
+            "method": scope.get("method", "GET"), "path": scope.get("path", ""),
+            "root_path": scope.get("root_path", ""), "scheme": scope.get("scheme", "http"),
+            "query_string": scope.get("query_string", b""), "headers": scope.get("headers", []),
+            "body": body, "client": scope.get("client"), "server": scope.get("server")}
+
+
+async def _read_body(receive: Receive, limit: int | None) -> Any:
+    """The whole request body; `_TOO_LARGE` over *limit* bytes, None if the client left."""
+    chunks, size = [], 0
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            return None
+        chunk = event.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            return _TOO_LARGE
+        chunks.append(chunk)
+        if not event.get("more_body"):
+            return b"".join(chunks)
+
+
+def _header_pairs(headers: Any) -> list[tuple[bytes, bytes]]:
+    """Reply headers as ASGI wants them: pairs of bytes (1.x code often wrote str)."""
+    return [tuple(part.encode("latin-1") if isinstance(part, str) else bytes(part)
+                  for part in pair) for pair in headers]
+
+
+def _plain_reply(status: int, text: str) -> dict:
+    return {"status": status, "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+            "content": text.encode(), "more_content": False}
+
+
+class _HttpConnection(_Connection):
+    """One routed HTTP request: its ``http.request`` message in; replies on its reply channel
+    -- from the consumer, or later from any code -- out as the response, streamed if asked."""
+
+    kind, what = "http.response", "HTTP request"
+
+    def __init__(self, scope: Scope, send: Send, router: Router, layer: Any,
+                 body_limit: int | None, timeout: float):
+        super().__init__(scope, send, router, layer)
+        self.body_limit, self.timeout = body_limit, timeout
+        self.started = False
+        self.done = asyncio.Event()  # the response is complete
+
+    async def _run(self, receive: Receive) -> None:
+        deadline = time.monotonic() + self.timeout  # both limits count from the arrival
+        body = await self._read(receive, deadline)
+        if body is None:
+            return  # the client left
+        handler = None
+        if body is not _ANSWERED:
+            handler = asyncio.create_task(self._handle(
+                "http.request", _request_message(self.scope, self.reply_channel, body)))
+        left = await self._wait(receive, deadline)
+        if handler is not None:
+            await handler  # a consumer still busy after a 504: its replies are dropped
+        if left:
+            self.closed = True
+            await self._leave_groups()  # first: nothing more can reach the client
+            await self._handle("http.disconnect", {"reply_channel": self.reply_channel,
+                                                   "path": self.path})
+
+    async def _read(self, receive: Receive, deadline: float) -> Any:
+        """The body; `_ANSWERED` if it is refused (413) or too slow (408); None if the client left."""
+        try:
+            body = await asyncio.wait_for(_read_body(receive, self.body_limit),
+                                          deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            _log_limited(logging.WARNING, "The body of %s %.200s did not arrive within %g s: 408.",
+                                 self.scope.get("method"), self.path, self.timeout)
+            self._queue(_plain_reply(408, "The request body did not arrive in time."))
+            return _ANSWERED
+        if body is _TOO_LARGE:
+            _log_limited(logging.WARNING, "Refused a request body over %d bytes on %.200s (413).",
+                                 self.body_limit, self.path)
+            self._queue(_plain_reply(413, f"Request body over {self.body_limit} bytes."))
+            return _ANSWERED
+        return body
+
+    async def _wait(self, receive: Receive, deadline: float) -> bool:
+        """Until the response is complete or the client leaves (True); 504 at *deadline* if
+        nothing was answered yet, whatever the consumer is still doing."""
+        done = asyncio.create_task(self.done.wait())
+        left = asyncio.create_task(_http_disconnected(receive))
+        try:
+            finished, _ = await asyncio.wait({done, left}, timeout=max(0.0, deadline - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if not finished and not self.started:
+                _log_limited(logging.WARNING, "Nobody answered %s %.200s within %g s: 504.",
+                                     self.scope.get("method"), self.path, self.timeout)
+                self._queue(_plain_reply(504, "Nobody answered this request in time."))
+            if not finished:  # a stream goes on for as long as its client listens
+                await asyncio.wait({done, left}, return_when=asyncio.FIRST_COMPLETED)
+            return left.done() and not done.done()
+        finally:
+            done.cancel()
+            left.cancel()
+
+    async def _handle(self, channel: str, content: dict) -> None:
+        try:
+            await _handle_message(self.router, self.layer, self._message(channel, content))
+        except Exception:
+            logger.exception("Consumer failed on %s for %.200s; answering 500.", channel, self.path)
+            if not self.started and not self.closed:
+                self._queue(_plain_reply(500, "The server failed to answer this request."))
+
+    async def _deliver(self, reply: dict) -> None:
+        """Turn one 1.x reply (``status``, ``headers``, ``content``, ``more_content``) into
+        ASGI response events. A started stream takes websocket frames too: a group's
+        ``{"text": ...}`` arrives as one server-sent event, so one group feeds both."""
+        if self.closed or self.done.is_set() or ("status" in reply and self.started):
+            return  # late: the response is over, or has started (after a 504, say)
+        if "close" in reply:  # the login ended (_LoginWatch): end the stream, or refuse
+            reply = ({"content": b"", "more_content": False} if self.started else
+                     _plain_reply(403, "The login this request was made with has ended."))
+        if "text" in reply and self.started:  # a websocket frame sent to a group a stream joined
+            reply = {"content": sse_event(reply["text"]), "more_content": True}
+        if not self.started:
+            await self._emit({"type": "http.response.start", "status": int(reply["status"]),
+                              "headers": _header_pairs(reply.get("headers", ()))})
+            self.started = True
+        more = bool(reply.get("more_content", False))
+        await self._emit({"type": "http.response.body", "body": reply.get("content", b""),
+                          "more_body": more})
+        if not more:
+            self.done.set()
+
+    async def _abort(self) -> None:
+        if not self.started:
+            await self._deliver(_plain_reply(500, "The server failed to answer this request."))
+        self.done.set()
+
+
+async def _http_disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _http_connection(app: Any, scope: Scope, send: Send) -> _HttpConnection | None:
+    """Hook ``http``: a routed ``http.request`` gets a connection of its own; None leaves it
+    to Django."""
+    router = app.router
+    if ("http.request" not in router.channels
+            or router._find("http.request", _request_message(scope, "")) is None):
+        return None
+    limit = _setting("DATA_UPLOAD_MAX_MEMORY_SIZE") if _settings_ready() else None
+    return _HttpConnection(scope, send, router, app.channel_layer,
+                           limit if limit is not None else app.max_message_size, app.http_timeout)
+
+
+_hooks.http.append(_http_connection)
+
+
+# === 12. Presence ===
+# Who is in a group, which Channels never had (Phoenix calls it Presence). A socket is
+# tracked in a group under a key -- its user, or one opaque anonymous key per socket -- with a
+# small JSON-able `meta`; `Group(name).presence()` lists one entry per key with the metas of
+# its sockets. Each process keeps its own members in Django's cache (one entry per group and
+# process, refreshed by a heartbeat), so with a shared cache (Django's RedisCache) every
+# process sees the same members, and those of a process that dies vanish when its entry
+# expires. Keys that join or leave go to the group as one "presence_diff" frame. Hooks:
+# `connected` (track a consumer's socket), `closed` (untrack it), `serving` (the heartbeat).
+# Costs: nothing for a group nobody tracks; a cache read and write per join and leave.
+
+_PRESENCE_DEFAULTS = {"CACHE": "default", "HEARTBEAT": 5.0, "TIMEOUT": 20.0}
+_process_id = secrets.token_hex(6)  # names this process's presence entries
+_tracked: dict[str, dict[str, tuple[str, dict]]] = _module_state({})  # group -> {channel: (key, meta)}, here
+_tracked_lock = threading.Lock()
+_private_cache: Any = None  # without Django settings
+
+
+def _presence_setting(name: str) -> Any:
+    from django.conf import settings
+
+    configured = getattr(settings, "CHANNELS_MINI_PRESENCE", {}) if _settings_ready() else {}
+    return configured.get(name, _PRESENCE_DEFAULTS[name])
+
+
+def _presence_cache() -> Any:
+    """The Django cache named by ``CHANNELS_MINI_PRESENCE["CACHE"]`` (default: "default")."""
+    global _private_cache
+    if _settings_ready():
+        from django.core.cache import caches
+        return caches[_presence_setting("CACHE")]
+    if _private_cache is None:
+        from django.core.cache.backends.locmem import LocMemCache
+        _private_cache = LocMemCache("channels_mini.presence", {})
+    return _private_cache
+
+
+def _presence_index(group: str) -> str:
+    return f"channels_mini.presence.{group}"  # the processes with members; each has index.<id>
+
+
+def _publish_tracked(group: str) -> None:
+    """Write this process's members of *group*, and its name in the group's index."""
+    cache, index_key = _presence_cache(), _presence_index(group)
+    with _tracked_lock:
+        members = dict(_tracked.get(group, {}))
+    if not members:
+        cache.delete(f"{index_key}.{_process_id}")
+        return
+    cache.set(f"{index_key}.{_process_id}", members, _presence_setting("TIMEOUT"))
+    index = cache.get(index_key) or set()
+    if _process_id not in index:  # two processes adding at once: the heartbeat mends it
+        cache.set(index_key, index | {_process_id}, None)
+
+
+def _presence_entries(group: str) -> dict[str, dict]:
+    """``{process id: {channel: (key, meta)}}`` for every live process with members."""
+    cache, index_key = _presence_cache(), _presence_index(group)
+    found = cache.get_many([f"{index_key}.{process}" for process in cache.get(index_key) or ()])
+    return {name.rsplit(".", 1)[1]: entry for name, entry in found.items()}
+
+
+def _members(entries: dict[str, dict]) -> dict[str, list[dict]]:
+    members: dict[str, list[dict]] = {}
+    for entry in entries.values():
+        for key, meta in entry.values():
+            members.setdefault(key, []).append(meta)
+    return members
+
+
+def _announce_presence(group: Group, joins: dict, leaves: dict) -> None:
+    if joins or leaves:
+        diff = {"type": "presence_diff", "group": group.name, "joins": joins, "leaves": leaves}
+        group.send({"text": json.dumps(diff)})  # in a consumer: after its own replies
+
+
+def _track(group: Group, channel: str, key: str, meta: dict) -> None:
+    json.dumps(meta)  # a meta that is not JSON-able fails here, in the caller's code
+    group.add(channel)  # tracked sockets hear the diffs
+    before = _members(_presence_entries(group.name))
+    with _tracked_lock:
+        _tracked.setdefault(group.name, {})[channel] = (key, meta)
+    _publish_tracked(group.name)
+    _announce_presence(group, {} if key in before else {key: [meta]}, {})
+
+
+def _untrack(group: Group, channel: str) -> None:
+    with _tracked_lock:
+        key, meta = _tracked.get(group.name, {}).pop(channel, (None, None))
+        if group.name in _tracked and not _tracked[group.name]:
+            del _tracked[group.name]
+    if key is None:
+        return
+    _publish_tracked(group.name)
+    still_here = key in _members(_presence_entries(group.name))  # another tab of the same user
+    _announce_presence(group, {}, {} if still_here else {key: [meta]})
+
+
+def _presence_key(user: Any, channel: str) -> str:
+    """A socket's default key: its user's pk, or one anonymous key per socket."""
+    if getattr(user, "is_authenticated", False):
+        return str(user.pk)
+    return _anonymous_key(channel)
+
+
+def _anonymous_key(channel: str) -> str:
+    """An anonymous socket's presence key: opaque, so that the members of a group, who all
+    see it, learn nothing of the socket's reply channel (nor, from it, its channel session)."""
+    return "anonymous." + _keyed_digest("presence", channel)[:24]
+
+
+
+# -- the Group and consumer API --
+
+class _GroupPresence:
+    """The presence methods of ``Group`` (copied onto it below)."""
+
+    def track(self, channel: Channel | str, key: str | None = None, meta: dict | None = None) -> None:
+        """List *channel* in this group's presence under *key* (default: a key of its own)
+        with *meta* (a small JSON-able dict); it joins the group too, and both end when its
+        socket closes. A new key is announced to the group as a ``presence_diff`` frame."""
+        name = _channel_name(channel)
+        _track(self, name, key or _anonymous_key(name), dict(meta or {}))
+
+    def untrack(self, channel: Channel | str) -> None:
+        """Stop listing *channel*; a key with no socket left is announced as a leave."""
+        _untrack(self, _channel_name(channel))
+
+    def presence(self) -> dict[str, list[dict]]:
+        """Who is in the group, in every process: ``{key: [meta, ...]}``, a meta per socket."""
+        return _members(_presence_entries(self.name))
+
+    async def atrack(self, channel: Channel | str, key: str | None = None,
+                     meta: dict | None = None) -> None:
+        """``track``, from async code (the cache is read and written in a thread)."""
+        await _in_session_thread(self.track, channel, key, meta)
+
+    async def apresence(self) -> dict[str, list[dict]]:
+        """``presence``, from async code."""
+        return await _in_session_thread(self.presence)
+
+
+
+class _ConsumerPresence:
+    """The presence attributes of ``WebsocketConsumer`` (copied onto it below)."""
+
+    #: Groups whose presence lists every socket of this consumer (see ``presence_groups``).
+    presence: list[str] | None = None
+
+    def presence_groups(self, **kwargs: Any) -> list[str]:
+        """The groups whose presence lists this socket after ``connect`` (default:
+        ``presence``): under its user's pk with ``http_user = True``, else a key of its own."""
+        return list(self.presence or ())
+
+    def presence_meta(self, **kwargs: Any) -> dict:
+        """The socket's entry in a presence list: its user's name and when it joined."""
+        user = self.message.user
+        name = user.get_username() if getattr(user, "is_authenticated", False) else "anonymous"
+        return {"name": name, "joined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+for _name in ("track", "untrack", "presence", "atrack", "apresence"):
+    setattr(Group, _name, vars(_GroupPresence)[_name])
+for _name in ("presence", "presence_groups", "presence_meta"):
+    setattr(WebsocketConsumer, _name, vars(_ConsumerPresence)[_name])
+
+
+async def _track_connected(consumer: WebsocketConsumer, kwargs: dict) -> None:
+    """Hook ``connected``: list the socket in its ``presence_groups()``."""
+    if type(consumer).presence_groups is _ConsumerPresence.presence_groups and not consumer.presence:
+        return  # the default, with nothing declared: no thread hop for every socket
+    names = await _run_handler(consumer.presence_groups, **kwargs)
+    if names:
+        message = consumer.message
+        key = _presence_key(message.user, message.reply_channel.name)
+        meta = await _run_handler(consumer.presence_meta, **kwargs)
+        for name in names:
+            await Group(name, channel_layer=message.channel_layer).atrack(message.reply_channel, key, meta)
+
+
+async def _untrack_closed(connection: Any) -> None:
+    """Hook ``closed``: the socket leaves every presence list, announced as a leave."""
+    with _tracked_lock:
+        groups = [group for group, members in _tracked.items() if connection.reply_channel in members]
+    for group in groups:
+        try:
+            untrack = Group(group, channel_layer=connection.layer).untrack
+            await _in_session_thread(untrack, connection.reply_channel)
+        except Exception:
+            _log_limited(logging.ERROR, "Cannot remove a connection from the presence of a group; "
+                         "its entry expires by itself.", **_OUTAGE)
+
+
+class _PresenceHeartbeat:
+    """Refreshes this process's presence entries; announces the keys of a process that died
+    as leaves, on *layer* (the app's, where its sockets' groups live). Of the processes that
+    saw the dead one, the first to claim it in the cache announces, so each leave goes once."""
+
+    def __init__(self, layer: Any):
+        self.layer = layer
+        self.seen: dict[str, dict[str, dict]] = {}  # group -> entries at the last beat
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(_presence_setting("HEARTBEAT"))
+            try:
+                await _in_session_thread(self.beat)
+            except Exception:
+                _log_limited(logging.ERROR, "Cannot refresh this process's presence entries in the "
+                                   "cache; retrying.", **_OUTAGE)
+
+    def beat(self) -> None:
+        with _tracked_lock:
+            groups = list(_tracked)
+        for group in groups:
+            _publish_tracked(group)
+            entries = _presence_entries(group)
+            dead = [process for process in self.seen.get(group, {}) if process not in entries]
+            claimed = [process for process in dead if self._claim(group, process)]
+            if claimed:
+                members = _members(entries)
+                gone: dict[str, list[dict]] = {}
+                for process in claimed:
+                    for key, meta in self.seen[group][process].values():
+                        if key not in members:
+                            gone.setdefault(key, []).append(meta)
+                _announce_presence(Group(group, channel_layer=self.layer), {}, gone)
+            self.seen[group] = entries
+        self.seen = {group: self.seen[group] for group in groups}
+
+    @staticmethod
+    def _claim(group: str, process: str) -> bool:
+        """Be the one process that announces *process*'s death (``cache.add`` sets only once)."""
+        cache, index_key = _presence_cache(), _presence_index(group)
+        if not cache.add(f"{index_key}.{process}.gone", True, 3600):
+            return False
+        index = cache.get(index_key) or set()
+        cache.set(index_key, index - {process}, None)  # the others' ids stay
+        return True
+
+
+def _start_heartbeat(app: Any) -> Any:
+    """Hook ``serving``: this process's presence heartbeat."""
+    return _PresenceHeartbeat(app.channel_layer).run()
+
+
+_hooks.connected.append(_track_connected)
+_hooks.closed.append(_untrack_closed)
+_hooks.serving.append(_start_heartbeat)
+
+
+# === 13. Surviving shared-layer outages ===
+# With Redis, a restart can lose every group membership while the sockets stay open: they
+# would hear nothing. Each server process keeps a canary group and joins its sockets to their
+# groups again when the canary is gone. (The core already keeps sends to this process's
+# sockets off Redis, so an outage does not close them.) Hook: `serving` (shared layers only).
+# Costs: one group send every 2 s per process.
+
+class _MembershipKeeper:
+    """With a shared layer, joins this process's sockets to their groups again when the layer
+    has lost them (Redis restarted empty): a canary group, checked every *interval* seconds,
+    tells. Without it, those sockets would stay open and hear nothing."""
+
+    def __init__(self, layer: Any, interval: float = 2.0):
+        self.layer, self.interval = layer, interval
+        self.group = f"channels_mini.canary.{secrets.token_hex(8)}"
+        self.channel = ""
+        self.sent = self.heard = 0
+
+    async def run(self) -> None:
+        # The sockets' prefix: channels_redis serves the process-local channels of a prefix
+        # with one blocking read, so a second prefix would make theirs wait behind this one.
+        self.channel = await self.layer.new_channel("websocket.send")
+        listener = asyncio.create_task(self._listen())
+        try:
+            lost = True
+            while True:
+                try:
+                    if lost or self.heard < self.sent:  # the last canary never came back
+                        await self._rejoin()
+                    await self.layer.group_send(self.group, {"n": self.sent + 1})
+                    self.sent += 1
+                    lost = False
+                except Exception:
+                    _log_limited(logging.ERROR, "Cannot check this process's group memberships on the "
+                                       "channel layer; retrying in %g s.", self.interval, **_OUTAGE)
+                await asyncio.sleep(self.interval)
+        finally:
+            await _cancel_and_wait(listener)
+
+    async def _rejoin(self) -> None:
+        await self.layer.group_add(self.group, self.channel)
+        for reply_channel, local in list(_local_sockets.items()):
+            if local.layer is self.layer:
+                for group in list(local.groups):
+                    await self.layer.group_add(group, reply_channel)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                self.heard = max(self.heard, (await self.layer.receive(self.channel))["n"])
+            except Exception:  # the layer is down: run() reports it
+                await asyncio.sleep(1)
+
+
+def _start_membership_keeper(app: Any) -> Any:
+    """Hook ``serving``: keep memberships on a shared layer (nothing to keep in memory)."""
+    return None if _is_in_memory(app.channel_layer) else _MembershipKeeper(app.channel_layer).run()
+
+
+_hooks.serving.append(_start_membership_keeper)
+
+
+# -- the module-level application --
 
 application = Application(None)
 
