@@ -1875,11 +1875,11 @@ class Binding:
         """
         if message.channel_name != "websocket.receive":
             return  # connect and disconnect need nothing from a binding
-        binding = cls()
-        binding.message, binding.kwargs, binding.user = message, kwargs, message.user
         request = json.loads(message["text"])  # the demultiplexer checked it is an object
         # A check of an extension may refuse first (a login that has ended): (why, close code).
         refused = next(filter(None, (check(message) for check in _hooks.write)), None)
+        binding = cls()
+        binding.message, binding.kwargs, binding.user = message, kwargs, message.user
         error, pk = (refused[0], request.get("pk")) if refused else binding._apply_request(request)
         answer = {"action": _echoed(request.get("action")), "pk": _echoed(pk)}
         if "request_id" in request:
@@ -3053,7 +3053,19 @@ def _user_of(session: Any) -> Any:
 
     if session is None:
         return AnonymousUser()
-    return get_user(type("SessionOnly", (), {"session": session})())  # all get_user() reads
+    return get_user(type("SessionOnly", (), {"session": _SessionView(session.items())})())
+
+
+class _SessionView(dict):
+    """A copy of a session for ``get_user()``, which may flush the session (a changed password)
+    or give it a new key (a rotated SECRET_KEY): neither may touch the browser's own session,
+    whose cookie a websocket cannot change."""
+
+    def flush(self) -> None:
+        self.clear()
+
+    def cycle_key(self) -> None:
+        """The copy has no key."""
 
 
 _CHANNEL_LOGIN = "channels_mini.login"  # where a channel session keeps the user copied into it
@@ -3067,30 +3079,17 @@ def _login_names() -> tuple[str, str, str]:
 def _transfer_user(from_session: Any, channel_session: Any) -> None:
     """Copy the logged-in user from the HTTP session into the channel session (1.x's
     ``transfer_user``) -- under a key of ours, not Django's own: a channel session is never
-    a login, even for someone who learnt its key and sends it as a session cookie."""
+    a login, even for someone who learnt its key and sends it as a session cookie. The HTTP
+    session's key goes with it, so that the login can be checked later."""
     names = _login_names()
     if from_session is not None and all(name in from_session for name in names):
-        channel_session[_CHANNEL_LOGIN] = {name: from_session[name] for name in names}
+        channel_session[_CHANNEL_LOGIN] = {"session_key": from_session.session_key,
+                                           **{name: from_session[name] for name in names}}
 
 
-class _ChannelLogin(dict):
-    """The user a channel session keeps, under Django's key names, for ``get_user()``;
-    what get_user() changes (a flush when the password changed) reaches the channel session."""
-
-    def __init__(self, channel_session: Any):
-        super().__init__(channel_session.get(_CHANNEL_LOGIN) or {})
-        self.channel_session = channel_session
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        super().__setitem__(name, value)
-        self.channel_session[_CHANNEL_LOGIN] = dict(self)
-
-    def flush(self) -> None:
-        self.clear()
-        self.channel_session.pop(_CHANNEL_LOGIN, None)
-
-    def cycle_key(self) -> None:
-        """Nothing to do: nobody outside this project can compute a channel session's key."""
+def _channel_login(channel_session: Any) -> dict:
+    """The login a channel session keeps, under Django's key names (and ``session_key``)."""
+    return dict(channel_session.get(_CHANNEL_LOGIN) or {})
 
 
 # -- loading sessions and users: one way, for the decorators and the class attributes --
@@ -3150,7 +3149,7 @@ def _load_channel_session(message: Message) -> None:
 
 def _load_channel_session_user(message: Message) -> None:
     _load_channel_session(message)
-    message.user = _user_of(_ChannelLogin(message.channel_session))
+    message.user = _user_of(_channel_login(message.channel_session))
 
 
 def _load_channel_session_user_from_http(message: Message) -> None:
@@ -3310,6 +3309,7 @@ async def _forget_channel_session(connection: Any) -> None:
 _LOGGED_OUT_CLOSE_CODE = 4401  # the login the connection was opened with has ended
 _LOGIN_CHECK = 2.0  # seconds between two checks, unless CHANNELS_MINI_LOGIN_CHECK says otherwise
 _logins: dict[str, tuple[str, Any, Any]] = _module_state({})  # reply channel -> its login, here
+_receiver_failures: dict[str, int] = _module_state({})  # failures of our signal receivers, by signal
 
 
 def _login_of(session: Any) -> tuple[str, Any, Any] | None:
@@ -3329,32 +3329,53 @@ def _watch_login(message: Message, session: Any) -> None:
         _watch_logouts()
 
 
-def _login_ended(login: tuple[str, Any, Any]) -> bool:
-    """Has *login* ended? Read now, as Django's AuthenticationMiddleware would read it: the
-    session still holds that user and hash (not flushed, cycled or expired), and ``get_user``
-    still finds the user (password unchanged, ``is_active``)."""
+def _user_now(login: tuple[str, Any, Any]) -> Any:
+    """The user of *login* read now, as Django's AuthenticationMiddleware would read it, or
+    None if the login has ended: the session must still hold that user and hash (not
+    flushed, cycled or expired), and ``get_user`` must still find the user (password
+    unchanged, ``is_active``)."""
     key, user_id, user_hash = login
     user_id_name, _, hash_name = _login_names()
     session = importlib.import_module(_setting("SESSION_ENGINE")).SessionStore(key)
     if session.get(user_id_name) != user_id or session.get(hash_name) != user_hash:
-        return True
+        return None
     user = _user_of(session)
-    return not (user.is_authenticated and str(user.pk) == str(user_id))
+    return user if user.is_authenticated and str(user.pk) == str(user_id) else None
 
 
 def _refuse_ended_login(message: Message) -> tuple[str, int] | None:
-    """Hook ``write``: refuse a binding write from a user whose login has ended, read from the
-    HTTP session now, and close the socket. (A user read from the channel session was
-    checked by ``get_user`` for this very message.)"""
-    login = _login_of(message.http_session)
-    if login is None or not getattr(message.user, "is_authenticated", False) or not _login_ended(login):
+    """Hook ``write``: before a binding write, read the user again from the HTTP session the
+    socket was opened with (the channel session keeps its key); refuse and close the socket if
+    the login has ended, else write as the user read now (its permissions as they are now)."""
+    if not getattr(message.user, "is_authenticated", False):
         return None
-    return "Your login has ended: log in again.", _LOGGED_OUT_CLOSE_CODE
+    login = _login_of(message.http_session)
+    if login is None and message.get("reply_channel"):
+        kept = _channel_login(message.channel_session)
+        user_id, _, user_hash = _login_names()
+        if kept.get("session_key") and user_id in kept:
+            login = (kept["session_key"], kept[user_id], kept.get(user_hash))
+    if login is None:
+        return None
+    user = _user_now(login)
+    if user is None:
+        return "Your login has ended: log in again.", _LOGGED_OUT_CLOSE_CODE
+    message.user = user
+    return None
 
 
 def _ended_logins(logins: Iterable[tuple[str, Any, Any]]) -> set[str]:
-    """The session keys of the *logins* that have ended."""
-    return {login[0] for login in logins if _login_ended(login)}
+    """The session keys of the *logins* that have ended; one that cannot be read now (its
+    backend failed) is logged and read again at the next check."""
+    ended = set()
+    for login in logins:
+        try:
+            if _user_now(login) is None:
+                ended.add(login[0])
+        except Exception:
+            _log_limited(logging.ERROR, "Cannot check a login of this process's connections; "
+                         "checking again in %g s.", _login_check_interval(), **_OUTAGE)
+    return ended
 
 
 def _end_logins(session_keys: set[str]) -> None:
@@ -3387,8 +3408,9 @@ def _close_logged_out_connections(sender: Any, request: Any = None, **kwargs: An
         if key:
             _end_logins({key})
     except Exception:
-        _log_limited(logging.ERROR, "The user_logged_out receiver failed; the logout goes on.",
-                     **_OUTAGE)
+        _receiver_failures["user_logged_out"] = _receiver_failures.get("user_logged_out", 0) + 1
+        _log_limited(logging.ERROR, "The user_logged_out receiver failed (%d time(s) in all); the "
+                     "logout goes on.", _receiver_failures["user_logged_out"], **_OUTAGE)
 
 
 class _LoginWatch:
@@ -3413,13 +3435,19 @@ class _LoginWatch:
 
 def _login_check_interval() -> float:
     from django.conf import settings
-    return float(getattr(settings, "CHANNELS_MINI_LOGIN_CHECK", _LOGIN_CHECK))
+    seconds = getattr(settings, "CHANNELS_MINI_LOGIN_CHECK", _LOGIN_CHECK)
+    if not isinstance(seconds, (int, float)) or not 0 < seconds <= 3600:
+        raise ImproperlyConfigured(
+            f"CHANNELS_MINI_LOGIN_CHECK must be a number of seconds between 0 and 3600 (got "
+            f"{seconds!r}); it is how often connections check that their login still holds.")
+    return float(seconds)
 
 
 def _start_login_watch(app: Any) -> Any:
     """Hook ``serving``: the login checks, and the logout receiver for this process's views."""
     if not _settings_ready():
         return None
+    _login_check_interval()  # a bad setting fails here, at start-up, not in the task
     _watch_logouts()
     return _LoginWatch().run()
 
@@ -3565,7 +3593,7 @@ class _HttpConnection(_Connection):
         if body is not _ANSWERED:
             handler = asyncio.create_task(self._handle(
                 "http.request", _request_message(self.scope, self.reply_channel, body)))
-        left = await self._wait(receive, deadline)
+        left = await self._wait(receive, deadline if handler is not None else None)
         if handler is not None:
             await handler  # a consumer still busy after a 504: its replies are dropped
         if left:
@@ -3591,13 +3619,14 @@ class _HttpConnection(_Connection):
             return _ANSWERED
         return body
 
-    async def _wait(self, receive: Receive, deadline: float) -> bool:
+    async def _wait(self, receive: Receive, deadline: float | None) -> bool:
         """Until the response is complete or the client leaves (True); 504 at *deadline* if
-        nothing was answered yet, whatever the consumer is still doing."""
+        nothing was answered yet, whatever the consumer is still doing (None: already answered)."""
         done = asyncio.create_task(self.done.wait())
         left = asyncio.create_task(_http_disconnected(receive))
         try:
-            finished, _ = await asyncio.wait({done, left}, timeout=max(0.0, deadline - time.monotonic()),
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            finished, _ = await asyncio.wait({done, left}, timeout=timeout,
                                              return_when=asyncio.FIRST_COMPLETED)
             if not finished and not self.started:
                 _log_limited(logging.WARNING, "Nobody answered %s %.200s within %g s: 504.",
@@ -3624,7 +3653,7 @@ class _HttpConnection(_Connection):
         ``{"text": ...}`` arrives as one server-sent event, so one group feeds both."""
         if self.closed or self.done.is_set() or ("status" in reply and self.started):
             return  # late: the response is over, or has started (after a 504, say)
-        if "close" in reply:  # the login ended (_LoginWatch): end the stream, or refuse
+        if reply.get("close") == _LOGGED_OUT_CLOSE_CODE:  # the login ended: end the stream, or refuse
             reply = ({"content": b"", "more_content": False} if self.started else
                      _plain_reply(403, "The login this request was made with has ended."))
         if "text" in reply and self.started:  # a websocket frame sent to a group a stream joined

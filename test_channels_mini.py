@@ -48,11 +48,14 @@ if not settings.configured:
                                         "LOCATION": _redis_url}}} if _redis_url else {}
     if os.environ.get("CHANNELS_MINI_TEST_PRESENCE"):
         _on_redis["CHANNELS_MINI_PRESENCE"] = json.loads(os.environ["CHANNELS_MINI_TEST_PRESENCE"])
+    if os.environ.get("CHANNELS_MINI_TEST_SECRET_ROTATED"):  # a new SECRET_KEY, the old one a fallback
+        _on_redis.update(SECRET_KEY="channels-mini-tests-rotated",
+                         SECRET_KEY_FALLBACKS=["channels-mini-tests-only"])
     if os.environ.get("CHANNELS_MINI_TEST_LOGIN_CHECK"):  # seconds between two login checks
         _on_redis["CHANNELS_MINI_LOGIN_CHECK"] = float(os.environ["CHANNELS_MINI_TEST_LOGIN_CHECK"])
     settings.configure(
         DEBUG=False,
-        SECRET_KEY="channels-mini-tests-only",
+        SECRET_KEY=_on_redis.pop("SECRET_KEY", "channels-mini-tests-only"),  # popped before **_on_redis
         ALLOWED_HOSTS=["127.0.0.1", "localhost", "testserver"],
         INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth",
                         "django.contrib.sessions", __name__],
@@ -7711,6 +7714,29 @@ def test_security_logout_with_redis_down_completes_and_closes_in_both_processes(
     assert closes[0][1] < 1.0 and closes[0][1] + closes[1][1] < 5.0, closes
     assert stream_after < 5.5, stream_after
     assert still == bystander.username
+
+
+def test_security_a_rotated_secret_key_ends_no_login():
+    """SECRET_KEY rotated, the old one in SECRET_KEY_FALLBACKS: a session made under the old
+    key stays logged in on a socket through several login checks, and the browser's session
+    is not cycled away under it (Django's get_user would give it a new key)."""
+    from django.contrib.sessions.models import Session
+
+    user, cookie = rel_login("rotated")
+    env = {"CHANNELS_MINI_TEST_SECRET_ROTATED": "1", "CHANNELS_MINI_TEST_LOGIN_CHECK": "0.5"}
+    with running_server(app=f"{__name__}:sec_app", env=env) as server:
+
+        async def scenario():
+            async with ws_connect(server.url("/sec/whoami/"),
+                                  additional_headers=[("Cookie", cookie)]) as socket:
+                greeted = await app_recv(socket)
+                await asyncio.sleep(2)  # four login checks
+                await socket.send("who")
+                return greeted, await app_recv(socket), socket.close_code
+
+        greeted, again, code = run(scenario())
+    assert (greeted, again, code) == (user.username, user.username, None)
+    assert Session.objects.filter(session_key=cookie.split("=", 1)[1]).exists()
 
 
 @pytest.mark.parametrize("ending", ["deactivated", "password_changed_elsewhere"])
