@@ -7864,9 +7864,28 @@ def test_security_6000_unanswered_polls_log_at_most_ten_lines_a_second():
 
 
 # === Documentation ===
-# The README's code is run, not just shown.
+# The README's and the docs' code is run, not just shown.
 
 README = os.path.join(ROOT, "README.md")
+DOCS = [README] + sorted(os.path.join(ROOT, "docs", name)
+                         for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
+
+
+def docs_text() -> str:
+    """The README and every page of docs/, one after the other (each section a '## ' heading)."""
+    texts = []
+    for path in DOCS:
+        with open(path, encoding="utf-8") as handle:
+            texts.append(handle.read())
+    return "\n".join(texts)
+
+
+def test_readme_is_short_and_links_every_docs_page():
+    with open(README, encoding="utf-8") as handle:
+        readme = handle.read()
+    assert readme.count("\n") <= 450
+    assert [path for path in DOCS[1:] if f"(docs/{os.path.basename(path)})" not in readme] == []
+    assert "runserver` serves no websockets" in readme or "runserver`\nserves no websockets" in readme
 
 
 def test_readme_and_demo_limit_frames_in_the_server_too():
@@ -7874,7 +7893,7 @@ def test_readme_and_demo_limit_frames_in_the_server_too():
     serving commands and the demo's run.sh pass uvicorn --ws-max-size with the same limit."""
     import inspect
     limit = inspect.signature(Application).parameters["max_message_size"].default
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    readme = docs_text()
     deployment = readme.split("## Running on more than one process", 1)[1].split("\n## ", 1)[0]
     serving = [line for line in deployment.splitlines() if line.startswith("uvicorn mysite.asgi")]
     assert serving and all(f"--ws-max-size {limit}" in line for line in serving), serving
@@ -7885,8 +7904,8 @@ def test_readme_and_demo_limit_frames_in_the_server_too():
 
 
 def readme_python_blocks() -> list[str]:
-    with open(README, encoding="utf-8") as handle:
-        return re.findall(r"```python\n(.*?)```", handle.read(), flags=re.S)
+    """Every Python block of the README and the docs."""
+    return re.findall(r"```python\n(.*?)```", docs_text(), flags=re.S)
 
 
 def test_readme_python_blocks_compile():
@@ -8275,8 +8294,7 @@ def test_readme_no_reached_nobody_warning_while_a_consumer_runs_in_the_process(t
 
 
 def test_readme_guarantees_name_tests_that_exist():
-    with open(README, encoding="utf-8") as handle:
-        table = handle.read().split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    table = docs_text().split("## Guarantees", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(test_\w+)`", table))
     assert len(named) >= 20
     missing = sorted(name for name in named if not callable(globals().get(name)))
@@ -8294,8 +8312,7 @@ def test_readme_api_reference_lists_every_public_name():
 def test_readme_porting_changes_only_the_imports():
     """"Coming from Channels 1.x": each before/after pair differs only in its import lines, and
     the imports after name only public channels_mini names."""
-    with open(README, encoding="utf-8") as handle:
-        section = handle.read().split("\n## Coming from Channels 1.x", 1)[1].split("\n## ", 1)[0]
+    section = docs_text().split("\n## Coming from Channels 1.x", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(# (mysite/\w+\.py) -- (.*?)\n.*?)```", section, flags=re.S)
     pairs: dict[str, dict[str, str]] = {}
     for code, path, label in blocks:
