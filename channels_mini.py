@@ -192,10 +192,12 @@ class _Hooks:
         self.closed: list[Callable[[Any], Awaitable[None]]] = []
         #: ``hook(app)`` returns a coroutine to run while *app* serves (or None).
         self.serving: list[Callable[[Any], Awaitable[None] | None]] = []
+        #: ``hook(connection)`` may start a task beside a new connection; it returns the task (or None).
+        self.opened: list[Callable[[Any], asyncio.Task | None]] = []
+        #: ``hook(function, args)`` applies a sync-form call of a shared layer made on an event loop.
+        self.loop_call: list[Callable[[Callable[..., Awaitable], tuple], None]] = []
         #: ``hook(app, scope, send)`` returns a connection to serve an HTTP scope (or None: Django).
         self.http: list[Callable[[Any, Scope, Send], Any]] = []
-        #: ``hook(message)`` returns ``(why, close code or None)`` to refuse a binding write (or None).
-        self.write: list[Callable[[Any], tuple[str, int | None] | None]] = []
 
 
 _hooks = _Hooks()
@@ -869,52 +871,12 @@ def _run_layer_coroutine(function: Callable[..., Awaitable], args: tuple) -> Non
     except RuntimeError:
         async_to_sync(function)(*args)  # a plain thread, or a sync handler's worker thread
         return
-    # On an event-loop thread, waiting would freeze every socket: hand it to the layer thread.
-    _LayerThread.submit(function, args)
-
-
-class _LayerThread:
-    """A thread with its own event loop that applies sync-form layer calls made on an event loop.
-
-    It keeps them in call order (each takes one lock, in turn), never blocks the caller's
-    loop, and outlives it (a task on that loop would be cancelled with it). Only layers
-    other than the in-memory one need it.
-    """
-
-    _instance: _LayerThread | None = None
-    _instance_lock = threading.Lock()
-
-    @classmethod
-    def submit(cls, function: Callable[..., Awaitable], args: tuple) -> None:
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            thread = cls._instance
-            thread.last = asyncio.run_coroutine_threadsafe(thread._apply(function, args), thread.loop)
-
-    def __init__(self):
-        import atexit
-
-        self.loop = asyncio.new_event_loop()
-        self.last: Any = None  # the latest call's future: once it is done, all are
-        self.turns: asyncio.Lock | None = None  # made on the thread's own loop
-        threading.Thread(target=self.loop.run_forever, daemon=True, name="channels-mini-layer").start()
-        atexit.register(self._finish)
-
-    def _finish(self) -> None:
-        """Let queued sends leave before the process ends (up to 5 s)."""
-        import concurrent.futures
-        if self.last is not None:
-            concurrent.futures.wait([self.last], timeout=5)
-
-    async def _apply(self, function: Callable[..., Awaitable], args: tuple) -> None:
-        self.turns = self.turns or asyncio.Lock()
-        async with self.turns:  # asyncio.Lock serves waiters first come, first served
-            try:
-                await function(*args)
-            except Exception:
-                logger.exception("Channel layer operation %s%r failed.",
-                                 getattr(function, "__name__", function), args)
+    # On an event-loop thread, waiting would freeze every socket: an extension hands it on.
+    for hook in _hooks.loop_call:
+        return hook(function, args)
+    raise RuntimeError(f"{getattr(function, '__qualname__', function)} is a call to a shared "
+                       f"channel layer, made with a sync method on an event loop; await the "
+                       f"a... form (e.g. Group.asend) there instead.")
 
 
 def _resolve_layer(alias: str, channel_layer: Any) -> Any:
@@ -1537,144 +1499,6 @@ class WebsocketConsumer(BaseConsumer):
         Group(name).send(_frame(text, bytes, close))
 
 
-class JsonWebsocketConsumer(WebsocketConsumer):
-    """A WebSocket endpoint that speaks JSON: ``receive(content)`` and ``send(content)``.
-
-    A binary frame closes the socket with 1003 and invalid JSON with 1007; both log a
-    warning.
-    """
-
-    async def raw_receive(self, message: Message, **kwargs: Any) -> None:
-        text = message.get("text")
-        if text is None:
-            _log_limited(logging.WARNING, "%s got a binary frame on %.200s; it takes JSON text. Closing "
-                                 "with 1003.", type(self).__name__, message.get("path"))
-            self.close(1003)
-            return
-        try:
-            content = self.decode_json(text)
-        except (ValueError, RecursionError) as error:  # RecursionError: nested too deep to decode
-            _log_limited(logging.WARNING, "%s got invalid JSON on %.200s (%.200s; received %.80r). Closing "
-                                 "with 1007.", type(self).__name__, message.get("path"), error, text)
-            self.close(1007)
-            return
-        await _run_handler(self.receive, content, **kwargs)
-
-    def receive(self, content: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """Called with each frame's decoded JSON."""
-
-    def send(self, content: Any, close: bool | int = False) -> None:  # type: ignore[override]
-        """Send *content* as JSON; inside a demultiplexer, on this consumer's stream."""
-        multiplexer = self.kwargs.get("multiplexer")
-        if multiplexer is not None:
-            multiplexer.send(content)
-            if close:
-                self.close(close)
-        else:
-            super().send(text=self.encode_json(content), close=close)
-
-    @classmethod
-    def group_send(cls, name: str, content: Any, close: bool | int = False) -> None:  # type: ignore[override]
-        """Send *content* as JSON to every socket in group *name*."""
-        super().group_send(name, text=cls.encode_json(content), close=close)
-
-    @classmethod
-    def encode_json(cls, content: Any) -> str:
-        """Turn *content* into a frame's text; override for another encoder."""
-        return json.dumps(content)
-
-    @classmethod
-    def decode_json(cls, text: str) -> Any:
-        """Turn a frame's text into content; raise ``ValueError`` for bad input."""
-        return json.loads(text)
-
-
-class WebsocketMultiplexer:
-    """One stream of a multiplexed socket: frames are ``{"stream": ..., "payload": {...}}``."""
-
-    def __init__(self, stream: str, reply_channel: Channel):
-        self.stream = stream
-        self.reply_channel = reply_channel
-
-    def send(self, payload: dict) -> None:
-        """Send *payload* on this stream."""
-        self.reply_channel.send({"text": self.encode(self.stream, payload)})
-
-    @classmethod
-    def group_send(cls, name: str, stream: str, payload: dict) -> None:
-        """Send *payload* on *stream* to every socket in group *name*."""
-        Group(name).send({"text": cls.encode(stream, payload)})
-
-    @staticmethod
-    def encode(stream: str, payload: dict) -> str:
-        return json.dumps({"stream": stream, "payload": payload})
-
-    def __repr__(self) -> str:
-        return f"<WebsocketMultiplexer stream={self.stream!r} {self.reply_channel!r}>"
-
-
-class WebsocketDemultiplexer(JsonWebsocketConsumer):
-    """Carries several streams over one socket, each to its own consumer.
-
-    ``consumers = {"chat": ChatConsumer, "items": ItemBinding.consumer}``. Each consumer
-    gets a ``multiplexer`` kwarg whose ``send(payload)`` answers on its stream;
-    connect and disconnect reach every consumer. A frame that is not
-    ``{"stream": str, "payload": dict}``, or names an unknown stream, is answered with
-    ``{"error": "<why>"}`` and the socket stays open.
-    """
-
-    #: ``{stream name: consumer}``; consumers are classes or functions, as in routing.
-    consumers: dict[str, Any] = {}
-
-    async def raw_connect(self, message: Message, **kwargs: Any) -> None:
-        await super().raw_connect(message, **kwargs)
-        for stream in self.consumers:
-            await self._forward(stream, message, kwargs)
-
-    async def raw_receive(self, message: Message, **kwargs: Any) -> None:
-        text = message.get("text")
-        try:
-            frame = self.decode_json(text) if text is not None else None
-        except (ValueError, RecursionError):
-            frame = None
-        problem = (_multiplexed_frame_problem(frame, self.consumers) if text is not None
-                   else "Invalid multiplexed frame (received a binary frame): send JSON text "
-                        '{"stream": "<name>", "payload": {...}}.')
-        if problem:
-            _log_limited(logging.WARNING, "%s on %.200s: %s", type(self).__name__, message.get("path"), problem)
-            WebsocketConsumer.send(self, text=self.encode_json({"error": problem}))
-            return
-        stream = frame["stream"]
-        forwarded = message.copy(text=self.encode_json(frame["payload"]))
-        forwarded.content.pop("bytes", None)
-        await self._forward(stream, forwarded, kwargs)
-
-    async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
-        for stream in self.consumers:
-            await self._forward(stream, message, kwargs)
-        await super().raw_disconnect(message, **kwargs)
-
-    async def _forward(self, stream: str, message: Message, kwargs: dict) -> None:
-        multiplexer = WebsocketMultiplexer(stream, message.reply_channel)
-        await _run_handler(self.consumers[stream], message, **kwargs, multiplexer=multiplexer)
-
-    def send(self, *args: Any, **kwargs: Any) -> None:
-        raise SendNotAvailableOnDemultiplexer(
-            f"{type(self).__name__}.send() cannot tell which stream to use. Send through a "
-            f"stream's multiplexer: WebsocketMultiplexer(stream, reply_channel).send(payload).")
-
-
-def _multiplexed_frame_problem(frame: Any, consumers: dict) -> str | None:
-    if not isinstance(frame, dict) or "stream" not in frame or "payload" not in frame:
-        return (f"Invalid multiplexed frame (received {frame!r:.80}): send JSON "
-                f'{{"stream": "<name>", "payload": {{...}}}}.')
-    if not isinstance(frame["payload"], dict):
-        return f"Payload of stream {frame['stream']!r} must be a JSON object (received {frame['payload']!r:.80})."
-    if not isinstance(frame["stream"], str) or frame["stream"] not in consumers:
-        return f"Unknown stream {frame['stream']!r:.80}; this socket has {sorted(consumers)!r}."
-    return None
-
-
 # -- running one message --
 
 async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
@@ -1708,7 +1532,6 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
 
 _bindings: list[type[Binding]] = _module_state([])  # every binding class, in definition order
 _module_bindings: list[type[Binding]] = []  # those defined at module level: a reset keeps them
-_ACTIONS = ("create", "update", "delete")
 _SHOWN_CHARACTERS = 200  # of a client's value, in an answer or a log line: enough to recognise it
 _send_failure_lock = threading.Lock()
 
@@ -1781,21 +1604,6 @@ class Binding:
         """The message sent to groups for one change."""
         return {"stream": stream, "payload": payload}
 
-    # -- inbound: what you override --
-
-    def has_permission(self, user: Any, action: str, pk: Any) -> bool:
-        """May *user* apply *action* to the row *pk*? The default denies every write."""
-        return False
-
-    def clean_data(self, action: str, pk: Any, data: dict) -> dict:
-        """Checks the values of a write ``has_permission`` allowed; returns the values to apply.
-
-        *data* holds only bound fields; ``self.user`` is who asks. Raise ``ValidationError``
-        to refuse (nothing is saved), or return changed data. It runs inside the write's
-        transaction. New here: in Channels 1.x, ``has_permission`` was the only check.
-        """
-        return data
-
     # -- helpers --
 
     @classmethod
@@ -1863,140 +1671,6 @@ class Binding:
             except Exception as error:
                 _report_send_failure(cls, group.name, error)
 
-    # -- inbound: the stream consumer --
-
-    @classmethod
-    def consumer(cls, message: Message, **kwargs: Any) -> None:
-        """Applies a client's ``{"action", "pk", "data"}``: put it in a demultiplexer's ``consumers``.
-
-        A refused request is answered ``{"error", "action", "pk"}``. A request that carries a
-        ``request_id`` is always answered, with that id: on success ``{"action", "pk",
-        "request_id"}``, ``pk`` being the saved row's (a new row's, for ``create``).
-        """
-        if message.channel_name != "websocket.receive":
-            return  # connect and disconnect need nothing from a binding
-        request = json.loads(message["text"])  # the demultiplexer checked it is an object
-        # A check of an extension may refuse first (a login that has ended): (why, close code).
-        refused = next(filter(None, (check(message) for check in _hooks.write)), None)
-        binding = cls()
-        binding.message, binding.kwargs, binding.user = message, kwargs, message.user
-        error, pk = (refused[0], request.get("pk")) if refused else binding._apply_request(request)
-        answer = {"action": _echoed(request.get("action")), "pk": _echoed(pk)}
-        if "request_id" in request:
-            answer["request_id"] = _echoed(request["request_id"])
-        if error is not None:
-            error = _clip(error, 5 * _SHOWN_CHARACTERS)  # Django's messages may quote a value
-            _report_refusal(cls, error)
-            kwargs["multiplexer"].send({"error": error, **answer})
-        elif "request_id" in request:
-            kwargs["multiplexer"].send(answer)
-        if refused and refused[1]:
-            message.reply_channel.send({"close": refused[1]})
-
-    def _apply_request(self, request: dict) -> tuple[str | None, Any]:
-        """Check and apply one write; return why it was refused (or None) and the row's pk."""
-        from django.core.exceptions import ObjectDoesNotExist, ValidationError
-        from django.core.serializers.base import DeserializationError
-        from django.db import DatabaseError, router, transaction
-
-        action, pk, data = request.get("action"), request.get("pk"), request.get("data", {})
-        problem = self._request_problem(action, pk, data)
-        if problem:
-            return problem, pk
-        model = self.model_class()
-        try:
-            with transaction.atomic(using=router.db_for_write(model)):
-                data = self.clean_data(action, pk, data)
-                return None, getattr(self, f"_inbound_{action}")(model, pk, data)
-        except ObjectDoesNotExist:
-            return f"{model._meta.label_lower} with pk {_shown(pk)} does not exist.", pk
-        except ValidationError as error:
-            details = getattr(error, "message_dict", None) or error.messages
-            return f"Invalid data: {_shown(details)}.", pk
-        except (DeserializationError, ValueError, TypeError, OverflowError) as error:
-            return f"Invalid data: {_clip(str(error).rstrip('.'))}.", pk
-        except DatabaseError as error:  # what full_clean() cannot see: NOT NULL, ranges, encodings
-            return f"The database refused the data: {_clip(str(error).rstrip('.'))}.", pk
-
-    def _request_problem(self, action: Any, pk: Any, data: Any) -> str | None:
-        if action not in _ACTIONS:
-            return f"Unknown action {_shown(action)}; use one of {list(_ACTIONS)!r}."
-        if action != "create" and pk is None:
-            return f"Action {action!r} needs a 'pk'."
-        if action != "create":  # checked before has_permission, which may look the pk up
-            problem = self._pk_problem(pk)
-            if problem:
-                return problem
-        if not self.has_permission(self.user, action, pk):
-            return f"Permission denied: {action} on pk {_shown(pk)}."
-        if not isinstance(data, dict):
-            return f"'data' must be a JSON object of field values (received {_shown(data)})."
-        writable = self._writable_fields()
-        unknown = sorted(set(data) - set(writable))
-        if unknown:
-            return (f"Unknown field(s) {_shown(unknown)}; this binding accepts "
-                    f"{sorted(writable)!r}.")
-        not_finite = sorted(name for name, value in data.items() if not _is_finite(value))
-        if not_finite:
-            return (f"Invalid data: field(s) {_shown(not_finite)} hold Infinity or NaN; "
-                    f"send finite numbers.")
-        return None
-
-    def _pk_problem(self, pk: Any) -> str | None:
-        from django.core.exceptions import ValidationError
-
-        if not _is_finite(pk):
-            return f"Invalid pk {pk!r}: no row has it; send the pk as the server sent it."
-        try:
-            self.model_class()._meta.pk.to_python(pk)
-        except ValidationError as error:
-            return f"Invalid pk {_shown(pk)}: {' '.join(error.messages)}"
-        return None
-
-    def _writable_fields(self) -> list[str]:
-        meta = self.model_class()._meta
-        names = self._field_names()
-        return [f.name for f in meta.concrete_fields
-                if f.editable and not f.primary_key and (names is None or f.name in names)]
-
-    def _deserialized(self, model: Any, pk: Any, data: dict) -> Any:
-        from django.core import serializers
-        from django.core.exceptions import ValidationError
-
-        errors = {}
-        for name, value in data.items():  # per field, so the answer names the field
-            try:
-                model._meta.get_field(name).to_python(value)
-            except ValidationError as error:
-                errors[name] = error.messages
-        if errors:
-            raise ValidationError(errors)
-        record = {"model": model._meta.label_lower, "fields": data}
-        if pk is not None:
-            record["pk"] = pk
-        return next(serializers.deserialize("python", [record])).object
-
-    def _inbound_create(self, model: Any, pk: Any, data: dict) -> Any:
-        instance = self._deserialized(model, None, data)  # the database picks the key, not the client
-        instance.full_clean()
-        instance.save()
-        return _json_pk(instance)
-
-    def _inbound_update(self, model: Any, pk: Any, data: dict) -> Any:
-        instance = model._default_manager.get(pk=pk)
-        changes = self._deserialized(model, pk, data)
-        for name in data:  # only what the client sent
-            attname = model._meta.get_field(name).attname
-            setattr(instance, attname, getattr(changes, attname))
-        instance.full_clean()
-        instance.save()
-        return _json_pk(instance)
-
-    def _inbound_delete(self, model: Any, pk: Any, data: dict) -> Any:
-        model._default_manager.get(pk=pk).delete()
-        return pk
-
-
 class WebsocketBinding(Binding):
     """A ``Binding`` whose messages are text frames on a ``WebsocketDemultiplexer`` stream."""
 
@@ -2013,11 +1687,6 @@ def _json_pk(instance: Any) -> Any:
     return value if value is None or isinstance(value, (int, str)) else field.value_to_string(instance)
 
 
-def _is_finite(value: Any) -> bool:
-    """False for JSON's Infinity, -Infinity and NaN (Python reads them as floats)."""
-    return not isinstance(value, float) or float("-inf") < value < float("inf")  # NaN: False
-
-
 def _clip(text: str, limit: int = _SHOWN_CHARACTERS) -> str:
     """*text* on one line and cut to *limit* characters, saying how long it was."""
     text = text.replace("\n", " ")
@@ -2027,21 +1696,6 @@ def _clip(text: str, limit: int = _SHOWN_CHARACTERS) -> str:
 def _shown(value: Any) -> str:
     """A client's value as an answer or a log line shows it: its repr, cut short."""
     return _clip(repr(value))
-
-
-def _echoed(value: Any) -> Any:
-    """A client's value to send back: as it came, or shown as text if long or not valid JSON."""
-    try:
-        text = json.dumps(value, allow_nan=False)  # a browser's JSON.parse rejects NaN
-    except ValueError:
-        return _shown(value)
-    return value if len(text) <= _SHOWN_CHARACTERS else _shown(value)
-
-
-def _report_refusal(binding: type[Binding], error: str) -> None:
-    """Log a refused request: a client's mistake, so one line, no traceback, once a second."""
-    _log_limited(logging.WARNING, "%s refused {held} request(s) since the last report, e.g.: %s",
-                 binding.__name__, error, key=f"refusals {binding.__name__}", burst=1)
 
 
 def _report_send_failure(binding: type[Binding], group: str, error: Exception) -> None:
@@ -2123,7 +1777,6 @@ def _after_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None
 # (Redis), sends to a connection of this process stay in the process; messages from other
 # processes are moved into the same outbox.
 
-_STOP = {"channels_mini.connection": "stop"}  # never a user reply: those hold accept/text/bytes/close
 _process_outboxes: InMemoryChannelLayer | None = None  # outboxes when the app's layer is shared
 
 
@@ -2195,12 +1848,11 @@ class _Connection:
         self.local = _LocalSocket(self.layer, self.outbox, self._queue_close)
         _local_sockets[self.reply_channel] = self.local
         tasks = [asyncio.create_task(self._write())]
-        if self.outbox is not self.layer:
-            tasks.append(asyncio.create_task(self._listen()))
+        tasks += filter(None, (hook(self) for hook in _hooks.opened))  # e.g. a shared layer's listener
         try:
             await self._run(receive)
         finally:
-            await self._stop(*tasks)
+            await self._stop(tasks)
 
     async def _run(self, receive: Receive) -> None:
         raise NotImplementedError
@@ -2247,26 +1899,6 @@ class _Connection:
         except OSError:  # the client went away; its disconnect event follows
             self.closed = True
 
-    async def _listen(self) -> None:
-        """Move what reaches this connection through the shared layer (group sends, other
-        processes) into its outbox. A full outbox drops the message, counted and logged."""
-        while True:
-            try:
-                message = await self.layer.receive(self.reply_channel)
-            except Exception:
-                if self.closed:
-                    return  # the client is gone: a late error from its receive is no news
-                _log_limited(logging.ERROR, "Cannot receive messages for %s %s from the channel layer; "
-                                   "retrying in 1 s.", self.what, self.path, **_OUTAGE)
-                await asyncio.sleep(1)
-                continue
-            if message == _STOP:
-                return
-            try:
-                self._queue(message)
-            except ChannelFull:
-                self.outbox._report_drops("From the channel layer", [self.reply_channel])
-
     async def _end(self) -> None:
         """The client is gone: leave every group; extensions let go of what the connection held."""
         self.closed = True
@@ -2284,25 +1916,12 @@ class _Connection:
                                    "the layer's group_expiry will.", self.what, self.path, group, **_OUTAGE)
         self.local.groups.clear()
 
-    async def _stop(self, writer: asyncio.Task, listener: asyncio.Task | None = None) -> None:
+    async def _stop(self, tasks: list[asyncio.Task]) -> None:
         await self._end()  # also when serving stopped without a disconnect event
         del _local_sockets[self.reply_channel]
-        await _cancel_and_wait(writer)  # an in-memory receive is safe to cancel
-        if listener is not None:
-            await self._stop_listener(listener)
+        for task in tasks:  # the writer: an in-memory receive is safe to cancel
+            await _cancel_and_wait(task)
         self.outbox.discard_channel(self.reply_channel, gone=True)  # later sends: dropped quietly
-
-    async def _stop_listener(self, listener: asyncio.Task) -> None:
-        """Stop with a message rather than a cancel: a Redis layer shares one connection
-        between the sockets of a process, and a cancel landing mid-read can lose another
-        socket's message."""
-        try:
-            await asyncio.wait_for(self.layer.send(self.reply_channel, dict(_STOP)), 2)
-            await asyncio.wait({listener}, timeout=2)
-        except Exception:  # the layer is down or the channel full: cancelling is all that is left
-            pass
-        await _cancel_and_wait(listener)
-
 
 # -- websockets --
 
@@ -2898,8 +2517,339 @@ async def _run_worker(app: Application, channels: list[str]) -> None:
 # plugs it in through the hooks of section 0 (`_hooks`), registering itself where it ends.
 # A section uses only the core and the sections above it.
 
+# === 10. JSON, streams and writes from clients ===
+# Channels 1.x's JSON consumer and stream demultiplexing (several consumers on one socket,
+# frames `{"stream", "payload"}`), and the binding's way back: `WebsocketBinding.consumer` on a
+# stream applies create/update/delete requests from clients when `has_permission` allows,
+# checked and answered so that a hostile request saves nothing and crashes nothing. Hooks:
+# none of the core's; it defines `_write_checks`, where later sections refuse a write (a login
+# that has ended). Costs: a JSON decode per frame on these consumers; none elsewhere.
 
-# === 10. Sessions and logins ===
+_ACTIONS = ("create", "update", "delete")
+#: ``check(message)`` returns ``(why, close code or None)`` to refuse a binding write, or None.
+_write_checks: list[Callable[[Message], tuple[str, int | None] | None]] = []
+
+
+class JsonWebsocketConsumer(WebsocketConsumer):
+    """A WebSocket endpoint that speaks JSON: ``receive(content)`` and ``send(content)``.
+
+    A binary frame closes the socket with 1003 and invalid JSON with 1007; both log a
+    warning.
+    """
+
+    async def raw_receive(self, message: Message, **kwargs: Any) -> None:
+        text = message.get("text")
+        if text is None:
+            _log_limited(logging.WARNING, "%s got a binary frame on %.200s; it takes JSON text. Closing "
+                                 "with 1003.", type(self).__name__, message.get("path"))
+            self.close(1003)
+            return
+        try:
+            content = self.decode_json(text)
+        except (ValueError, RecursionError) as error:  # RecursionError: nested too deep to decode
+            _log_limited(logging.WARNING, "%s got invalid JSON on %.200s (%.200s; received %.80r). Closing "
+                                 "with 1007.", type(self).__name__, message.get("path"), error, text)
+            self.close(1007)
+            return
+        await _run_handler(self.receive, content, **kwargs)
+
+    def receive(self, content: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Called with each frame's decoded JSON."""
+
+    def send(self, content: Any, close: bool | int = False) -> None:  # type: ignore[override]
+        """Send *content* as JSON; inside a demultiplexer, on this consumer's stream."""
+        multiplexer = self.kwargs.get("multiplexer")
+        if multiplexer is not None:
+            multiplexer.send(content)
+            if close:
+                self.close(close)
+        else:
+            super().send(text=self.encode_json(content), close=close)
+
+    @classmethod
+    def group_send(cls, name: str, content: Any, close: bool | int = False) -> None:  # type: ignore[override]
+        """Send *content* as JSON to every socket in group *name*."""
+        super().group_send(name, text=cls.encode_json(content), close=close)
+
+    @classmethod
+    def encode_json(cls, content: Any) -> str:
+        """Turn *content* into a frame's text; override for another encoder."""
+        return json.dumps(content)
+
+    @classmethod
+    def decode_json(cls, text: str) -> Any:
+        """Turn a frame's text into content; raise ``ValueError`` for bad input."""
+        return json.loads(text)
+
+
+class WebsocketMultiplexer:
+    """One stream of a multiplexed socket: frames are ``{"stream": ..., "payload": {...}}``."""
+
+    def __init__(self, stream: str, reply_channel: Channel):
+        self.stream = stream
+        self.reply_channel = reply_channel
+
+    def send(self, payload: dict) -> None:
+        """Send *payload* on this stream."""
+        self.reply_channel.send({"text": self.encode(self.stream, payload)})
+
+    @classmethod
+    def group_send(cls, name: str, stream: str, payload: dict) -> None:
+        """Send *payload* on *stream* to every socket in group *name*."""
+        Group(name).send({"text": cls.encode(stream, payload)})
+
+    @staticmethod
+    def encode(stream: str, payload: dict) -> str:
+        return json.dumps({"stream": stream, "payload": payload})
+
+    def __repr__(self) -> str:
+        return f"<WebsocketMultiplexer stream={self.stream!r} {self.reply_channel!r}>"
+
+
+class WebsocketDemultiplexer(JsonWebsocketConsumer):
+    """Carries several streams over one socket, each to its own consumer.
+
+    ``consumers = {"chat": ChatConsumer, "items": ItemBinding.consumer}``. Each consumer
+    gets a ``multiplexer`` kwarg whose ``send(payload)`` answers on its stream;
+    connect and disconnect reach every consumer. A frame that is not
+    ``{"stream": str, "payload": dict}``, or names an unknown stream, is answered with
+    ``{"error": "<why>"}`` and the socket stays open.
+    """
+
+    #: ``{stream name: consumer}``; consumers are classes or functions, as in routing.
+    consumers: dict[str, Any] = {}
+
+    async def raw_connect(self, message: Message, **kwargs: Any) -> None:
+        await super().raw_connect(message, **kwargs)
+        for stream in self.consumers:
+            await self._forward(stream, message, kwargs)
+
+    async def raw_receive(self, message: Message, **kwargs: Any) -> None:
+        text = message.get("text")
+        try:
+            frame = self.decode_json(text) if text is not None else None
+        except (ValueError, RecursionError):
+            frame = None
+        problem = (_multiplexed_frame_problem(frame, self.consumers) if text is not None
+                   else "Invalid multiplexed frame (received a binary frame): send JSON text "
+                        '{"stream": "<name>", "payload": {...}}.')
+        if problem:
+            _log_limited(logging.WARNING, "%s on %.200s: %s", type(self).__name__, message.get("path"), problem)
+            WebsocketConsumer.send(self, text=self.encode_json({"error": problem}))
+            return
+        stream = frame["stream"]
+        forwarded = message.copy(text=self.encode_json(frame["payload"]))
+        forwarded.content.pop("bytes", None)
+        await self._forward(stream, forwarded, kwargs)
+
+    async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
+        for stream in self.consumers:
+            await self._forward(stream, message, kwargs)
+        await super().raw_disconnect(message, **kwargs)
+
+    async def _forward(self, stream: str, message: Message, kwargs: dict) -> None:
+        multiplexer = WebsocketMultiplexer(stream, message.reply_channel)
+        await _run_handler(self.consumers[stream], message, **kwargs, multiplexer=multiplexer)
+
+    def send(self, *args: Any, **kwargs: Any) -> None:
+        raise SendNotAvailableOnDemultiplexer(
+            f"{type(self).__name__}.send() cannot tell which stream to use. Send through a "
+            f"stream's multiplexer: WebsocketMultiplexer(stream, reply_channel).send(payload).")
+
+
+def _multiplexed_frame_problem(frame: Any, consumers: dict) -> str | None:
+    if not isinstance(frame, dict) or "stream" not in frame or "payload" not in frame:
+        return (f"Invalid multiplexed frame (received {frame!r:.80}): send JSON "
+                f'{{"stream": "<name>", "payload": {{...}}}}.')
+    if not isinstance(frame["payload"], dict):
+        return f"Payload of stream {frame['stream']!r} must be a JSON object (received {frame['payload']!r:.80})."
+    if not isinstance(frame["stream"], str) or frame["stream"] not in consumers:
+        return f"Unknown stream {frame['stream']!r:.80}; this socket has {sorted(consumers)!r}."
+    return None
+
+
+# -- writes from clients --
+
+class _BindingWrites:
+    """The inbound half of ``Binding`` (copied onto it below): a client's write passes
+    ``has_permission`` (who asks, for which row) and ``clean_data`` (what they write)."""
+
+    # -- inbound: what you override --
+
+    def has_permission(self, user: Any, action: str, pk: Any) -> bool:
+        """May *user* apply *action* to the row *pk*? The default denies every write."""
+        return False
+
+    def clean_data(self, action: str, pk: Any, data: dict) -> dict:
+        """Checks the values of a write ``has_permission`` allowed; returns the values to apply.
+
+        *data* holds only bound fields; ``self.user`` is who asks. Raise ``ValidationError``
+        to refuse (nothing is saved), or return changed data. It runs inside the write's
+        transaction. New here: in Channels 1.x, ``has_permission`` was the only check.
+        """
+        return data
+
+
+    @classmethod
+    def consumer(cls, message: Message, **kwargs: Any) -> None:
+        """Applies a client's ``{"action", "pk", "data"}``: put it in a demultiplexer's ``consumers``.
+
+        A refused request is answered ``{"error", "action", "pk"}``. A request that carries a
+        ``request_id`` is always answered, with that id: on success ``{"action", "pk",
+        "request_id"}``, ``pk`` being the saved row's (a new row's, for ``create``).
+        """
+        if message.channel_name != "websocket.receive":
+            return  # connect and disconnect need nothing from a binding
+        request = json.loads(message["text"])  # the demultiplexer checked it is an object
+        # A check of an extension may refuse first (a login that has ended): (why, close code).
+        refused = next(filter(None, (check(message) for check in _write_checks)), None)
+        binding = cls()
+        binding.message, binding.kwargs, binding.user = message, kwargs, message.user
+        error, pk = (refused[0], request.get("pk")) if refused else binding._apply_request(request)
+        answer = {"action": _echoed(request.get("action")), "pk": _echoed(pk)}
+        if "request_id" in request:
+            answer["request_id"] = _echoed(request["request_id"])
+        if error is not None:
+            error = _clip(error, 5 * _SHOWN_CHARACTERS)  # Django's messages may quote a value
+            _report_refusal(cls, error)
+            kwargs["multiplexer"].send({"error": error, **answer})
+        elif "request_id" in request:
+            kwargs["multiplexer"].send(answer)
+        if refused and refused[1]:
+            message.reply_channel.send({"close": refused[1]})
+
+    def _apply_request(self, request: dict) -> tuple[str | None, Any]:
+        """Check and apply one write; return why it was refused (or None) and the row's pk."""
+        from django.core.exceptions import ObjectDoesNotExist, ValidationError
+        from django.core.serializers.base import DeserializationError
+        from django.db import DatabaseError, router, transaction
+
+        action, pk, data = request.get("action"), request.get("pk"), request.get("data", {})
+        problem = self._request_problem(action, pk, data)
+        if problem:
+            return problem, pk
+        model = self.model_class()
+        try:
+            with transaction.atomic(using=router.db_for_write(model)):
+                data = self.clean_data(action, pk, data)
+                return None, getattr(self, f"_inbound_{action}")(model, pk, data)
+        except ObjectDoesNotExist:
+            return f"{model._meta.label_lower} with pk {_shown(pk)} does not exist.", pk
+        except ValidationError as error:
+            details = getattr(error, "message_dict", None) or error.messages
+            return f"Invalid data: {_shown(details)}.", pk
+        except (DeserializationError, ValueError, TypeError, OverflowError) as error:
+            return f"Invalid data: {_clip(str(error).rstrip('.'))}.", pk
+        except DatabaseError as error:  # what full_clean() cannot see: NOT NULL, ranges, encodings
+            return f"The database refused the data: {_clip(str(error).rstrip('.'))}.", pk
+
+    def _request_problem(self, action: Any, pk: Any, data: Any) -> str | None:
+        if action not in _ACTIONS:
+            return f"Unknown action {_shown(action)}; use one of {list(_ACTIONS)!r}."
+        if action != "create" and pk is None:
+            return f"Action {action!r} needs a 'pk'."
+        if action != "create":  # checked before has_permission, which may look the pk up
+            problem = self._pk_problem(pk)
+            if problem:
+                return problem
+        if not self.has_permission(self.user, action, pk):
+            return f"Permission denied: {action} on pk {_shown(pk)}."
+        if not isinstance(data, dict):
+            return f"'data' must be a JSON object of field values (received {_shown(data)})."
+        writable = self._writable_fields()
+        unknown = sorted(set(data) - set(writable))
+        if unknown:
+            return (f"Unknown field(s) {_shown(unknown)}; this binding accepts "
+                    f"{sorted(writable)!r}.")
+        not_finite = sorted(name for name, value in data.items() if not _is_finite(value))
+        if not_finite:
+            return (f"Invalid data: field(s) {_shown(not_finite)} hold Infinity or NaN; "
+                    f"send finite numbers.")
+        return None
+
+    def _pk_problem(self, pk: Any) -> str | None:
+        from django.core.exceptions import ValidationError
+
+        if not _is_finite(pk):
+            return f"Invalid pk {pk!r}: no row has it; send the pk as the server sent it."
+        try:
+            self.model_class()._meta.pk.to_python(pk)
+        except ValidationError as error:
+            return f"Invalid pk {_shown(pk)}: {' '.join(error.messages)}"
+        return None
+
+    def _writable_fields(self) -> list[str]:
+        meta = self.model_class()._meta
+        names = self._field_names()
+        return [f.name for f in meta.concrete_fields
+                if f.editable and not f.primary_key and (names is None or f.name in names)]
+
+    def _deserialized(self, model: Any, pk: Any, data: dict) -> Any:
+        from django.core import serializers
+        from django.core.exceptions import ValidationError
+
+        errors = {}
+        for name, value in data.items():  # per field, so the answer names the field
+            try:
+                model._meta.get_field(name).to_python(value)
+            except ValidationError as error:
+                errors[name] = error.messages
+        if errors:
+            raise ValidationError(errors)
+        record = {"model": model._meta.label_lower, "fields": data}
+        if pk is not None:
+            record["pk"] = pk
+        return next(serializers.deserialize("python", [record])).object
+
+    def _inbound_create(self, model: Any, pk: Any, data: dict) -> Any:
+        instance = self._deserialized(model, None, data)  # the database picks the key, not the client
+        instance.full_clean()
+        instance.save()
+        return _json_pk(instance)
+
+    def _inbound_update(self, model: Any, pk: Any, data: dict) -> Any:
+        instance = model._default_manager.get(pk=pk)
+        changes = self._deserialized(model, pk, data)
+        for name in data:  # only what the client sent
+            attname = model._meta.get_field(name).attname
+            setattr(instance, attname, getattr(changes, attname))
+        instance.full_clean()
+        instance.save()
+        return _json_pk(instance)
+
+    def _inbound_delete(self, model: Any, pk: Any, data: dict) -> Any:
+        model._default_manager.get(pk=pk).delete()
+        return pk
+
+
+for _name in ("has_permission", "clean_data", "consumer", "_apply_request", "_request_problem",
+              "_pk_problem", "_writable_fields", "_deserialized", "_inbound_create",
+              "_inbound_update", "_inbound_delete"):
+    setattr(Binding, _name, vars(_BindingWrites)[_name])
+
+
+def _is_finite(value: Any) -> bool:
+    """False for JSON's Infinity, -Infinity and NaN (Python reads them as floats)."""
+    return not isinstance(value, float) or float("-inf") < value < float("inf")  # NaN: False
+
+
+def _echoed(value: Any) -> Any:
+    """A client's value to send back: as it came, or shown as text if long or not valid JSON."""
+    try:
+        text = json.dumps(value, allow_nan=False)  # a browser's JSON.parse rejects NaN
+    except ValueError:
+        return _shown(value)
+    return value if len(text) <= _SHOWN_CHARACTERS else _shown(value)
+
+
+def _report_refusal(binding: type[Binding], error: str) -> None:
+    """Log a refused request: a client's mistake, so one line, no traceback, once a second."""
+    _log_limited(logging.WARNING, "%s refused {held} request(s) since the last report, e.g.: %s",
+                 binding.__name__, error, key=f"refusals {binding.__name__}", burst=1)
+
+
+
+# === 11. Sessions and logins ===
 # Channels 1.x's per-socket state and auth: `message.channel_session` (a Django session keyed
 # by the reply channel), `message.http_session` and `message.user` from the handshake's
 # cookie, the 1.x decorators (`channels.sessions`, `channels.auth`) and the 1.1 class
@@ -3457,10 +3407,10 @@ _hooks.message.append(_load_for_class)
 _hooks.handled.append(_save_sessions)
 _hooks.closed.append(_forget_channel_session)
 _hooks.serving.append(_start_login_watch)
-_hooks.write.append(_refuse_ended_login)
+_write_checks.append(_refuse_ended_login)
 
 
-# === 11. HTTP consumers and event streams ===
+# === 12. HTTP consumers and event streams ===
 # Channels 1.x routed `http.request` like any channel: a consumer answers on the request's
 # reply channel -- at once, or later from any code (long-polling), or as a stream that stays
 # open (server-sent events). Requests no route takes still go to Django. Hook: `http` (a
@@ -3694,7 +3644,7 @@ def _http_connection(app: Any, scope: Scope, send: Send) -> _HttpConnection | No
 _hooks.http.append(_http_connection)
 
 
-# === 12. Presence ===
+# === 13. Presence ===
 # Who is in a group, which Channels never had (Phoenix calls it Presence). A socket is
 # tracked in a group under a key -- its user, or one opaque anonymous key per socket -- with a
 # small JSON-able `meta`; `Group(name).presence()` lists one entry per key with the metas of
@@ -3945,12 +3895,107 @@ _hooks.closed.append(_untrack_closed)
 _hooks.serving.append(_start_heartbeat)
 
 
-# === 13. Surviving shared-layer outages ===
-# With Redis, a restart can lose every group membership while the sockets stay open: they
-# would hear nothing. Each server process keeps a canary group and joins its sockets to their
-# groups again when the canary is gone. (The core already keeps sends to this process's
-# sockets off Redis, so an outage does not close them.) Hook: `serving` (shared layers only).
-# Costs: one group send every 2 s per process.
+# === 14. Several processes: shared layers ===
+# With a shared layer (channels_redis), what other processes send to a socket of this one
+# arrives through Redis: a listener per connection moves it into the connection's outbox.
+# Sync sends made on an event loop go to one layer thread, so they never block the loop. And
+# a Redis restart can lose every group membership while the sockets stay open: each server
+# process keeps a canary group and joins its sockets to their groups again when it is gone.
+# (The core already keeps sends to this process's sockets off Redis, so an outage does not
+# close them.) Hooks: `opened`/`closed` (the listener), `loop_call` (the layer thread),
+# `serving` (the membership keeper). Costs: nothing with the in-memory layer; one Redis read
+# per connection, and one group send every 2 s per process.
+
+_STOP = {"channels_mini.connection": "stop"}  # never a user reply: those hold accept/text/bytes/close
+_listeners: dict[str, asyncio.Task] = _module_state({})  # reply channel -> its listener
+
+
+def _start_listener(connection: Any) -> asyncio.Task | None:
+    """Hook ``opened``: with a shared layer, listen for what reaches the connection through it."""
+    if connection.outbox is connection.layer:
+        return None
+    task = _listeners[connection.reply_channel] = asyncio.create_task(_listen(connection))
+    return task
+
+
+async def _listen(connection: Any) -> None:
+    """Move what reaches *connection* through the shared layer (group sends, other processes)
+    into its outbox. A full outbox drops the message, counted and logged."""
+    while True:
+        try:
+            message = await connection.layer.receive(connection.reply_channel)
+        except Exception:
+            if connection.closed:
+                return  # the client is gone: a late error from its receive is no news
+            _log_limited(logging.ERROR, "Cannot receive messages for %s %s from the channel layer; "
+                         "retrying in 1 s.", connection.what, connection.path, **_OUTAGE)
+            await asyncio.sleep(1)
+            continue
+        if message == _STOP:
+            return
+        try:
+            connection._queue(message)
+        except ChannelFull:
+            connection.outbox._report_drops("From the channel layer", [connection.reply_channel])
+
+
+async def _stop_listener(connection: Any) -> None:
+    """Hook ``closed``: stop the listener with a message rather than a cancel: a Redis layer
+    shares one connection between the sockets of a process, and a cancel landing mid-read can
+    lose another socket's message. (The core cancels what is left.)"""
+    listener = _listeners.pop(connection.reply_channel, None)
+    if listener is None:
+        return
+    try:
+        await asyncio.wait_for(connection.layer.send(connection.reply_channel, dict(_STOP)), 2)
+        await asyncio.wait({listener}, timeout=2)
+    except Exception:  # the layer is down or the channel full: cancelling is all that is left
+        pass
+
+
+class _LayerThread:
+    """A thread with its own event loop that applies sync-form layer calls made on an event loop.
+
+    It keeps them in call order (each takes one lock, in turn), never blocks the caller's
+    loop, and outlives it (a task on that loop would be cancelled with it). Only layers
+    other than the in-memory one need it.
+    """
+
+    _instance: _LayerThread | None = None
+    _instance_lock = threading.Lock()
+
+    @classmethod
+    def submit(cls, function: Callable[..., Awaitable], args: tuple) -> None:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            thread = cls._instance
+            thread.last = asyncio.run_coroutine_threadsafe(thread._apply(function, args), thread.loop)
+
+    def __init__(self):
+        import atexit
+
+        self.loop = asyncio.new_event_loop()
+        self.last: Any = None  # the latest call's future: once it is done, all are
+        self.turns: asyncio.Lock | None = None  # made on the thread's own loop
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="channels-mini-layer").start()
+        atexit.register(self._finish)
+
+    def _finish(self) -> None:
+        """Let queued sends leave before the process ends (up to 5 s)."""
+        import concurrent.futures
+        if self.last is not None:
+            concurrent.futures.wait([self.last], timeout=5)
+
+    async def _apply(self, function: Callable[..., Awaitable], args: tuple) -> None:
+        self.turns = self.turns or asyncio.Lock()
+        async with self.turns:  # asyncio.Lock serves waiters first come, first served
+            try:
+                await function(*args)
+            except Exception:
+                logger.exception("Channel layer operation %s%r failed.",
+                                 getattr(function, "__name__", function), args)
+
 
 class _MembershipKeeper:
     """With a shared layer, joins this process's sockets to their groups again when the layer
@@ -4004,6 +4049,9 @@ def _start_membership_keeper(app: Any) -> Any:
     return None if _is_in_memory(app.channel_layer) else _MembershipKeeper(app.channel_layer).run()
 
 
+_hooks.opened.append(_start_listener)
+_hooks.closed.append(_stop_listener)
+_hooks.loop_call.append(_LayerThread.submit)
 _hooks.serving.append(_start_membership_keeper)
 
 
