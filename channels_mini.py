@@ -6,39 +6,58 @@ servers (uvicorn, daphne, hypercorn). It needs only Django and asgiref. It keeps
 one process's messages in memory; for several processes or machines it plugs
 into Channels' own layers (``channels_redis``) through ``CHANNEL_LAYERS``.
 
-The file reads top to bottom in the order a message travels
-(``grep -n '^# ===' channels_mini.py`` prints this list):
+Read Part I first, top to bottom: the core, in the order a message travels, up to the
+``# === Part II`` banner (``grep -n '^# ===' channels_mini.py`` prints the sections):
 
-1. Channel layer   -- in-process queues, groups, capacity and expiry.
-2. Messages        -- ``Message``, ``Channel``, ``Group``, deferred sends, channel sessions,
-                      presence, running handlers.
-3. Routing         -- ``route()``, ``route_class()``, ``include()``, filters.
-4. Consumers       -- functions, ``BaseConsumer``, WebSocket/JSON consumers.
-5. Binding         -- model signals to groups, and writes from clients.
-6. Connection      -- one socket or HTTP request: events in as messages, one outbox out.
-7. ASGI app        -- ``Application``: scopes to connections, the rest of HTTP to Django.
-8. Test helpers    -- ``WebsocketCommunicator``.
-9. Command line    -- ``python -m channels_mini runworker``.
+1. Channel layer  -- in-process queues, groups, capacity and expiry.
+2. Messages       -- ``Message``, ``Channel``, ``Group``, deferred sends, running handlers.
+3. Routing        -- ``route()``, ``route_class()``, ``include()``, filters.
+4. Consumers      -- functions, ``BaseConsumer``, ``WebsocketConsumer``.
+5. Binding        -- model signals to groups.
+6. Connection     -- one socket: frames in as messages, one outbox out.
+7. ASGI app       -- ``Application``: scopes to connections, the rest of HTTP to Django.
+8. Test helpers   -- ``WebsocketCommunicator``, ``reset_channel_layers()``.
+9. Command line   -- ``python -m channels_mini runworker``.
 
-Two paths to follow through it. A frame from the browser reaches ``receive()``:
+Part II holds the extensions. Each plugs into the core through the named hooks of
+``_Hooks`` (near the top) and reads on its own:
 
-1. ``Application.__call__`` -> ``_websocket``: the origin is checked, a connection made.
+10. JSON, streams and writes from clients -- ``JsonWebsocketConsumer``, the demultiplexer,
+    ``Binding.consumer`` (permission-checked writes).
+11. Sessions and logins -- channel sessions, ``http_user``, the 1.x decorators; a connection
+    ends with the login it was opened with.
+12. HTTP consumers and event streams -- ``http.request``, long-polling, server-sent events.
+13. Presence -- who is in a group, in every process.
+14. Several processes -- a shared layer (Redis): listeners, the layer thread, restarts.
+
+Two paths to follow, each a chain of calls you can find with grep. A frame from the browser
+reaches your ``receive()`` in 10 hops; incoming frames go straight to the router, never
+through the channel layer:
+
+1. ``Application.__call__`` -> ``Application._websocket``: the origin is checked.
 2. ``_Connection.serve``: a reply channel and its outbox; the writer task starts.
-3. ``_WebsocketConnection._run``: one ASGI event at a time, a turn for other sockets after each.
-4. ``_WebsocketConnection._frame``: the size limit; ``_receive_message`` builds the message.
-5. ``_WebsocketConnection._handle``: the message as a ``Message``; a failure closes with 1011.
-6. ``_handle_message``: ``Router._match`` picks the route; its sends are deferred.
-7. ``BaseConsumer._consume`` -> ``dispatch``: ``method_mapping`` names the method.
-8. ``WebsocketConsumer.raw_receive`` -> your ``receive(text=...)``.
+3. ``_WebsocketConnection._run``: one ASGI event at a time (a turn for other sockets after
+   each); the size limit; ``_receive_message`` builds the message.
+4. ``_WebsocketConnection._handle``: a failure closes the socket with 1011.
+5. ``_handle_message``: ``Router._find`` picks the route; sends wait for the handler's end.
+6. ``BaseConsumer.dispatch``: the hooks load what the message carries (sessions, the user);
+   ``method_mapping`` names the method.
+7. ``_run_handler`` -> ``WebsocketConsumer.raw_receive`` -> ``_run_handler`` -> ``receive()``.
+   An ``async def`` is awaited on the event loop; a plain ``def`` runs in a worker thread
+   (a pool of 32) with Django's stale database connections closed before and after, as
+   around a request.
 
-A model save reaches the browser:
+A model save reaches the browser in 10 hops; replies and group messages go through the
+channel layer, into each socket's outbox:
 
-1. Django's ``post_save`` signal -> ``_after_save``: groups before and after the save.
+1. ``post_save`` -> ``_after_save``: the groups before (read by ``_before_save`` on
+   ``pre_save``: one SELECT of the stored row) and after the save.
 2. ``Binding._announce``: delete/update/create per group, queued for the commit.
 3. ``transaction.on_commit`` -> ``Binding._send_to_groups`` -> ``Group.send``.
-4. ``InMemoryChannelLayer.group_send_now``: into each member socket's outbox.
-5. ``_Connection._write``: the socket's one way out takes the message, in order.
-6. ``_WebsocketConnection._deliver``: reply dict to ASGI events, then the server's ``send``.
+4. ``_layer_operation`` -> ``InMemoryChannelLayer.group_send_now``: into each member's
+   reply channel, its outbox (with Redis: through Redis and section 14's listener).
+5. ``_Connection._write`` -> ``_WebsocketConnection._deliver`` -> ``_Connection._emit``:
+   the server's ``send``.
 
 A complete chat server::
 
@@ -743,13 +762,11 @@ def _is_in_memory(layer: Any) -> bool:
 
 
 # === 2. Messages ===
-# A message is a dict on a channel. `Message` wraps one for a consumer, with its
-# reply channel and, for websockets, the socket's session state. `Channel` and
-# `Group` are the names users send to, exactly as in Channels 1.x: inside a consumer
-# (`consumer_context`) their sync sends are deferred until the handler returns (so a
-# handler's replies leave together, in call order, even when it raises); elsewhere they
-# act at once. Sync calls made on an event loop with a non-memory layer go to one
-# background "layer thread", so they never block the loop and keep their order.
+# A message is a dict on a channel. `Message` wraps one for a consumer, with its reply
+# channel. `Channel` and `Group` are the names users send to, exactly as in Channels 1.x:
+# inside a consumer (`consumer_context`) their sync sends are deferred until the handler
+# returns (so a handler's replies leave together, in call order, even when it raises);
+# elsewhere they act at once. `_run_handler` runs every handler: awaited, or in a thread.
 
 _FULL_CHANNEL_PATIENCE = 2.0  # seconds a deferred direct send waits for room
 _OPERATIONS_PER_TURN = 16  # deferred operations between two turns for the sockets to drain
@@ -1057,10 +1074,8 @@ def _is_async(handler: Any) -> bool:
 
 
 async def _run_handler(handler: Any, /, *args: Any, **kwargs: Any) -> Any:
-    """Run a consumer or a consumer's method: awaited if ``async def``, else in a worker thread.
-    A consumer class brings its own ``_consume`` coroutine (it builds the instance, then
-    dispatches)."""
-    handler = getattr(handler, "_consume", handler)
+    """Run a function consumer or a consumer's method: awaited if ``async def``, else in a
+    worker thread."""
     if _is_async(handler):
         return await handler(*args, **kwargs)
     return await _in_thread(handler, *args, **kwargs)
@@ -1325,9 +1340,9 @@ def _resolve_consumer(consumer: Any, where: str) -> Any:
 # === 4. Consumers ===
 # A consumer is user code called as `consumer(message, **kwargs)`. The classes re-create
 # Channels 1.x's generic consumers on top of `BaseConsumer`, which dispatches each message
-# to a method by `method_mapping`. Whether each method is awaited, called or sent to a
-# thread is decided when the class is built, so sync and async methods mix freely in one
-# class. `_handle_message` runs one message: route, consumer, then its deferred sends.
+# to a method by `method_mapping`; sync and async methods mix freely in one class (each runs
+# through `_run_handler`). `_handle_message` runs one message: route, consumer, then its
+# deferred sends.
 
 
 class BaseConsumer:
@@ -1356,10 +1371,11 @@ class BaseConsumer:
                 f"sync code (e.g. through sync_to_async).") from None
 
     @classmethod
-    async def _consume(cls, message: Message, **kwargs: Any) -> None:
+    def _instance(cls, message: Message, kwargs: dict) -> BaseConsumer:
+        """An instance for routing, which awaits ``dispatch()`` (``__init__`` dispatches at once)."""
         consumer = cls.__new__(cls)
         consumer.message, consumer.kwargs = message, kwargs
-        await consumer.dispatch()
+        return consumer
 
     async def dispatch(self) -> None:
         """Call the method that ``method_mapping`` names for this message's channel."""
@@ -1509,7 +1525,10 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
     route, kwargs = matched
     async with consumer_context(layer) as state:  # its exit sends what the handler deferred
         try:
-            await _run_handler(route.consumer, message, **kwargs)
+            if isinstance(route.consumer, type) and issubclass(route.consumer, BaseConsumer):
+                await route.consumer._instance(message, kwargs).dispatch()  # one per message
+            else:
+                await _run_handler(route.consumer, message, **kwargs)
         except DenyConnection:
             # A rejection wins over an accept the handler queued before raising.
             state.deferred = [op for op in state.deferred if not (
@@ -1526,9 +1545,9 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
 # === 5. Binding ===
 # Data binding re-creates the Channels 1.x feature that 2.0 removed: a `Binding` watches
 # one model through Django's save/delete signals and sends each change to groups; a
-# `WebsocketBinding` sends it as a text frame on a demultiplexer stream, and applies
-# create/update/delete requests coming back from clients when `has_permission` allows.
-# Changes leave only when their transaction commits (Channels 1.x sent them at once).
+# `WebsocketBinding` sends it as a text frame on a stream. Changes leave only when their
+# transaction commits (Channels 1.x sent them at once). Writes back from clients are
+# section 10's.
 
 _bindings: list[type[Binding]] = _module_state([])  # every binding class, in definition order
 _module_bindings: list[type[Binding]] = []  # those defined at module level: a reset keeps them
@@ -1768,14 +1787,13 @@ def _after_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None
 
 
 # === 6. Connection ===
-# One websocket or routed HTTP request, as Channels 1.x's interface server saw it. *In*: the
-# server's ASGI events become the messages `websocket.connect` / `receive` / `disconnect` (or
-# `http.request` / `http.disconnect`), handled one at a time, in order, with a turn for the
-# other sockets after each. *Out*: whatever is sent to the reply channel -- by its own
-# handlers, group sends, other sockets, threads, views -- waits in one outbox (the reply
-# channel's queue in an in-memory layer) and leaves through `_deliver`. With a shared layer
-# (Redis), sends to a connection of this process stay in the process; messages from other
-# processes are moved into the same outbox.
+# One websocket, as Channels 1.x's interface server saw it. *In*: the server's ASGI events
+# become the messages `websocket.connect` / `receive` / `disconnect`, handled one at a time,
+# in order, with a turn for the other sockets after each. *Out*: whatever is sent to the
+# reply channel -- by its own handlers, group sends, other sockets, threads, views -- waits in
+# one outbox (the reply channel's queue in an in-memory layer) and leaves through `_deliver`.
+# Sends to a connection of this process stay in the process, whatever the layer. `_Connection`
+# is the part a routed HTTP request shares (section 12).
 
 _process_outboxes: InMemoryChannelLayer | None = None  # outboxes when the app's layer is shared
 
@@ -1950,7 +1968,15 @@ class _WebsocketConnection(_Connection):
                     self.reply_channel, self.path, self.order, event.get("code", 1000)))
                 return
             if event["type"] == "websocket.receive" and not self.closing and not self.closed:
-                await self._frame(event)
+                if _frame_size(event) > self.max_message_size:
+                    _log_limited(logging.WARNING, "Closing websocket %.200s with 1009: a frame of %d "
+                                 "bytes exceeds max_message_size=%d.", self.path,
+                                 _frame_size(event), self.max_message_size)
+                    self._queue_close(1009)
+                else:
+                    self.order += 1
+                    await self._handle("websocket.receive", _receive_message(
+                        self.reply_channel, self.path, self.order, event))
             await asyncio.sleep(0)  # a turn for every other socket, however fast this one sends
 
     async def _connect(self) -> None:
@@ -1963,17 +1989,6 @@ class _WebsocketConnection(_Connection):
             _log_limited(logging.WARNING, "Rejected websocket to %.200s: no route for websocket.connect or "
                                  "websocket.receive matches that path.", self.path)
             self._queue_close(1000)
-
-    async def _frame(self, event: dict) -> None:
-        size = _frame_size(event)
-        if size > self.max_message_size:
-            _log_limited(logging.WARNING, "Closing websocket %.200s with 1009: a frame of %d bytes exceeds "
-                                 "max_message_size=%d.", self.path, size, self.max_message_size)
-            self._queue_close(1009)
-            return
-        self.order += 1
-        await self._handle("websocket.receive", _receive_message(
-            self.reply_channel, self.path, self.order, event))
 
     async def _handle(self, channel: str, content: dict) -> bool:
         """Run the consumer for one message; a failure closes the socket. False if unrouted."""
@@ -2043,8 +2058,8 @@ async def _cancel_and_wait(task: asyncio.Task, interval: float = 0.1) -> None:
 
 # === 7. ASGI app ===
 # `Application` is what the server calls. A websocket scope whose origin is allowed gets a
-# `_WebsocketConnection`, a routed `http.request` an `_HttpConnection`; the rest of HTTP goes
-# to Django. Routed channels that are not `websocket.*`/`http.*` are consumed from the layer
+# `_WebsocketConnection`; HTTP goes to Django (or to an extension's connection, section 12).
+# Routed channels that are not `websocket.*`/`http.*` are consumed from the layer
 # by background worker tasks, in the server process or in `runworker` processes.
 
 _DEV_HOSTS = [".localhost", "127.0.0.1", "[::1]"]  # what Django allows when DEBUG has none
@@ -2302,7 +2317,7 @@ class _BackgroundWorkers:
 # === 8. Test helpers ===
 # `WebsocketCommunicator` plays the server's part in-process, so tests drive an
 # `Application` the way a browser would, with the method names Channels users know.
-# `reset_channel_layers()` gives each test fresh layers.
+# `reset_channel_layers()` clears all module state between tests.
 
 class WebsocketCommunicator:
     """Drives an ASGI app as one websocket client would, without a server.
@@ -2649,7 +2664,11 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
 
     async def _forward(self, stream: str, message: Message, kwargs: dict) -> None:
         multiplexer = WebsocketMultiplexer(stream, message.reply_channel)
-        await _run_handler(self.consumers[stream], message, **kwargs, multiplexer=multiplexer)
+        consumer, kwargs = self.consumers[stream], {**kwargs, "multiplexer": multiplexer}
+        if isinstance(consumer, type) and issubclass(consumer, BaseConsumer):
+            await consumer._instance(message, kwargs).dispatch()  # as routing does
+        else:
+            await _run_handler(consumer, message, **kwargs)
 
     def send(self, *args: Any, **kwargs: Any) -> None:
         raise SendNotAvailableOnDemultiplexer(
