@@ -1068,9 +1068,19 @@ _THREAD_POOL_SIZE = 32  # sync handlers running at once; a blocked one holds onl
 
 
 def _is_async(handler: Any) -> bool:
-    """Is *handler* ``async def`` (or an object with an ``async def __call__``)? The only such check."""
-    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-        getattr(handler, "__call__", None))
+    """Is *handler* ``async def`` (or an object with an ``async def __call__``)? The only such
+    check; its answer for each function is kept, as a handler runs on every message."""
+    function = getattr(handler, "__func__", handler)  # a bound method: its function
+    try:
+        return _is_async_function(function)
+    except TypeError:  # an unhashable callable: ask each time
+        return _is_async_function.__wrapped__(function)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_async_function(function: Any) -> bool:
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None))
 
 
 async def _run_handler(handler: Any, /, *args: Any, **kwargs: Any) -> Any:

@@ -313,6 +313,21 @@ def ws_connect(url: str, origin: str | None = None, **kwargs):
     return connect(url, origin=origin, open_timeout=10, close_timeout=5, **kwargs)
 
 
+async def recv(websocket, timeout: float = 10):
+    """The next frame of a real websocket client, within *timeout* seconds."""
+    return await asyncio.wait_for(websocket.recv(), timeout)
+
+
+def wait_until(predicate, timeout: float = 10, what: str = "condition") -> None:
+    """Poll *predicate* every 50 ms until it is true; AssertionError after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout} s")
+
+
 @contextlib.contextmanager
 def running_redis():
     """A real redis-server on a free port, no persistence; always stopped on exit."""
@@ -1107,282 +1122,6 @@ async def test_messages_deferred_sends_keep_the_content_as_it_was_when_sent():
         Group("g").send(content)
         content["text"] = "changed later"
     assert await layer.receive("a") == {"text": "as sent"}
-
-
-# -- presence (issue 15) --
-# A socket tracked in a group under a key (its user's pk with `http_user`, else one
-# anonymous key per socket); `Group(name).presence()` reads `{key: [meta, ...]}`; keys that
-# come and go reach the group as one `presence_diff` text frame. One process, no settings:
-# the default cache (locmem) holds the entries.
-
-class presence_Room(WebsocketConsumer):
-    """Listed in its room's presence with the meta from `?tab=`; "who" answers the room's
-    presence, read from inside a handler as an app would on every connect."""
-
-    http_user = True
-
-    def presence_groups(self, room, **kwargs):
-        return [f"presence-{room}"]
-
-    def presence_meta(self, **kwargs):
-        return {"tab": self.message.scope["query_string"].decode().partition("tab=")[2] or "main"}
-
-    def receive(self, text=None, bytes=None, room=None, **kwargs):
-        self.send(text=json.dumps(Group(f"presence-{room}").presence()))
-
-
-class presence_Lobby(WebsocketConsumer):
-    """The declarative form: `presence = [...]`, the default meta, no `http_user`."""
-
-    presence = ["presence-lobby"]
-
-
-def presence_track_by_hand(message, **kwargs):
-    """A function consumer tracking its socket itself, under a key it chooses."""
-    if message.channel_name == "websocket.connect":
-        message.reply_channel.send({"accept": True})
-        Group("presence-by-hand").track(message.reply_channel, key="desk-7", meta={"by": "hand"})
-
-
-presence_routing = [
-    presence_Room.as_route(path=r"^/presence/room/(?P<room>[\w-]+)/$"),
-    presence_Lobby.as_route(path=r"^/presence/lobby/$"),
-    route(["websocket.connect"], presence_track_by_hand, path=r"^/presence/by-hand/$"),
-]
-
-
-def presence_diff(group: str, joins: dict | None = None, leaves: dict | None = None) -> dict:
-    """The frame a group hears when keys join or leave (the documented contract)."""
-    return {"type": "presence_diff", "group": group, "joins": joins or {}, "leaves": leaves or {}}
-
-
-async def presence_open(app, path: str, cookie: str | None = None) -> WebsocketCommunicator:
-    socket = WebsocketCommunicator(app, path, headers=[("cookie", cookie)] if cookie else None)
-    assert await socket.connect(timeout=5) == (True, None)
-    return socket
-
-
-async def presence_who(socket: WebsocketCommunicator) -> dict:
-    await socket.send_to(text_data="who")
-    return await socket.receive_json_from(timeout=5)
-
-
-@asynchronous
-async def test_messages_presence_tracks_sockets_and_announces_joins_and_leaves():
-    app = Application(presence_routing)
-    room = f"presence-{uuid.uuid4().hex[:8]}"
-    first = await presence_open(app, f"/presence/room/{room[9:]}/?tab=one")
-    [first_key] = await Group(room).apresence()
-    assert re.fullmatch(r"anonymous\.[0-9a-f]{24}", first_key), first_key  # opaque
-    assert await first.receive_json_from(timeout=5) == presence_diff(
-        room, joins={first_key: [{"tab": "one"}]})  # a socket hears its own join
-
-    second = await presence_open(app, f"/presence/room/{room[9:]}/?tab=two")
-    [second_key] = set(await Group(room).apresence()) - {first_key}
-    joined = presence_diff(room, joins={second_key: [{"tab": "two"}]})
-    assert await first.receive_json_from(timeout=5) == joined
-    assert await second.receive_json_from(timeout=5) == joined
-    assert await presence_who(second) == {first_key: [{"tab": "one"}], second_key: [{"tab": "two"}]}
-
-    await first.disconnect()
-    assert await second.receive_json_from(timeout=5) == presence_diff(
-        room, leaves={first_key: [{"tab": "one"}]})
-    assert await presence_who(second) == {second_key: [{"tab": "two"}]}
-    await second.disconnect()
-    assert await Group(room).apresence() == {}
-
-
-@asynchronous
-async def test_messages_presence_same_user_in_two_tabs_is_one_member_with_two_metas():
-    user, cookie = await asyncio.to_thread(rel_login, "tabs")
-    key = str(user.pk)
-    app = Application(presence_routing)
-    room = f"presence-{uuid.uuid4().hex[:8]}"
-    path = f"/presence/room/{room[9:]}/"
-    watcher = await presence_open(app, path + "?tab=watcher")  # anonymous, hears the diffs
-    [watcher_key] = await Group(room).apresence()
-    await watcher.receive_json_from(timeout=5)  # its own join
-
-    tab_one = await presence_open(app, path + "?tab=one", cookie)
-    joined = presence_diff(room, joins={key: [{"tab": "one"}]})
-    assert await watcher.receive_json_from(timeout=5) == joined
-    assert await tab_one.receive_json_from(timeout=5) == joined
-    tab_two = await presence_open(app, path + "?tab=two", cookie)
-    assert await presence_who(watcher) == {watcher_key: [{"tab": "watcher"}],
-                                           key: [{"tab": "one"}, {"tab": "two"}]}
-    # The key was already present: the second tab is no join.
-    assert await tab_two.receive_nothing(timeout=0.3) and await watcher.receive_nothing(timeout=0.1)
-
-    await tab_one.disconnect()  # the user still has a tab: no leave
-    assert await watcher.receive_nothing(timeout=0.3) and await tab_two.receive_nothing(timeout=0.1)
-    assert await presence_who(tab_two) == {watcher_key: [{"tab": "watcher"}], key: [{"tab": "two"}]}
-
-    await tab_two.disconnect()  # the last tab: the user leaves, with that tab's meta
-    assert await watcher.receive_json_from(timeout=5) == presence_diff(
-        room, leaves={key: [{"tab": "two"}]})
-    assert await presence_who(watcher) == {watcher_key: [{"tab": "watcher"}]}
-    await watcher.disconnect()
-
-
-@asynchronous
-async def test_messages_presence_declared_on_the_class_with_the_default_meta():
-    app = Application(presence_routing)
-    socket = await presence_open(app, "/presence/lobby/")
-    frame = await socket.receive_json_from(timeout=5)
-    [(key, [meta])] = frame["joins"].items()
-    assert frame == presence_diff("presence-lobby", joins={key: [meta]})
-    assert re.fullmatch(r"anonymous\.[0-9a-f]{24}", key), key
-    assert meta["name"] == "anonymous"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["joined_at"]), meta
-    assert await Group("presence-lobby").apresence() == {key: [meta]}
-    await socket.disconnect()
-    assert await Group("presence-lobby").apresence() == {}
-
-
-@asynchronous
-async def test_messages_presence_function_consumer_tracks_by_hand_and_leaves_on_disconnect():
-    app = Application(presence_routing)
-    socket = await presence_open(app, "/presence/by-hand/")
-    assert await socket.receive_json_from(timeout=5) == presence_diff(
-        "presence-by-hand", joins={"desk-7": [{"by": "hand"}]})
-    assert await Group("presence-by-hand").apresence() == {"desk-7": [{"by": "hand"}]}
-    await socket.disconnect()
-    assert await Group("presence-by-hand").apresence() == {}
-
-
-def test_messages_presence_of_plain_channels_track_untrack_and_meta_checks():
-    layer = InMemoryChannelLayer()
-    group = Group(f"presence-{uuid.uuid4().hex[:8]}", channel_layer=layer)
-    with pytest.raises(TypeError, match=re.escape("Object of type object is not JSON serializable")):
-        group.track("a", meta={"when": object()})
-    assert group.presence() == {}
-    group.track("a", key="ada", meta={"n": 1})
-    group.track(Channel("b", channel_layer=layer))  # default key: one of its own
-    group.track("c", key="ada", meta={"n": 2})
-    anonymous_b = (set(group.presence()) - {"ada"}).pop()
-    assert re.fullmatch(r"anonymous\.[0-9a-f]{24}", anonymous_b), anonymous_b  # opaque
-    assert group.presence() == {"ada": [{"n": 1}, {"n": 2}], anonymous_b: [{}]}
-    group.untrack("a")
-    group.untrack("a")  # not listed any more: nothing happens
-    group.untrack("b")
-    assert group.presence() == {"ada": [{"n": 2}]}
-    # "a" and "b" stay in the group (untrack only stops listing them; Group.discard leaves),
-    # so they hear the diffs sent after they joined; "c" joined when "ada" was already present, and hears only the leave.
-    heard_by_a = [json.loads(run(layer.receive("a"))["text"]) for _ in range(3)]
-    heard_by_c = json.loads(run(layer.receive("c"))["text"])
-    assert heard_by_a == [presence_diff(group.name, joins={"ada": [{"n": 1}]}),
-                          presence_diff(group.name, joins={anonymous_b: [{}]}),
-                          presence_diff(group.name, leaves={anonymous_b: [{}]})]
-    assert heard_by_c == presence_diff(group.name, leaves={anonymous_b: [{}]})
-    heard_by_b = [json.loads(run(layer.receive("b"))["text"]) for _ in range(2)]
-    assert heard_by_b == heard_by_a[1:]
-    assert layer.stats()["messages"] == 0
-
-
-
-def test_messages_presence_of_1000_members_read_and_left_with_one_diff_each(caplog):
-    """1,000 keys (plain channels, as a function consumer would track reply channels): the
-    presence lists all of them, each join and each leave reaches the group once, and the
-    group is empty again afterwards. (The members themselves do not read: their diffs are
-    dropped at capacity, counted and logged, which is what the layer does for slow readers.)"""
-    layer = InMemoryChannelLayer(channel_capacity={"observer": 2_500})
-    group = Group(f"presence-{uuid.uuid4().hex[:8]}", channel_layer=layer)
-    group.add("observer")  # a listener that is not itself listed
-    for number in range(1_000):
-        group.track(f"member.{number}", key=f"user-{number}", meta={"n": number})
-    members = group.presence()
-    for number in range(1_000):
-        group.untrack(f"member.{number}")
-    left = group.presence()
-
-    async def observed():
-        return [json.loads((await layer.receive("observer"))["text"]) for _ in range(2_000)]
-
-    frames = run(observed())
-    assert members == {f"user-{number}": [{"n": number}] for number in range(1_000)}
-    assert left == {}
-    assert frames == (
-        [presence_diff(group.name, joins={f"user-{n}": [{"n": n}]}) for n in range(1_000)]
-        + [presence_diff(group.name, leaves={f"user-{n}": [{"n": n}]}) for n in range(1_000)])
-    assert layer.stats()["messages"] == 1_000 * 100  # what the members' channels hold
-
-
-@asynchronous
-async def test_messages_presence_heartbeat_keeps_a_servers_members_past_the_timeout():
-    """Entries expire TIMEOUT seconds after they were written: a server's heartbeat
-    rewrites them every HEARTBEAT seconds, so its sockets stay listed."""
-    from django.test import override_settings
-
-    with override_settings(CHANNELS_MINI_PRESENCE={"HEARTBEAT": 0.2, "TIMEOUT": 1.0}):
-        app = Application(presence_routing)
-        room = f"presence-{uuid.uuid4().hex[:8]}"
-        socket = await presence_open(app, f"/presence/room/{room[9:]}/")
-        [key] = await Group(room).apresence()
-        assert await socket.receive_json_from(timeout=5) == presence_diff(
-            room, joins={key: [{"tab": "main"}]})
-        assert await socket.receive_nothing(timeout=2.5)  # more than twice the TIMEOUT: no diff
-        assert await presence_who(socket) == {key: [{"tab": "main"}]}
-        await socket.disconnect()
-        assert await Group(room).apresence() == {}
-
-
-presence_GHOST = """
-import sys
-import django
-from django.conf import settings
-settings.configure(CACHES={"default": {
-    "BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": sys.argv[1]}},
-    CHANNELS_MINI_PRESENCE={"TIMEOUT": 1.5})
-django.setup()
-from channels_mini import Group
-Group(sys.argv[2]).track("ghost.channel", key="ghost", meta={"from": "a process that died"})
-"""  # and it exits without untracking, as a killed process would
-
-
-@asynchronous
-async def test_messages_presence_members_of_a_process_that_died_leave_on_a_heartbeat(tmp_path):
-    """Two processes sharing a cache (a file-based one here; Redis in section 8): another
-    process tracks a member and dies; its entry expires after TIMEOUT and this process's
-    heartbeat announces the member's leave, on the app's own layer."""
-    from django.test import override_settings
-
-    shared = {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
-              "LOCATION": str(tmp_path / "cache")}
-    with override_settings(CACHES={"default": shared},
-                           CHANNELS_MINI_PRESENCE={"HEARTBEAT": 0.2, "TIMEOUT": 1.5}):
-        app = Application(presence_routing, channel_layer=InMemoryChannelLayer())
-        room = f"presence-{uuid.uuid4().hex[:8]}"
-        socket = await presence_open(app, f"/presence/room/{room[9:]}/")
-        [key] = await Group(room).apresence()
-        await socket.receive_json_from(timeout=5)  # its own join
-        await asyncio.to_thread(subprocess.run, [sys.executable, "-c", presence_GHOST,
-                                                 shared["LOCATION"], room],
-                                check=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
-        died = time.monotonic()
-        listed = await presence_who(socket)
-        diff = await socket.receive_json_from(timeout=10)
-        waited = time.monotonic() - died
-        after = await presence_who(socket)
-        await socket.disconnect()
-    assert listed == {key: [{"tab": "main"}], "ghost": [{"from": "a process that died"}]}
-    assert diff == presence_diff(room, leaves={"ghost": [{"from": "a process that died"}]})
-    assert after == {key: [{"tab": "main"}]}
-    assert waited < 1.5 + 0.2 + 1, waited  # TIMEOUT + HEARTBEAT, and some slack
-
-
-def test_messages_presence_tracked_where_nothing_heartbeats_expires_after_the_timeout():
-    """A script (no server in the process, so no heartbeat) may track a channel, but its
-    entry lasts only TIMEOUT seconds: presence lists what live servers keep alive."""
-    from django.test import override_settings
-
-    group = Group(f"presence-{uuid.uuid4().hex[:8]}", channel_layer=InMemoryChannelLayer())
-    with override_settings(CHANNELS_MINI_PRESENCE={"HEARTBEAT": 0.2, "TIMEOUT": 1.0}):
-        group.track("script.channel", key="scripted")
-        listed = group.presence()
-        time.sleep(1.5)
-        expired = group.presence()
-        group.untrack("script.channel")
-    assert (listed, expired) == ({"scripted": [{}]}, {})
 
 
 # === 3. Routing ===
@@ -2480,579 +2219,6 @@ def test_consumers_calling_a_class_directly_dispatches_as_in_channels_1():
     assert ReviewDirect.calls == [(1, {"room": "r"})]
 
 
-# -- Channels 1.x sessions, decorators and exceptions (issue 13) --
-# 1.x code as written: function consumers wrapped in the session decorators, the 1.1 class
-# attributes, `message.channel_session` as a Django session keyed by the reply channel,
-# `Message` items and the socket exceptions. Each consumer below exists in both flavours:
-# `app_flavoured` wraps a plain body in an `async def` for the async run.
-
-APP_COLOR = "teal"  # what the logged-in user's HTTP session holds, to see which session a consumer got
-
-
-def app_flavoured(flavour: str, body):
-    """*body* as a sync function consumer, or wrapped in an ``async def`` one."""
-    if flavour == "sync":
-        return functools.wraps(body)(lambda message, **kwargs: body(message, **kwargs))
-
-    async def handler(message, **kwargs):
-        return body(message, **kwargs)
-    return functools.wraps(body)(handler)
-
-
-def app_login(username: str, color: str | None = APP_COLOR):
-    """A user and the Cookie header of a session logged in for it, with ``color`` in the session."""
-    from django.contrib.sessions.backends.db import SessionStore
-
-    user, cookie = rel_login(username)
-    if color is not None:
-        session = SessionStore(cookie.split("=", 1)[1])
-        session["color"] = color
-        session.save()
-    return user, cookie
-
-
-def app_seen(message, on: str, **more) -> dict:
-    """What a decorated consumer was given: ``user`` (None if not set) and the HTTP session's color."""
-    user, session = message.user, message.http_session
-    return {"on": on, "user": None if user is None else (user.get_username() or "anonymous"),
-            "http": None if session is None else session.get("color", "no color"), **more}
-
-
-def app_channel_session_items(message) -> dict:
-    """The channel session's own keys (not the user the module keeps in it)."""
-    return {key: value for key, value in message.channel_session.items()
-            if not key.startswith(("_", "channels_mini."))}
-
-
-def app_decorator_routing(flavour: str) -> list:
-    """Every 1.x decorator on a function consumer of *flavour*; each reports what it was given."""
-    from django.contrib.auth import SESSION_KEY
-
-    def connect(message, **kwargs):
-        message.channel_session["count"] = 0
-        # The user is copied for channel_session_user, never as a Django login (SECURITY)
-        app_report(**app_seen(message, "connect", django_login=SESSION_KEY in message.channel_session))
-        message.reply_channel.send({"accept": True})
-
-    def count(message, **kwargs):
-        message.channel_session["count"] += 1
-        app_report(**app_seen(message, "channel_session", **app_channel_session_items(message)))
-
-    def relay(message, **kwargs):  # stores the cookie's key in the channel session, then forwards
-        app_report(**app_seen(message, "relay", key_kept=settings.SESSION_COOKIE_NAME in message.channel_session))
-        for ask in ("channel_and_http_session", "channel_and_http_session_user_from_http"):
-            Channel("app.deco.background").send({"reply_channel": message["reply_channel"], "ask": ask})
-
-    def report(message, **kwargs):
-        app_report(**app_seen(message, message.get("ask") or message["text"]))
-
-    def disconnect(message, **kwargs):
-        app_report(**app_seen(message, "disconnect", **app_channel_session_items(message)))
-
-    def consumer(decorator, body):
-        return decorator(app_flavoured(flavour, body))
-
-    receive = functools.partial(route, "websocket.receive")
-    return [
-        route("websocket.connect", consumer(channel_session_user_from_http, connect)),
-        receive(consumer(channel_session, count), text="^channel_session$"),
-        receive(consumer(channel_session_user, report), text="^channel_session_user$"),
-        receive(consumer(http_session, report), text="^http_session$"),
-        receive(consumer(http_session_user, report), text="^http_session_user$"),
-        receive(consumer(channel_and_http_session, relay), text="^relay$"),
-        route("app.deco.background", consumer(channel_and_http_session, report),
-              ask="^channel_and_http_session$"),
-        route("app.deco.background", consumer(channel_and_http_session_user_from_http, report),
-              ask="^channel_and_http_session_user_from_http$"),
-        # enforce_ordering and allowed_hosts_only are accepted, bare or called, and change nothing
-        route("websocket.disconnect", enforce_ordering(allowed_hosts_only(
-            enforce_ordering()(consumer(channel_session, disconnect))))),
-    ]
-
-
-@pytest.mark.parametrize("flavour", ["sync", "async"])
-@asynchronous
-async def test_consumers_1x_session_decorators_on_function_consumers(flavour):
-    """Each 1.x decorator gives what it gave in 1.x, on sync and async function consumers: the
-    user comes from the handshake's cookie (copied into the channel session on connect), the
-    channel session lasts across messages, and a message on another channel that carries the
-    reply channel finds the HTTP session again through it."""
-    user, cookie = await asyncio.to_thread(app_login, "deco")
-    app, layer = app_setup(app_decorator_routing(flavour))
-    frames = ["channel_session", "channel_session_user", "http_session", "http_session_user", "relay"]
-
-    async def scenario(headers):
-        communicator = WebsocketCommunicator(app, "/deco/", headers=headers)
-        assert await communicator.connect(timeout=5) == (True, None)
-        reports = [await app_observed(layer)]
-        for frame in frames:
-            await communicator.send_to(text_data=frame)
-            reports.append(await app_observed(layer))
-        reports += [await app_observed(layer), await app_observed(layer)]  # the background two
-        await communicator.disconnect()
-        reports.append(await app_observed(layer))
-        return {report.pop("on"): report for report in reports}
-
-    name = user.username
-    assert await scenario([("cookie", cookie)]) == {
-        "connect": {"user": name, "http": APP_COLOR, "django_login": False},
-        "channel_session": {"user": None, "http": None, "count": 1},
-        "channel_session_user": {"user": name, "http": None},
-        "http_session": {"user": None, "http": APP_COLOR},
-        "http_session_user": {"user": name, "http": APP_COLOR},
-        "relay": {"user": None, "http": APP_COLOR, "key_kept": True},
-        "channel_and_http_session": {"user": None, "http": APP_COLOR},
-        "channel_and_http_session_user_from_http": {"user": name, "http": APP_COLOR},
-        # channel_and_http_session kept the handshake's session key there, as in 1.x
-        "disconnect": {"user": None, "http": None, "count": 1,
-                       settings.SESSION_COOKIE_NAME: cookie.split("=", 1)[1]},
-    }
-    assert await scenario([]) == {  # no cookie: no HTTP session, and AnonymousUser as 1.x set it
-        "connect": {"user": "anonymous", "http": None, "django_login": False},
-        "channel_session": {"user": None, "http": None, "count": 1},
-        "channel_session_user": {"user": "anonymous", "http": None},
-        "http_session": {"user": None, "http": None},
-        "http_session_user": {"user": "anonymous", "http": None},
-        "relay": {"user": None, "http": None, "key_kept": False},
-        "channel_and_http_session": {"user": None, "http": None},
-        "channel_and_http_session_user_from_http": {"user": "anonymous", "http": None},
-        "disconnect": {"user": None, "http": None, "count": 1},
-    }
-
-
-def test_consumers_1x_decorator_errors_say_what_to_do():
-    with pytest.raises(ValueError, match=re.escape(
-            "Slight ordering is gone (as in Channels 1.1): remove slight=True; ordering is always "
-            "strict here.")):
-        enforce_ordering(slight=True)
-
-    @channel_session
-    def needs_a_message(message):
-        return "ran"
-
-    with pytest.raises(ValueError, match=re.escape(
-            "@channel_session needs a consumer called with a Message (got ('not a message',)).")):
-        needs_a_message("not a message")
-    no_reply_channel = Message({"text": "hi"}, "app.deco.background", get_channel_layer())
-    with pytest.raises(ValueError, match=re.escape(
-            "A message on 'app.deco.background' has no reply_channel, so it has no channel session: "
-            "use the session decorators on consumers of messages that carry one.")):
-        needs_a_message(no_reply_channel)
-    assert (channel_session.__name__, channel_session_user_from_http.__name__) == (
-        "channel_session", "channel_session_user_from_http")
-    assert needs_a_message.__name__ == "needs_a_message"  # functools.wraps, as in 1.x
-
-
-# The 1.1 class attributes, on sync and async methods. The socket forwards each frame to
-# a background channel with its reply channel, as 1.x projects did; the background class
-# finds the socket's user through the channel session.
-
-class AppAttrSocket(WebsocketConsumer):
-    http_user = True
-
-    def connect(self, message, **kwargs):
-        app_report(**app_seen(message, "connect"))
-        super().connect(message, **kwargs)
-
-    def receive(self, text=None, bytes=None, **kwargs):
-        app_report(**app_seen(self.message, "receive"))
-        Channel("app.attr.background").send({"reply_channel": self.message["reply_channel"]})
-
-
-class AppAttrSocketAsync(AppAttrSocket):
-    async def connect(self, message, **kwargs):
-        app_report(**app_seen(message, "connect"))
-        message.reply_channel.send({"accept": True})
-
-    async def receive(self, text=None, bytes=None, **kwargs):
-        AppAttrSocket.receive(self, text)
-
-
-class AppAttrBackground(BaseConsumer):
-    method_mapping = {"app.attr.background": "handle"}
-    channel_session_user = True
-
-    def handle(self, message, **kwargs):
-        message.channel_session["handled"] = message.channel_session.get("handled", 0) + 1
-        app_report(**app_seen(message, "background", **app_channel_session_items(message)))
-
-
-class AppAttrBackgroundAsync(AppAttrBackground):
-    async def handle(self, message, **kwargs):
-        AppAttrBackground.handle(self, message)
-
-
-@pytest.mark.parametrize("socket_class, background_class, attribute", [
-    (AppAttrSocket, AppAttrBackground, "http_user"),
-    (AppAttrSocketAsync, AppAttrBackgroundAsync, "http_user"),
-    (AppAttrSocket, AppAttrBackground, "http_user_and_session"),
-    (AppAttrSocketAsync, AppAttrBackgroundAsync, "http_user_and_session"),
-], ids=["http_user-sync", "http_user-async", "http_user_and_session-sync", "http_user_and_session-async"])
-@asynchronous
-async def test_consumers_1x_class_attributes_mean_what_they_meant_in_1_1(socket_class, background_class,
-                                                                         attribute):
-    """``http_user`` / ``http_user_and_session``: ``message.user`` on every message of the
-    socket, the user copied into the channel session on connect, where a class with
-    ``channel_session_user`` finds it; ``channel_session_user`` implies ``channel_session``
-    (loaded before the method, so async methods use it too). ``http_user_and_session`` also
-    finds the HTTP session again on a message without cookies."""
-    user, cookie = await asyncio.to_thread(app_login, "attr")
-    attrs = {"http_user": False, attribute: True}
-    background_attrs = {} if attribute == "http_user" else {"http_user_and_session": True}
-    app, layer = app_setup([socket_class.as_route(attrs, path=r"^/attr/$"),
-                            background_class.as_route(background_attrs)])
-    communicator = WebsocketCommunicator(app, "/attr/", headers=[("cookie", cookie)])
-    assert await communicator.connect(timeout=5) == (True, None)
-    reports = [await app_observed(layer)]
-    for _ in range(2):
-        await communicator.send_to(text_data="hello")
-        reports += [await app_observed(layer), await app_observed(layer)]
-    await communicator.disconnect()
-    name = user.username
-    # the background message has no cookie: http_user_and_session finds the HTTP session
-    # through the key it kept in the channel session (as 1.x did); http_user does not
-    background = ({"http": APP_COLOR, settings.SESSION_COOKIE_NAME: cookie.split("=", 1)[1]}
-                  if attribute == "http_user_and_session" else {"http": None})
-    by_place = sorted(reports, key=lambda report: (report["on"], report.get("handled", 0)))
-    assert by_place == [
-        {"on": "background", "user": name, **background, "handled": 1},
-        {"on": "background", "user": name, **background, "handled": 2},
-        {"on": "connect", "user": name, "http": APP_COLOR},
-        {"on": "receive", "user": name, "http": APP_COLOR},
-        {"on": "receive", "user": name, "http": APP_COLOR},
-    ]
-
-
-class AppAttrChannelSession(WebsocketConsumer):
-    channel_session = True  # loaded before every method: async ones may use it on the loop
-
-    async def connect(self, message, **kwargs):
-        message.channel_session["frames"] = []
-        message.reply_channel.send({"accept": True})
-
-    async def receive(self, text=None, bytes=None, **kwargs):
-        session = self.message.channel_session
-        session["frames"] = [*session["frames"], text]
-        self.send(text=json.dumps(session["frames"]))
-
-
-@asynchronous
-async def test_consumers_1x_channel_session_attribute_loads_it_for_async_methods():
-    await asyncio.to_thread(ensure_database)
-    app, _ = app_setup([AppAttrChannelSession.as_route(path=r"^/frames/$")])
-    communicator = WebsocketCommunicator(app, "/frames/")
-    assert await communicator.connect(timeout=5) == (True, None)
-    replies = []
-    for text in ("a", "b"):
-        await communicator.send_to(text_data=text)
-        replies.append(json.loads(await communicator.receive_from(timeout=5)))
-    await communicator.disconnect()
-    assert replies == [["a"], ["a", "b"]]
-
-
-def app_session_rows() -> set[str]:
-    """The keys of the channel sessions stored in the database (1.x's 'chn...' keys)."""
-    from django.contrib.sessions.models import Session
-    return set(Session.objects.filter(session_key__startswith="chn").values_list("session_key", flat=True))
-
-
-class AppSessionUntouched(WebsocketConsumer):
-    def receive(self, text=None, bytes=None, **kwargs):
-        self.send(text=text)
-
-
-class AppSessionReader(AppSessionUntouched):
-    def receive(self, text=None, bytes=None, **kwargs):
-        session = self.message.channel_session
-        if text == "write":
-            session["written"] = session.get("written", 0) + 1
-        self.send(text=json.dumps(dict(session)))
-
-
-def test_consumers_channel_session_saved_when_modified_deleted_on_close_untouched_costs_nothing(monkeypatch):
-    """The channel session is a row of the session store (the database engine here): a
-    consumer that never touches it costs no session I/O at all; one that reads it loads it
-    and saves it only after a handler that changed it; the row goes when the socket closes."""
-    from django.contrib.sessions.backends.db import SessionStore
-
-    ensure_database()
-    calls: list[str] = []
-    for name in ("load", "save", "delete", "exists", "create"):
-        original = getattr(SessionStore, name)
-
-        def counted(self, *args, _name=name, _original=original, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(SessionStore, name, counted)
-    before = app_session_rows()
-    app, _ = app_setup([AppSessionUntouched.as_route(path=r"^/untouched/$"),
-                        AppSessionReader.as_route(path=r"^/reader/$")])
-
-    async def exchange(path, frames):
-        communicator = WebsocketCommunicator(app, path)
-        assert await communicator.connect(timeout=5) == (True, None)
-        replies, rows_open = [], []
-        for frame in frames:
-            calls.clear()
-            await communicator.send_to(text_data=frame)
-            replies.append(await communicator.receive_from(timeout=5))
-            rows_open.append(await asyncio.to_thread(app_session_rows))
-            replies.append(list(calls))
-        await communicator.disconnect()
-        return replies, rows_open
-
-    replies, rows_open = run(exchange("/untouched/", ["one", "two"]))
-    assert replies == ["one", [], "two", []]
-    assert rows_open == [before, before]
-    calls.clear()
-    replies, rows_open = run(exchange("/reader/", ["read", "write", "read", "write"]))
-    assert replies == ['{}', ["load"], '{"written": 1}', ["load", "save", "save"],  # update, then create
-                       '{"written": 1}', ["load"], '{"written": 2}', ["load", "save"]]
-    assert rows_open[0] == before and len(rows_open[1] - before) == 1 == len(rows_open[3] - before)
-    assert calls[-1:] == ["delete"] and app_session_rows() == before  # gone with its socket
-
-
-def test_consumers_1x_message_items_and_deep_copy():
-    message = Message({"text": "hi", "meta": {"tags": ["a"]}, "reply_channel": "websocket.send!x"},
-                      "websocket.receive", get_channel_layer())
-    message["room"] = "lobby"  # as 1.x projects did before re-sending a message
-    del message["text"]
-    assert message.content == {"meta": {"tags": ["a"]}, "reply_channel": "websocket.send!x",
-                               "room": "lobby"}
-    clone = message.copy()
-    clone["meta"]["tags"].append("b")
-    clone["room"] = "kitchen"
-    assert (message["meta"], message["room"]) == ({"tags": ["a"]}, "lobby")  # independent, deeply
-    assert (clone.channel_name, clone.reply_channel.name) == ("websocket.receive", "websocket.send!x")
-    assert dict(message.copy(room="hall")) == {**message.content, "room": "hall"}
-
-
-class AppSocketAction(ChannelSocketException):
-    """A 1.x-style socket action: tell the client why, then close with 4003."""
-
-    def run(self, message):
-        message.reply_channel.send({"text": "not allowed", "close": 4003})
-
-
-def app_exception_routing(flavour: str) -> list:
-    def raising(message, **kwargs):
-        text = message.get("text", "")
-        if text == "close":
-            raise WebsocketCloseException(4005)
-        if text == "close-normal":
-            raise WebsocketCloseException()
-        if text == "action":
-            raise AppSocketAction()
-        if text == "later":
-            Channel("app.exc.background").send({"reply_channel": message["reply_channel"]})
-        return None
-
-    def background(message, **kwargs):
-        raise WebsocketCloseException(4010)
-
-    return [route("websocket.receive", app_flavoured(flavour, raising)),
-            route("app.exc.background", app_flavoured(flavour, background))]
-
-
-@pytest.mark.parametrize("flavour", ["sync", "async"])
-@asynchronous
-async def test_consumers_1x_socket_exceptions_run_their_action(flavour, caplog):
-    """Raised in a consumer -- also one of a background channel that holds the reply
-    channel -- a ChannelSocketException runs its action instead of failing the socket:
-    WebsocketCloseException(code) closes with that code (1000 without one)."""
-    app, _ = app_setup(app_exception_routing(flavour))
-
-    async def outcome(frame):
-        communicator = WebsocketCommunicator(app, "/exc/")
-        assert await communicator.connect(timeout=5) == (True, None)
-        await communicator.send_to(text_data=frame)
-        event = await communicator.receive_output(timeout=5)
-        if event["type"] == "websocket.send":
-            return event["text"], await app_close_code(communicator)
-        assert event["type"] == "websocket.close", event
-        return event["code"]
-
-    assert [await outcome(frame) for frame in ("close", "close-normal", "action", "later")] == [
-        4005, 1000, ("not allowed", 4003), 4010]
-    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
-    with pytest.raises(ValueError, match=re.escape(
-            "Invalid close code 1011: use 1000 or one from 3000 to 4999.")):
-        WebsocketCloseException(1011)
-
-
-# A 1.x multi-room chat, written as the Channels 1.x "multichat" example is: function
-# consumers, the session decorators, and a custom channel routed by a `command` filter.
-# Every answer names the process that ran the `chat.receive` consumer (`pid`).
-
-def app_chat_answer(message, **content) -> None:
-    message.reply_channel.send({"text": json.dumps({**content, "pid": os.getpid()})})
-
-
-@channel_session_user_from_http
-def app_chat_ws_connect(message):
-    message.reply_channel.send({"accept": True})
-    message.channel_session["rooms"] = []
-
-
-def app_chat_ws_receive(message):
-    payload = json.loads(message["text"])
-    payload["reply_channel"] = message.content["reply_channel"]
-    Channel("chat.receive").send(payload)
-
-
-@channel_session_user
-def app_chat_ws_disconnect(message):
-    for room in message.channel_session.get("rooms", []):
-        Group(f"chat-{room}").discard(message.reply_channel)
-
-
-@channel_session_user
-def app_chat_join(message):
-    room = message["room"]
-    if room.startswith("staff") and not message.user.is_staff:
-        return app_chat_answer(message, error="ROOM_ACCESS_DENIED", room=room)
-    Group(f"chat-{room}").add(message.reply_channel)
-    message.channel_session["rooms"] = sorted({*message.channel_session["rooms"], room})
-    app_chat_answer(message, join=room, user=message.user.username)
-
-
-@channel_session_user
-async def app_chat_leave(message):  # an async consumer, in the same routing
-    room = message["room"]
-    await Group(f"chat-{room}").adiscard(message.reply_channel)
-    message.channel_session["rooms"] = [name for name in message.channel_session["rooms"] if name != room]
-    app_chat_answer(message, leave=room)
-
-
-@channel_session_user
-def app_chat_send(message):
-    room = message["room"]
-    if room not in message.channel_session["rooms"]:
-        return app_chat_answer(message, error="ROOM_NOT_JOINED", room=room)
-    Group(f"chat-{room}").send({"text": json.dumps({
-        "room": room, "user": message.user.username, "message": message["message"], "pid": os.getpid()})})
-
-
-app_chat_socket_routing = [
-    route("websocket.connect", app_chat_ws_connect, path=r"^/chat/$"),
-    route("websocket.receive", app_chat_ws_receive, path=r"^/chat/$"),
-    route("websocket.disconnect", app_chat_ws_disconnect, path=r"^/chat/$"),
-]
-app_chat_routing = app_chat_socket_routing + [
-    route("chat.receive", app_chat_join, command="^join$"),
-    route("chat.receive", app_chat_leave, command="^leave$"),
-    route("chat.receive", app_chat_send, command="^send$"),
-]
-app_chat_app = Application(app_chat_routing)
-app_chat_socket_app = Application(app_chat_socket_routing)  # no chat.receive consumer here
-
-
-def app_chat_users() -> dict:
-    """A staff user and a plain one, with passwords, for the login view."""
-    from django.contrib.auth.models import User
-
-    ensure_database()
-    users = {}
-    for role, staff in (("staff", True), ("plain", False)):
-        name, password = f"chat-{role}-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-        User.objects.create_user(name, password=password, is_staff=staff)
-        users[role] = (name, password)
-    return users
-
-
-def app_log_in(server, username: str, password: str) -> str:
-    """POST the test project's login view (Django's AuthenticationForm and login()) with a real
-    HTTP client; the Cookie header value a browser would send from then on."""
-    from http.cookies import SimpleCookie
-    from urllib.parse import urlencode
-
-    data = urlencode({"username": username, "password": password}).encode()
-    with urllib.request.urlopen(server.url("/login/", "http"), data=data, timeout=10) as response:
-        assert response.read() == b"logged in"
-        jar = SimpleCookie()
-        for header in response.headers.get_all("Set-Cookie"):
-            jar.load(header)
-    return f"{settings.SESSION_COOKIE_NAME}={jar[settings.SESSION_COOKIE_NAME].value}"
-
-
-async def app_chat_recv(websocket, timeout: float = 10) -> dict:
-    return json.loads(await asyncio.wait_for(websocket.recv(), timeout))
-
-
-async def app_chat_silent(websocket, timeout: float = 0.5) -> bool:
-    try:
-        await asyncio.wait_for(websocket.recv(), timeout)
-    except asyncio.TimeoutError:
-        return True
-    return False
-
-
-async def app_chat_session(staff_url: str, plain_url: str, staff_cookie: str, plain_cookie: str,
-                           users: dict, chat_pid: int) -> set[str]:
-    """The chat, end to end: joins, a staff-only room refused, messages to a room, a leave.
-    Every `chat.receive` answer must come from the process *chat_pid*. Returns the channel
-    session rows stored while both sockets were open."""
-    staff_name, plain_name = users["staff"][0], users["plain"][0]
-
-    async def ask(websocket, **payload) -> dict:
-        await websocket.send(json.dumps(payload))
-        return await app_chat_recv(websocket)
-
-    async with ws_connect(staff_url, additional_headers=[("Cookie", staff_cookie)]) as staff, \
-            ws_connect(plain_url, additional_headers=[("Cookie", plain_cookie)]) as plain:
-        answers = [await ask(staff, command="join", room="lobby"),
-                   await ask(staff, command="join", room="staff-room"),
-                   await ask(plain, command="join", room="lobby"),
-                   await ask(plain, command="join", room="staff-room"),
-                   await ask(plain, command="send", room="staff-room", message="let me in")]
-        assert answers == [
-            {"join": "lobby", "user": staff_name, "pid": chat_pid},
-            {"join": "staff-room", "user": staff_name, "pid": chat_pid},
-            {"join": "lobby", "user": plain_name, "pid": chat_pid},
-            {"error": "ROOM_ACCESS_DENIED", "room": "staff-room", "pid": chat_pid},
-            {"error": "ROOM_NOT_JOINED", "room": "staff-room", "pid": chat_pid},
-        ]
-        await plain.send(json.dumps({"command": "send", "room": "lobby", "message": "hello"}))
-        hello = {"room": "lobby", "user": plain_name, "message": "hello", "pid": chat_pid}
-        assert [await app_chat_recv(plain), await app_chat_recv(staff)] == [hello, hello]
-        await staff.send(json.dumps({"command": "send", "room": "staff-room", "message": "staff only"}))
-        assert (await app_chat_recv(staff))["message"] == "staff only"
-        assert await app_chat_silent(plain)
-        assert await ask(plain, command="leave", room="lobby") == {"leave": "lobby", "pid": chat_pid}
-        await staff.send(json.dumps({"command": "send", "room": "lobby", "message": "anyone?"}))
-        assert (await app_chat_recv(staff))["message"] == "anyone?"
-        assert await app_chat_silent(plain)
-        assert await ask(plain, command="send", room="lobby", message="x") == {
-            "error": "ROOM_NOT_JOINED", "room": "lobby", "pid": chat_pid}
-        return await asyncio.to_thread(app_session_rows)
-
-
-def app_chat_rows_settle(before: set[str], timeout: float = 10) -> set[str]:
-    """The channel-session rows once the closed sockets' rows are gone (bounded wait)."""
-    deadline = time.monotonic() + timeout
-    while app_session_rows() != before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return app_session_rows()
-
-
-def test_consumers_1x_multi_room_chat_under_uvicorn_with_users_logged_in_through_django():
-    """The 1.x multi-room chat above, unchanged but for its imports, under a real uvicorn with
-    the in-memory layer: users log in through Django's AuthenticationForm and login() (the
-    test project's CSRF-exempt login view, POSTed with a real HTTP client), `ws_connect` copies
-    the user into the channel session, and the `chat.receive` consumers -- routed by the
-    `command` filter -- find `message.user` and `channel_session["rooms"]` there. Staff-only
-    rooms are refused to others. The channel sessions are deleted when the sockets close."""
-    users = app_chat_users()
-    before = app_session_rows()
-    with running_server(app=f"{__name__}:app_chat_app") as server:
-        cookies = [app_log_in(server, *users[role]) for role in ("staff", "plain")]
-        url = server.url("/chat/")
-        rows_open = run(app_chat_session(url, url, *cookies, users, chat_pid=server.process.pid),
-                        timeout=60)
-        assert len(rows_open - before) == 2  # one per socket ...
-        assert app_chat_rows_settle(before) == before  # ... deleted when it closed
-
-
 # === 5. Binding ===
 # One WebsocketBinding on Item, heard by group "bind-items-all" and by one group per team,
 # and a demultiplexer that carries it on stream "items" (and a binding that keeps the
@@ -3467,177 +2633,6 @@ def test_binding_documented_limit_queryset_update_and_bulk_create_send_nothing()
     assert bind_frame(listener)["payload"]["data"]["name"] == "raw"
 
 
-# -- inbound --
-
-def bind_items_frame(action: str, pk=None, data=None, stream: str = "items") -> dict:
-    payload = {"action": action, "pk": pk}
-    if data is not None:
-        payload["data"] = data
-    return {"stream": stream, "payload": payload}
-
-
-async def bind_exchange(headers: list, frames: list[dict], replies: int) -> list[dict]:
-    """Open a demultiplexed socket, send *frames*, collect *replies* frames, close."""
-    application = Application([bind_Demultiplexer.as_route(path=r"^/bind/$")])
-    communicator = WebsocketCommunicator(application, "/bind/", headers=headers)
-    connected, _ = await communicator.connect(timeout=5)
-    assert connected
-    for frame in frames:
-        await communicator.send_json_to(frame)
-    received = [await communicator.receive_json_from(timeout=5) for _ in range(replies)]
-    assert await communicator.receive_nothing(timeout=0.3)
-    await communicator.disconnect(timeout=5)
-    return received
-
-
-def test_binding_inbound_create_update_delete_when_allowed():
-    from decimal import Decimal
-    ensure_database()
-    user = bind_user()
-    headers = bind_cookie_headers(user)
-
-    [created] = run(bind_exchange(headers, [bind_items_frame("create", data={
-        "name": "from client", "price": "4.50", "team": "inbound", "owner": user.pk})], 1))
-    item = Item.objects.get(team="inbound")
-    assert (item.name, item.price, item.owner_id) == ("from client", Decimal("4.50"), user.pk)
-    assert created["stream"] == "items"  # the socket hears its own change through the group
-    assert (created["payload"]["action"], created["payload"]["pk"]) == ("create", item.pk)
-
-    [updated] = run(bind_exchange(headers, [
-        bind_items_frame("update", item.pk, {"name": "renamed"})], 1))
-    assert Item.objects.get(pk=item.pk).name == "renamed"
-    assert (updated["payload"]["action"], updated["payload"]["data"]["name"]) == \
-        ("update", "renamed")
-
-    [deleted] = run(bind_exchange(headers, [bind_items_frame("delete", item.pk)], 1))
-    assert not Item.objects.filter(pk=item.pk).exists()
-    assert (deleted["payload"]["action"], deleted["payload"]["pk"]) == ("delete", item.pk)
-
-
-def test_binding_inbound_update_changes_only_the_fields_sent():
-    import datetime
-    from decimal import Decimal
-    ensure_database()
-    user = bind_user()
-    when = datetime.datetime(2023, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
-    item = Item.objects.create(name="before", price=Decimal("9.99"), when=when, team="partial",
-                               owner=user)
-    before = Item.objects.get(pk=item.pk)
-
-    [updated] = run(bind_exchange(bind_cookie_headers(user), [
-        bind_items_frame("update", item.pk, {"price": "1.25"})], 1))
-
-    after = Item.objects.get(pk=item.pk)
-    assert after.price == Decimal("1.25")
-    assert (after.name, after.when, after.uid, after.owner_id, after.team) == \
-        (before.name, before.when, before.uid, before.owner_id, before.team)
-    assert updated["payload"]["data"]["price"] == "1.25"
-
-
-def bind_error(action, pk, error: str, stream: str = "items") -> dict:
-    return {"stream": stream, "payload": {"error": error, "action": action, "pk": pk}}
-
-
-def bind_check_refused(headers: list, frame: dict, expected_error: dict) -> None:
-    """*frame* is answered with *expected_error*, and a valid create after it still works."""
-    marker = f"after-{uuid.uuid4().hex[:8]}"
-    count_before = Item.objects.count()
-    rows_before = list(Item.objects.order_by("pk").values())
-    error, created = run(bind_exchange(headers, [
-        frame, bind_items_frame("create", data={"name": marker, "team": "refused"})], 2))
-
-    assert error == expected_error
-    assert (created["payload"]["action"], created["payload"]["data"]["name"]) == ("create", marker)
-    marked = Item.objects.get(name=marker)
-    assert Item.objects.count() == count_before + 1  # only the valid create was saved
-    assert list(Item.objects.exclude(pk=marked.pk).order_by("pk").values()) == rows_before
-
-
-def test_binding_inbound_denied_by_default_has_permission():
-    ensure_database()
-    headers = bind_cookie_headers(bind_user())
-    bind_check_refused(headers, bind_items_frame("create", data={"name": "nope"}, stream="deny"),
-                       bind_error("create", None, "Permission denied: create on pk None.",
-                                  stream="deny"))
-
-
-def test_binding_inbound_refused_for_an_anonymous_user():
-    ensure_database()
-    item = Item.objects.create(name="keep", team="anon")
-    errors = run(bind_exchange([], [bind_items_frame("update", item.pk, {"name": "changed"}),
-                                    bind_items_frame("create", data={"name": "anon"})], 2))
-    assert errors == [
-        bind_error("update", item.pk, f"Permission denied: update on pk {item.pk!r}."),
-        bind_error("create", None, "Permission denied: create on pk None.")]
-    assert Item.objects.get(pk=item.pk).name == "keep"
-    assert not Item.objects.filter(name="anon").exists()
-
-
-def test_binding_inbound_refuses_an_unknown_action():
-    ensure_database()
-    item = Item.objects.create(name="stay", team="refused")
-    bind_check_refused(bind_cookie_headers(bind_user()),
-                       bind_items_frame("rename", item.pk, {"name": "x"}),
-                       bind_error("rename", item.pk, "Unknown action 'rename'; use one of "
-                                  "['create', 'update', 'delete']."))
-
-
-@pytest.mark.parametrize("action", ["update", "delete"])
-def test_binding_inbound_refuses_a_missing_pk(action):
-    ensure_database()
-    Item.objects.create(name="stay", team="refused")
-    bind_check_refused(bind_cookie_headers(bind_user()),
-                       {"stream": "items", "payload": {"action": action, "data": {"name": "x"}}},
-                       bind_error(action, None, f"Action {action!r} needs a 'pk'."))
-
-
-def test_binding_inbound_refuses_an_unknown_field():
-    ensure_database()
-    bind_check_refused(bind_cookie_headers(bind_user()),
-                       bind_items_frame("create", data={"name": "x", "colour": "red"}),
-                       bind_error("create", None, "Unknown field(s) ['colour']; this binding "
-                                  "accepts ['name', 'owner', 'price', 'team', 'uid', 'when']."))
-
-
-def test_binding_inbound_refuses_a_too_long_name():
-    ensure_database()
-    bind_check_refused(bind_cookie_headers(bind_user()),
-                       bind_items_frame("create", data={"name": "n" * 60}),
-                       bind_error("create", None, "Invalid data: {'name': ['Ensure this value "
-                                  "has at most 50 characters (it has 60).']}."))
-
-
-def test_binding_inbound_refuses_a_non_numeric_price():
-    ensure_database()
-    user = bind_user()
-    item = Item.objects.create(name="priced", team="refused", owner=user)
-    bind_check_refused(bind_cookie_headers(user),
-                       bind_items_frame("update", item.pk, {"price": "abc"}),
-                       bind_error("update", item.pk, "Invalid data: {'price': "
-                                  "['“abc” value must be a decimal number.']}."))
-    assert Item.objects.get(pk=item.pk).price == 0
-
-
-def test_binding_inbound_answers_not_found():
-    ensure_database()
-    missing = (Item.objects.order_by("-pk").values_list("pk", flat=True).first() or 0) + 1000
-    bind_check_refused(bind_cookie_headers(bind_user()),
-                       bind_items_frame("update", missing, {"name": "x"}),
-                       bind_error("update", missing,
-                                  f"{bind_label()} with pk {missing!r} does not exist."))
-
-
-@pytest.mark.parametrize("action", ["update", "delete"])
-def test_binding_inbound_refuses_another_users_object(action):
-    ensure_database()
-    item = Item.objects.create(name="theirs", team="refused", owner=bind_user("owner"))
-    bind_check_refused(bind_cookie_headers(bind_user("intruder")),
-                       bind_items_frame(action, item.pk, {"name": "mine"}),
-                       bind_error(action, item.pk,
-                                  f"Permission denied: {action} on pk {item.pk!r}."))
-    assert Item.objects.get(pk=item.pk).name == "theirs"
-
-
 # -- end to end --
 
 def test_binding_model_saved_in_a_django_view_reaches_a_websocket_client_under_uvicorn():
@@ -3722,7 +2717,7 @@ def bind_cookie(user) -> dict:
 
 
 async def bind_recv(websocket, timeout: float = 10) -> dict:
-    return json.loads(await asyncio.wait_for(websocket.recv(), timeout))
+    return json.loads(await recv(websocket, timeout))
 
 
 async def bind_silent(websocket, timeout: float = 0.3) -> bool:
@@ -3924,7 +2919,9 @@ def test_binding_inbound_request_id_is_answered_with_the_saved_pk_or_the_error()
         "action": "rename", "pk": 1, "request_id": "r-2"}}
 
 
-# === 6. ASGI app ===
+# === 6. Connection ===
+# One socket as the connection sees it: the 1.x message keys, replies on the reply channel,
+# unrouted sockets. The consumers and the `server_app` here serve the later sections too.
 # `server_routing` / `server_app` are what the header's settings (CHANNEL_ROUTING) and
 # `running_server()` name: the real servers below import this module and serve them.
 
@@ -4108,6 +3105,7 @@ async def test_app_unrouted_connect_accepted_only_if_a_receive_route_matches(cap
     ([".example.com"], "http://127.0.0.1", False),  # allowed_origins replaces ALLOWED_HOSTS
     (["*"], "http://anything.test:1234", True),
 ], ids=lambda value: repr(value))
+# === 7. ASGI app ===
 @asynchronous
 async def test_app_origin_checks_before_any_consumer_runs(allowed_origins, origin, accepted, caplog):
     app, layer = app_setup([route("websocket.connect", app_report_connect, path=r"^/o/$")],
@@ -4301,17 +3299,13 @@ def app_live_server(request):
         yield server
 
 
-async def app_recv(connection, timeout: float = 10):
-    return await asyncio.wait_for(connection.recv(), timeout)
-
-
 @asynchronous
 async def test_app_server_echo(app_live_server):
     async with ws_connect(app_live_server.url("/echo/")) as connection:
         await connection.send("ping")
-        text = await app_recv(connection)
+        text = await recv(connection)
         await connection.send(b"\x00\xffbinary")
-        binary = await app_recv(connection)
+        binary = await recv(connection)
     assert (text, binary) == ("ping", b"\x00\xffbinary")
 
 
@@ -4323,9 +3317,9 @@ async def test_app_server_group_broadcast_reaches_the_other_client(app_live_serv
             ws_connect(app_live_server.url(f"/chat/{room}/")) as bob, \
             ws_connect(app_live_server.url("/chat/elsewhere/")) as carol:
         await alice.send("hello room")
-        heard = [await app_recv(bob), await app_recv(alice)]
+        heard = [await recv(bob), await recv(alice)]
         with pytest.raises(asyncio.TimeoutError):
-            await app_recv(carol, timeout=0.5)
+            await recv(carol, timeout=0.5)
     assert heard == ["hello room", "hello room"]
 
 
@@ -4335,9 +3329,9 @@ async def test_app_server_close_code_reaches_the_client(app_live_server):
 
     async with ws_connect(app_live_server.url("/close/")) as connection:
         await connection.send("please close")
-        text = await app_recv(connection)
+        text = await recv(connection)
         with pytest.raises(ConnectionClosed) as closed:
-            await app_recv(connection)
+            await recv(connection)
     assert (text, closed.value.rcvd.code) == ("bye", 4242)
 
 
@@ -4351,7 +3345,7 @@ async def test_app_server_rejects_cross_origin_handshake_with_403(app_live_serve
     own_origin = f"http://127.0.0.1:{app_live_server.port}"
     async with ws_connect(app_live_server.url("/echo/"), origin=own_origin) as connection:
         await connection.send("same origin")
-        echoed = await app_recv(connection)
+        echoed = await recv(connection)
     assert (rejected.value.response.status_code, echoed) == (403, "same origin")
 
 
@@ -4365,7 +3359,7 @@ def test_app_server_serves_django_http_through_the_same_app(app_live_server):
 async def test_app_server_background_channel_replies_to_the_socket(app_live_server):
     async with ws_connect(app_live_server.url("/mail/")) as connection:
         await connection.send("dee@example.com")
-        reply = await app_recv(connection)
+        reply = await recv(connection)
     assert reply == f"mail for dee: from a socket ({APP_IN_THREAD})"
 
 
@@ -4374,7 +3368,7 @@ def test_app_uvicorn_lifespan_on_starts_and_stops_cleanly():
         async def scenario():
             async with ws_connect(server.url("/mail/")) as connection:
                 await connection.send("eve@example.com")
-                return await app_recv(connection)
+                return await recv(connection)
 
         assert run(scenario()) == f"mail for eve: from a socket ({APP_IN_THREAD})"
     assert server.process.returncode == 0
@@ -4383,253 +3377,7 @@ def test_app_uvicorn_lifespan_on_starts_and_stops_cleanly():
     assert "Traceback" not in log and "ERROR" not in log
 
 
-# -- HTTP consumers (Channels 1.x's http.request) --
-
-def http_hello(message):
-    """Channels 1.x's Getting Started consumer, as written there (imports aside)."""
-    from django.http import HttpResponse
-    response = HttpResponse("Hello world! You asked for %s" % message.content["path"])
-    for chunk in AsgiHandler.encode_response(response):
-        message.reply_channel.send(chunk)
-
-
-async def http_echo(message, name):
-    """Answers with what the 1.x message holds (the body, the request line, the peers)."""
-    headers = {key.decode(): value.decode() for key, value in message["headers"]}
-    answer = {"name": name, "method": message["method"], "path": message["path"],
-              "query_string": message["query_string"].decode(), "body": message["body"].decode(),
-              "scheme": message["scheme"], "http_version": message["http_version"],
-              "has_client": bool(message["client"]), "has_server": bool(message["server"]),
-              "header": headers.get("x-test"), "reply_channel": message["reply_channel"]}
-    message.reply_channel.send({"status": 201, "headers": [("content-type", "application/json")],
-                                "content": json.dumps(answer).encode()})
-
-
-def http_form(message):
-    """Reads a posted form through AsgiRequest, as a 1.x consumer would."""
-    request = AsgiRequest(message)
-    text = f"{request.method} {request.path} said={request.POST.get('said')} q={request.GET.get('q')}"
-    message.reply_channel.send({"status": 200, "headers": [], "content": text.encode()})
-
-
-def http_poll(message, topic):
-    """A long-poll: the reply channel waits in a group until something is published."""
-    Group(f"http-poll-{topic}").add(message.reply_channel)
-
-
-def http_stream(message):
-    """Server-sent events: headers and a first comment now, then whatever the group gets."""
-    message.reply_channel.send({"status": 200, "headers": SSE_HEADERS,
-                                "content": sse_event(comment="hello"), "more_content": True})
-    Group("http-stream").add(message.reply_channel)
-
-
-http_disconnects: list[str] = []
-
-
-def http_gone(message):
-    http_disconnects.append(message["path"])
-
-
-def http_never(message):
-    """Routed, and never answered: the request gets 504 after http_timeout."""
-
-
-def http_counting(message):
-    http_disconnects.append("counted " + message["path"])
-    message.reply_channel.send({"status": 200, "headers": [], "content": b"ok"})
-
-
-def _view_http_publish(request, topic):
-    """A Django view answers the long-polls of *topic* and feeds the event streams."""
-    from django.http import HttpResponse
-    text = request.GET.get("text", "news")
-    Group(f"http-poll-{topic}").send({"status": 200, "headers": [("content-type", "text/plain")],
-                                      "content": f"{topic}: {text}".encode()})
-    Group("http-stream").send({"content": sse_event(text, id=request.GET.get("id")),
-                               "more_content": True})
-    return HttpResponse("published")
-
-
-def _view_http_stats(request):
-    from django.http import JsonResponse
-    layer = get_channel_layer()
-    return JsonResponse({**layer.stats(), "late": getattr(layer, "late", 0),
-                         "disconnects": http_disconnects})
-
-
-def _http_url_patterns():
-    from django.urls import path
-    return [path("http/publish/<str:topic>/", _view_http_publish), path("http/stats/", _view_http_stats)]
-
-
-urlpatterns += _http_url_patterns()
-
-http_routing = [
-    route("http.request", http_hello, path=r"^/hello/"),
-    route("http.request", http_echo, path=r"^/http/echo/(?P<name>\w+)/$", method="^(?:GET|POST)$"),
-    route("http.request", http_form, path=r"^/http/form/$", method=b"^POST$"),
-    route("http.request", http_poll, path=r"^/http/poll/(?P<topic>\w+)/$", method="^GET$"),
-    route("http.request", http_stream, path=r"^/http/stream/$"),
-    route("http.request", http_never, path=r"^/http/never/$"),
-    route("http.request", http_counting, path=r"^/http/counting/$"),
-    route("http.disconnect", http_gone),
-]
-http_app = Application(http_routing, http_timeout=2)
-
-
-def http_request(url: str, data: bytes | None = None, headers: dict | None = None,
-                 timeout: float = 10) -> tuple:
-    """A real HTTP request: status, body and the (case-insensitive) response headers."""
-    request = urllib.request.Request(url, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read(), response.headers
-    except urllib.error.HTTPError as error:
-        return error.code, error.read(), error.headers
-
-
-@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
-def test_app_http_consumers_get_post_and_django_under_each_server(kind):
-    """Routed GET and POST (with a body) reach their consumers with the 1.x message; the 1.x
-    Getting Started consumer answers; unrouted requests still reach Django's views."""
-    with running_server(kind, app=f"{__name__}:http_app") as server:
-        status, body, headers = http_request(server.url("/http/echo/bob/?q=1", "http"),
-                                             data=b"payload", headers={"X-Test": "yes"})
-        got = json.loads(body)
-        get_status, get_body, _ = http_request(server.url("/http/echo/ann/", "http"))
-        hello = http_request(server.url("/hello/there/", "http"))
-        form = http_request(server.url("/http/form/?q=2", "http"), data=b"said=hi+there")
-        django_page = http_get(server.url("/page/", "http"))
-    assert status == 201 and headers["content-type"] == "application/json"
-    assert {key: got[key] for key in ("name", "method", "path", "query_string", "body", "scheme",
-                                      "header", "has_client", "has_server")} == {
-        "name": "bob", "method": "POST", "path": "/http/echo/bob/", "query_string": "q=1",
-        "body": "payload", "scheme": "http", "header": "yes", "has_client": True, "has_server": True}
-    assert got["http_version"] in ("1.0", "1.1") and got["reply_channel"].startswith("http.response")
-    assert get_status == 201 and json.loads(get_body)["method"] == "GET"
-    assert hello[:2] == (200, b"Hello world! You asked for /hello/there/")
-    assert form[:2] == (200, b"POST /http/form/ said=hi there q=2")
-    assert django_page == (200, "django page ok")
-
-
-@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
-def test_app_http_long_poll_is_answered_by_a_django_view_in_the_same_process(kind):
-    """A long-poll waits in a group; a Django view's Group.send answers it (and only its topic)."""
-    with running_server(kind, app=f"{__name__}:http_app") as server:
-
-        async def scenario():
-            waiting = asyncio.create_task(asyncio.to_thread(
-                http_request, server.url("/http/poll/alpha/", "http")))
-            other = asyncio.create_task(asyncio.to_thread(
-                http_request, server.url("/http/poll/beta/", "http"), None, None, 8))
-            await asyncio.sleep(0.5)  # both wait in their groups
-            published = await asyncio.to_thread(
-                http_request, server.url("/http/publish/alpha/?text=hello", "http"))
-            return published, await waiting, await other
-
-        published, answered, unanswered = run(scenario())
-    assert published[:2] == (200, b"published")
-    assert answered[:2] == (200, b"alpha: hello")
-    assert unanswered[0] == 504  # beta's topic heard nothing: its request timed out
-
-
-@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
-def test_app_http_server_sent_events_receive_group_sends_in_order(kind):
-    """An event stream joined to a group gets every Group.send, in order, as SSE events."""
-    import http.client
-    with running_server(kind, app=f"{__name__}:http_app") as server:
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-        try:
-            connection.request("GET", "/http/stream/")
-            response = connection.getresponse()
-            first = response.readline() + response.readline()
-            for number in range(20):
-                assert http_request(server.url(f"/http/publish/x/?text=n{number}&id={number}",
-                                               "http"))[:2] == (200, b"published")
-            events = []
-            for _ in range(20):
-                lines = [response.readline() for _ in range(3)]  # id:, data:, blank
-                events.append(b"".join(lines))
-            content_type = response.getheader("content-type")
-        finally:
-            connection.close()
-    assert response.status == 200 and content_type == "text/event-stream"
-    assert first == b": hello\n\n"
-    assert events == [f"id: {n}\ndata: n{n}\n\n".encode() for n in range(20)]
-
-
-@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
-def test_app_http_client_leaving_mid_wait_leaves_its_groups_and_late_replies_are_dropped(kind):
-    """A long-poll client that disconnects produces http.disconnect; its reply channel leaves
-    every group and nothing stays behind; a late answer is dropped quietly and counted."""
-    with running_server(kind, app=f"{__name__}:http_app") as server:
-        before = json.loads(http_request(server.url("/http/stats/", "http"))[1])
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
-            raw.sendall(b"GET /http/poll/gone/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:  # until it waits in its group
-                waiting = json.loads(http_request(server.url("/http/stats/", "http"))[1])
-                if waiting["members"] > before["members"]:
-                    break
-                time.sleep(0.05)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:  # until the server saw the client leave
-            after = json.loads(http_request(server.url("/http/stats/", "http"))[1])
-            if "/http/poll/gone/" in after["disconnects"]:
-                break
-            time.sleep(0.05)
-        http_request(server.url("/http/publish/gone/", "http"))  # nobody waits any more
-        final = json.loads(http_request(server.url("/http/stats/", "http"))[1])
-    assert waiting["members"] == before["members"] + 1
-    assert "/http/poll/gone/" in after["disconnects"]
-    assert {key: after[key] for key in ("channels", "groups", "members", "messages")} == \
-        {key: before[key] for key in ("channels", "groups", "members", "messages")}
-    assert final["messages"] == before["messages"]
-
-
-@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
-def test_app_http_413_over_the_body_limit_and_504_when_nobody_answers(kind):
-    """A body over DATA_UPLOAD_MAX_MEMORY_SIZE gets 413 and the consumer never runs; a
-    request nobody answers gets 504 after http_timeout (2 s here), not a socket held forever."""
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    with running_server(kind, app=f"{__name__}:http_app") as server:
-        too_big = http_request(server.url("/http/counting/", "http"), data=b"x" * (limit + 1))
-        fits = http_request(server.url("/http/counting/", "http"), data=b"x" * 10)
-        start = time.monotonic()
-        never = http_request(server.url("/http/never/", "http"))
-        waited = time.monotonic() - start
-        stats = json.loads(http_request(server.url("/http/stats/", "http"))[1])
-    assert too_big[0] == 413 and f"over {limit} bytes".encode() in too_big[1]
-    assert fits[:2] == (200, b"ok")
-    assert [entry for entry in stats["disconnects"] if entry.startswith("counted")] == \
-        ["counted /http/counting/"]  # only the request that fitted ran the consumer
-    assert never[:2] == (504, b"Nobody answered this request in time.")
-    assert 1.5 <= waited < 6, waited
-
-
-def test_app_http_long_poll_answered_from_another_process_through_redis():
-    """Two servers share Redis: a long-poll waiting on one is answered by a view on the other."""
-    with running_redis() as url:
-        env = redis_server_env(url)
-        with running_server(app=f"{__name__}:http_app", env=env) as first, \
-                running_server(app=f"{__name__}:http_app", env=env) as second:
-
-            async def scenario():
-                waiting = asyncio.create_task(asyncio.to_thread(
-                    http_request, first.url("/http/poll/cross/", "http")))
-                await asyncio.sleep(1.0)
-                published = await asyncio.to_thread(
-                    http_request, second.url("/http/publish/cross/?text=from-b", "http"))
-                return published, await waiting
-
-            published, answered = run(scenario())
-    assert published[:2] == (200, b"published")
-    assert answered[:2] == (200, b"cross: from-b")
-
-
-
-# === 7. Test helpers ===
+# === 8. Test helpers ===
 
 def app_query_echo(message, **kwargs):
     if message.channel_name == "websocket.connect":
@@ -4697,297 +3445,9 @@ async def test_helpers_receive_nothing_after_the_app_closed_the_socket():
     assert nothing is True
 
 
-# === 8. Command line ===
-# More than one process: servers and `runworker` processes sharing one real
-# redis-server through channels_redis. The servers run `redis_app` (below) with
-# CHANNELS_MINI_TEST_REDIS set, so the header puts CHANNEL_LAYERS on Redis there.
-# runworker runs from a tiny Django project written into a temporary directory.
-
-class redis_RoomConsumer(WebsocketConsumer):
-    """Joins the room's group; every frame is broadcast to the room."""
-
-    def connection_groups(self, room, **kwargs):
-        return [f"redis-room-{room}"]
-
-    def receive(self, text=None, bytes=None, room=None, **kwargs):
-        self.group_send(f"redis-room-{room}", text=text)
-
-
-class redis_SpeakerConsumer(WebsocketConsumer):
-    """Broadcasts to a room without joining it (so it hears nothing back)."""
-
-    def receive(self, text=None, bytes=None, room=None, **kwargs):
-        self.group_send(f"redis-room-{room}", text=text)
-
-
-class redis_EchoConsumer(WebsocketConsumer):
-    def receive(self, text=None, bytes=None, **kwargs):
-        self.send(text=text)
-
-
-class redis_PidConsumer(redis_RoomConsumer):
-    """Joins the room and answers with the server process's id: which worker holds it."""
-
-    def connect(self, message, **kwargs):
-        self.send(text=str(os.getpid()))
-
-
-class redis_ItemBinding(WebsocketBinding):
-    model = f"{__name__}.Item"
-    stream = "redis-items"
-    fields = ["name", "team"]
-
-    @classmethod
-    def group_names(cls, instance):
-        return ["redis-items"] if instance.name.startswith("redis-") else []
-
-
-class redis_ItemsDemultiplexer(WebsocketDemultiplexer):
-    consumers = {"redis-items": redis_ItemBinding.consumer}
-    groups = ["redis-items"]
-
-
-class redis_JoinerConsumer(WebsocketConsumer):
-    """Joins a group by hand, 1.x style, from receive(): left by itself when the socket goes."""
-
-    def receive(self, text=None, bytes=None, group=None, **kwargs):
-        Group(f"redis-join-{group}").add(self.message.reply_channel)
-        self.send(text="joined")
-
-
-class redis_WhoAmIConsumer(WebsocketConsumer):
-    """Answers with the session's user: logging that session out closes the socket."""
-
-    http_user = True
-
-    def connect(self, message, **kwargs):
-        self.send(text=message.user.get_username() or "anonymous")
-
-
-class redis_PresenceConsumer(WebsocketConsumer):
-    """Listed in its room's presence under its user, with the server's pid in its meta;
-    "who" answers the room's presence as this server process reads it."""
-
-    http_user = True
-
-    def presence_groups(self, room, **kwargs):
-        return [f"redis-presence-{room}"]
-
-    def presence_meta(self, **kwargs):
-        return {"name": self.message.user.get_username(), "pid": os.getpid()}
-
-    def receive(self, text=None, bytes=None, room=None, **kwargs):
-        self.send(text=json.dumps(Group(f"redis-presence-{room}").presence()))
-
-
-redis_routing = [
-    redis_PresenceConsumer.as_route(path=r"^/redis/presence/(?P<room>[\w-]+)/$"),
-    redis_RoomConsumer.as_route(path=r"^/redis/room/(?P<room>[\w-]+)/$"),
-    redis_JoinerConsumer.as_route(path=r"^/redis/join/(?P<group>\w+)/$"),
-    redis_WhoAmIConsumer.as_route(path=r"^/redis/whoami/$"),
-    redis_SpeakerConsumer.as_route(path=r"^/redis/say/(?P<room>[\w-]+)/$"),
-    redis_EchoConsumer.as_route(path=r"^/redis/echo/$"),
-    redis_PidConsumer.as_route(path=r"^/redis/pid/(?P<room>[\w-]+)/$"),
-    redis_ItemsDemultiplexer.as_route(path=r"^/redis/items/$"),
-]
-redis_app = Application(redis_routing)
-
-
-def redis_server_env(url: str, backend: str = redis_CORE, presence: dict | None = None) -> dict:
-    """The env of a server on the Redis at *url* (layer and cache); *presence* becomes its
-    CHANNELS_MINI_PRESENCE setting."""
-    env = {"CHANNELS_MINI_TEST_REDIS": url, "CHANNELS_MINI_TEST_REDIS_BACKEND": backend}
-    if presence is not None:
-        env["CHANNELS_MINI_TEST_PRESENCE"] = json.dumps(presence)
-    return env
-
-
-@contextlib.contextmanager
-def redis_two_servers(url: str, backend: str = redis_CORE, presence: dict | None = None):
-    """Two uvicorn processes on different ports, sharing the Redis at *url*."""
-    env = redis_server_env(url, backend, presence)
-    with running_server(app=f"{__name__}:redis_app", env=env) as first, \
-            running_server(app=f"{__name__}:redis_app", env=env) as second:
-        assert first.port != second.port
-        yield first, second
-
-
-async def redis_recv(ws, timeout: float = 10):
-    return await asyncio.wait_for(ws.recv(), timeout)
-
-
-def redis_group_size(url: str, group: str) -> int:
-    """Members of *group* as channels_redis.core stores them (a sorted set per group)."""
-    import redis
-    client = redis.Redis.from_url(url)
-    try:
-        return client.zcard(f"asgi:group:{group}")
-    finally:
-        client.close()
-
-
-def redis_wait_until(predicate, timeout: float = 10, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout} s")
-
-
-@pytest.mark.parametrize("backend", [redis_CORE, redis_PUBSUB], ids=["core", "pubsub"])
-def test_command_line_redis_layers_carry_echo_and_groups_across_two_servers(backend):
-    import statistics
-
-    room = f"r{uuid.uuid4().hex[:8]}"
-    with running_redis() as url, redis_two_servers(url, backend) as (server_a, server_b):
-
-        async def scenario():
-            async with ws_connect(server_a.url("/redis/echo/")) as echo:
-                await echo.send("echo through redis")
-                assert await redis_recv(echo) == "echo through redis"
-            async with ws_connect(server_a.url(f"/redis/room/{room}/")) as listener_a, \
-                    ws_connect(server_b.url(f"/redis/room/{room}/")) as listener_b, \
-                    ws_connect(server_a.url(f"/redis/say/{room}/")) as speaker:
-                latencies = []
-                for number in range(50):
-                    started = time.perf_counter()
-                    await speaker.send(f"message {number}")
-                    assert await redis_recv(listener_b) == f"message {number}"
-                    latencies.append(time.perf_counter() - started)
-                    assert await redis_recv(listener_a) == f"message {number}"
-                # A frame from server B's socket reaches server A's socket too.
-                await listener_b.send("from B")
-                assert await redis_recv(listener_a) == "from B"
-                assert await redis_recv(listener_b) == "from B"
-            return latencies
-
-        latencies = run(scenario(), timeout=120)
-    median = statistics.median(latencies)
-    print(f"\n[{backend}] cross-process group broadcast, server A -> server B: median "
-          f"{median * 1000:.2f} ms, max {max(latencies) * 1000:.2f} ms over {len(latencies)}")
-    assert median < 1.0, latencies  # generous: a 2-core machine shared with other jobs
-
-
-def test_command_line_redis_uvicorn_workers_share_groups():
-    """`uvicorn --workers 2`: sockets land in different processes, yet a broadcast from
-    any of them reaches all of them."""
-    room = f"r{uuid.uuid4().hex[:8]}"
-    with running_redis() as url, running_server(
-            app=f"{__name__}:redis_app", env=redis_server_env(url),
-            extra_args=["--workers", "2"]) as server:
-
-        async def scenario():
-            async with contextlib.AsyncExitStack() as stack:
-                listeners, pids = [], set()
-                for _ in range(60):  # until both workers hold a listener (the 2nd may start late)
-                    listener = await stack.enter_async_context(
-                        ws_connect(server.url(f"/redis/pid/{room}/")))
-                    listeners.append(listener)
-                    pids.add(await redis_recv(listener))
-                    if len(pids) == 2 and len(listeners) >= 4:
-                        break
-                    await asyncio.sleep(0.1)
-                speaker = await stack.enter_async_context(ws_connect(server.url(f"/redis/say/{room}/")))
-                await speaker.send("to every worker")
-                heard = [await redis_recv(listener, 5) for listener in listeners]
-            return pids, heard
-
-        pids, heard = run(scenario(), timeout=60)
-    assert len(pids) == 2, f"all sockets landed in one worker: {pids}"
-    assert heard == ["to every worker"] * len(heard)
-
-
-def test_command_line_redis_connection_groups_are_left_across_servers():
-    room = f"r{uuid.uuid4().hex[:8]}"
-    group = f"redis-room-{room}"
-    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
-
-        async def scenario():
-            async with ws_connect(server_a.url(f"/redis/room/{room}/")) as listener_a, \
-                    ws_connect(server_a.url(f"/redis/say/{room}/")) as speaker:
-                async with ws_connect(server_b.url(f"/redis/room/{room}/")) as listener_b:
-                    assert redis_group_size(url, group) == 2
-                    await speaker.send("both")
-                    assert await redis_recv(listener_a) == "both"
-                    assert await redis_recv(listener_b) == "both"
-                # B's socket is gone: server B's disconnect handling removed it from Redis.
-                await asyncio.to_thread(redis_wait_until, lambda: redis_group_size(url, group) == 1,
-                                        10, "group shrinking to 1 member")
-                await speaker.send("only A")
-                assert await redis_recv(listener_a) == "only A"
-                # A new socket on B joins afresh and hears only what comes after it.
-                async with ws_connect(server_b.url(f"/redis/room/{room}/")) as again_b:
-                    assert redis_group_size(url, group) == 2
-                    await speaker.send("after rejoin")
-                    assert await redis_recv(again_b) == "after rejoin"
-                    assert await redis_recv(listener_a) == "after rejoin"
-            await asyncio.to_thread(redis_wait_until, lambda: redis_group_size(url, group) == 0,
-                                    10, "group emptied")
-
-        run(scenario(), timeout=60)
-
-
-def test_command_line_redis_model_saved_in_another_process_reaches_both_servers(tmp_path):
-    script = tmp_path / "redis_save_item.py"
-    script.write_text(
-        "import importlib, sys\n"
-        f"sys.path.insert(0, {ROOT!r})\n"
-        f"module = importlib.import_module({__name__!r})\n"
-        "item = module.Item.objects.create(name='redis-from-script', team='blue')\n"
-        "print(item.pk)\n")
-    ensure_database()
-    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
-
-        async def scenario():
-            async with ws_connect(server_a.url("/redis/items/")) as socket_a, \
-                    ws_connect(server_b.url("/redis/items/")) as socket_b:
-                saved = await asyncio.to_thread(
-                    subprocess.run, [sys.executable, str(script)], cwd=str(tmp_path),
-                    env={**os.environ, **redis_server_env(url)}, capture_output=True,
-                    text=True, timeout=60)
-                assert saved.returncode == 0, saved.stderr
-                pk = int(saved.stdout.strip().splitlines()[-1])
-                frames = [json.loads(await redis_recv(socket_a)), json.loads(await redis_recv(socket_b))]
-                # A sync Django view on server B saves too (its on_commit send runs in
-                # the view's thread and crosses to B's loop): both servers hear it.
-                status, body = await asyncio.to_thread(
-                    http_get, server_b.url("/items/create/?name=redis-from-view&team=green", "http"))
-                assert status == 200, body
-                view_pk = json.loads(body)["pk"]
-                frames += [json.loads(await redis_recv(socket_a)), json.loads(await redis_recv(socket_b))]
-            return pk, view_pk, frames
-
-        pk, view_pk, frames = run(scenario(), timeout=90)
-    label = f"{__name__}.item".lower()
-    from_script = {"stream": "redis-items", "payload": {
-        "action": "create", "pk": pk, "data": {"name": "redis-from-script", "team": "blue"},
-        "model": label}}
-    from_view = {"stream": "redis-items", "payload": {
-        "action": "create", "pk": view_pk, "data": {"name": "redis-from-view", "team": "green"},
-        "model": label}}
-    assert frames == [from_script, from_script, from_view, from_view]
-
-
-def test_command_line_redis_1x_chat_across_two_servers_sharing_redis_and_the_session_database():
-    """Section 4's 1.x multi-room chat on two uvicorn processes sharing Redis and the database
-    session backend: server A has only the websocket routes, server B also the `chat.receive`
-    ones. A socket on A joins through a consumer that runs on B (every answer carries B's pid),
-    which finds the user and the rooms in the channel session A's `ws_connect` saved; room
-    messages reach sockets on both servers; both channel sessions go when the sockets close."""
-    users = app_chat_users()
-    before = app_session_rows()
-    with running_redis() as url:
-        env = redis_server_env(url)
-        with running_server(app=f"{__name__}:app_chat_socket_app", env=env) as server_a, \
-                running_server(app=f"{__name__}:app_chat_app", env=env) as server_b:
-            cookies = [app_log_in(server_a, *users[role]) for role in ("staff", "plain")]
-            rows_open = run(app_chat_session(server_a.url("/chat/"), server_b.url("/chat/"), *cookies,
-                                             users, chat_pid=server_b.process.pid), timeout=60)
-            assert server_a.process.pid != server_b.process.pid
-            assert len(rows_open - before) == 2
-            assert app_chat_rows_settle(before) == before
-
+# === 9. Command line ===
+# `runworker` processes sharing one real redis-server with the servers; runworker runs from a
+# tiny Django project written into a temporary directory.
 
 # -- runworker: a tiny Django project in a temporary directory --
 
@@ -5260,353 +3720,7 @@ def test_command_line_redis_runworker_from_a_vendored_copy(tmp_path):
         assert "Traceback" not in log(), log()
 
 
-# -- Redis going away --
-
-@contextlib.contextmanager
-def redis_server_on(url: str):
-    """Start redis-server again on *url*'s port (after a shutdown); always stopped on exit."""
-    port = int(url.rsplit(":", 1)[1])
-    workdir = tempfile.mkdtemp(prefix="channels-mini-redis-")
-    process = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind",
-                                "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, process)
-        yield url
-    finally:
-        stop_process(process)
-
-
-def redis_shutdown(url: str) -> None:
-    import redis
-    client = redis.Redis.from_url(url)
-    try:
-        client.shutdown(nosave=True)
-    finally:
-        client.close()
-
-
-def test_command_line_redis_outage_is_logged_the_server_survives_and_recovers():
-    """Redis goes away: sockets whose handlers only answer themselves keep working (their
-    replies never cross Redis); a handler that needs Redis fails and closes its socket."""
-    import redis
-    from websockets.exceptions import ConnectionClosedError, InvalidStatus
-
-    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
-                                                env=redis_server_env(url)) as server:
-
-        async def during_outage():
-            async with ws_connect(server.url("/redis/echo/")) as socket, \
-                    ws_connect(server.url("/redis/say/r1/")) as speaker:
-                await socket.send("before")
-                assert await redis_recv(socket) == "before"
-                redis_shutdown(url)
-                await asyncio.to_thread(
-                    redis_wait_until, lambda: "Cannot receive messages for websocket /redis/echo/ "
-                                              "from the channel layer; retrying in 1 s." in server.log(),
-                    10, "the listener's error in the server log")
-                await socket.send("while down")
-                assert await redis_recv(socket) == "while down"
-                # A group send needs Redis: that handler fails, its socket closes with 1011.
-                await speaker.send("lost")
-                with pytest.raises(ConnectionClosedError):
-                    await redis_recv(speaker)
-                assert speaker.close_code == 1011
-            # Joining a group needs Redis too: the handshake fails (HTTP 403).
-            with pytest.raises(InvalidStatus) as rejected:
-                async with ws_connect(server.url("/redis/room/r1/")):
-                    pass
-            assert rejected.value.response.status_code == 403
-            async with ws_connect(server.url("/redis/echo/")) as fresh:  # echo needs no Redis
-                await fresh.send("new socket")
-                assert await redis_recv(fresh) == "new socket"
-
-        run(during_outage(), timeout=60)
-        assert server.process.poll() is None
-        assert http_get(server.url("/page/", "http")) == (200, "django page ok")
-        log = server.log()
-        assert "Consumer failed on websocket.receive for /redis/say/r1/ (order 1); closing that " \
-               "socket with 1011." in log
-        assert "Consumer failed on websocket.connect for /redis/room/r1/ (order 0)" in log
-        assert "redis.exceptions.ConnectionError" in log
-        # Sends from outside the server fail loudly too.
-        with pytest.raises(redis.exceptions.ConnectionError):
-            Channel("redis-down.direct", channel_layer=redis_layer(url)).send({"lost": True})
-        with pytest.raises(redis.exceptions.ConnectionError):
-            Group("redis-down-group", channel_layer=redis_layer(url)).send({"lost": True})
-
-        with redis_server_on(url):  # Redis is back, on the same address
-
-            async def after_outage():
-                # The server's pool may still hold a connection to the old redis-server:
-                # its first use fails once ("Connection closed by server", that socket
-                # closes with 1011), then the pool reconnects. So allow a few sockets.
-                for attempt in range(5):
-                    with contextlib.suppress(ConnectionClosedError, InvalidStatus):
-                        async with ws_connect(server.url("/redis/echo/")) as socket:
-                            await socket.send("after")
-                            return attempt, await redis_recv(socket)
-                    await asyncio.sleep(0.2)
-                return None, server.log()[-3000:]
-
-            attempt, echoed = run(after_outage())
-            assert echoed == "after"
-            assert attempt <= 2
-        assert server.process.poll() is None
-
-
-def test_command_line_redis_restart_puts_open_sockets_back_in_their_groups():
-    """Redis dies for 5 s and comes back empty: the server joins its open sockets to their
-    groups again within a few seconds, so they hear broadcasts again (never open and deaf)."""
-    room = f"r{uuid.uuid4().hex[:8]}"
-    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
-                                                env=redis_server_env(url)) as server:
-
-        async def before_and_during():
-            listener = await ws_connect(server.url(f"/redis/room/{room}/")).__aenter__()
-            speaker = await ws_connect(server.url(f"/redis/say/{room}/")).__aenter__()
-            await speaker.send("before")
-            assert await redis_recv(listener) == "before"
-            redis_shutdown(url)
-            await asyncio.sleep(5)
-            return listener, speaker
-
-        async def scenario():
-            listener, speaker = await before_and_during()
-            try:
-                with redis_server_on(url):  # back on the same address, with no data
-                    restarted = time.monotonic()
-                    for attempt in range(40):  # a broadcast every 0.5 s until one is heard
-                        with contextlib.suppress(Exception):
-                            if speaker.close_code is not None:  # a send during the reconnect failed
-                                speaker = await ws_connect(server.url(f"/redis/say/{room}/")).__aenter__()
-                            await speaker.send(f"after {attempt}")
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            heard = await redis_recv(listener, timeout=0.5)
-                            return heard, time.monotonic() - restarted, listener.close_code
-                    return None, time.monotonic() - restarted, listener.close_code
-            finally:
-                await listener.close()
-                await speaker.close()
-
-        heard, seconds, close_code = run(scenario(), timeout=60)
-    assert close_code is None  # the listener stayed open
-    assert heard is not None and heard.startswith("after "), heard
-    assert seconds < 10, seconds
-
-
-def test_command_line_redis_group_add_from_receive_is_left_when_the_socket_goes():
-    """A membership added by hand with Group.add(reply_channel) is removed from Redis when
-    that socket disconnects, as the in-memory layer does."""
-    group = uuid.uuid4().hex[:8]
-    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
-                                                env=redis_server_env(url)) as server:
-
-        async def scenario():
-            async with ws_connect(server.url(f"/redis/join/{group}/")) as socket:
-                await socket.send("join")
-                assert await redis_recv(socket) == "joined"
-                return redis_group_size(url, f"redis-join-{group}")
-
-        assert run(scenario()) == 1
-        redis_wait_until(lambda: redis_group_size(url, f"redis-join-{group}") == 0, 10,
-                         "the hand-made membership removed")
-
-
-def test_command_line_logout_closes_that_sessions_sockets_in_every_process():
-    """Django's logout (user_logged_out) closes the sockets of that session with 4401, on
-    both servers sharing Redis; another user's socket stays open."""
-    from websockets.exceptions import ConnectionClosed
-
-    user, cookie = rel_login("leaving")
-    other, other_cookie = rel_login("staying")
-    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
-
-        async def scenario():
-            sockets = [await ws_connect(server.url("/redis/whoami/"), additional_headers=[
-                ("Cookie", value)]).__aenter__() for server, value in (
-                (server_a, cookie), (server_b, cookie), (server_b, other_cookie))]
-            try:
-                names = [await redis_recv(socket) for socket in sockets]
-                request = urllib.request.Request(server_a.url("/logout/", "http"),
-                                                 headers={"Cookie": cookie})
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    assert response.read() == b"logged out"
-                codes = []
-                for socket in sockets[:2]:
-                    with pytest.raises(ConnectionClosed):
-                        await redis_recv(socket)
-                    codes.append(socket.close_code)
-                await sockets[2].send("still here?")  # the other user's socket is open
-                return names, codes, sockets[2].close_code
-            finally:
-                for socket in sockets:
-                    await socket.close()
-
-        names, codes, other_code = run(scenario(), timeout=60)
-    assert names == [user.username, user.username, other.username]
-    assert codes == [4401, 4401]
-    assert other_code is None
-
-
-def test_command_line_redis_sockets_closing_right_after_a_reply_leave_no_error_behind():
-    """Hundreds of short sockets (echo once, close): every handshake and reply arrives,
-    a closed socket's reply relay stops quietly, and the server then stops promptly.
-    With channels_redis on redis-py 8, stopping relays by cancellation goes wrong in
-    this churn: a lost cancel leaves a bogus 'Cannot receive replies' error and a 5 s
-    shutdown; cancelling again can drop another socket's reply (all reply channels of a
-    process share one Redis key), so its handshake never completes."""
-    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
-                                                env=redis_server_env(url)) as server:
-
-        async def churn():
-            for number in range(300):
-                async with ws_connect(server.url("/redis/echo/")) as socket:
-                    await socket.send(f"n{number}")
-                    assert await redis_recv(socket) == f"n{number}"
-
-        run(churn(), timeout=120)
-        time.sleep(1)  # let the last disconnects finish
-        started = time.monotonic()
-        stop_process(server.process, timeout=20)
-        stopped_after = time.monotonic() - started
-        log = server.log()
-    assert server.process.returncode == 0
-    bogus = [line for line in log.splitlines() if "Cannot receive replies" in line]
-    assert bogus == [], f"{len(bogus)} error(s) for closed sockets, e.g. {bogus[0]!r}"
-    assert stopped_after < 3, f"{stopped_after:.1f} s to stop"
-
-
-# -- presence across processes (issue 15) --
-# Both servers keep their members in the same RedisCache: each reads every process's
-# entries, diffs travel through the Redis layer, and the members of a process killed
-# with SIGKILL leave once its entry expires (TIMEOUT) and a survivor's heartbeat notices.
-
-redis_PRESENCE_SETTINGS = {"HEARTBEAT": 0.5, "TIMEOUT": 3}
-
-
-def redis_presence_who(metas_by_key: dict) -> dict:
-    """A presence with each key's metas in a fixed order (processes are read in any order)."""
-    return {key: sorted(metas, key=json.dumps) for key, metas in metas_by_key.items()}
-
-
-async def redis_presence_open(server: Server, room: str, cookie: str):
-    """An open socket in *room*'s presence, logged in with *cookie*; close it yourself."""
-    return await ws_connect(server.url(f"/redis/presence/{room}/"),
-                            additional_headers=[("Cookie", cookie)]).__aenter__()
-
-
-async def redis_presence_ask(socket) -> dict:
-    await socket.send("who")
-    return redis_presence_who(json.loads(await redis_recv(socket)))
-
-
-async def redis_silent(socket, timeout: float) -> bool:
-    """True if *socket* receives nothing within *timeout* seconds."""
-    try:
-        await asyncio.wait_for(socket.recv(), timeout)
-    except asyncio.TimeoutError:
-        return True
-    return False
-
-
-def test_command_line_redis_presence_is_the_same_from_two_servers():
-    """alice on server A and (a second tab) on server B, bob on B: both servers list the
-    same members; a join crosses processes; alice's second tab (another process) is no
-    join, and closing one of her tabs is no leave; closing the last one is."""
-    room = uuid.uuid4().hex[:8]
-    group = f"redis-presence-{room}"
-    alice, alice_cookie = rel_login("alice")
-    bob, bob_cookie = rel_login("bob")
-    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
-        pid_a, pid_b = server_a.process.pid, server_b.process.pid
-        alice_a = {"name": alice.username, "pid": pid_a}
-        alice_b, bob_b = {"name": alice.username, "pid": pid_b}, {"name": bob.username, "pid": pid_b}
-
-        async def scenario():
-            sockets = []
-            try:
-                sockets.append(first := await redis_presence_open(server_a, room, alice_cookie))
-                assert json.loads(await redis_recv(first)) == presence_diff(
-                    group, joins={str(alice.pk): [alice_a]})
-                sockets.append(bob_socket := await redis_presence_open(server_b, room, bob_cookie))
-                bob_joined = presence_diff(group, joins={str(bob.pk): [bob_b]})
-                assert json.loads(await redis_recv(first)) == bob_joined  # from the other process
-                assert json.loads(await redis_recv(bob_socket)) == bob_joined
-                sockets.append(second := await redis_presence_open(server_b, room, alice_cookie))
-                assert await redis_silent(first, 0.5) and await redis_silent(bob_socket, 0.1)
-                assert await redis_silent(second, 0.1)
-                seen = [await redis_presence_ask(socket) for socket in (first, bob_socket)]
-
-                await first.close()  # alice keeps her tab on server B
-                assert await redis_silent(bob_socket, 0.5)
-                seen.append(await redis_presence_ask(bob_socket))
-                await second.close()
-                left = json.loads(await redis_recv(bob_socket))
-                seen.append(await redis_presence_ask(bob_socket))
-                return seen, left
-            finally:
-                for socket in sockets:
-                    await socket.close()
-
-        seen, left = run(scenario(), timeout=60)
-    both = redis_presence_who({str(alice.pk): [alice_a, alice_b], str(bob.pk): [bob_b]})
-    assert seen == [both, both, {str(alice.pk): [alice_b], str(bob.pk): [bob_b]},
-                    {str(bob.pk): [bob_b]}]
-    assert left == presence_diff(group, leaves={str(alice.pk): [alice_b]})
-
-
-def test_command_line_redis_presence_members_of_a_killed_server_leave_within_the_bound():
-    """`kill -9` of server A: its members leave with one diff, heard on server B within
-    TIMEOUT + HEARTBEAT seconds (3 + 0.5 here; 25 s with the defaults), and not before its
-    entry could have expired. alice, who also has a tab on B, stays; carol, only on A, leaves."""
-    room = uuid.uuid4().hex[:8]
-    group = f"redis-presence-{room}"
-    (alice, alice_cookie), (bob, bob_cookie), (carol, carol_cookie) = (
-        rel_login(name) for name in ("alice", "bob", "carol"))
-    heartbeat, timeout = redis_PRESENCE_SETTINGS["HEARTBEAT"], redis_PRESENCE_SETTINGS["TIMEOUT"]
-    with running_redis() as url, redis_two_servers(
-            url, presence=redis_PRESENCE_SETTINGS) as (server_a, server_b):
-        pid_a, pid_b = server_a.process.pid, server_b.process.pid
-
-        async def scenario():
-            on_a = [await redis_presence_open(server_a, room, cookie)
-                    for cookie in (carol_cookie, alice_cookie)]
-            on_b = [await redis_presence_open(server_b, room, cookie)
-                    for cookie in (alice_cookie, bob_cookie)]
-            try:
-                watcher = on_b[1]  # bob
-                joins = [json.loads(await redis_recv(watcher))]  # his own
-                before = await redis_presence_ask(watcher)
-                await asyncio.sleep(2 * heartbeat)  # server B's heartbeat has seen A's entry
-                server_a.process.kill()
-                await asyncio.to_thread(server_a.process.wait, 10)
-                killed = time.monotonic()
-                diff = json.loads(await redis_recv(watcher, timeout + heartbeat + 10))
-                waited = time.monotonic() - killed
-                assert await redis_silent(watcher, 2 * heartbeat)  # one diff, not repeated
-                after = await redis_presence_ask(watcher)
-                return joins, before, diff, waited, after
-            finally:
-                for socket in on_a + on_b:
-                    with contextlib.suppress(Exception):
-                        await socket.close()
-
-        joins, before, diff, waited, after = run(scenario(), timeout=90)
-    carol_a = {"name": carol.username, "pid": pid_a}
-    alice_a, alice_b = {"name": alice.username, "pid": pid_a}, {"name": alice.username, "pid": pid_b}
-    bob_b = {"name": bob.username, "pid": pid_b}
-    assert joins == [presence_diff(group, joins={str(bob.pk): [bob_b]})]
-    assert before == redis_presence_who({str(carol.pk): [carol_a], str(alice.pk): [alice_a, alice_b],
-                                         str(bob.pk): [bob_b]})
-    assert diff == presence_diff(group, leaves={str(carol.pk): [carol_a]})
-    assert after == {str(alice.pk): [alice_b], str(bob.pk): [bob_b]}
-    print(f"\nmembers of a killed server left after {waited:.2f} s "
-          f"(bound {timeout + heartbeat} s)")
-    assert timeout - heartbeat - 0.5 < waited < timeout + heartbeat + 1.5, waited
-
-
-# === 9. Reliability and security ===
+# === Across the sections: reliability and security ===
 # What users rely on when things go wrong: nothing is lost silently, one socket's
 # trouble stays with that socket, nothing is left behind, hostile input and foreign
 # origins are turned away. Most tests run a real uvicorn server on `rel_app` below;
@@ -7351,6 +5465,757 @@ def test_reliability_random_requests_into_a_binding(request_payload):
         assert rel_fuzz_rows() == before
 
 
+# === Part II: extensions ===
+
+
+# === 10. JSON, streams and writes from clients ===
+
+# -- inbound --
+
+def bind_items_frame(action: str, pk=None, data=None, stream: str = "items") -> dict:
+    payload = {"action": action, "pk": pk}
+    if data is not None:
+        payload["data"] = data
+    return {"stream": stream, "payload": payload}
+
+
+async def bind_exchange(headers: list, frames: list[dict], replies: int) -> list[dict]:
+    """Open a demultiplexed socket, send *frames*, collect *replies* frames, close."""
+    application = Application([bind_Demultiplexer.as_route(path=r"^/bind/$")])
+    communicator = WebsocketCommunicator(application, "/bind/", headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    assert connected
+    for frame in frames:
+        await communicator.send_json_to(frame)
+    received = [await communicator.receive_json_from(timeout=5) for _ in range(replies)]
+    assert await communicator.receive_nothing(timeout=0.3)
+    await communicator.disconnect(timeout=5)
+    return received
+
+
+def test_binding_inbound_create_update_delete_when_allowed():
+    from decimal import Decimal
+    ensure_database()
+    user = bind_user()
+    headers = bind_cookie_headers(user)
+
+    [created] = run(bind_exchange(headers, [bind_items_frame("create", data={
+        "name": "from client", "price": "4.50", "team": "inbound", "owner": user.pk})], 1))
+    item = Item.objects.get(team="inbound")
+    assert (item.name, item.price, item.owner_id) == ("from client", Decimal("4.50"), user.pk)
+    assert created["stream"] == "items"  # the socket hears its own change through the group
+    assert (created["payload"]["action"], created["payload"]["pk"]) == ("create", item.pk)
+
+    [updated] = run(bind_exchange(headers, [
+        bind_items_frame("update", item.pk, {"name": "renamed"})], 1))
+    assert Item.objects.get(pk=item.pk).name == "renamed"
+    assert (updated["payload"]["action"], updated["payload"]["data"]["name"]) == \
+        ("update", "renamed")
+
+    [deleted] = run(bind_exchange(headers, [bind_items_frame("delete", item.pk)], 1))
+    assert not Item.objects.filter(pk=item.pk).exists()
+    assert (deleted["payload"]["action"], deleted["payload"]["pk"]) == ("delete", item.pk)
+
+
+def test_binding_inbound_update_changes_only_the_fields_sent():
+    import datetime
+    from decimal import Decimal
+    ensure_database()
+    user = bind_user()
+    when = datetime.datetime(2023, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    item = Item.objects.create(name="before", price=Decimal("9.99"), when=when, team="partial",
+                               owner=user)
+    before = Item.objects.get(pk=item.pk)
+
+    [updated] = run(bind_exchange(bind_cookie_headers(user), [
+        bind_items_frame("update", item.pk, {"price": "1.25"})], 1))
+
+    after = Item.objects.get(pk=item.pk)
+    assert after.price == Decimal("1.25")
+    assert (after.name, after.when, after.uid, after.owner_id, after.team) == \
+        (before.name, before.when, before.uid, before.owner_id, before.team)
+    assert updated["payload"]["data"]["price"] == "1.25"
+
+
+def bind_error(action, pk, error: str, stream: str = "items") -> dict:
+    return {"stream": stream, "payload": {"error": error, "action": action, "pk": pk}}
+
+
+def bind_check_refused(headers: list, frame: dict, expected_error: dict) -> None:
+    """*frame* is answered with *expected_error*, and a valid create after it still works."""
+    marker = f"after-{uuid.uuid4().hex[:8]}"
+    count_before = Item.objects.count()
+    rows_before = list(Item.objects.order_by("pk").values())
+    error, created = run(bind_exchange(headers, [
+        frame, bind_items_frame("create", data={"name": marker, "team": "refused"})], 2))
+
+    assert error == expected_error
+    assert (created["payload"]["action"], created["payload"]["data"]["name"]) == ("create", marker)
+    marked = Item.objects.get(name=marker)
+    assert Item.objects.count() == count_before + 1  # only the valid create was saved
+    assert list(Item.objects.exclude(pk=marked.pk).order_by("pk").values()) == rows_before
+
+
+def test_binding_inbound_denied_by_default_has_permission():
+    ensure_database()
+    headers = bind_cookie_headers(bind_user())
+    bind_check_refused(headers, bind_items_frame("create", data={"name": "nope"}, stream="deny"),
+                       bind_error("create", None, "Permission denied: create on pk None.",
+                                  stream="deny"))
+
+
+def test_binding_inbound_refused_for_an_anonymous_user():
+    ensure_database()
+    item = Item.objects.create(name="keep", team="anon")
+    errors = run(bind_exchange([], [bind_items_frame("update", item.pk, {"name": "changed"}),
+                                    bind_items_frame("create", data={"name": "anon"})], 2))
+    assert errors == [
+        bind_error("update", item.pk, f"Permission denied: update on pk {item.pk!r}."),
+        bind_error("create", None, "Permission denied: create on pk None.")]
+    assert Item.objects.get(pk=item.pk).name == "keep"
+    assert not Item.objects.filter(name="anon").exists()
+
+
+def test_binding_inbound_refuses_an_unknown_action():
+    ensure_database()
+    item = Item.objects.create(name="stay", team="refused")
+    bind_check_refused(bind_cookie_headers(bind_user()),
+                       bind_items_frame("rename", item.pk, {"name": "x"}),
+                       bind_error("rename", item.pk, "Unknown action 'rename'; use one of "
+                                  "['create', 'update', 'delete']."))
+
+
+@pytest.mark.parametrize("action", ["update", "delete"])
+def test_binding_inbound_refuses_a_missing_pk(action):
+    ensure_database()
+    Item.objects.create(name="stay", team="refused")
+    bind_check_refused(bind_cookie_headers(bind_user()),
+                       {"stream": "items", "payload": {"action": action, "data": {"name": "x"}}},
+                       bind_error(action, None, f"Action {action!r} needs a 'pk'."))
+
+
+def test_binding_inbound_refuses_an_unknown_field():
+    ensure_database()
+    bind_check_refused(bind_cookie_headers(bind_user()),
+                       bind_items_frame("create", data={"name": "x", "colour": "red"}),
+                       bind_error("create", None, "Unknown field(s) ['colour']; this binding "
+                                  "accepts ['name', 'owner', 'price', 'team', 'uid', 'when']."))
+
+
+def test_binding_inbound_refuses_a_too_long_name():
+    ensure_database()
+    bind_check_refused(bind_cookie_headers(bind_user()),
+                       bind_items_frame("create", data={"name": "n" * 60}),
+                       bind_error("create", None, "Invalid data: {'name': ['Ensure this value "
+                                  "has at most 50 characters (it has 60).']}."))
+
+
+def test_binding_inbound_refuses_a_non_numeric_price():
+    ensure_database()
+    user = bind_user()
+    item = Item.objects.create(name="priced", team="refused", owner=user)
+    bind_check_refused(bind_cookie_headers(user),
+                       bind_items_frame("update", item.pk, {"price": "abc"}),
+                       bind_error("update", item.pk, "Invalid data: {'price': "
+                                  "['“abc” value must be a decimal number.']}."))
+    assert Item.objects.get(pk=item.pk).price == 0
+
+
+def test_binding_inbound_answers_not_found():
+    ensure_database()
+    missing = (Item.objects.order_by("-pk").values_list("pk", flat=True).first() or 0) + 1000
+    bind_check_refused(bind_cookie_headers(bind_user()),
+                       bind_items_frame("update", missing, {"name": "x"}),
+                       bind_error("update", missing,
+                                  f"{bind_label()} with pk {missing!r} does not exist."))
+
+
+@pytest.mark.parametrize("action", ["update", "delete"])
+def test_binding_inbound_refuses_another_users_object(action):
+    ensure_database()
+    item = Item.objects.create(name="theirs", team="refused", owner=bind_user("owner"))
+    bind_check_refused(bind_cookie_headers(bind_user("intruder")),
+                       bind_items_frame(action, item.pk, {"name": "mine"}),
+                       bind_error(action, item.pk,
+                                  f"Permission denied: {action} on pk {item.pk!r}."))
+    assert Item.objects.get(pk=item.pk).name == "theirs"
+
+
+# === 11. Sessions and logins ===
+
+# -- Channels 1.x sessions, decorators and exceptions (issue 13) --
+# 1.x code as written: function consumers wrapped in the session decorators, the 1.1 class
+# attributes, `message.channel_session` as a Django session keyed by the reply channel,
+# `Message` items and the socket exceptions. Each consumer below exists in both flavours:
+# `app_flavoured` wraps a plain body in an `async def` for the async run.
+
+APP_COLOR = "teal"  # what the logged-in user's HTTP session holds, to see which session a consumer got
+
+
+def app_flavoured(flavour: str, body):
+    """*body* as a sync function consumer, or wrapped in an ``async def`` one."""
+    if flavour == "sync":
+        return functools.wraps(body)(lambda message, **kwargs: body(message, **kwargs))
+
+    async def handler(message, **kwargs):
+        return body(message, **kwargs)
+    return functools.wraps(body)(handler)
+
+
+def app_login(username: str, color: str | None = APP_COLOR):
+    """A user and the Cookie header of a session logged in for it, with ``color`` in the session."""
+    from django.contrib.sessions.backends.db import SessionStore
+
+    user, cookie = rel_login(username)
+    if color is not None:
+        session = SessionStore(cookie.split("=", 1)[1])
+        session["color"] = color
+        session.save()
+    return user, cookie
+
+
+def app_seen(message, on: str, **more) -> dict:
+    """What a decorated consumer was given: ``user`` (None if not set) and the HTTP session's color."""
+    user, session = message.user, message.http_session
+    return {"on": on, "user": None if user is None else (user.get_username() or "anonymous"),
+            "http": None if session is None else session.get("color", "no color"), **more}
+
+
+def app_channel_session_items(message) -> dict:
+    """The channel session's own keys (not the user the module keeps in it)."""
+    return {key: value for key, value in message.channel_session.items()
+            if not key.startswith(("_", "channels_mini."))}
+
+
+def app_decorator_routing(flavour: str) -> list:
+    """Every 1.x decorator on a function consumer of *flavour*; each reports what it was given."""
+    from django.contrib.auth import SESSION_KEY
+
+    def connect(message, **kwargs):
+        message.channel_session["count"] = 0
+        # The user is copied for channel_session_user, never as a Django login (SECURITY)
+        app_report(**app_seen(message, "connect", django_login=SESSION_KEY in message.channel_session))
+        message.reply_channel.send({"accept": True})
+
+    def count(message, **kwargs):
+        message.channel_session["count"] += 1
+        app_report(**app_seen(message, "channel_session", **app_channel_session_items(message)))
+
+    def relay(message, **kwargs):  # stores the cookie's key in the channel session, then forwards
+        app_report(**app_seen(message, "relay", key_kept=settings.SESSION_COOKIE_NAME in message.channel_session))
+        for ask in ("channel_and_http_session", "channel_and_http_session_user_from_http"):
+            Channel("app.deco.background").send({"reply_channel": message["reply_channel"], "ask": ask})
+
+    def report(message, **kwargs):
+        app_report(**app_seen(message, message.get("ask") or message["text"]))
+
+    def disconnect(message, **kwargs):
+        app_report(**app_seen(message, "disconnect", **app_channel_session_items(message)))
+
+    def consumer(decorator, body):
+        return decorator(app_flavoured(flavour, body))
+
+    receive = functools.partial(route, "websocket.receive")
+    return [
+        route("websocket.connect", consumer(channel_session_user_from_http, connect)),
+        receive(consumer(channel_session, count), text="^channel_session$"),
+        receive(consumer(channel_session_user, report), text="^channel_session_user$"),
+        receive(consumer(http_session, report), text="^http_session$"),
+        receive(consumer(http_session_user, report), text="^http_session_user$"),
+        receive(consumer(channel_and_http_session, relay), text="^relay$"),
+        route("app.deco.background", consumer(channel_and_http_session, report),
+              ask="^channel_and_http_session$"),
+        route("app.deco.background", consumer(channel_and_http_session_user_from_http, report),
+              ask="^channel_and_http_session_user_from_http$"),
+        # enforce_ordering and allowed_hosts_only are accepted, bare or called, and change nothing
+        route("websocket.disconnect", enforce_ordering(allowed_hosts_only(
+            enforce_ordering()(consumer(channel_session, disconnect))))),
+    ]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@asynchronous
+async def test_consumers_1x_session_decorators_on_function_consumers(flavour):
+    """Each 1.x decorator gives what it gave in 1.x, on sync and async function consumers: the
+    user comes from the handshake's cookie (copied into the channel session on connect), the
+    channel session lasts across messages, and a message on another channel that carries the
+    reply channel finds the HTTP session again through it."""
+    user, cookie = await asyncio.to_thread(app_login, "deco")
+    app, layer = app_setup(app_decorator_routing(flavour))
+    frames = ["channel_session", "channel_session_user", "http_session", "http_session_user", "relay"]
+
+    async def scenario(headers):
+        communicator = WebsocketCommunicator(app, "/deco/", headers=headers)
+        assert await communicator.connect(timeout=5) == (True, None)
+        reports = [await app_observed(layer)]
+        for frame in frames:
+            await communicator.send_to(text_data=frame)
+            reports.append(await app_observed(layer))
+        reports += [await app_observed(layer), await app_observed(layer)]  # the background two
+        await communicator.disconnect()
+        reports.append(await app_observed(layer))
+        return {report.pop("on"): report for report in reports}
+
+    name = user.username
+    assert await scenario([("cookie", cookie)]) == {
+        "connect": {"user": name, "http": APP_COLOR, "django_login": False},
+        "channel_session": {"user": None, "http": None, "count": 1},
+        "channel_session_user": {"user": name, "http": None},
+        "http_session": {"user": None, "http": APP_COLOR},
+        "http_session_user": {"user": name, "http": APP_COLOR},
+        "relay": {"user": None, "http": APP_COLOR, "key_kept": True},
+        "channel_and_http_session": {"user": None, "http": APP_COLOR},
+        "channel_and_http_session_user_from_http": {"user": name, "http": APP_COLOR},
+        # channel_and_http_session kept the handshake's session key there, as in 1.x
+        "disconnect": {"user": None, "http": None, "count": 1,
+                       settings.SESSION_COOKIE_NAME: cookie.split("=", 1)[1]},
+    }
+    assert await scenario([]) == {  # no cookie: no HTTP session, and AnonymousUser as 1.x set it
+        "connect": {"user": "anonymous", "http": None, "django_login": False},
+        "channel_session": {"user": None, "http": None, "count": 1},
+        "channel_session_user": {"user": "anonymous", "http": None},
+        "http_session": {"user": None, "http": None},
+        "http_session_user": {"user": "anonymous", "http": None},
+        "relay": {"user": None, "http": None, "key_kept": False},
+        "channel_and_http_session": {"user": None, "http": None},
+        "channel_and_http_session_user_from_http": {"user": "anonymous", "http": None},
+        "disconnect": {"user": None, "http": None, "count": 1},
+    }
+
+
+def test_consumers_1x_decorator_errors_say_what_to_do():
+    with pytest.raises(ValueError, match=re.escape(
+            "Slight ordering is gone (as in Channels 1.1): remove slight=True; ordering is always "
+            "strict here.")):
+        enforce_ordering(slight=True)
+
+    @channel_session
+    def needs_a_message(message):
+        return "ran"
+
+    with pytest.raises(ValueError, match=re.escape(
+            "@channel_session needs a consumer called with a Message (got ('not a message',)).")):
+        needs_a_message("not a message")
+    no_reply_channel = Message({"text": "hi"}, "app.deco.background", get_channel_layer())
+    with pytest.raises(ValueError, match=re.escape(
+            "A message on 'app.deco.background' has no reply_channel, so it has no channel session: "
+            "use the session decorators on consumers of messages that carry one.")):
+        needs_a_message(no_reply_channel)
+    assert (channel_session.__name__, channel_session_user_from_http.__name__) == (
+        "channel_session", "channel_session_user_from_http")
+    assert needs_a_message.__name__ == "needs_a_message"  # functools.wraps, as in 1.x
+
+
+# The 1.1 class attributes, on sync and async methods. The socket forwards each frame to
+# a background channel with its reply channel, as 1.x projects did; the background class
+# finds the socket's user through the channel session.
+
+class AppAttrSocket(WebsocketConsumer):
+    http_user = True
+
+    def connect(self, message, **kwargs):
+        app_report(**app_seen(message, "connect"))
+        super().connect(message, **kwargs)
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        app_report(**app_seen(self.message, "receive"))
+        Channel("app.attr.background").send({"reply_channel": self.message["reply_channel"]})
+
+
+class AppAttrSocketAsync(AppAttrSocket):
+    async def connect(self, message, **kwargs):
+        app_report(**app_seen(message, "connect"))
+        message.reply_channel.send({"accept": True})
+
+    async def receive(self, text=None, bytes=None, **kwargs):
+        AppAttrSocket.receive(self, text)
+
+
+class AppAttrBackground(BaseConsumer):
+    method_mapping = {"app.attr.background": "handle"}
+    channel_session_user = True
+
+    def handle(self, message, **kwargs):
+        message.channel_session["handled"] = message.channel_session.get("handled", 0) + 1
+        app_report(**app_seen(message, "background", **app_channel_session_items(message)))
+
+
+class AppAttrBackgroundAsync(AppAttrBackground):
+    async def handle(self, message, **kwargs):
+        AppAttrBackground.handle(self, message)
+
+
+@pytest.mark.parametrize("socket_class, background_class, attribute", [
+    (AppAttrSocket, AppAttrBackground, "http_user"),
+    (AppAttrSocketAsync, AppAttrBackgroundAsync, "http_user"),
+    (AppAttrSocket, AppAttrBackground, "http_user_and_session"),
+    (AppAttrSocketAsync, AppAttrBackgroundAsync, "http_user_and_session"),
+], ids=["http_user-sync", "http_user-async", "http_user_and_session-sync", "http_user_and_session-async"])
+@asynchronous
+async def test_consumers_1x_class_attributes_mean_what_they_meant_in_1_1(socket_class, background_class,
+                                                                         attribute):
+    """``http_user`` / ``http_user_and_session``: ``message.user`` on every message of the
+    socket, the user copied into the channel session on connect, where a class with
+    ``channel_session_user`` finds it; ``channel_session_user`` implies ``channel_session``
+    (loaded before the method, so async methods use it too). ``http_user_and_session`` also
+    finds the HTTP session again on a message without cookies."""
+    user, cookie = await asyncio.to_thread(app_login, "attr")
+    attrs = {"http_user": False, attribute: True}
+    background_attrs = {} if attribute == "http_user" else {"http_user_and_session": True}
+    app, layer = app_setup([socket_class.as_route(attrs, path=r"^/attr/$"),
+                            background_class.as_route(background_attrs)])
+    communicator = WebsocketCommunicator(app, "/attr/", headers=[("cookie", cookie)])
+    assert await communicator.connect(timeout=5) == (True, None)
+    reports = [await app_observed(layer)]
+    for _ in range(2):
+        await communicator.send_to(text_data="hello")
+        reports += [await app_observed(layer), await app_observed(layer)]
+    await communicator.disconnect()
+    name = user.username
+    # the background message has no cookie: http_user_and_session finds the HTTP session
+    # through the key it kept in the channel session (as 1.x did); http_user does not
+    background = ({"http": APP_COLOR, settings.SESSION_COOKIE_NAME: cookie.split("=", 1)[1]}
+                  if attribute == "http_user_and_session" else {"http": None})
+    by_place = sorted(reports, key=lambda report: (report["on"], report.get("handled", 0)))
+    assert by_place == [
+        {"on": "background", "user": name, **background, "handled": 1},
+        {"on": "background", "user": name, **background, "handled": 2},
+        {"on": "connect", "user": name, "http": APP_COLOR},
+        {"on": "receive", "user": name, "http": APP_COLOR},
+        {"on": "receive", "user": name, "http": APP_COLOR},
+    ]
+
+
+class AppAttrChannelSession(WebsocketConsumer):
+    channel_session = True  # loaded before every method: async ones may use it on the loop
+
+    async def connect(self, message, **kwargs):
+        message.channel_session["frames"] = []
+        message.reply_channel.send({"accept": True})
+
+    async def receive(self, text=None, bytes=None, **kwargs):
+        session = self.message.channel_session
+        session["frames"] = [*session["frames"], text]
+        self.send(text=json.dumps(session["frames"]))
+
+
+@asynchronous
+async def test_consumers_1x_channel_session_attribute_loads_it_for_async_methods():
+    await asyncio.to_thread(ensure_database)
+    app, _ = app_setup([AppAttrChannelSession.as_route(path=r"^/frames/$")])
+    communicator = WebsocketCommunicator(app, "/frames/")
+    assert await communicator.connect(timeout=5) == (True, None)
+    replies = []
+    for text in ("a", "b"):
+        await communicator.send_to(text_data=text)
+        replies.append(json.loads(await communicator.receive_from(timeout=5)))
+    await communicator.disconnect()
+    assert replies == [["a"], ["a", "b"]]
+
+
+def app_session_rows() -> set[str]:
+    """The keys of the channel sessions stored in the database (1.x's 'chn...' keys)."""
+    from django.contrib.sessions.models import Session
+    return set(Session.objects.filter(session_key__startswith="chn").values_list("session_key", flat=True))
+
+
+class AppSessionUntouched(WebsocketConsumer):
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=text)
+
+
+class AppSessionReader(AppSessionUntouched):
+    def receive(self, text=None, bytes=None, **kwargs):
+        session = self.message.channel_session
+        if text == "write":
+            session["written"] = session.get("written", 0) + 1
+        self.send(text=json.dumps(dict(session)))
+
+
+def test_consumers_channel_session_saved_when_modified_deleted_on_close_untouched_costs_nothing(monkeypatch):
+    """The channel session is a row of the session store (the database engine here): a
+    consumer that never touches it costs no session I/O at all; one that reads it loads it
+    and saves it only after a handler that changed it; the row goes when the socket closes."""
+    from django.contrib.sessions.backends.db import SessionStore
+
+    ensure_database()
+    calls: list[str] = []
+    for name in ("load", "save", "delete", "exists", "create"):
+        original = getattr(SessionStore, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(SessionStore, name, counted)
+    before = app_session_rows()
+    app, _ = app_setup([AppSessionUntouched.as_route(path=r"^/untouched/$"),
+                        AppSessionReader.as_route(path=r"^/reader/$")])
+
+    async def exchange(path, frames):
+        communicator = WebsocketCommunicator(app, path)
+        assert await communicator.connect(timeout=5) == (True, None)
+        replies, rows_open = [], []
+        for frame in frames:
+            calls.clear()
+            await communicator.send_to(text_data=frame)
+            replies.append(await communicator.receive_from(timeout=5))
+            rows_open.append(await asyncio.to_thread(app_session_rows))
+            replies.append(list(calls))
+        await communicator.disconnect()
+        return replies, rows_open
+
+    replies, rows_open = run(exchange("/untouched/", ["one", "two"]))
+    assert replies == ["one", [], "two", []]
+    assert rows_open == [before, before]
+    calls.clear()
+    replies, rows_open = run(exchange("/reader/", ["read", "write", "read", "write"]))
+    assert replies == ['{}', ["load"], '{"written": 1}', ["load", "save", "save"],  # update, then create
+                       '{"written": 1}', ["load"], '{"written": 2}', ["load", "save"]]
+    assert rows_open[0] == before and len(rows_open[1] - before) == 1 == len(rows_open[3] - before)
+    assert calls[-1:] == ["delete"] and app_session_rows() == before  # gone with its socket
+
+
+def test_consumers_1x_message_items_and_deep_copy():
+    message = Message({"text": "hi", "meta": {"tags": ["a"]}, "reply_channel": "websocket.send!x"},
+                      "websocket.receive", get_channel_layer())
+    message["room"] = "lobby"  # as 1.x projects did before re-sending a message
+    del message["text"]
+    assert message.content == {"meta": {"tags": ["a"]}, "reply_channel": "websocket.send!x",
+                               "room": "lobby"}
+    clone = message.copy()
+    clone["meta"]["tags"].append("b")
+    clone["room"] = "kitchen"
+    assert (message["meta"], message["room"]) == ({"tags": ["a"]}, "lobby")  # independent, deeply
+    assert (clone.channel_name, clone.reply_channel.name) == ("websocket.receive", "websocket.send!x")
+    assert dict(message.copy(room="hall")) == {**message.content, "room": "hall"}
+
+
+class AppSocketAction(ChannelSocketException):
+    """A 1.x-style socket action: tell the client why, then close with 4003."""
+
+    def run(self, message):
+        message.reply_channel.send({"text": "not allowed", "close": 4003})
+
+
+def app_exception_routing(flavour: str) -> list:
+    def raising(message, **kwargs):
+        text = message.get("text", "")
+        if text == "close":
+            raise WebsocketCloseException(4005)
+        if text == "close-normal":
+            raise WebsocketCloseException()
+        if text == "action":
+            raise AppSocketAction()
+        if text == "later":
+            Channel("app.exc.background").send({"reply_channel": message["reply_channel"]})
+        return None
+
+    def background(message, **kwargs):
+        raise WebsocketCloseException(4010)
+
+    return [route("websocket.receive", app_flavoured(flavour, raising)),
+            route("app.exc.background", app_flavoured(flavour, background))]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@asynchronous
+async def test_consumers_1x_socket_exceptions_run_their_action(flavour, caplog):
+    """Raised in a consumer -- also one of a background channel that holds the reply
+    channel -- a ChannelSocketException runs its action instead of failing the socket:
+    WebsocketCloseException(code) closes with that code (1000 without one)."""
+    app, _ = app_setup(app_exception_routing(flavour))
+
+    async def outcome(frame):
+        communicator = WebsocketCommunicator(app, "/exc/")
+        assert await communicator.connect(timeout=5) == (True, None)
+        await communicator.send_to(text_data=frame)
+        event = await communicator.receive_output(timeout=5)
+        if event["type"] == "websocket.send":
+            return event["text"], await app_close_code(communicator)
+        assert event["type"] == "websocket.close", event
+        return event["code"]
+
+    assert [await outcome(frame) for frame in ("close", "close-normal", "action", "later")] == [
+        4005, 1000, ("not allowed", 4003), 4010]
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    with pytest.raises(ValueError, match=re.escape(
+            "Invalid close code 1011: use 1000 or one from 3000 to 4999.")):
+        WebsocketCloseException(1011)
+
+
+# A 1.x multi-room chat, written as the Channels 1.x "multichat" example is: function
+# consumers, the session decorators, and a custom channel routed by a `command` filter.
+# Every answer names the process that ran the `chat.receive` consumer (`pid`).
+
+def app_chat_answer(message, **content) -> None:
+    message.reply_channel.send({"text": json.dumps({**content, "pid": os.getpid()})})
+
+
+@channel_session_user_from_http
+def app_chat_ws_connect(message):
+    message.reply_channel.send({"accept": True})
+    message.channel_session["rooms"] = []
+
+
+def app_chat_ws_receive(message):
+    payload = json.loads(message["text"])
+    payload["reply_channel"] = message.content["reply_channel"]
+    Channel("chat.receive").send(payload)
+
+
+@channel_session_user
+def app_chat_ws_disconnect(message):
+    for room in message.channel_session.get("rooms", []):
+        Group(f"chat-{room}").discard(message.reply_channel)
+
+
+@channel_session_user
+def app_chat_join(message):
+    room = message["room"]
+    if room.startswith("staff") and not message.user.is_staff:
+        return app_chat_answer(message, error="ROOM_ACCESS_DENIED", room=room)
+    Group(f"chat-{room}").add(message.reply_channel)
+    message.channel_session["rooms"] = sorted({*message.channel_session["rooms"], room})
+    app_chat_answer(message, join=room, user=message.user.username)
+
+
+@channel_session_user
+async def app_chat_leave(message):  # an async consumer, in the same routing
+    room = message["room"]
+    await Group(f"chat-{room}").adiscard(message.reply_channel)
+    message.channel_session["rooms"] = [name for name in message.channel_session["rooms"] if name != room]
+    app_chat_answer(message, leave=room)
+
+
+@channel_session_user
+def app_chat_send(message):
+    room = message["room"]
+    if room not in message.channel_session["rooms"]:
+        return app_chat_answer(message, error="ROOM_NOT_JOINED", room=room)
+    Group(f"chat-{room}").send({"text": json.dumps({
+        "room": room, "user": message.user.username, "message": message["message"], "pid": os.getpid()})})
+
+
+app_chat_socket_routing = [
+    route("websocket.connect", app_chat_ws_connect, path=r"^/chat/$"),
+    route("websocket.receive", app_chat_ws_receive, path=r"^/chat/$"),
+    route("websocket.disconnect", app_chat_ws_disconnect, path=r"^/chat/$"),
+]
+app_chat_routing = app_chat_socket_routing + [
+    route("chat.receive", app_chat_join, command="^join$"),
+    route("chat.receive", app_chat_leave, command="^leave$"),
+    route("chat.receive", app_chat_send, command="^send$"),
+]
+app_chat_app = Application(app_chat_routing)
+app_chat_socket_app = Application(app_chat_socket_routing)  # no chat.receive consumer here
+
+
+def app_chat_users() -> dict:
+    """A staff user and a plain one, with passwords, for the login view."""
+    from django.contrib.auth.models import User
+
+    ensure_database()
+    users = {}
+    for role, staff in (("staff", True), ("plain", False)):
+        name, password = f"chat-{role}-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        User.objects.create_user(name, password=password, is_staff=staff)
+        users[role] = (name, password)
+    return users
+
+
+def app_log_in(server, username: str, password: str) -> str:
+    """POST the test project's login view (Django's AuthenticationForm and login()) with a real
+    HTTP client; the Cookie header value a browser would send from then on."""
+    from http.cookies import SimpleCookie
+    from urllib.parse import urlencode
+
+    data = urlencode({"username": username, "password": password}).encode()
+    with urllib.request.urlopen(server.url("/login/", "http"), data=data, timeout=10) as response:
+        assert response.read() == b"logged in"
+        jar = SimpleCookie()
+        for header in response.headers.get_all("Set-Cookie"):
+            jar.load(header)
+    return f"{settings.SESSION_COOKIE_NAME}={jar[settings.SESSION_COOKIE_NAME].value}"
+
+
+async def app_chat_recv(websocket, timeout: float = 10) -> dict:
+    return json.loads(await asyncio.wait_for(websocket.recv(), timeout))
+
+
+async def app_chat_silent(websocket, timeout: float = 0.5) -> bool:
+    try:
+        await asyncio.wait_for(websocket.recv(), timeout)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+async def app_chat_session(staff_url: str, plain_url: str, staff_cookie: str, plain_cookie: str,
+                           users: dict, chat_pid: int) -> set[str]:
+    """The chat, end to end: joins, a staff-only room refused, messages to a room, a leave.
+    Every `chat.receive` answer must come from the process *chat_pid*. Returns the channel
+    session rows stored while both sockets were open."""
+    staff_name, plain_name = users["staff"][0], users["plain"][0]
+
+    async def ask(websocket, **payload) -> dict:
+        await websocket.send(json.dumps(payload))
+        return await app_chat_recv(websocket)
+
+    async with ws_connect(staff_url, additional_headers=[("Cookie", staff_cookie)]) as staff, \
+            ws_connect(plain_url, additional_headers=[("Cookie", plain_cookie)]) as plain:
+        answers = [await ask(staff, command="join", room="lobby"),
+                   await ask(staff, command="join", room="staff-room"),
+                   await ask(plain, command="join", room="lobby"),
+                   await ask(plain, command="join", room="staff-room"),
+                   await ask(plain, command="send", room="staff-room", message="let me in")]
+        assert answers == [
+            {"join": "lobby", "user": staff_name, "pid": chat_pid},
+            {"join": "staff-room", "user": staff_name, "pid": chat_pid},
+            {"join": "lobby", "user": plain_name, "pid": chat_pid},
+            {"error": "ROOM_ACCESS_DENIED", "room": "staff-room", "pid": chat_pid},
+            {"error": "ROOM_NOT_JOINED", "room": "staff-room", "pid": chat_pid},
+        ]
+        await plain.send(json.dumps({"command": "send", "room": "lobby", "message": "hello"}))
+        hello = {"room": "lobby", "user": plain_name, "message": "hello", "pid": chat_pid}
+        assert [await app_chat_recv(plain), await app_chat_recv(staff)] == [hello, hello]
+        await staff.send(json.dumps({"command": "send", "room": "staff-room", "message": "staff only"}))
+        assert (await app_chat_recv(staff))["message"] == "staff only"
+        assert await app_chat_silent(plain)
+        assert await ask(plain, command="leave", room="lobby") == {"leave": "lobby", "pid": chat_pid}
+        await staff.send(json.dumps({"command": "send", "room": "lobby", "message": "anyone?"}))
+        assert (await app_chat_recv(staff))["message"] == "anyone?"
+        assert await app_chat_silent(plain)
+        assert await ask(plain, command="send", room="lobby", message="x") == {
+            "error": "ROOM_NOT_JOINED", "room": "lobby", "pid": chat_pid}
+        return await asyncio.to_thread(app_session_rows)
+
+
+def app_chat_rows_settle(before: set[str], timeout: float = 10) -> set[str]:
+    """The channel-session rows once the closed sockets' rows are gone (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while app_session_rows() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return app_session_rows()
+
+
+def test_consumers_1x_multi_room_chat_under_uvicorn_with_users_logged_in_through_django():
+    """The 1.x multi-room chat above, unchanged but for its imports, under a real uvicorn with
+    the in-memory layer: users log in through Django's AuthenticationForm and login() (the
+    test project's CSRF-exempt login view, POSTed with a real HTTP client), `ws_connect` copies
+    the user into the channel session, and the `chat.receive` consumers -- routed by the
+    `command` filter -- find `message.user` and `channel_session["rooms"]` there. Staff-only
+    rooms are refused to others. The channel sessions are deleted when the sockets close."""
+    users = app_chat_users()
+    before = app_session_rows()
+    with running_server(app=f"{__name__}:app_chat_app") as server:
+        cookies = [app_log_in(server, *users[role]) for role in ("staff", "plain")]
+        url = server.url("/chat/")
+        rows_open = run(app_chat_session(url, url, *cookies, users, chat_pid=server.process.pid),
+                        timeout=60)
+        assert len(rows_open - before) == 2  # one per socket ...
+        assert app_chat_rows_settle(before) == before  # ... deleted when it closed
+
+
 # -- logins and secrets (issue 19) --
 # The attacks of issue 19, each through a real uvicorn with real clients: a channel session
 # key used as a login cookie, reply channel names in frames, logins that end while their
@@ -7511,23 +6376,23 @@ def test_security_a_channel_session_is_never_a_login_and_presence_tells_no_reply
 
         async def scenario():
             async with ws_connect(server.url("/sec/room/")) as attacker:
-                heard = [await app_recv(attacker)]  # its own join
+                heard = [await recv(attacker)]  # its own join
                 async with ws_connect(server.url("/sec/room/"),
                                       additional_headers=[("Cookie", cookie)]) as member:
-                    heard.append(await app_recv(attacker))  # the member's join
+                    heard.append(await recv(attacker))  # the member's join
                     await attacker.send("presence")
-                    heard.append(await app_recv(attacker))
+                    heard.append(await recv(attacker))
                     await member.send("secret")
-                    await app_recv(member)  # its own join first
-                    secret = json.loads(await app_recv(member))
+                    await recv(member)  # its own join first
+                    secret = json.loads(await recv(member))
                     await member.send("who")
-                    member_is = await app_recv(member)
+                    member_is = await recv(member)
                     forged = []
                     for name in secret["key"], "chn" + hashlib.sha1(
                             secret["reply_channel"].encode()).hexdigest()[:29]:
                         async with ws_connect(server.url("/sec/whoami/"), additional_headers=[
                                 ("Cookie", f"{settings.SESSION_COOKIE_NAME}={name}")]) as forger:
-                            forged.append(await app_recv(forger))
+                            forged.append(await recv(forger))
                     return heard, secret, member_is, forged
 
         heard, secret, member_is, forged_sockets = run(scenario())
@@ -7559,19 +6424,19 @@ def test_security_no_frame_the_module_composes_carries_a_reply_channel_name():
                     ws_connect(server.url("/sec/room/"), additional_headers=[("Cookie", cookie)]) as room, \
                     ws_connect(server.url("/sec/notes/")) as anonymous, \
                     ws_connect(server.url("/sec/notes/"), additional_headers=[("Cookie", cookie)]) as notes:
-                frames.append(await app_recv(lobby))
-                frames.append(await app_recv(room))
+                frames.append(await recv(lobby))
+                frames.append(await recv(room))
                 await room.send("presence")
-                frames.append(await app_recv(room))
+                frames.append(await recv(room))
                 for text in ('{"stream": "notes", "payload": {"action": "create", "data": {"title": "a"}}}',
                              '{"stream": "nope", "payload": {}}', "not json", '{"stream": 1}'):
                     await anonymous.send(text)
-                    frames.append(await app_recv(anonymous))
+                    frames.append(await recv(anonymous))
                 await anonymous.send(b"binary")
-                frames.append(await app_recv(anonymous))
+                frames.append(await recv(anonymous))
                 await notes.send(json.dumps({"stream": "notes", "payload": {
                     "action": "create", "data": {"title": "frames"}, "request_id": 7}}))
-                frames += [await app_recv(notes), await app_recv(notes), await app_recv(anonymous)]
+                frames += [await recv(notes), await recv(notes), await recv(anonymous)]
             return frames
 
         frames = run(scenario())
@@ -7630,7 +6495,7 @@ def test_security_every_ending_of_a_login_ends_its_connections_within_5_seconds(
             other = await ws_connect(server.url("/sec/whoami/"), additional_headers=[
                 ("Cookie", bystander_cookie)]).__aenter__()
             try:
-                greeted = [await app_recv(sockets[0]), await app_recv(other)]
+                greeted = [await recv(sockets[0]), await recv(other)]
                 poll = asyncio.create_task(asyncio.to_thread(
                     http_request, server.url("/sec/poll/", "http"), None, {"Cookie": cookie}, 20))
                 stream_end = asyncio.create_task(asyncio.to_thread(sec_stream_end, stream))
@@ -7642,12 +6507,12 @@ def test_security_every_ending_of_a_login_ends_its_connections_within_5_seconds(
                 polled_after = time.monotonic() - ended_at
                 stream_after = await stream_end - ended_at
                 await other.send("still here?")
-                still = await app_recv(other)
+                still = await recv(other)
                 again = None
                 if new_cookie:
                     async with ws_connect(server.url("/sec/whoami/"),
                                           additional_headers=[("Cookie", new_cookie)]) as socket:
-                        again = await app_recv(socket)
+                        again = await recv(socket)
                 return greeted, closes, polled, polled_after, stream_after, still, again, new_cookie
             finally:
                 for socket in [*sockets, other]:
@@ -7687,7 +6552,7 @@ def test_security_logout_with_redis_down_completes_and_closes_in_both_processes(
                 ("Cookie", value)]).__aenter__() for server, value in (
                 (first, cookie), (second, cookie), (second, bystander_cookie))]
             try:
-                greeted = [await app_recv(socket) for socket in sockets]
+                greeted = [await recv(socket) for socket in sockets]
                 stream_end = asyncio.create_task(asyncio.to_thread(sec_stream_end, stream))
                 await asyncio.to_thread(redis_shutdown, url)
                 started = time.monotonic()
@@ -7697,7 +6562,7 @@ def test_security_logout_with_redis_down_completes_and_closes_in_both_processes(
                 closes = [await sec_until_closed(socket) for socket in sockets[:2]]
                 stream_after = await stream_end - started
                 await sockets[2].send("still here?")
-                return greeted, logout[:2], logout_took, closes, stream_after, await app_recv(sockets[2])
+                return greeted, logout[:2], logout_took, closes, stream_after, await recv(sockets[2])
             finally:
                 for socket in sockets:
                     await socket.close()
@@ -7729,10 +6594,10 @@ def test_security_a_rotated_secret_key_ends_no_login():
         async def scenario():
             async with ws_connect(server.url("/sec/whoami/"),
                                   additional_headers=[("Cookie", cookie)]) as socket:
-                greeted = await app_recv(socket)
+                greeted = await recv(socket)
                 await asyncio.sleep(2)  # four login checks
                 await socket.send("who")
-                return greeted, await app_recv(socket), socket.close_code
+                return greeted, await recv(socket), socket.close_code
 
         greeted, again, code = run(scenario())
     assert (greeted, again, code) == (user.username, user.username, None)
@@ -7757,7 +6622,7 @@ def test_security_a_binding_write_rechecks_the_user_before_it_saves(ending):
             async with ws_connect(server.url("/sec/notes/"),
                                   additional_headers=[("Cookie", cookie)]) as socket:
                 await socket.send(write(before_title))
-                before = [json.loads(await app_recv(socket)) for _ in range(2)]
+                before = [json.loads(await recv(socket)) for _ in range(2)]
                 await asyncio.to_thread(sec_end_login, ending, server, user, cookie)
                 await socket.send(write(after_title))
                 frames, code = await rel_until_closed(socket)
@@ -7861,6 +6726,1156 @@ def test_security_6000_unanswered_polls_log_at_most_ten_lines_a_second():
     # Those after the last line wait for the next one: at most the last round.
     assert 5000 <= counted + len(lines) <= 6000, (counted, len(lines))
 
+
+
+# === 12. HTTP consumers and event streams ===
+
+# -- HTTP consumers (Channels 1.x's http.request) --
+
+def http_hello(message):
+    """Channels 1.x's Getting Started consumer, as written there (imports aside)."""
+    from django.http import HttpResponse
+    response = HttpResponse("Hello world! You asked for %s" % message.content["path"])
+    for chunk in AsgiHandler.encode_response(response):
+        message.reply_channel.send(chunk)
+
+
+async def http_echo(message, name):
+    """Answers with what the 1.x message holds (the body, the request line, the peers)."""
+    headers = {key.decode(): value.decode() for key, value in message["headers"]}
+    answer = {"name": name, "method": message["method"], "path": message["path"],
+              "query_string": message["query_string"].decode(), "body": message["body"].decode(),
+              "scheme": message["scheme"], "http_version": message["http_version"],
+              "has_client": bool(message["client"]), "has_server": bool(message["server"]),
+              "header": headers.get("x-test"), "reply_channel": message["reply_channel"]}
+    message.reply_channel.send({"status": 201, "headers": [("content-type", "application/json")],
+                                "content": json.dumps(answer).encode()})
+
+
+def http_form(message):
+    """Reads a posted form through AsgiRequest, as a 1.x consumer would."""
+    request = AsgiRequest(message)
+    text = f"{request.method} {request.path} said={request.POST.get('said')} q={request.GET.get('q')}"
+    message.reply_channel.send({"status": 200, "headers": [], "content": text.encode()})
+
+
+def http_poll(message, topic):
+    """A long-poll: the reply channel waits in a group until something is published."""
+    Group(f"http-poll-{topic}").add(message.reply_channel)
+
+
+def http_stream(message):
+    """Server-sent events: headers and a first comment now, then whatever the group gets."""
+    message.reply_channel.send({"status": 200, "headers": SSE_HEADERS,
+                                "content": sse_event(comment="hello"), "more_content": True})
+    Group("http-stream").add(message.reply_channel)
+
+
+http_disconnects: list[str] = []
+
+
+def http_gone(message):
+    http_disconnects.append(message["path"])
+
+
+def http_never(message):
+    """Routed, and never answered: the request gets 504 after http_timeout."""
+
+
+def http_counting(message):
+    http_disconnects.append("counted " + message["path"])
+    message.reply_channel.send({"status": 200, "headers": [], "content": b"ok"})
+
+
+def _view_http_publish(request, topic):
+    """A Django view answers the long-polls of *topic* and feeds the event streams."""
+    from django.http import HttpResponse
+    text = request.GET.get("text", "news")
+    Group(f"http-poll-{topic}").send({"status": 200, "headers": [("content-type", "text/plain")],
+                                      "content": f"{topic}: {text}".encode()})
+    Group("http-stream").send({"content": sse_event(text, id=request.GET.get("id")),
+                               "more_content": True})
+    return HttpResponse("published")
+
+
+def _view_http_stats(request):
+    from django.http import JsonResponse
+    layer = get_channel_layer()
+    return JsonResponse({**layer.stats(), "late": getattr(layer, "late", 0),
+                         "disconnects": http_disconnects})
+
+
+def _http_url_patterns():
+    from django.urls import path
+    return [path("http/publish/<str:topic>/", _view_http_publish), path("http/stats/", _view_http_stats)]
+
+
+urlpatterns += _http_url_patterns()
+
+http_routing = [
+    route("http.request", http_hello, path=r"^/hello/"),
+    route("http.request", http_echo, path=r"^/http/echo/(?P<name>\w+)/$", method="^(?:GET|POST)$"),
+    route("http.request", http_form, path=r"^/http/form/$", method=b"^POST$"),
+    route("http.request", http_poll, path=r"^/http/poll/(?P<topic>\w+)/$", method="^GET$"),
+    route("http.request", http_stream, path=r"^/http/stream/$"),
+    route("http.request", http_never, path=r"^/http/never/$"),
+    route("http.request", http_counting, path=r"^/http/counting/$"),
+    route("http.disconnect", http_gone),
+]
+http_app = Application(http_routing, http_timeout=2)
+
+
+def http_request(url: str, data: bytes | None = None, headers: dict | None = None,
+                 timeout: float = 10) -> tuple:
+    """A real HTTP request: status, body and the (case-insensitive) response headers."""
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read(), response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, error.read(), error.headers
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_app_http_consumers_get_post_and_django_under_each_server(kind):
+    """Routed GET and POST (with a body) reach their consumers with the 1.x message; the 1.x
+    Getting Started consumer answers; unrouted requests still reach Django's views."""
+    with running_server(kind, app=f"{__name__}:http_app") as server:
+        status, body, headers = http_request(server.url("/http/echo/bob/?q=1", "http"),
+                                             data=b"payload", headers={"X-Test": "yes"})
+        got = json.loads(body)
+        get_status, get_body, _ = http_request(server.url("/http/echo/ann/", "http"))
+        hello = http_request(server.url("/hello/there/", "http"))
+        form = http_request(server.url("/http/form/?q=2", "http"), data=b"said=hi+there")
+        django_page = http_get(server.url("/page/", "http"))
+    assert status == 201 and headers["content-type"] == "application/json"
+    assert {key: got[key] for key in ("name", "method", "path", "query_string", "body", "scheme",
+                                      "header", "has_client", "has_server")} == {
+        "name": "bob", "method": "POST", "path": "/http/echo/bob/", "query_string": "q=1",
+        "body": "payload", "scheme": "http", "header": "yes", "has_client": True, "has_server": True}
+    assert got["http_version"] in ("1.0", "1.1") and got["reply_channel"].startswith("http.response")
+    assert get_status == 201 and json.loads(get_body)["method"] == "GET"
+    assert hello[:2] == (200, b"Hello world! You asked for /hello/there/")
+    assert form[:2] == (200, b"POST /http/form/ said=hi there q=2")
+    assert django_page == (200, "django page ok")
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_app_http_long_poll_is_answered_by_a_django_view_in_the_same_process(kind):
+    """A long-poll waits in a group; a Django view's Group.send answers it (and only its topic)."""
+    with running_server(kind, app=f"{__name__}:http_app") as server:
+
+        async def scenario():
+            waiting = asyncio.create_task(asyncio.to_thread(
+                http_request, server.url("/http/poll/alpha/", "http")))
+            other = asyncio.create_task(asyncio.to_thread(
+                http_request, server.url("/http/poll/beta/", "http"), None, None, 8))
+            await asyncio.sleep(0.5)  # both wait in their groups
+            published = await asyncio.to_thread(
+                http_request, server.url("/http/publish/alpha/?text=hello", "http"))
+            return published, await waiting, await other
+
+        published, answered, unanswered = run(scenario())
+    assert published[:2] == (200, b"published")
+    assert answered[:2] == (200, b"alpha: hello")
+    assert unanswered[0] == 504  # beta's topic heard nothing: its request timed out
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_app_http_server_sent_events_receive_group_sends_in_order(kind):
+    """An event stream joined to a group gets every Group.send, in order, as SSE events."""
+    import http.client
+    with running_server(kind, app=f"{__name__}:http_app") as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            connection.request("GET", "/http/stream/")
+            response = connection.getresponse()
+            first = response.readline() + response.readline()
+            for number in range(20):
+                assert http_request(server.url(f"/http/publish/x/?text=n{number}&id={number}",
+                                               "http"))[:2] == (200, b"published")
+            events = []
+            for _ in range(20):
+                lines = [response.readline() for _ in range(3)]  # id:, data:, blank
+                events.append(b"".join(lines))
+            content_type = response.getheader("content-type")
+        finally:
+            connection.close()
+    assert response.status == 200 and content_type == "text/event-stream"
+    assert first == b": hello\n\n"
+    assert events == [f"id: {n}\ndata: n{n}\n\n".encode() for n in range(20)]
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_app_http_client_leaving_mid_wait_leaves_its_groups_and_late_replies_are_dropped(kind):
+    """A long-poll client that disconnects produces http.disconnect; its reply channel leaves
+    every group and nothing stays behind; a late answer is dropped quietly and counted."""
+    with running_server(kind, app=f"{__name__}:http_app") as server:
+        before = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            raw.sendall(b"GET /http/poll/gone/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # until it waits in its group
+                waiting = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+                if waiting["members"] > before["members"]:
+                    break
+                time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until the server saw the client leave
+            after = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+            if "/http/poll/gone/" in after["disconnects"]:
+                break
+            time.sleep(0.05)
+        http_request(server.url("/http/publish/gone/", "http"))  # nobody waits any more
+        final = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+    assert waiting["members"] == before["members"] + 1
+    assert "/http/poll/gone/" in after["disconnects"]
+    assert {key: after[key] for key in ("channels", "groups", "members", "messages")} == \
+        {key: before[key] for key in ("channels", "groups", "members", "messages")}
+    assert final["messages"] == before["messages"]
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "daphne", "hypercorn"])
+def test_app_http_413_over_the_body_limit_and_504_when_nobody_answers(kind):
+    """A body over DATA_UPLOAD_MAX_MEMORY_SIZE gets 413 and the consumer never runs; a
+    request nobody answers gets 504 after http_timeout (2 s here), not a socket held forever."""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    with running_server(kind, app=f"{__name__}:http_app") as server:
+        too_big = http_request(server.url("/http/counting/", "http"), data=b"x" * (limit + 1))
+        fits = http_request(server.url("/http/counting/", "http"), data=b"x" * 10)
+        start = time.monotonic()
+        never = http_request(server.url("/http/never/", "http"))
+        waited = time.monotonic() - start
+        stats = json.loads(http_request(server.url("/http/stats/", "http"))[1])
+    assert too_big[0] == 413 and f"over {limit} bytes".encode() in too_big[1]
+    assert fits[:2] == (200, b"ok")
+    assert [entry for entry in stats["disconnects"] if entry.startswith("counted")] == \
+        ["counted /http/counting/"]  # only the request that fitted ran the consumer
+    assert never[:2] == (504, b"Nobody answered this request in time.")
+    assert 1.5 <= waited < 6, waited
+
+
+def test_app_http_long_poll_answered_from_another_process_through_redis():
+    """Two servers share Redis: a long-poll waiting on one is answered by a view on the other."""
+    with running_redis() as url:
+        env = redis_server_env(url)
+        with running_server(app=f"{__name__}:http_app", env=env) as first, \
+                running_server(app=f"{__name__}:http_app", env=env) as second:
+
+            async def scenario():
+                waiting = asyncio.create_task(asyncio.to_thread(
+                    http_request, first.url("/http/poll/cross/", "http")))
+                await asyncio.sleep(1.0)
+                published = await asyncio.to_thread(
+                    http_request, second.url("/http/publish/cross/?text=from-b", "http"))
+                return published, await waiting
+
+            published, answered = run(scenario())
+    assert published[:2] == (200, b"published")
+    assert answered[:2] == (200, b"cross: from-b")
+
+
+
+# === 13. Presence ===
+
+# -- presence (issue 15) --
+# A socket tracked in a group under a key (its user's pk with `http_user`, else one
+# anonymous key per socket); `Group(name).presence()` reads `{key: [meta, ...]}`; keys that
+# come and go reach the group as one `presence_diff` text frame. One process, no settings:
+# the default cache (locmem) holds the entries.
+
+class presence_Room(WebsocketConsumer):
+    """Listed in its room's presence with the meta from `?tab=`; "who" answers the room's
+    presence, read from inside a handler as an app would on every connect."""
+
+    http_user = True
+
+    def presence_groups(self, room, **kwargs):
+        return [f"presence-{room}"]
+
+    def presence_meta(self, **kwargs):
+        return {"tab": self.message.scope["query_string"].decode().partition("tab=")[2] or "main"}
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        self.send(text=json.dumps(Group(f"presence-{room}").presence()))
+
+
+class presence_Lobby(WebsocketConsumer):
+    """The declarative form: `presence = [...]`, the default meta, no `http_user`."""
+
+    presence = ["presence-lobby"]
+
+
+def presence_track_by_hand(message, **kwargs):
+    """A function consumer tracking its socket itself, under a key it chooses."""
+    if message.channel_name == "websocket.connect":
+        message.reply_channel.send({"accept": True})
+        Group("presence-by-hand").track(message.reply_channel, key="desk-7", meta={"by": "hand"})
+
+
+presence_routing = [
+    presence_Room.as_route(path=r"^/presence/room/(?P<room>[\w-]+)/$"),
+    presence_Lobby.as_route(path=r"^/presence/lobby/$"),
+    route(["websocket.connect"], presence_track_by_hand, path=r"^/presence/by-hand/$"),
+]
+
+
+def presence_diff(group: str, joins: dict | None = None, leaves: dict | None = None) -> dict:
+    """The frame a group hears when keys join or leave (the documented contract)."""
+    return {"type": "presence_diff", "group": group, "joins": joins or {}, "leaves": leaves or {}}
+
+
+async def presence_open(app, path: str, cookie: str | None = None) -> WebsocketCommunicator:
+    socket = WebsocketCommunicator(app, path, headers=[("cookie", cookie)] if cookie else None)
+    assert await socket.connect(timeout=5) == (True, None)
+    return socket
+
+
+async def presence_who(socket: WebsocketCommunicator) -> dict:
+    await socket.send_to(text_data="who")
+    return await socket.receive_json_from(timeout=5)
+
+
+@asynchronous
+async def test_messages_presence_tracks_sockets_and_announces_joins_and_leaves():
+    app = Application(presence_routing)
+    room = f"presence-{uuid.uuid4().hex[:8]}"
+    first = await presence_open(app, f"/presence/room/{room[9:]}/?tab=one")
+    [first_key] = await Group(room).apresence()
+    assert re.fullmatch(r"anonymous\.[0-9a-f]{24}", first_key), first_key  # opaque
+    assert await first.receive_json_from(timeout=5) == presence_diff(
+        room, joins={first_key: [{"tab": "one"}]})  # a socket hears its own join
+
+    second = await presence_open(app, f"/presence/room/{room[9:]}/?tab=two")
+    [second_key] = set(await Group(room).apresence()) - {first_key}
+    joined = presence_diff(room, joins={second_key: [{"tab": "two"}]})
+    assert await first.receive_json_from(timeout=5) == joined
+    assert await second.receive_json_from(timeout=5) == joined
+    assert await presence_who(second) == {first_key: [{"tab": "one"}], second_key: [{"tab": "two"}]}
+
+    await first.disconnect()
+    assert await second.receive_json_from(timeout=5) == presence_diff(
+        room, leaves={first_key: [{"tab": "one"}]})
+    assert await presence_who(second) == {second_key: [{"tab": "two"}]}
+    await second.disconnect()
+    assert await Group(room).apresence() == {}
+
+
+@asynchronous
+async def test_messages_presence_same_user_in_two_tabs_is_one_member_with_two_metas():
+    user, cookie = await asyncio.to_thread(rel_login, "tabs")
+    key = str(user.pk)
+    app = Application(presence_routing)
+    room = f"presence-{uuid.uuid4().hex[:8]}"
+    path = f"/presence/room/{room[9:]}/"
+    watcher = await presence_open(app, path + "?tab=watcher")  # anonymous, hears the diffs
+    [watcher_key] = await Group(room).apresence()
+    await watcher.receive_json_from(timeout=5)  # its own join
+
+    tab_one = await presence_open(app, path + "?tab=one", cookie)
+    joined = presence_diff(room, joins={key: [{"tab": "one"}]})
+    assert await watcher.receive_json_from(timeout=5) == joined
+    assert await tab_one.receive_json_from(timeout=5) == joined
+    tab_two = await presence_open(app, path + "?tab=two", cookie)
+    assert await presence_who(watcher) == {watcher_key: [{"tab": "watcher"}],
+                                           key: [{"tab": "one"}, {"tab": "two"}]}
+    # The key was already present: the second tab is no join.
+    assert await tab_two.receive_nothing(timeout=0.3) and await watcher.receive_nothing(timeout=0.1)
+
+    await tab_one.disconnect()  # the user still has a tab: no leave
+    assert await watcher.receive_nothing(timeout=0.3) and await tab_two.receive_nothing(timeout=0.1)
+    assert await presence_who(tab_two) == {watcher_key: [{"tab": "watcher"}], key: [{"tab": "two"}]}
+
+    await tab_two.disconnect()  # the last tab: the user leaves, with that tab's meta
+    assert await watcher.receive_json_from(timeout=5) == presence_diff(
+        room, leaves={key: [{"tab": "two"}]})
+    assert await presence_who(watcher) == {watcher_key: [{"tab": "watcher"}]}
+    await watcher.disconnect()
+
+
+@asynchronous
+async def test_messages_presence_declared_on_the_class_with_the_default_meta():
+    app = Application(presence_routing)
+    socket = await presence_open(app, "/presence/lobby/")
+    frame = await socket.receive_json_from(timeout=5)
+    [(key, [meta])] = frame["joins"].items()
+    assert frame == presence_diff("presence-lobby", joins={key: [meta]})
+    assert re.fullmatch(r"anonymous\.[0-9a-f]{24}", key), key
+    assert meta["name"] == "anonymous"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["joined_at"]), meta
+    assert await Group("presence-lobby").apresence() == {key: [meta]}
+    await socket.disconnect()
+    assert await Group("presence-lobby").apresence() == {}
+
+
+@asynchronous
+async def test_messages_presence_function_consumer_tracks_by_hand_and_leaves_on_disconnect():
+    app = Application(presence_routing)
+    socket = await presence_open(app, "/presence/by-hand/")
+    assert await socket.receive_json_from(timeout=5) == presence_diff(
+        "presence-by-hand", joins={"desk-7": [{"by": "hand"}]})
+    assert await Group("presence-by-hand").apresence() == {"desk-7": [{"by": "hand"}]}
+    await socket.disconnect()
+    assert await Group("presence-by-hand").apresence() == {}
+
+
+def test_messages_presence_of_plain_channels_track_untrack_and_meta_checks():
+    layer = InMemoryChannelLayer()
+    group = Group(f"presence-{uuid.uuid4().hex[:8]}", channel_layer=layer)
+    with pytest.raises(TypeError, match=re.escape("Object of type object is not JSON serializable")):
+        group.track("a", meta={"when": object()})
+    assert group.presence() == {}
+    group.track("a", key="ada", meta={"n": 1})
+    group.track(Channel("b", channel_layer=layer))  # default key: one of its own
+    group.track("c", key="ada", meta={"n": 2})
+    anonymous_b = (set(group.presence()) - {"ada"}).pop()
+    assert re.fullmatch(r"anonymous\.[0-9a-f]{24}", anonymous_b), anonymous_b  # opaque
+    assert group.presence() == {"ada": [{"n": 1}, {"n": 2}], anonymous_b: [{}]}
+    group.untrack("a")
+    group.untrack("a")  # not listed any more: nothing happens
+    group.untrack("b")
+    assert group.presence() == {"ada": [{"n": 2}]}
+    # "a" and "b" stay in the group (untrack only stops listing them; Group.discard leaves),
+    # so they hear the diffs sent after they joined; "c" joined when "ada" was already present, and hears only the leave.
+    heard_by_a = [json.loads(run(layer.receive("a"))["text"]) for _ in range(3)]
+    heard_by_c = json.loads(run(layer.receive("c"))["text"])
+    assert heard_by_a == [presence_diff(group.name, joins={"ada": [{"n": 1}]}),
+                          presence_diff(group.name, joins={anonymous_b: [{}]}),
+                          presence_diff(group.name, leaves={anonymous_b: [{}]})]
+    assert heard_by_c == presence_diff(group.name, leaves={anonymous_b: [{}]})
+    heard_by_b = [json.loads(run(layer.receive("b"))["text"]) for _ in range(2)]
+    assert heard_by_b == heard_by_a[1:]
+    assert layer.stats()["messages"] == 0
+
+
+
+def test_messages_presence_of_1000_members_read_and_left_with_one_diff_each(caplog):
+    """1,000 keys (plain channels, as a function consumer would track reply channels): the
+    presence lists all of them, each join and each leave reaches the group once, and the
+    group is empty again afterwards. (The members themselves do not read: their diffs are
+    dropped at capacity, counted and logged, which is what the layer does for slow readers.)"""
+    layer = InMemoryChannelLayer(channel_capacity={"observer": 2_500})
+    group = Group(f"presence-{uuid.uuid4().hex[:8]}", channel_layer=layer)
+    group.add("observer")  # a listener that is not itself listed
+    for number in range(1_000):
+        group.track(f"member.{number}", key=f"user-{number}", meta={"n": number})
+    members = group.presence()
+    for number in range(1_000):
+        group.untrack(f"member.{number}")
+    left = group.presence()
+
+    async def observed():
+        return [json.loads((await layer.receive("observer"))["text"]) for _ in range(2_000)]
+
+    frames = run(observed())
+    assert members == {f"user-{number}": [{"n": number}] for number in range(1_000)}
+    assert left == {}
+    assert frames == (
+        [presence_diff(group.name, joins={f"user-{n}": [{"n": n}]}) for n in range(1_000)]
+        + [presence_diff(group.name, leaves={f"user-{n}": [{"n": n}]}) for n in range(1_000)])
+    assert layer.stats()["messages"] == 1_000 * 100  # what the members' channels hold
+
+
+@asynchronous
+async def test_messages_presence_heartbeat_keeps_a_servers_members_past_the_timeout():
+    """Entries expire TIMEOUT seconds after they were written: a server's heartbeat
+    rewrites them every HEARTBEAT seconds, so its sockets stay listed."""
+    from django.test import override_settings
+
+    with override_settings(CHANNELS_MINI_PRESENCE={"HEARTBEAT": 0.2, "TIMEOUT": 1.0}):
+        app = Application(presence_routing)
+        room = f"presence-{uuid.uuid4().hex[:8]}"
+        socket = await presence_open(app, f"/presence/room/{room[9:]}/")
+        [key] = await Group(room).apresence()
+        assert await socket.receive_json_from(timeout=5) == presence_diff(
+            room, joins={key: [{"tab": "main"}]})
+        assert await socket.receive_nothing(timeout=2.5)  # more than twice the TIMEOUT: no diff
+        assert await presence_who(socket) == {key: [{"tab": "main"}]}
+        await socket.disconnect()
+        assert await Group(room).apresence() == {}
+
+
+presence_GHOST = """
+import sys
+import django
+from django.conf import settings
+settings.configure(CACHES={"default": {
+    "BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": sys.argv[1]}},
+    CHANNELS_MINI_PRESENCE={"TIMEOUT": 1.5})
+django.setup()
+from channels_mini import Group
+Group(sys.argv[2]).track("ghost.channel", key="ghost", meta={"from": "a process that died"})
+"""  # and it exits without untracking, as a killed process would
+
+
+@asynchronous
+async def test_messages_presence_members_of_a_process_that_died_leave_on_a_heartbeat(tmp_path):
+    """Two processes sharing a cache (a file-based one here; Redis in section 8): another
+    process tracks a member and dies; its entry expires after TIMEOUT and this process's
+    heartbeat announces the member's leave, on the app's own layer."""
+    from django.test import override_settings
+
+    shared = {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+              "LOCATION": str(tmp_path / "cache")}
+    with override_settings(CACHES={"default": shared},
+                           CHANNELS_MINI_PRESENCE={"HEARTBEAT": 0.2, "TIMEOUT": 1.5}):
+        app = Application(presence_routing, channel_layer=InMemoryChannelLayer())
+        room = f"presence-{uuid.uuid4().hex[:8]}"
+        socket = await presence_open(app, f"/presence/room/{room[9:]}/")
+        [key] = await Group(room).apresence()
+        await socket.receive_json_from(timeout=5)  # its own join
+        await asyncio.to_thread(subprocess.run, [sys.executable, "-c", presence_GHOST,
+                                                 shared["LOCATION"], room],
+                                check=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+        died = time.monotonic()
+        listed = await presence_who(socket)
+        diff = await socket.receive_json_from(timeout=10)
+        waited = time.monotonic() - died
+        after = await presence_who(socket)
+        await socket.disconnect()
+    assert listed == {key: [{"tab": "main"}], "ghost": [{"from": "a process that died"}]}
+    assert diff == presence_diff(room, leaves={"ghost": [{"from": "a process that died"}]})
+    assert after == {key: [{"tab": "main"}]}
+    assert waited < 1.5 + 0.2 + 1, waited  # TIMEOUT + HEARTBEAT, and some slack
+
+
+def test_messages_presence_tracked_where_nothing_heartbeats_expires_after_the_timeout():
+    """A script (no server in the process, so no heartbeat) may track a channel, but its
+    entry lasts only TIMEOUT seconds: presence lists what live servers keep alive."""
+    from django.test import override_settings
+
+    group = Group(f"presence-{uuid.uuid4().hex[:8]}", channel_layer=InMemoryChannelLayer())
+    with override_settings(CHANNELS_MINI_PRESENCE={"HEARTBEAT": 0.2, "TIMEOUT": 1.0}):
+        group.track("script.channel", key="scripted")
+        listed = group.presence()
+        time.sleep(1.5)
+        expired = group.presence()
+        group.untrack("script.channel")
+    assert (listed, expired) == ({"scripted": [{}]}, {})
+
+
+# -- presence across processes (issue 15) --
+# Both servers keep their members in the same RedisCache: each reads every process's
+# entries, diffs travel through the Redis layer, and the members of a process killed
+# with SIGKILL leave once its entry expires (TIMEOUT) and a survivor's heartbeat notices.
+
+redis_PRESENCE_SETTINGS = {"HEARTBEAT": 0.5, "TIMEOUT": 3}
+
+
+def redis_presence_who(metas_by_key: dict) -> dict:
+    """A presence with each key's metas in a fixed order (processes are read in any order)."""
+    return {key: sorted(metas, key=json.dumps) for key, metas in metas_by_key.items()}
+
+
+async def redis_presence_open(server: Server, room: str, cookie: str):
+    """An open socket in *room*'s presence, logged in with *cookie*; close it yourself."""
+    return await ws_connect(server.url(f"/redis/presence/{room}/"),
+                            additional_headers=[("Cookie", cookie)]).__aenter__()
+
+
+async def redis_presence_ask(socket) -> dict:
+    await socket.send("who")
+    return redis_presence_who(json.loads(await recv(socket)))
+
+
+async def redis_silent(socket, timeout: float) -> bool:
+    """True if *socket* receives nothing within *timeout* seconds."""
+    try:
+        await asyncio.wait_for(socket.recv(), timeout)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+def test_command_line_redis_presence_is_the_same_from_two_servers():
+    """alice on server A and (a second tab) on server B, bob on B: both servers list the
+    same members; a join crosses processes; alice's second tab (another process) is no
+    join, and closing one of her tabs is no leave; closing the last one is."""
+    room = uuid.uuid4().hex[:8]
+    group = f"redis-presence-{room}"
+    alice, alice_cookie = rel_login("alice")
+    bob, bob_cookie = rel_login("bob")
+    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
+        pid_a, pid_b = server_a.process.pid, server_b.process.pid
+        alice_a = {"name": alice.username, "pid": pid_a}
+        alice_b, bob_b = {"name": alice.username, "pid": pid_b}, {"name": bob.username, "pid": pid_b}
+
+        async def scenario():
+            sockets = []
+            try:
+                sockets.append(first := await redis_presence_open(server_a, room, alice_cookie))
+                assert json.loads(await recv(first)) == presence_diff(
+                    group, joins={str(alice.pk): [alice_a]})
+                sockets.append(bob_socket := await redis_presence_open(server_b, room, bob_cookie))
+                bob_joined = presence_diff(group, joins={str(bob.pk): [bob_b]})
+                assert json.loads(await recv(first)) == bob_joined  # from the other process
+                assert json.loads(await recv(bob_socket)) == bob_joined
+                sockets.append(second := await redis_presence_open(server_b, room, alice_cookie))
+                assert await redis_silent(first, 0.5) and await redis_silent(bob_socket, 0.1)
+                assert await redis_silent(second, 0.1)
+                seen = [await redis_presence_ask(socket) for socket in (first, bob_socket)]
+
+                await first.close()  # alice keeps her tab on server B
+                assert await redis_silent(bob_socket, 0.5)
+                seen.append(await redis_presence_ask(bob_socket))
+                await second.close()
+                left = json.loads(await recv(bob_socket))
+                seen.append(await redis_presence_ask(bob_socket))
+                return seen, left
+            finally:
+                for socket in sockets:
+                    await socket.close()
+
+        seen, left = run(scenario(), timeout=60)
+    both = redis_presence_who({str(alice.pk): [alice_a, alice_b], str(bob.pk): [bob_b]})
+    assert seen == [both, both, {str(alice.pk): [alice_b], str(bob.pk): [bob_b]},
+                    {str(bob.pk): [bob_b]}]
+    assert left == presence_diff(group, leaves={str(alice.pk): [alice_b]})
+
+
+def test_command_line_redis_presence_members_of_a_killed_server_leave_within_the_bound():
+    """`kill -9` of server A: its members leave with one diff, heard on server B within
+    TIMEOUT + HEARTBEAT seconds (3 + 0.5 here; 25 s with the defaults), and not before its
+    entry could have expired. alice, who also has a tab on B, stays; carol, only on A, leaves."""
+    room = uuid.uuid4().hex[:8]
+    group = f"redis-presence-{room}"
+    (alice, alice_cookie), (bob, bob_cookie), (carol, carol_cookie) = (
+        rel_login(name) for name in ("alice", "bob", "carol"))
+    heartbeat, timeout = redis_PRESENCE_SETTINGS["HEARTBEAT"], redis_PRESENCE_SETTINGS["TIMEOUT"]
+    with running_redis() as url, redis_two_servers(
+            url, presence=redis_PRESENCE_SETTINGS) as (server_a, server_b):
+        pid_a, pid_b = server_a.process.pid, server_b.process.pid
+
+        async def scenario():
+            on_a = [await redis_presence_open(server_a, room, cookie)
+                    for cookie in (carol_cookie, alice_cookie)]
+            on_b = [await redis_presence_open(server_b, room, cookie)
+                    for cookie in (alice_cookie, bob_cookie)]
+            try:
+                watcher = on_b[1]  # bob
+                joins = [json.loads(await recv(watcher))]  # his own
+                before = await redis_presence_ask(watcher)
+                await asyncio.sleep(2 * heartbeat)  # server B's heartbeat has seen A's entry
+                server_a.process.kill()
+                await asyncio.to_thread(server_a.process.wait, 10)
+                killed = time.monotonic()
+                diff = json.loads(await recv(watcher, timeout + heartbeat + 10))
+                waited = time.monotonic() - killed
+                assert await redis_silent(watcher, 2 * heartbeat)  # one diff, not repeated
+                after = await redis_presence_ask(watcher)
+                return joins, before, diff, waited, after
+            finally:
+                for socket in on_a + on_b:
+                    with contextlib.suppress(Exception):
+                        await socket.close()
+
+        joins, before, diff, waited, after = run(scenario(), timeout=90)
+    carol_a = {"name": carol.username, "pid": pid_a}
+    alice_a, alice_b = {"name": alice.username, "pid": pid_a}, {"name": alice.username, "pid": pid_b}
+    bob_b = {"name": bob.username, "pid": pid_b}
+    assert joins == [presence_diff(group, joins={str(bob.pk): [bob_b]})]
+    assert before == redis_presence_who({str(carol.pk): [carol_a], str(alice.pk): [alice_a, alice_b],
+                                         str(bob.pk): [bob_b]})
+    assert diff == presence_diff(group, leaves={str(carol.pk): [carol_a]})
+    assert after == {str(alice.pk): [alice_b], str(bob.pk): [bob_b]}
+    print(f"\nmembers of a killed server left after {waited:.2f} s "
+          f"(bound {timeout + heartbeat} s)")
+    assert timeout - heartbeat - 0.5 < waited < timeout + heartbeat + 1.5, waited
+
+
+# === 14. Several processes: shared layers ===
+# More than one process: servers sharing one real redis-server through channels_redis. The
+# servers run `redis_app` (below) with CHANNELS_MINI_TEST_REDIS set, so the header puts
+# CHANNEL_LAYERS on Redis there.
+
+class redis_RoomConsumer(WebsocketConsumer):
+    """Joins the room's group; every frame is broadcast to the room."""
+
+    def connection_groups(self, room, **kwargs):
+        return [f"redis-room-{room}"]
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        self.group_send(f"redis-room-{room}", text=text)
+
+
+class redis_SpeakerConsumer(WebsocketConsumer):
+    """Broadcasts to a room without joining it (so it hears nothing back)."""
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        self.group_send(f"redis-room-{room}", text=text)
+
+
+class redis_EchoConsumer(WebsocketConsumer):
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=text)
+
+
+class redis_PidConsumer(redis_RoomConsumer):
+    """Joins the room and answers with the server process's id: which worker holds it."""
+
+    def connect(self, message, **kwargs):
+        self.send(text=str(os.getpid()))
+
+
+class redis_ItemBinding(WebsocketBinding):
+    model = f"{__name__}.Item"
+    stream = "redis-items"
+    fields = ["name", "team"]
+
+    @classmethod
+    def group_names(cls, instance):
+        return ["redis-items"] if instance.name.startswith("redis-") else []
+
+
+class redis_ItemsDemultiplexer(WebsocketDemultiplexer):
+    consumers = {"redis-items": redis_ItemBinding.consumer}
+    groups = ["redis-items"]
+
+
+class redis_JoinerConsumer(WebsocketConsumer):
+    """Joins a group by hand, 1.x style, from receive(): left by itself when the socket goes."""
+
+    def receive(self, text=None, bytes=None, group=None, **kwargs):
+        Group(f"redis-join-{group}").add(self.message.reply_channel)
+        self.send(text="joined")
+
+
+class redis_WhoAmIConsumer(WebsocketConsumer):
+    """Answers with the session's user: logging that session out closes the socket."""
+
+    http_user = True
+
+    def connect(self, message, **kwargs):
+        self.send(text=message.user.get_username() or "anonymous")
+
+
+class redis_PresenceConsumer(WebsocketConsumer):
+    """Listed in its room's presence under its user, with the server's pid in its meta;
+    "who" answers the room's presence as this server process reads it."""
+
+    http_user = True
+
+    def presence_groups(self, room, **kwargs):
+        return [f"redis-presence-{room}"]
+
+    def presence_meta(self, **kwargs):
+        return {"name": self.message.user.get_username(), "pid": os.getpid()}
+
+    def receive(self, text=None, bytes=None, room=None, **kwargs):
+        self.send(text=json.dumps(Group(f"redis-presence-{room}").presence()))
+
+
+redis_routing = [
+    redis_PresenceConsumer.as_route(path=r"^/redis/presence/(?P<room>[\w-]+)/$"),
+    redis_RoomConsumer.as_route(path=r"^/redis/room/(?P<room>[\w-]+)/$"),
+    redis_JoinerConsumer.as_route(path=r"^/redis/join/(?P<group>\w+)/$"),
+    redis_WhoAmIConsumer.as_route(path=r"^/redis/whoami/$"),
+    redis_SpeakerConsumer.as_route(path=r"^/redis/say/(?P<room>[\w-]+)/$"),
+    redis_EchoConsumer.as_route(path=r"^/redis/echo/$"),
+    redis_PidConsumer.as_route(path=r"^/redis/pid/(?P<room>[\w-]+)/$"),
+    redis_ItemsDemultiplexer.as_route(path=r"^/redis/items/$"),
+]
+redis_app = Application(redis_routing)
+
+
+def redis_server_env(url: str, backend: str = redis_CORE, presence: dict | None = None) -> dict:
+    """The env of a server on the Redis at *url* (layer and cache); *presence* becomes its
+    CHANNELS_MINI_PRESENCE setting."""
+    env = {"CHANNELS_MINI_TEST_REDIS": url, "CHANNELS_MINI_TEST_REDIS_BACKEND": backend}
+    if presence is not None:
+        env["CHANNELS_MINI_TEST_PRESENCE"] = json.dumps(presence)
+    return env
+
+
+@contextlib.contextmanager
+def redis_two_servers(url: str, backend: str = redis_CORE, presence: dict | None = None):
+    """Two uvicorn processes on different ports, sharing the Redis at *url*."""
+    env = redis_server_env(url, backend, presence)
+    with running_server(app=f"{__name__}:redis_app", env=env) as first, \
+            running_server(app=f"{__name__}:redis_app", env=env) as second:
+        assert first.port != second.port
+        yield first, second
+
+
+def redis_group_size(url: str, group: str) -> int:
+    """Members of *group* as channels_redis.core stores them (a sorted set per group)."""
+    import redis
+    client = redis.Redis.from_url(url)
+    try:
+        return client.zcard(f"asgi:group:{group}")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("backend", [redis_CORE, redis_PUBSUB], ids=["core", "pubsub"])
+def test_command_line_redis_layers_carry_echo_and_groups_across_two_servers(backend):
+    import statistics
+
+    room = f"r{uuid.uuid4().hex[:8]}"
+    with running_redis() as url, redis_two_servers(url, backend) as (server_a, server_b):
+
+        async def scenario():
+            async with ws_connect(server_a.url("/redis/echo/")) as echo:
+                await echo.send("echo through redis")
+                assert await recv(echo) == "echo through redis"
+            async with ws_connect(server_a.url(f"/redis/room/{room}/")) as listener_a, \
+                    ws_connect(server_b.url(f"/redis/room/{room}/")) as listener_b, \
+                    ws_connect(server_a.url(f"/redis/say/{room}/")) as speaker:
+                latencies = []
+                for number in range(50):
+                    started = time.perf_counter()
+                    await speaker.send(f"message {number}")
+                    assert await recv(listener_b) == f"message {number}"
+                    latencies.append(time.perf_counter() - started)
+                    assert await recv(listener_a) == f"message {number}"
+                # A frame from server B's socket reaches server A's socket too.
+                await listener_b.send("from B")
+                assert await recv(listener_a) == "from B"
+                assert await recv(listener_b) == "from B"
+            return latencies
+
+        latencies = run(scenario(), timeout=120)
+    median = statistics.median(latencies)
+    print(f"\n[{backend}] cross-process group broadcast, server A -> server B: median "
+          f"{median * 1000:.2f} ms, max {max(latencies) * 1000:.2f} ms over {len(latencies)}")
+    assert median < 1.0, latencies  # generous: a 2-core machine shared with other jobs
+
+
+def test_command_line_redis_uvicorn_workers_share_groups():
+    """`uvicorn --workers 2`: sockets land in different processes, yet a broadcast from
+    any of them reaches all of them."""
+    room = f"r{uuid.uuid4().hex[:8]}"
+    with running_redis() as url, running_server(
+            app=f"{__name__}:redis_app", env=redis_server_env(url),
+            extra_args=["--workers", "2"]) as server:
+
+        async def scenario():
+            async with contextlib.AsyncExitStack() as stack:
+                listeners, pids = [], set()
+                for _ in range(60):  # until both workers hold a listener (the 2nd may start late)
+                    listener = await stack.enter_async_context(
+                        ws_connect(server.url(f"/redis/pid/{room}/")))
+                    listeners.append(listener)
+                    pids.add(await recv(listener))
+                    if len(pids) == 2 and len(listeners) >= 4:
+                        break
+                    await asyncio.sleep(0.1)
+                speaker = await stack.enter_async_context(ws_connect(server.url(f"/redis/say/{room}/")))
+                await speaker.send("to every worker")
+                heard = [await recv(listener, 5) for listener in listeners]
+            return pids, heard
+
+        pids, heard = run(scenario(), timeout=60)
+    assert len(pids) == 2, f"all sockets landed in one worker: {pids}"
+    assert heard == ["to every worker"] * len(heard)
+
+
+def test_command_line_redis_connection_groups_are_left_across_servers():
+    room = f"r{uuid.uuid4().hex[:8]}"
+    group = f"redis-room-{room}"
+    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
+
+        async def scenario():
+            async with ws_connect(server_a.url(f"/redis/room/{room}/")) as listener_a, \
+                    ws_connect(server_a.url(f"/redis/say/{room}/")) as speaker:
+                async with ws_connect(server_b.url(f"/redis/room/{room}/")) as listener_b:
+                    assert redis_group_size(url, group) == 2
+                    await speaker.send("both")
+                    assert await recv(listener_a) == "both"
+                    assert await recv(listener_b) == "both"
+                # B's socket is gone: server B's disconnect handling removed it from Redis.
+                await asyncio.to_thread(wait_until, lambda: redis_group_size(url, group) == 1,
+                                        10, "group shrinking to 1 member")
+                await speaker.send("only A")
+                assert await recv(listener_a) == "only A"
+                # A new socket on B joins afresh and hears only what comes after it.
+                async with ws_connect(server_b.url(f"/redis/room/{room}/")) as again_b:
+                    assert redis_group_size(url, group) == 2
+                    await speaker.send("after rejoin")
+                    assert await recv(again_b) == "after rejoin"
+                    assert await recv(listener_a) == "after rejoin"
+            await asyncio.to_thread(wait_until, lambda: redis_group_size(url, group) == 0,
+                                    10, "group emptied")
+
+        run(scenario(), timeout=60)
+
+
+def test_command_line_redis_model_saved_in_another_process_reaches_both_servers(tmp_path):
+    script = tmp_path / "redis_save_item.py"
+    script.write_text(
+        "import importlib, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        f"module = importlib.import_module({__name__!r})\n"
+        "item = module.Item.objects.create(name='redis-from-script', team='blue')\n"
+        "print(item.pk)\n")
+    ensure_database()
+    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
+
+        async def scenario():
+            async with ws_connect(server_a.url("/redis/items/")) as socket_a, \
+                    ws_connect(server_b.url("/redis/items/")) as socket_b:
+                saved = await asyncio.to_thread(
+                    subprocess.run, [sys.executable, str(script)], cwd=str(tmp_path),
+                    env={**os.environ, **redis_server_env(url)}, capture_output=True,
+                    text=True, timeout=60)
+                assert saved.returncode == 0, saved.stderr
+                pk = int(saved.stdout.strip().splitlines()[-1])
+                frames = [json.loads(await recv(socket_a)), json.loads(await recv(socket_b))]
+                # A sync Django view on server B saves too (its on_commit send runs in
+                # the view's thread and crosses to B's loop): both servers hear it.
+                status, body = await asyncio.to_thread(
+                    http_get, server_b.url("/items/create/?name=redis-from-view&team=green", "http"))
+                assert status == 200, body
+                view_pk = json.loads(body)["pk"]
+                frames += [json.loads(await recv(socket_a)), json.loads(await recv(socket_b))]
+            return pk, view_pk, frames
+
+        pk, view_pk, frames = run(scenario(), timeout=90)
+    label = f"{__name__}.item".lower()
+    from_script = {"stream": "redis-items", "payload": {
+        "action": "create", "pk": pk, "data": {"name": "redis-from-script", "team": "blue"},
+        "model": label}}
+    from_view = {"stream": "redis-items", "payload": {
+        "action": "create", "pk": view_pk, "data": {"name": "redis-from-view", "team": "green"},
+        "model": label}}
+    assert frames == [from_script, from_script, from_view, from_view]
+
+
+def test_command_line_redis_1x_chat_across_two_servers_sharing_redis_and_the_session_database():
+    """Section 4's 1.x multi-room chat on two uvicorn processes sharing Redis and the database
+    session backend: server A has only the websocket routes, server B also the `chat.receive`
+    ones. A socket on A joins through a consumer that runs on B (every answer carries B's pid),
+    which finds the user and the rooms in the channel session A's `ws_connect` saved; room
+    messages reach sockets on both servers; both channel sessions go when the sockets close."""
+    users = app_chat_users()
+    before = app_session_rows()
+    with running_redis() as url:
+        env = redis_server_env(url)
+        with running_server(app=f"{__name__}:app_chat_socket_app", env=env) as server_a, \
+                running_server(app=f"{__name__}:app_chat_app", env=env) as server_b:
+            cookies = [app_log_in(server_a, *users[role]) for role in ("staff", "plain")]
+            rows_open = run(app_chat_session(server_a.url("/chat/"), server_b.url("/chat/"), *cookies,
+                                             users, chat_pid=server_b.process.pid), timeout=60)
+            assert server_a.process.pid != server_b.process.pid
+            assert len(rows_open - before) == 2
+            assert app_chat_rows_settle(before) == before
+
+
+# -- Redis going away --
+
+@contextlib.contextmanager
+def redis_server_on(url: str):
+    """Start redis-server again on *url*'s port (after a shutdown); always stopped on exit."""
+    port = int(url.rsplit(":", 1)[1])
+    workdir = tempfile.mkdtemp(prefix="channels-mini-redis-")
+    process = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind",
+                                "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, process)
+        yield url
+    finally:
+        stop_process(process)
+
+
+def redis_shutdown(url: str) -> None:
+    import redis
+    client = redis.Redis.from_url(url)
+    try:
+        client.shutdown(nosave=True)
+    finally:
+        client.close()
+
+
+def test_command_line_redis_outage_is_logged_the_server_survives_and_recovers():
+    """Redis goes away: sockets whose handlers only answer themselves keep working (their
+    replies never cross Redis); a handler that needs Redis fails and closes its socket."""
+    import redis
+    from websockets.exceptions import ConnectionClosedError, InvalidStatus
+
+    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
+                                                env=redis_server_env(url)) as server:
+
+        async def during_outage():
+            async with ws_connect(server.url("/redis/echo/")) as socket, \
+                    ws_connect(server.url("/redis/say/r1/")) as speaker:
+                await socket.send("before")
+                assert await recv(socket) == "before"
+                redis_shutdown(url)
+                await asyncio.to_thread(
+                    wait_until, lambda: "Cannot receive messages for websocket /redis/echo/ "
+                                              "from the channel layer; retrying in 1 s." in server.log(),
+                    10, "the listener's error in the server log")
+                await socket.send("while down")
+                assert await recv(socket) == "while down"
+                # A group send needs Redis: that handler fails, its socket closes with 1011.
+                await speaker.send("lost")
+                with pytest.raises(ConnectionClosedError):
+                    await recv(speaker)
+                assert speaker.close_code == 1011
+            # Joining a group needs Redis too: the handshake fails (HTTP 403).
+            with pytest.raises(InvalidStatus) as rejected:
+                async with ws_connect(server.url("/redis/room/r1/")):
+                    pass
+            assert rejected.value.response.status_code == 403
+            async with ws_connect(server.url("/redis/echo/")) as fresh:  # echo needs no Redis
+                await fresh.send("new socket")
+                assert await recv(fresh) == "new socket"
+
+        run(during_outage(), timeout=60)
+        assert server.process.poll() is None
+        assert http_get(server.url("/page/", "http")) == (200, "django page ok")
+        log = server.log()
+        assert "Consumer failed on websocket.receive for /redis/say/r1/ (order 1); closing that " \
+               "socket with 1011." in log
+        assert "Consumer failed on websocket.connect for /redis/room/r1/ (order 0)" in log
+        assert "redis.exceptions.ConnectionError" in log
+        # Sends from outside the server fail loudly too.
+        with pytest.raises(redis.exceptions.ConnectionError):
+            Channel("redis-down.direct", channel_layer=redis_layer(url)).send({"lost": True})
+        with pytest.raises(redis.exceptions.ConnectionError):
+            Group("redis-down-group", channel_layer=redis_layer(url)).send({"lost": True})
+
+        with redis_server_on(url):  # Redis is back, on the same address
+
+            async def after_outage():
+                # The server's pool may still hold a connection to the old redis-server:
+                # its first use fails once ("Connection closed by server", that socket
+                # closes with 1011), then the pool reconnects. So allow a few sockets.
+                for attempt in range(5):
+                    with contextlib.suppress(ConnectionClosedError, InvalidStatus):
+                        async with ws_connect(server.url("/redis/echo/")) as socket:
+                            await socket.send("after")
+                            return attempt, await recv(socket)
+                    await asyncio.sleep(0.2)
+                return None, server.log()[-3000:]
+
+            attempt, echoed = run(after_outage())
+            assert echoed == "after"
+            assert attempt <= 2
+        assert server.process.poll() is None
+
+
+def test_command_line_redis_restart_puts_open_sockets_back_in_their_groups():
+    """Redis dies for 5 s and comes back empty: the server joins its open sockets to their
+    groups again within a few seconds, so they hear broadcasts again (never open and deaf)."""
+    room = f"r{uuid.uuid4().hex[:8]}"
+    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
+                                                env=redis_server_env(url)) as server:
+
+        async def before_and_during():
+            listener = await ws_connect(server.url(f"/redis/room/{room}/")).__aenter__()
+            speaker = await ws_connect(server.url(f"/redis/say/{room}/")).__aenter__()
+            await speaker.send("before")
+            assert await recv(listener) == "before"
+            redis_shutdown(url)
+            await asyncio.sleep(5)
+            return listener, speaker
+
+        async def scenario():
+            listener, speaker = await before_and_during()
+            try:
+                with redis_server_on(url):  # back on the same address, with no data
+                    restarted = time.monotonic()
+                    for attempt in range(40):  # a broadcast every 0.5 s until one is heard
+                        with contextlib.suppress(Exception):
+                            if speaker.close_code is not None:  # a send during the reconnect failed
+                                speaker = await ws_connect(server.url(f"/redis/say/{room}/")).__aenter__()
+                            await speaker.send(f"after {attempt}")
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            heard = await recv(listener, timeout=0.5)
+                            return heard, time.monotonic() - restarted, listener.close_code
+                    return None, time.monotonic() - restarted, listener.close_code
+            finally:
+                await listener.close()
+                await speaker.close()
+
+        heard, seconds, close_code = run(scenario(), timeout=60)
+    assert close_code is None  # the listener stayed open
+    assert heard is not None and heard.startswith("after "), heard
+    assert seconds < 10, seconds
+
+
+def test_command_line_redis_group_add_from_receive_is_left_when_the_socket_goes():
+    """A membership added by hand with Group.add(reply_channel) is removed from Redis when
+    that socket disconnects, as the in-memory layer does."""
+    group = uuid.uuid4().hex[:8]
+    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
+                                                env=redis_server_env(url)) as server:
+
+        async def scenario():
+            async with ws_connect(server.url(f"/redis/join/{group}/")) as socket:
+                await socket.send("join")
+                assert await recv(socket) == "joined"
+                return redis_group_size(url, f"redis-join-{group}")
+
+        assert run(scenario()) == 1
+        wait_until(lambda: redis_group_size(url, f"redis-join-{group}") == 0, 10,
+                         "the hand-made membership removed")
+
+
+def test_command_line_logout_closes_that_sessions_sockets_in_every_process():
+    """Django's logout (user_logged_out) closes the sockets of that session with 4401, on
+    both servers sharing Redis; another user's socket stays open."""
+    from websockets.exceptions import ConnectionClosed
+
+    user, cookie = rel_login("leaving")
+    other, other_cookie = rel_login("staying")
+    with running_redis() as url, redis_two_servers(url) as (server_a, server_b):
+
+        async def scenario():
+            sockets = [await ws_connect(server.url("/redis/whoami/"), additional_headers=[
+                ("Cookie", value)]).__aenter__() for server, value in (
+                (server_a, cookie), (server_b, cookie), (server_b, other_cookie))]
+            try:
+                names = [await recv(socket) for socket in sockets]
+                request = urllib.request.Request(server_a.url("/logout/", "http"),
+                                                 headers={"Cookie": cookie})
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    assert response.read() == b"logged out"
+                codes = []
+                for socket in sockets[:2]:
+                    with pytest.raises(ConnectionClosed):
+                        await recv(socket)
+                    codes.append(socket.close_code)
+                await sockets[2].send("still here?")  # the other user's socket is open
+                return names, codes, sockets[2].close_code
+            finally:
+                for socket in sockets:
+                    await socket.close()
+
+        names, codes, other_code = run(scenario(), timeout=60)
+    assert names == [user.username, user.username, other.username]
+    assert codes == [4401, 4401]
+    assert other_code is None
+
+
+def test_command_line_redis_sockets_closing_right_after_a_reply_leave_no_error_behind():
+    """Hundreds of short sockets (echo once, close): every handshake and reply arrives,
+    a closed socket's reply relay stops quietly, and the server then stops promptly.
+    With channels_redis on redis-py 8, stopping relays by cancellation goes wrong in
+    this churn: a lost cancel leaves a bogus 'Cannot receive replies' error and a 5 s
+    shutdown; cancelling again can drop another socket's reply (all reply channels of a
+    process share one Redis key), so its handshake never completes."""
+    with running_redis() as url, running_server(app=f"{__name__}:redis_app",
+                                                env=redis_server_env(url)) as server:
+
+        async def churn():
+            for number in range(300):
+                async with ws_connect(server.url("/redis/echo/")) as socket:
+                    await socket.send(f"n{number}")
+                    assert await recv(socket) == f"n{number}"
+
+        run(churn(), timeout=120)
+        time.sleep(1)  # let the last disconnects finish
+        started = time.monotonic()
+        stop_process(server.process, timeout=20)
+        stopped_after = time.monotonic() - started
+        log = server.log()
+    assert server.process.returncode == 0
+    bogus = [line for line in log.splitlines() if "Cannot receive replies" in line]
+    assert bogus == [], f"{len(bogus)} error(s) for closed sockets, e.g. {bogus[0]!r}"
+    assert stopped_after < 3, f"{stopped_after:.1f} s to stop"
 
 
 # === Documentation ===
