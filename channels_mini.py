@@ -211,6 +211,8 @@ class _Hooks:
         self.closed: list[Callable[[Any], Awaitable[None]]] = []
         #: ``hook(app)`` returns a coroutine to run while *app* serves (or None).
         self.serving: list[Callable[[Any], Awaitable[None] | None]] = []
+        #: ``hook(layer, group)`` when an in-memory group send found no member.
+        self.unheard: list[Callable[[Any, str], None]] = []
         #: ``hook(connection)`` may start a task beside a new connection; it returns the task (or None).
         self.opened: list[Callable[[Any], asyncio.Task | None]] = []
         #: ``hook(function, args)`` applies a sync-form call of a shared layer made on an event loop.
@@ -338,9 +340,6 @@ class _Queue:
 def _wake(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
-
-
-_nobody_listens_warned = threading.Event()  # set once a group send has "reached nobody"
 
 
 _GONE_REMEMBERED = 10_000  # closed reply channels a layer remembers, to drop late sends
@@ -478,30 +477,11 @@ class InMemoryChannelLayer:
                         self._leave(group, channel)
                     elif not self._put(channel, dict(message)):
                         skipped.append(channel)
-        if not members and not _nobody_listens_warned.is_set():
-            self._warn_if_nobody_listens(group)
+        if not members:
+            for hook in _hooks.unheard:  # e.g. a warning that a shared layer is needed (Part II)
+                hook(self, group)
         if skipped:
             self._report_drops(f"Group {group!r}", skipped)
-
-    def _warn_if_nobody_listens(self, group: str) -> None:
-        """Warn once per process when a group send finds no group and no receiver at all.
-
-        Then nothing in this process consumes from the layer and the message reached
-        nobody. The usual cause: a bound save or a ``Group.send`` from ``manage.py shell``
-        or a script, while the sockets live in the server process, in that process's layer.
-        """
-        with self._lock:
-            if self._groups or any(queue.waiters for queue in self._queues.values()):
-                return  # something here listens: an empty group is ordinary (an empty room)
-            if _nobody_listens_warned.is_set():
-                return
-            _nobody_listens_warned.set()
-        logger.warning(
-            "Group %r has no members and nothing in this process receives from its in-memory "
-            "channel layer, so the message reached nobody. The in-memory layer lives inside one "
-            "process: a send from 'manage.py shell', a script or another server process never "
-            "reaches the sockets of your server. To reach them, configure a shared layer "
-            "(channels_redis) in CHANNEL_LAYERS. (Logged once per process.)", group)
 
     # -- whole layer --
 
@@ -3931,9 +3911,11 @@ _hooks.serving.append(_start_heartbeat)
 # a Redis restart can lose every group membership while the sockets stay open: each server
 # process keeps a canary group and joins its sockets to their groups again when it is gone.
 # (The core already keeps sends to this process's sockets off Redis, so an outage does not
-# close them.) Hooks: `opened`/`closed` (the listener), `loop_call` (the layer thread),
-# `serving` (the membership keeper). Costs: nothing with the in-memory layer; one Redis read
-# per connection, and one group send every 2 s per process.
+# close them.) And a group send that reaches nobody in a process without consumers (a bound
+# save in `manage.py shell`) says once that it needs a shared layer. Hooks: `opened`/`closed`
+# (the listener), `loop_call` (the layer thread), `serving` (the membership keeper),
+# `unheard` (the warning). Costs: nothing with the in-memory layer; one Redis read per
+# connection, and one group send every 2 s per process.
 
 _STOP = {"channels_mini.connection": "stop"}  # never a user reply: those hold accept/text/bytes/close
 _listeners: dict[str, asyncio.Task] = _module_state({})  # reply channel -> its listener
@@ -4073,11 +4055,39 @@ class _MembershipKeeper:
                 await asyncio.sleep(1)
 
 
+_nobody_listens_warned = threading.Event()  # set once a group send has "reached nobody"
+
+
+def _warn_if_nobody_listens(layer: InMemoryChannelLayer, group: str) -> None:
+    """Hook ``unheard``: warn once per process when a group send finds no group and no
+    receiver at all.
+
+    Then nothing in this process consumes from the layer and the message reached
+    nobody. The usual cause: a bound save or a ``Group.send`` from ``manage.py shell``
+    or a script, while the sockets live in the server process, in that process's layer.
+    """
+    if _nobody_listens_warned.is_set():
+        return
+    with layer._lock:
+        if layer._groups or any(queue.waiters for queue in layer._queues.values()):
+            return  # something here listens: an empty group is ordinary (an empty room)
+        if _nobody_listens_warned.is_set():
+            return
+        _nobody_listens_warned.set()
+    logger.warning(
+        "Group %r has no members and nothing in this process receives from its in-memory "
+        "channel layer, so the message reached nobody. The in-memory layer lives inside one "
+        "process: a send from 'manage.py shell', a script or another server process never "
+        "reaches the sockets of your server. To reach them, configure a shared layer "
+        "(channels_redis) in CHANNEL_LAYERS. (Logged once per process.)", group)
+
+
 def _start_membership_keeper(app: Any) -> Any:
     """Hook ``serving``: keep memberships on a shared layer (nothing to keep in memory)."""
     return None if _is_in_memory(app.channel_layer) else _MembershipKeeper(app.channel_layer).run()
 
 
+_hooks.unheard.append(_warn_if_nobody_listens)
 _hooks.opened.append(_start_listener)
 _hooks.closed.append(_stop_listener)
 _hooks.loop_call.append(_LayerThread.submit)

@@ -8141,6 +8141,54 @@ def test_readme_tutorial_in_a_fresh_virtualenv(tmp_path):
     assert "Traceback" not in server.log(), server.log()
 
 
+def docs_page_blocks(name: str) -> dict[str, str]:
+    """The Python blocks of docs/*name*, by the file their first line names."""
+    with open(os.path.join(ROOT, "docs", name), encoding="utf-8") as handle:
+        blocks = re.findall(r"```python\n(.*?)```", handle.read(), flags=re.S)
+    return {block.split("\n", 1)[0][2:].split(" -- ")[0].strip(): block for block in blocks}
+
+
+def test_docs_http_consumers_drop_into_the_tutorial(tmp_path):
+    """docs/http-consumers.md's three files, added to the tutorial's project as the page says,
+    served by uvicorn: the 1.x Getting Started answer, a long-poll answered by the page's view,
+    an event stream fed by the same view, and the tutorial's chat still working."""
+    import http.client
+
+    blocks = docs_page_blocks("http-consumers.md")
+    assert set(blocks) == {"mysite/consumers.py", "mysite/routing.py", "mysite/urls.py"}
+    project = write_tutorial_project(tmp_path, last_step=5)
+    consumers = project / "mysite" / "consumers.py"
+    consumers.write_text(consumers.read_text() + "\n\n" + blocks["mysite/consumers.py"])
+    for name in ("mysite/routing.py", "mysite/urls.py"):
+        (project / name).write_text(blocks[name])
+    with running_server(app="mysite.asgi:application", cwd=str(project),
+                        env={"DJANGO_SETTINGS_MODULE": "mysite.settings"}) as server:
+        hello = http_request(server.url("/hello/there/", "http"))
+        stream = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            stream.request("GET", "/events/")
+            events = stream.getresponse()
+            retry = events.readline() + events.readline()
+
+            async def scenario():
+                waiting = asyncio.create_task(asyncio.to_thread(
+                    http_request, server.url("/poll/sport/", "http")))
+                await asyncio.sleep(0.5)  # the poll waits in its group
+                published = await asyncio.to_thread(http_request, server.url("/publish/sport/", "http"))
+                return published, await waiting
+
+            published, polled = run(scenario())
+            news = events.readline() + events.readline()
+        finally:
+            stream.close()
+        chat = run(tutorial_chat(server))
+    assert hello[:2] == (200, b"Hello world! You asked for /hello/there/")
+    assert (events.status, retry) == (200, b"retry: 2000\n\n")
+    assert published[:2] == (200, b"sent") and polled[:2] == (200, b"news!")
+    assert news == b"data: news on sport\n\n"
+    assert chat == ["hello", "hello"]
+
+
 def test_readme_presence_example_runs():
     """The Presence section's consumer: a socket gets the room's presence on connect, then
     the diffs; the same user in a second tab is no join; the last tab closing is a leave."""
