@@ -201,12 +201,14 @@ class _Hooks:
     would all be empty."""
 
     def __init__(self) -> None:
-        #: ``await hook(consumer)`` before a consumer class's method runs: what its message carries.
-        self.message: list[Callable[[Any], Awaitable[None]]] = []
+        #: ``hook(consumer)`` before a consumer class's method runs (what its message carries);
+        #: it returns an awaitable to wait for, or None when there is nothing to do.
+        self.message: list[Callable[[Any], Awaitable[None] | None]] = []
         #: ``await hook(consumer, kwargs)`` after a websocket consumer's ``connect()``: a socket opened.
         self.connected: list[Callable[[Any, dict], Awaitable[None]]] = []
-        #: ``await hook(message)`` after a handler, before the sends it deferred leave.
-        self.handled: list[Callable[[Any], Awaitable[None]]] = []
+        #: ``hook(message)`` after a handler, before the sends it deferred leave; it returns an
+        #: awaitable or None, as ``message`` hooks do (both run on every message: None is cheap).
+        self.handled: list[Callable[[Any], Awaitable[None] | None]] = []
         #: ``await hook(connection)`` once a connection has closed and left its groups.
         self.closed: list[Callable[[Any], Awaitable[None]]] = []
         #: ``hook(app)`` returns a coroutine to run while *app* serves (or None).
@@ -1370,7 +1372,8 @@ class BaseConsumer:
     async def dispatch(self) -> None:
         """Call the method that ``method_mapping`` names for this message's channel."""
         for hook in _hooks.message:  # what the message carries: sessions, the user (Part II)
-            await hook(self)
+            if (loading := hook(self)) is not None:
+                await loading
         channel = self.message.channel_name
         name = self.method_mapping.get(channel)
         if name is None:
@@ -1528,7 +1531,8 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
             error.run(message)  # e.g. WebsocketCloseException: close with its code
         finally:
             for hook in _hooks.handled:  # e.g. sessions saved, before the sends (Part II)
-                await hook(message)
+                if (saving := hook(message)) is not None:
+                    await saving
     return True
 
 
@@ -3227,14 +3231,16 @@ def _class_loaders(cls: type) -> list[Callable[[Message], None]]:
     return loaders
 
 
-async def _load_for_class(consumer: BaseConsumer) -> None:
-    """Hook ``message``: load what the consumer's class attributes ask for."""
+def _load_for_class(consumer: BaseConsumer) -> Awaitable[None] | None:
+    """Hook ``message``: load what the consumer's class attributes ask for (None: nothing)."""
     loaders, message = _class_loaders(type(consumer)), consumer.message
+    if not loaders:
+        return None
     cache = message._socket_state
     if loaders == [_load_http_user] and cache and "user" in cache and message.channel_name != "websocket.connect":
         message.http_session, message.user = cache["http_session"], cache["user"]  # no I/O left
-    elif loaders:
-        await _in_session_thread(_run_loaders, loaders, message)
+        return None
+    return _in_session_thread(_run_loaders, loaders, message)
 
 
 def _run_loaders(loaders: list[Callable[[Message], None]], message: Message) -> None:
@@ -3242,12 +3248,17 @@ def _run_loaders(loaders: list[Callable[[Message], None]], message: Message) -> 
         load(message)
 
 
-async def _save_sessions(message: Message) -> None:
-    """Hook ``handled``: save the sessions the handler changed, before its sends leave
-    (their consumers may read them)."""
-    for session in (vars(message).get("_channel_session"), message.http_session):
-        if session is not None and getattr(session, "modified", False):
-            await _in_session_thread(_save_session, session)
+def _save_sessions(message: Message) -> Awaitable[None] | None:
+    """Hook ``handled``: save the sessions the handler changed, before its sends leave (their
+    consumers may read them); None when none changed."""
+    changed = [session for session in (vars(message).get("_channel_session"), message.http_session)
+               if session is not None and getattr(session, "modified", False)]
+    return _in_session_thread(_save_changed, changed) if changed else None
+
+
+def _save_changed(sessions: list) -> None:
+    for session in sessions:
+        _save_session(session)
 
 
 async def _forget_channel_session(connection: Any) -> None:
