@@ -1566,9 +1566,9 @@ class Binding:
 
     The class works as soon as it is defined. ``model = None`` makes an abstract binding.
 
-    A client's write passes ``has_permission`` (who asks, for which row) and ``clean_data``
-    (what they write). An invalid group name refuses a write before it commits; a change not
+    An invalid group name refuses a save inside a transaction before it commits; a change not
     sent after the commit is logged and counted in ``Binding.send_failures``: the save stands.
+    Writes from clients (``consumer``, ``has_permission``, ``clean_data``) are section 10's.
     """
 
     #: The model class, or its ``"app_label.ModelName"`` label.
