@@ -1112,6 +1112,29 @@ def _close_old_db_connections() -> None:
 # whose channel and filters all match wins; its named groups become the consumer's
 # keyword arguments. `include()` nests a routing under prefixes, as Channels 1.x did.
 
+#: The keys of the messages the module makes, by channel (section 12 adds HTTP's). A filter on
+#: a key none of a route's messages has could never match: it is a typo, and an error.
+_MESSAGE_KEYS: dict[str, set[str]] = {
+    "websocket.connect": {"reply_channel", "path", "query_string", "headers", "client", "server",
+                          "subprotocols", "order"},
+    "websocket.receive": {"reply_channel", "path", "order", "text", "bytes"},
+    "websocket.disconnect": {"reply_channel", "path", "order", "code"},
+}
+
+
+def _require_known_keys(channels: set[str], filters: dict[str, Any], where: str) -> None:
+    """Refuse a filter on a key that no message of *channels* carries (``pth=`` for ``path=``).
+    Channels of your own may carry any key."""
+    if not filters or not all(channel in _MESSAGE_KEYS for channel in channels):
+        return
+    keys = set().union(*(_MESSAGE_KEYS[channel] for channel in channels))
+    unknown = sorted(set(filters) - keys)
+    if unknown:
+        raise ValueError(f"Filter {unknown[0]!r} for {where} can never match: messages on "
+                         f"{sorted(channels)!r} carry {sorted(keys)!r}. Check its spelling "
+                         f"(e.g. path=r\"^/chat/$\").")
+
+
 def _compile_filters(filters: dict[str, Any], where: str) -> dict[str, re.Pattern]:
     compiled = {}
     for key, pattern in filters.items():
@@ -1202,6 +1225,7 @@ class Route(_Matcher):
             raise TypeError(f"A route needs a channel name or a list of them (got {channels!r}).")
         self.channels = set(names)
         self.consumer = _resolve_consumer(consumer, f"route({channels!r})")
+        _require_known_keys(self.channels, filters, f"route({channels!r})")
         self.filters = _compile_filters(filters, f"route {channels!r}")
 
     def _find(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
@@ -1411,8 +1435,9 @@ def _frame(text: str | None = None, bytes: bytes | None = None, close: bool | in
     reply: dict[str, Any] = {}
     if text is not None:
         if not isinstance(text, str):
-            raise TypeError(f"text must be a str (got {type(text).__name__} {text!r:.80}); "
-                            f"send binary data with bytes=.")
+            raise TypeError(f"text must be a str (got {type(text).__name__} {text!r:.80}). "
+                            f"To send JSON, pass text=json.dumps(...) or use "
+                            f"JsonWebsocketConsumer, whose send() takes the content itself.")
         reply["text"] = text
     elif bytes is not None:
         reply["bytes"] = bytes
@@ -1937,6 +1962,13 @@ class _Connection:
 
 # -- websockets --
 
+def _closing_with_1011(channel: str) -> str:
+    """What a failed handler's socket gets, as its log line says it."""
+    if channel == "websocket.connect":  # a close before the accept is a refused handshake
+        return "closing that socket with 1011, or refusing its handshake (HTTP 403) if not accepted yet."
+    return "closing that socket with 1011."
+
+
 class _WebsocketConnection(_Connection):
     """One websocket: its frames in as messages, its outbox out as frames."""
 
@@ -1995,11 +2027,12 @@ class _WebsocketConnection(_Connection):
             logger.error("DenyConnection raised while handling %s on %.200s: it only rejects "
                          "in websocket.connect. Closing that socket with 1011.", channel, self.path)
         except _InvalidName as error:  # a name built from the URL or a frame, most often
-            _log_limited(logging.WARNING, "Consumer failed on %s for %.200s (order %s): %s Closing that "
-                                 "socket with 1011.", channel, self.path, content.get("order"), error)
+            ending = _closing_with_1011(channel)
+            _log_limited(logging.WARNING, "Consumer failed on %s for %.200s (order %s): %s %s",
+                         channel, self.path, content.get("order"), error, ending[0].upper() + ending[1:])
         except Exception:
-            logger.exception("Consumer failed on %s for %.200s (order %s); closing that socket "
-                             "with 1011.", channel, self.path, content.get("order"))
+            logger.exception("Consumer failed on %s for %.200s (order %s); %s", channel, self.path,
+                             content.get("order"), _closing_with_1011(channel))
         self._queue_close(1011)
         return True
 
@@ -3504,6 +3537,11 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-
 
 _TOO_LARGE = object()  # what _read_body returns for a body over the limit
 _ANSWERED = object()  # a request answered before any consumer ran (413, 408)
+
+
+_MESSAGE_KEYS["http.request"] = {"reply_channel", "http_version", "method", "path", "root_path",
+                                 "scheme", "query_string", "headers", "body", "client", "server"}
+_MESSAGE_KEYS["http.disconnect"] = {"reply_channel", "path"}
 
 
 def _request_message(scope: Scope, reply_channel: str, body: bytes = b"") -> dict:

@@ -1152,6 +1152,24 @@ def msg(channel, **content):
     return Message(content, channel, None)
 
 
+
+def test_routing_a_filter_on_a_key_no_message_carries_is_an_error_naming_the_keys():
+    """`pth=` for `path=` would never match, and (on websocket.connect alone) would have let
+    every path's handshake through to frames going nowhere: it fails when the route is made."""
+    with pytest.raises(ValueError, match=re.escape(
+            "Filter 'pth' for route('websocket.connect') can never match: messages on "
+            "['websocket.connect'] carry ['client', 'headers', 'order', 'path', 'query_string', "
+            "'reply_channel', 'server', 'subprotocols']. Check its spelling")):
+        route("websocket.connect", lambda message: None, pth=r"^/chat/$")
+    with pytest.raises(ValueError, match=re.escape("Filter 'pth' for route(['websocket.connect', "
+                                                   "'websocket.disconnect', 'websocket.receive'])")):
+        WebsocketConsumer.as_route(pth=r"^/chat/$")
+    with pytest.raises(ValueError, match=re.escape("Filter 'methd' for route('http.request')")):
+        route("http.request", lambda message: None, methd="^GET$")
+    # Channels of your own carry whatever you send on them.
+    assert route("email.receive", lambda message: None, to_address=r".*@example\.com$")
+
+
 def test_routing_route_matches_channel_and_filters_with_named_groups():
     router = Router([route("websocket.receive", route_consumer, path=r"^/chat/(?P<room>\w+)/$")])
     assert router.match(msg("websocket.receive", path="/chat/lobby/")) == (route_consumer, {"room": "lobby"})
@@ -1689,6 +1707,14 @@ async def test_consumers_method_mapping_dispatches_to_sync_and_async_methods():
     reply = json.loads(await communicator.receive_from(timeout=5))
     await communicator.disconnect()
     assert reply == {"class": "AppMapped", "kwargs": {"slot": "7"}, "text": "frame"}
+
+
+
+def test_consumers_text_that_is_not_a_str_says_how_to_send_json():
+    with pytest.raises(TypeError, match=re.escape(
+            "text must be a str (got dict {'a': 1}). To send JSON, pass text=json.dumps(...) or "
+            "use JsonWebsocketConsumer, whose send() takes the content itself.")):
+        WebsocketConsumer.group_send("anywhere", text={"a": 1})
 
 
 def test_consumers_missing_method_mapping_entry_names_channel_class_and_mapping(caplog):
@@ -4745,6 +4771,7 @@ def test_reliability_bad_group_name_in_connection_groups_rejects_the_handshake(r
     log = rel_server.log()[start:]
     assert "Consumer failed on websocket.connect for /rel/named-connect/a!b/" in log
     assert "Group name 'rel-a!b' is invalid" in log
+    assert "or refusing its handshake (HTTP 403) if not accepted yet." in log  # what it got
     assert log.count("\n") == 1 and "Traceback" not in log and len(log) < 600, log
     assert rel_handshake_status(rel_server, "/rel/named-connect/fine/") == 101
     assert run(rel_echo_works(rel_server))
@@ -5106,7 +5133,9 @@ def rel_make_consumer(number: int):
 
 
 rel_CONSUMERS = [rel_make_consumer(number) for number in range(8)]
-rel_ROUTE_CHANNELS = ["websocket.connect", "websocket.receive", "rel.other"]
+# Channels of the test's own: their messages may carry any key (a filter on `room` over
+# websocket.* messages is refused when the route is made, as no such message has one).
+rel_ROUTE_CHANNELS = ["rel.connect", "rel.receive", "rel.other"]
 rel_FILTER_PATTERNS = {  # each key's patterns use their own group names
     "path": [r"^/chat/(?P<room>\w+)/$", r"/chat", r"^/(?P<first>[a-z]+)", r".*", r"^$",
              r"^/chat/(?P<room>[a-z]+)", r"(?:/room)+"],
