@@ -3031,6 +3031,12 @@ def _setting(name: str) -> Any:
     return getattr(settings, name)
 
 
+def _header_items(headers: Any) -> list[tuple[bytes, bytes]]:
+    """A message's headers as ASGI pairs, from pairs or the 1.x dict form (``{"cookie": b"..."}``)."""
+    items = headers.items() if isinstance(headers, dict) else (headers or ())
+    return [(_as_bytes(name).lower(), _as_bytes(value)) for name, value in items]
+
+
 def _handshake_session_key(headers_from: Any) -> str | None:
     """The session key of a handshake: its ``session_key`` query parameter or its cookie (1.x)."""
     from django.http import QueryDict
@@ -3038,7 +3044,8 @@ def _handshake_session_key(headers_from: Any) -> str | None:
 
     query = headers_from.get("query_string") or b""
     key = QueryDict(query.decode("latin-1") if isinstance(query, bytes) else query).get("session_key")
-    cookie = b"; ".join(value for name, value in headers_from.get("headers") or () if name == b"cookie")
+    cookie = b"; ".join(value for name, value in _header_items(headers_from.get("headers"))
+                        if name == b"cookie")
     return key or parse_cookie(cookie.decode("latin-1")).get(_setting("SESSION_COOKIE_NAME"))
 
 
@@ -3484,7 +3491,7 @@ def AsgiRequest(message: Message) -> Any:
     scope = {"type": "http", **{key: message.get(key) for key in (
         "http_version", "method", "path", "root_path", "scheme", "query_string", "headers",
         "client", "server")}}
-    scope["root_path"], scope["headers"] = scope["root_path"] or "", scope["headers"] or []
+    scope["root_path"], scope["headers"] = scope["root_path"] or "", _header_items(scope["headers"])
     return ASGIRequest(scope, io.BytesIO(message.get("body") or b""))
 
 

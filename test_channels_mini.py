@@ -6393,6 +6393,24 @@ def sec_stream_end(response) -> float:
     return time.monotonic()
 
 
+def test_sessions_1x_dict_headers_are_read_as_pairs_are():
+    """Channels 1.1 still took ``headers`` as a dict: the session decorators and AsgiRequest
+    read it as they read ASGI pairs (it used to raise 'too many values to unpack')."""
+    user, cookie = rel_login("dict-headers")
+
+    @http_session_user
+    def consumer(message):
+        return message.user
+
+    headers = {"cookie": cookie.encode(), "X-Test": "yes"}
+    found = consumer(Message({"path": "/", "headers": headers}, "app.dict", None))
+    request = AsgiRequest(Message({"method": "GET", "path": "/x", "query_string": b"",
+                                   "headers": headers}, "http.request", None))
+    assert found == user
+    assert request.COOKIES == {settings.SESSION_COOKIE_NAME: cookie.split("=", 1)[1]}
+    assert request.headers["X-Test"] == "yes"
+
+
 def test_security_a_channel_session_is_never_a_login_and_presence_tells_no_reply_channel():
     """The takeover of issue 19 fails: an anonymous member of a room hears a logged-in
     member's presence key, which is opaque (1.x's sha1 of it is no session of anyone); and
