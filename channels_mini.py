@@ -2859,7 +2859,10 @@ class _BindingWrites:
         for name in data:  # only what the client sent
             attname = model._meta.get_field(name).attname
             setattr(instance, attname, getattr(changes, attname))
-        instance.full_clean()
+        # Check the fields this binding exposes, as a ModelForm checks its own: a stored row's
+        # other fields (a user's blank password) are not the client's to fix.
+        writable = set(self._writable_fields())
+        instance.full_clean(exclude=[f.name for f in model._meta.fields if f.name not in writable])
         instance.save()
         return _json_pk(instance)
 

@@ -5670,6 +5670,47 @@ def test_binding_inbound_refuses_another_users_object(action):
     assert Item.objects.get(pk=item.pk).name == "theirs"
 
 
+class writes_UserBinding(WebsocketBinding):
+    """Usernames only; anyone may rename (a test's binding, not a policy)."""
+
+    model = "auth.User"
+    stream = "users"
+    fields = ["username"]
+
+    def has_permission(self, user, action, pk):
+        return action == "update"
+
+
+class writes_UserDemultiplexer(WebsocketDemultiplexer):
+    consumers = {"users": writes_UserBinding.consumer}
+
+
+@asynchronous
+async def test_writes_update_checks_only_the_fields_the_binding_exposes():
+    """A stored user with a blank password (a field the binding does not expose) can still be
+    renamed; what the binding does expose is still checked."""
+    from django.contrib.auth.models import User
+
+    def make_user():
+        ensure_database()
+        return User.objects.create(username=f"nopass-{uuid.uuid4().hex[:8]}", password="")
+
+    user = await asyncio.to_thread(make_user)
+    app = Application([writes_UserDemultiplexer.as_route(path=r"^/users/$")])
+    socket = WebsocketCommunicator(app, "/users/")
+    assert (await socket.connect(timeout=5))[0]
+    renamed = f"renamed-{user.pk}"
+    for request_id, name in ((1, renamed), (2, "")):
+        await socket.send_json_to({"stream": "users", "payload": {
+            "action": "update", "pk": user.pk, "data": {"username": name}, "request_id": request_id}})
+    answers = [(await socket.receive_json_from(timeout=5))["payload"] for _ in range(2)]
+    await socket.disconnect()
+    stored = await asyncio.to_thread(lambda: User.objects.get(pk=user.pk).username)
+    assert answers[0] == {"action": "update", "pk": user.pk, "request_id": 1}
+    assert answers[1]["error"].startswith("Invalid data: {'username': ['This field cannot be blank.']}")
+    assert stored == renamed
+
+
 # === 11. Sessions and logins ===
 
 # -- Channels 1.x sessions, decorators and exceptions (issue 13) --
