@@ -1709,12 +1709,22 @@ class Binding:
             except Exception as error:
                 _report_send_failure(cls, group.name, error)
 
+
+def _stream_frame(stream: str, payload: Any, encode_json: Callable[[Any], str] | None = None) -> dict:
+    """One message on a stream of a multiplexed socket, as Channels 1.x framed it; the default
+    *encode_json* is Django's encoder, so the dates, Decimals and UUIDs of a custom ``serialize()`` pass."""
+    from django.core.serializers.json import DjangoJSONEncoder
+
+    encode_json = encode_json or functools.partial(json.dumps, cls=DjangoJSONEncoder)
+    return {"text": encode_json({"stream": stream, "payload": payload})}
+
+
 class WebsocketBinding(Binding):
     """A ``Binding`` whose messages are text frames on a ``WebsocketDemultiplexer`` stream."""
 
     @classmethod
     def encode(cls, stream: str, payload: dict) -> dict:
-        return {"text": WebsocketMultiplexer.encode(stream, payload)}
+        return _stream_frame(stream, payload)
 
 
 def _json_pk(instance: Any) -> Any:
@@ -2633,16 +2643,28 @@ class WebsocketMultiplexer:
 
     def send(self, payload: dict) -> None:
         """Send *payload* on this stream."""
-        self.reply_channel.send({"text": self.encode(self.stream, payload)})
+        self.reply_channel.send(self.encode(self.stream, payload))
 
     @classmethod
-    def group_send(cls, name: str, stream: str, payload: dict) -> None:
-        """Send *payload* on *stream* to every socket in group *name*."""
-        Group(name).send({"text": cls.encode(stream, payload)})
+    def encode_json(cls, content: Any) -> str:
+        """Turn *content* into a frame's text with Django's JSON encoder (dates, Decimals, UUIDs);
+        override for another encoder."""
+        from django.core.serializers.json import DjangoJSONEncoder
 
-    @staticmethod
-    def encode(stream: str, payload: dict) -> str:
-        return json.dumps({"stream": stream, "payload": payload})
+        return json.dumps(content, cls=DjangoJSONEncoder)
+
+    @classmethod
+    def encode(cls, stream: str, payload: dict) -> dict:
+        """The reply-channel message for *payload* on *stream*: ``{"text": ...}``, as Channels 1.x."""
+        return _stream_frame(stream, payload, cls.encode_json)
+
+    @classmethod
+    def group_send(cls, name: str, stream: str, payload: dict, close: bool = False) -> None:
+        """Send *payload* on *stream* to every socket in group *name*; ``close=True`` then closes them."""
+        message = cls.encode(stream, payload)
+        if close:
+            message["close"] = True
+        Group(name).send(message)
 
     def __repr__(self) -> str:
         return f"<WebsocketMultiplexer stream={self.stream!r} {self.reply_channel!r}>"

@@ -2397,6 +2397,34 @@ def test_binding_payload_writes_values_as_djangos_json_serializer():
     assert frame["payload"]["data"] == django_json["fields"]
 
 
+def test_binding_custom_serialize_may_return_datetimes_decimals_and_uuids():
+    """A ``WebsocketBinding`` writes its frames with Django's JSON encoder, as Channels 1.x's
+    did, so a ``serialize()`` of your own may return the row's values as they are."""
+    import datetime
+    from decimal import Decimal
+    ensure_database()
+
+    class bind_StampedBinding(WebsocketBinding):
+        model = Item
+        stream = "stamped"
+        fields = ["name"]
+
+        @classmethod
+        def group_names(cls, instance):
+            return ["bind-stamped"] if instance.team == "stamped" else []
+
+        def serialize(self, instance, action):
+            return {"action": action, "price": instance.price, "uid": instance.uid,
+                    "at": datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)}
+
+    listener = bind_listen("bind-stamped")
+    Item.objects.create(name="stamped", team="stamped", price=Decimal("2.50"), uid=uuid.UUID(int=7))
+    assert bind_frame(listener) == {"stream": "stamped", "payload": {
+        "action": "create", "price": "2.50", "uid": "00000000-0000-0000-0000-000000000007",
+        "at": "2024-05-06T07:08:09Z"}}
+    assert bind_nothing_on(listener)
+
+
 def test_binding_changed_groups_get_delete_update_create_from_the_stored_row():
     ensure_database()
     item = Item.objects.create(name="mover", team="red")
@@ -5498,6 +5526,42 @@ def test_reliability_random_requests_into_a_binding(request_payload):
 
 
 # === 10. JSON, streams and writes from clients ===
+
+# -- the multiplexer, as Channels 1.1.8 has it --
+
+class streams_Fan(WebsocketConsumer):
+    groups = ["streams-fans"]
+
+
+def test_streams_multiplexer_encode_returns_the_message_written_with_djangos_encoder():
+    """``encode`` returns the reply-channel message ``{"text": ...}``, its JSON written by
+    ``encode_json`` with Django's encoder: datetimes, Decimals and UUIDs pass."""
+    import datetime
+    from decimal import Decimal
+
+    payload = {"at": datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc),
+               "price": Decimal("2.50"), "uid": uuid.UUID(int=7)}
+    message = WebsocketMultiplexer.encode("items", payload)
+    assert set(message) == {"text"}
+    assert json.loads(message["text"]) == {"stream": "items", "payload": {
+        "at": "2024-05-06T07:08:09Z", "price": "2.50", "uid": "00000000-0000-0000-0000-000000000007"}}
+    assert WebsocketMultiplexer.encode_json(payload["price"]) == '"2.50"'
+
+
+@asynchronous
+async def test_streams_multiplexer_group_send_with_close_closes_every_socket_after_the_frame():
+    app, _ = app_setup([streams_Fan.as_route(path=r"^/fans/$")])
+    fans = [WebsocketCommunicator(app, "/fans/") for _ in range(2)]
+    for fan in fans:
+        assert await fan.connect(timeout=5) == (True, None)
+    WebsocketMultiplexer.group_send("streams-fans", "news", {"n": 1})
+    WebsocketMultiplexer.group_send("streams-fans", "news", {"n": 2}, close=True)
+    for fan in fans:
+        assert await fan.receive_json_from(timeout=5) == {"stream": "news", "payload": {"n": 1}}
+        assert await fan.receive_json_from(timeout=5) == {"stream": "news", "payload": {"n": 2}}
+        assert await app_close_code(fan) == 1000
+        await fan.disconnect()
+
 
 # -- inbound --
 
