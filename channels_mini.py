@@ -89,6 +89,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
+import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -101,7 +102,7 @@ import re
 import secrets
 import threading
 import time
-from collections import deque
+from collections import UserDict, deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -111,8 +112,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 __all__ = [
     # 0. errors
-    "ChannelFull", "DenyConnection", "SendNotAvailableOnDemultiplexer",
-    "ChannelSocketException", "WebsocketCloseException",
+    "ChannelFull", "DenyConnection", "ChannelSocketException", "WebsocketCloseException",
     # 1. channel layer
     "InMemoryChannelLayer", "get_channel_layer",
     # 2. messages
@@ -120,12 +120,7 @@ __all__ = [
     # 3. routing
     "route", "route_class", "include", "Route", "RouteClass", "Include", "Router",
     # 4. consumers
-    "BaseConsumer", "WebsocketConsumer", "JsonWebsocketConsumer",
-    "WebsocketDemultiplexer", "WebsocketMultiplexer",
-    "channel_session", "http_session", "http_session_user", "channel_session_user",
-    "channel_session_user_from_http", "channel_and_http_session",
-    "channel_and_http_session_user_from_http", "enforce_ordering", "allowed_hosts_only",
-    "AsgiRequest", "AsgiHandler", "sse_event", "SSE_HEADERS",
+    "BaseConsumer", "WebsocketConsumer",
     # 5. binding
     "Binding", "WebsocketBinding",
     # 6. connection: nothing public (Application makes them)
@@ -135,6 +130,13 @@ __all__ = [
     "WebsocketCommunicator", "reset_channel_layers",
     # 9. command line
     "main",
+    # 10.-12. extensions: JSON and streams, sessions and logins, HTTP consumers (13-14: none)
+    "JsonWebsocketConsumer", "WebsocketDemultiplexer", "WebsocketMultiplexer",
+    "SendNotAvailableOnDemultiplexer",
+    "channel_session", "http_session", "http_session_user", "channel_session_user",
+    "channel_session_user_from_http", "channel_and_http_session",
+    "channel_and_http_session_user_from_http", "enforce_ordering", "allowed_hosts_only",
+    "AsgiRequest", "AsgiHandler", "sse_event", "SSE_HEADERS",
 ]
 
 logger = logging.getLogger("channels_mini")
@@ -153,10 +155,6 @@ class ChannelFull(Exception):
 
 class DenyConnection(Exception):
     """Raise while handling ``websocket.connect`` to reject the socket (HTTP 403)."""
-
-
-class SendNotAvailableOnDemultiplexer(Exception):
-    """A demultiplexer cannot send by itself: send through a stream's multiplexer."""
 
 
 class ChannelSocketException(Exception):
@@ -198,16 +196,15 @@ def _module_state(holder: Any) -> Any:
 class _Hooks:
     """Where Part II plugs into the core. The core calls each list, in order, at one point of
     its work; an extension appends to it when the module is imported. Without Part II they
-    would all be empty."""
+    would all be empty. The two that run on every message return an awaitable or None, so
+    that having nothing to do costs no coroutine."""
 
     def __init__(self) -> None:
-        #: ``hook(consumer)`` before a consumer class's method runs (what its message carries);
-        #: it returns an awaitable to wait for, or None when there is nothing to do.
+        #: ``hook(consumer)`` before a consumer class's method runs: what its message carries.
         self.message: list[Callable[[Any], Awaitable[None] | None]] = []
         #: ``await hook(consumer, kwargs)`` after a websocket consumer's ``connect()``: a socket opened.
         self.connected: list[Callable[[Any, dict], Awaitable[None]]] = []
-        #: ``hook(message)`` after a handler, before the sends it deferred leave; it returns an
-        #: awaitable or None, as ``message`` hooks do (both run on every message: None is cheap).
+        #: ``hook(message)`` after a handler, before the sends it deferred leave.
         self.handled: list[Callable[[Any], Awaitable[None] | None]] = []
         #: ``await hook(connection)`` once a connection has closed and left its groups.
         self.closed: list[Callable[[Any], Awaitable[None]]] = []
@@ -215,10 +212,10 @@ class _Hooks:
         self.serving: list[Callable[[Any], Awaitable[None] | None]] = []
         #: ``hook(layer, group)`` when an in-memory group send found no member.
         self.unheard: list[Callable[[Any, str], None]] = []
-        #: ``hook(connection)`` may start a task beside a new connection; it returns the task (or None).
+        #: ``hook(connection)`` as a connection opens (it may move the outbox): a task beside it, or None.
         self.opened: list[Callable[[Any], asyncio.Task | None]] = []
-        #: ``hook(function, args)`` applies a sync-form call of a shared layer made on an event loop.
-        self.loop_call: list[Callable[[Callable[..., Awaitable], tuple], None]] = []
+        #: ``hook(function, args)`` applies a sync-form call of a shared layer (its coroutine function).
+        self.layer_call: list[Callable[[Callable[..., Awaitable], tuple], None]] = []
         #: ``hook(app, scope, send)`` returns a connection to serve an HTTP scope (or None: Django).
         self.http: list[Callable[[Any, Scope, Send], Any]] = []
 
@@ -248,8 +245,7 @@ def _require_name(kind: str, name: Any, pattern: re.Pattern) -> None:
         raise _InvalidName(
             f"{kind} name {name!r:.300} is invalid: use fewer than {_MAX_NAME_LENGTH} ASCII "
             f"letters, digits, '-', '_' or '.'{extra}. If the name comes from a URL, "
-            f"clean it first, e.g. re.sub(r'[^A-Za-z0-9_.-]', '_', name)."
-        )
+            f"clean it first, e.g. re.sub(r'[^A-Za-z0-9_.-]', '_', name).")
 
 
 @functools.lru_cache(maxsize=4096)  # the same names come back on every message
@@ -261,8 +257,7 @@ def _require_dict(message: Any, what: str = "Message") -> None:
     if not isinstance(message, dict):
         raise TypeError(
             f"{what} must be a dict (got {type(message).__name__} {message!r:.80}). "
-            f'Wrap the value, e.g. {{"text": ...}}.'
-        )
+            f'Wrap the value, e.g. {{"text": ...}}.')
 
 
 class _Throttle:
@@ -294,15 +289,13 @@ _log_throttles: dict[str, _Throttle] = _module_state({})  # kind of report -> it
 
 def _log_limited(level: int, text: str, *args: Any, key: str | None = None, every: float = 1.0,
                  burst: int = 10, count: int = 1, traceback: bool = False) -> None:
-    """Log ``text % args`` as one line, at most *burst* lines per *every* seconds for each kind
-    of report (*key*, default: *text*), each saying how many like it were left out since the
-    line before (*count*: how many events this call stands for) -- or, where *text* holds
-    ``{held}``, how many events the line stands for.
+    """Log ``text % args``, at most *burst* lines per *every* seconds for each kind of report
+    (*key*, default: *text*), each saying how many like it were left out (*count*: events this
+    call stands for) -- or, where *text* holds ``{held}``, how many events the line stands for.
 
-    The module's one rate-limited log: a client repeats a mistake as fast as it sends, an
-    outage fails every retry, a flood drops thousands of messages, and the log must not grow
-    with them. The default suits a client's mistake (ten lines a second); `_OUTAGE` suits a
-    failure of ours. Values in *text* are cut short by its format (``%.200r``).
+    A client repeats a mistake as fast as it sends, an outage fails every retry, a flood drops
+    thousands of messages: the log must not grow with them. The default suits a client's
+    mistake; `_OUTAGE` a failure of ours. Cut values short in *text* (``%.200r``).
     """
     throttle = _log_throttles.get(key or text) or _log_throttles.setdefault(
         key or text, _Throttle(every, burst))
@@ -328,15 +321,13 @@ def _error_kind(error: BaseException) -> str:
     return next(kind.__name__ for kind in type(error).__mro__ if not kind.__name__.startswith("_"))
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class _Queue:
-    """One channel's messages and the receivers waiting on it."""
+    """One channel's messages, as (expires_at, message), and the receivers waiting on it."""
 
-    __slots__ = ("capacity", "messages", "waiters")
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.messages: deque[tuple[float, dict]] = deque()  # (expires_at, message)
-        self.waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+    capacity: int
+    messages: deque[tuple[float, dict]] = dataclasses.field(default_factory=deque)
+    waiters: deque[tuple[Any, asyncio.Future]] = dataclasses.field(default_factory=deque)  # (loop, future)
 
 
 def _wake(future: asyncio.Future) -> None:
@@ -367,11 +358,9 @@ class InMemoryChannelLayer:
         self.expiry = expiry
         self.group_expiry = group_expiry
         self.capacity = capacity
-        self.channel_capacity = [
-            (pattern if isinstance(pattern, re.Pattern) else re.compile(fnmatch.translate(pattern)),
-             size)
-            for pattern, size in (channel_capacity or {}).items()
-        ]
+        self.channel_capacity = [  # (regex, capacity): glob patterns are compiled
+            (pattern if isinstance(pattern, re.Pattern) else re.compile(fnmatch.translate(pattern)), size)
+            for pattern, size in (channel_capacity or {}).items()]
         #: Group messages skipped because a member was full, since the layer was made.
         self.dropped = 0
         #: Messages sent to a connection's reply channel after it closed, dropped quietly.
@@ -408,8 +397,7 @@ class InMemoryChannelLayer:
                 raise ChannelFull(
                     f"Channel {channel!r} holds {self._queues[channel].capacity} messages, its "
                     f"capacity. Its receiver is slow or gone; raise 'capacity' or "
-                    f"'channel_capacity' if bursts are expected."
-                )
+                    f"'channel_capacity' if bursts are expected.")
 
     async def receive(self, channel: str) -> dict:
         """Wait for and return the next unexpired message on *channel*."""
@@ -506,12 +494,9 @@ class InMemoryChannelLayer:
         return len(queue.messages) if queue is not None else 0
 
     def discard_channel(self, channel: str, gone: bool = False) -> None:
-        """Remove *channel* from every group and drop its queued messages.
-
-        ``Application`` calls this when a connection closes, so nothing stays behind, with
-        *gone*: that process-local channel is never read again, and later sends to it (a late
-        long-poll answer, say) are dropped quietly and counted in ``late``.
-        """
+        """Remove *channel* from every group and drop its queued messages. With *gone* (its
+        connection closed), that process-local channel is never read again: later sends to it (a
+        late long-poll answer, say) are dropped quietly and counted in ``late``."""
         with self._lock:
             for group in list(self._memberships.get(channel, ())):
                 self._leave(group, channel)
@@ -541,14 +526,10 @@ class InMemoryChannelLayer:
     def _queue(self, channel: str) -> _Queue:
         queue = self._queues.get(channel)
         if queue is None:
-            queue = self._queues[channel] = _Queue(self._capacity_for(channel))
+            capacity = next((size for pattern, size in self.channel_capacity if pattern.match(channel)),
+                            self.capacity)
+            queue = self._queues[channel] = _Queue(capacity)
         return queue
-
-    def _capacity_for(self, channel: str) -> int:
-        for pattern, size in self.channel_capacity:
-            if pattern.match(channel):
-                return size
-        return self.capacity
 
     # _put and _take run for every message: they test before calling, to save calls.
 
@@ -650,8 +631,7 @@ class InMemoryChannelLayer:
         _log_limited(logging.WARNING, "%s: {held} message(s) dropped since the last report because "
                      "receivers were at capacity (e.g. %r). A receiver is slow or gone; raise "
                      "'capacity' if bursts are expected. Total dropped: %d.", source, channels[0],
-                     self.dropped,
-                     key=f"drops {id(self)}", burst=1, count=len(channels))
+                     self.dropped, key=f"drops {id(self)}", burst=1, count=len(channels))
 
 
 _layers: dict[str, Any] = _module_state({})
@@ -673,10 +653,8 @@ def get_channel_layer(alias: str = "default") -> Any:
     """
     layer = _layers.get(alias)
     if layer is None:
-        with _layers_lock:
-            layer = _layers.get(alias)
-            if layer is None:
-                layer = _layers[alias] = _build_layer(alias)
+        with _layers_lock:  # built once, however many threads ask at the same time
+            layer = _layers.get(alias) or _layers.setdefault(alias, _build_layer(alias))
     return layer
 
 
@@ -689,20 +667,17 @@ def _build_layer(alias: str) -> Any:
             return InMemoryChannelLayer()
         raise ImproperlyConfigured(
             f"Channel layer alias {alias!r} is not configured: settings.CHANNEL_LAYERS is "
-            f"empty. Add CHANNEL_LAYERS = {{{alias!r}: {{'BACKEND': ...}}}}."
-        )
+            f"empty. Add CHANNEL_LAYERS = {{{alias!r}: {{'BACKEND': ...}}}}.")
     if alias not in configs:
         raise ImproperlyConfigured(
             f"Channel layer alias {alias!r} is not in settings.CHANNEL_LAYERS (it has "
-            f"{sorted(configs)!r}). Add it, or use one of those aliases."
-        )
+            f"{sorted(configs)!r}). Add it, or use one of those aliases.")
     config = configs[alias]
     backend = config.get("BACKEND") if isinstance(config, dict) else None
     if not isinstance(backend, str):
         raise ImproperlyConfigured(
             f"settings.CHANNEL_LAYERS[{alias!r}] needs a 'BACKEND' dotted path string "
-            f"(got {config!r})."
-        )
+            f"(got {config!r}).")
     if backend in ("channels.layers.InMemoryChannelLayer", "InMemoryChannelLayer",
                    "asgiref.inmemory.ChannelLayer"):
         layer_class: Any = InMemoryChannelLayer  # Channels' names (4.x, 1.x) for the same thing
@@ -713,8 +688,7 @@ def _build_layer(alias: str) -> Any:
     except Exception as error:
         raise ImproperlyConfigured(
             f"Channel layer {alias!r} ({backend}) could not be built with CONFIG "
-            f"{config.get('CONFIG', {})!r}: {error}"
-        ) from error
+            f"{config.get('CONFIG', {})!r}: {error}") from error
 
 
 def _settings_ready() -> bool:
@@ -735,12 +709,7 @@ def _import_by_path(path: str, what: str) -> Any:
     except (ImportError, AttributeError, ValueError) as error:
         raise ImproperlyConfigured(
             f"{what}: cannot import {path!r} ({error}). Check the dotted path and that "
-            f"its module imports."
-        ) from error
-
-
-def _is_in_memory(layer: Any) -> bool:
-    return isinstance(layer, InMemoryChannelLayer)
+            f"its module imports.") from error
 
 
 # === 2. Messages ===
@@ -753,60 +722,13 @@ def _is_in_memory(layer: Any) -> bool:
 _FULL_CHANNEL_PATIENCE = 2.0  # seconds a deferred direct send waits for room
 _OPERATIONS_PER_TURN = 16  # deferred operations between two turns for the sockets to drain
 
+#: The connections this process serves (section 6), by reply channel. A send to one of them
+#: stays in the process, through its ``outbox``, whatever layer the app uses; the ``groups``
+#: they join are left when they close, and joined again if a shared layer forgets them.
+_local_sockets: dict[str, Any] = _module_state({})
 
 
-class _LocalSocket:
-    """What this process knows of a socket it serves: its layers and the groups it joined."""
-
-    __slots__ = ("layer", "outbox", "groups", "loop", "close")
-
-    def __init__(self, layer: Any, outbox: InMemoryChannelLayer, close: Callable[[int], None]):
-        self.layer = layer  # the app's layer, where its groups live
-        self.outbox = outbox  # the in-memory layer holding its outbox
-        self.groups: set[str] = set()
-        self.loop = asyncio.get_running_loop()  # where its connection runs
-        self.close = close  # close(code), on that loop: ends the connection
-
-
-#: Reply channels of the sockets this process serves. A send to one of them stays in the
-#: process, whatever layer the app uses; the groups they join are left when they close,
-#: and joined again if a shared layer forgets them (a Redis restart).
-_local_sockets: dict[str, _LocalSocket] = _module_state({})
-
-
-def _note_membership(group: str, channel: str, joined: bool) -> None:
-    local = _local_sockets.get(channel)
-    if local is not None:
-        if joined:
-            local.groups.add(group)
-        else:
-            local.groups.discard(group)
-
-
-class _ConsumerState:
-    """What a running handler shares with the Channel/Group calls it makes."""
-
-    __slots__ = ("channel_layer", "deferred")
-
-    def __init__(self, channel_layer: Any):
-        self.channel_layer = channel_layer
-        self.deferred: list[tuple[str, Any, tuple]] = []  # (operation, layer, args)
-
-    async def apply(self) -> None:
-        """Carry out the deferred operations in call order."""
-        operations, self.deferred = self.deferred, []
-        for index, (operation, layer, args) in enumerate(operations):
-            if index and not index % _OPERATIONS_PER_TURN:
-                # A turn for the sockets to drain their outboxes, so that a burst (200 group
-                # sends in one handler) does not fill a member's -- unless its client stopped reading.
-                await asyncio.sleep(0)
-            if operation == "send":
-                await _send_patiently(layer, *args)
-            else:
-                await getattr(layer, operation)(*args)
-
-
-_consumer_state: contextvars.ContextVar[_ConsumerState | None] = contextvars.ContextVar(
+_consumer_state: contextvars.ContextVar[consumer_context | None] = contextvars.ContextVar(
     "channels_mini_consumer_state", default=None)
 
 
@@ -826,15 +748,25 @@ class consumer_context:
 
     def __init__(self, channel_layer: Any = None):
         self.channel_layer = channel_layer
+        self.deferred: list[tuple[str, Any, tuple]] = []  # (operation, layer, args)
 
-    async def __aenter__(self) -> _ConsumerState:
-        self._state = _ConsumerState(self.channel_layer or get_channel_layer())
-        self._token = _consumer_state.set(self._state)
-        return self._state
+    async def __aenter__(self) -> consumer_context:
+        self.channel_layer = self.channel_layer or get_channel_layer()
+        self._token = _consumer_state.set(self)  # what the Channel/Group calls inside find
+        return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         _consumer_state.reset(self._token)
-        await self._state.apply()
+        operations, self.deferred = self.deferred, []
+        for index, (operation, layer, args) in enumerate(operations):  # in call order
+            if index and not index % _OPERATIONS_PER_TURN:
+                # A turn for the sockets to drain their outboxes, so that a burst (200 group
+                # sends in one handler) does not fill a member's -- unless its client stopped reading.
+                await asyncio.sleep(0)
+            if operation == "send":
+                await _send_patiently(layer, *args)
+            else:
+                await getattr(layer, operation)(*args)
 
 
 async def _send_patiently(layer: Any, channel: str, message: dict) -> None:
@@ -858,24 +790,12 @@ def _layer_operation(operation: str, layer: Any, args: tuple, immediately: bool)
         if operation in ("send", "group_send"):  # the caller may change its dict before we send
             args = (args[0], dict(args[1]))
         state.deferred.append((operation, layer, args))
-    elif _is_in_memory(layer):
+    elif isinstance(layer, InMemoryChannelLayer):
         getattr(layer, operation + "_now")(*args)  # a lock and a deque: safe anywhere
-    else:
-        _run_layer_coroutine(getattr(layer, operation), args)
-
-
-def _run_layer_coroutine(function: Callable[..., Awaitable], args: tuple) -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        async_to_sync(function)(*args)  # a plain thread, or a sync handler's worker thread
-        return
-    # On an event-loop thread, waiting would freeze every socket: an extension hands it on.
-    for hook in _hooks.loop_call:
-        return hook(function, args)
-    raise RuntimeError(f"{getattr(function, '__qualname__', function)} is a call to a shared "
-                       f"channel layer, made with a sync method on an event loop; await the "
-                       f"a... form (e.g. Group.asend) there instead.")
+    else:  # a shared layer's coroutine, run where it blocks no event loop (Part II)
+        for hook in _hooks.layer_call:
+            return hook(getattr(layer, operation), args)
+        async_to_sync(getattr(layer, operation))(*args)
 
 
 def _resolve_layer(alias: str, channel_layer: Any) -> Any:
@@ -949,15 +869,11 @@ class Group:
 
     def add(self, channel: Channel | str, immediately: bool = False) -> None:
         """Make *channel* a member of this group (left by itself when its socket closes)."""
-        args = (self.name, _channel_name(channel))
-        _note_membership(*args, joined=True)
-        _layer_operation("group_add", self.channel_layer, args, immediately)
+        _layer_operation("group_add", self.channel_layer, self._member(channel, True), immediately)
 
     def discard(self, channel: Channel | str, immediately: bool = False) -> None:
         """Remove *channel* from this group."""
-        args = (self.name, _channel_name(channel))
-        _note_membership(*args, joined=False)
-        _layer_operation("group_discard", self.channel_layer, args, immediately)
+        _layer_operation("group_discard", self.channel_layer, self._member(channel, False), immediately)
 
     def send(self, content: dict, immediately: bool = False) -> None:
         """Send *content* (a dict) to every member."""
@@ -966,33 +882,42 @@ class Group:
 
     async def aadd(self, channel: Channel | str) -> None:
         """Add *channel* now, from async code."""
-        _note_membership(self.name, _channel_name(channel), joined=True)
-        await self.channel_layer.group_add(self.name, _channel_name(channel))
+        await self.channel_layer.group_add(*self._member(channel, True))
 
     async def adiscard(self, channel: Channel | str) -> None:
         """Remove *channel* now, from async code."""
-        _note_membership(self.name, _channel_name(channel), joined=False)
-        await self.channel_layer.group_discard(self.name, _channel_name(channel))
+        await self.channel_layer.group_discard(*self._member(channel, False))
 
     async def asend(self, content: dict) -> None:
         """Send *content* to every member now, from async code."""
         _require_dict(content, "Content")
         await self.channel_layer.group_send(self.name, content)
 
+    def _member(self, channel: Channel | str, joined: bool) -> tuple[str, str]:
+        """The layer's arguments for a change of membership, noted first for a socket this
+        process serves (which leaves its groups when it closes)."""
+        name = _channel_name(channel)
+        connection = _local_sockets.get(name)
+        if connection is not None and joined:
+            connection.groups.add(self.name)
+        elif connection is not None:
+            connection.groups.discard(self.name)
+        return self.name, name
+
     def __repr__(self) -> str:
         return f"Group({self.name!r})"
 
 
-class Message(MutableMapping):
+class Message(UserDict):
     """A message as a consumer sees it: dict-like over ``content``, plus where it came from.
 
-    WebSocket messages also carry ``scope`` (the ASGI scope). Section 10 adds what Channels
+    WebSocket messages also carry ``scope`` (the ASGI scope). Section 11 adds what Channels
     1.x gave them: ``channel_session``, and ``user`` and ``http_session`` from the handshake's
     Django session cookie (None here until something loads them).
     """
 
     def __init__(self, content: dict, channel_name: str, channel_layer: Any):
-        self.content = content
+        self.data = content  # UserDict's dict: the message's own, not a copy
         self.channel_name = channel_name
         self.channel_layer = channel_layer
         self.scope: Scope | None = None
@@ -1000,6 +925,10 @@ class Message(MutableMapping):
         self.http_session: Any = None
         self._socket_state: dict | None = None  # what every message of one connection shares
         self._reply_channel: Channel | None = None
+
+    @property
+    def content(self) -> dict:
+        return self.data
 
     @property
     def channel(self) -> Channel:
@@ -1012,28 +941,13 @@ class Message(MutableMapping):
                                           channel_layer=self.channel_layer)
         return self._reply_channel
 
-    def __getitem__(self, key: str) -> Any:
-        return self.content[key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.content[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        del self.content[key]
-
-    def __iter__(self):
-        return iter(self.content)
-
-    def __len__(self) -> int:
-        return len(self.content)
-
     def copy(self, **changes: Any) -> Message:
         """An independent (deep) copy of the content, with *changes*; the rest (scope, user,
         sessions) is shared."""
         clone = Message({**copy.deepcopy(self.content), **changes}, self.channel_name,
                         self.channel_layer)
         clone.__dict__.update({name: value for name, value in vars(self).items()
-                               if name not in ("content", "_reply_channel")})
+                               if name not in ("data", "_reply_channel")})
         return clone
 
     def __repr__(self) -> str:
@@ -1066,15 +980,10 @@ def _is_async_function(function: Any) -> bool:
 
 
 async def _run_handler(handler: Any, /, *args: Any, **kwargs: Any) -> Any:
-    """Run a function consumer or a consumer's method: awaited if ``async def``, else in a
-    worker thread."""
+    """Run a consumer or a consumer's method: awaited if ``async def``, else in a worker thread."""
     if _is_async(handler):
         return await handler(*args, **kwargs)
-    return await _in_thread(handler, *args, **kwargs)
-
-
-async def _in_thread(function: Callable, *args: Any, **kwargs: Any) -> Any:
-    return await _bridge("consumer", _THREAD_POOL_SIZE)(function, *args, **kwargs)
+    return await _bridge("consumer", _THREAD_POOL_SIZE)(handler, *args, **kwargs)
 
 
 def _bridge(pool_name: str, size: int) -> Callable[..., Awaitable]:
@@ -1089,21 +998,17 @@ def _bridge(pool_name: str, size: int) -> Callable[..., Awaitable]:
 
 
 def _with_fresh_db_connections(function: Callable, *args: Any, **kwargs: Any) -> Any:
-    _close_old_db_connections()
+    """What Django does around each request: drop database connections broken or too old."""
+    from django.apps import apps
+    from django.db import close_old_connections
+
+    if not apps.ready:  # no database to tidy
+        return function(*args, **kwargs)
+    close_old_connections()
     try:
         return function(*args, **kwargs)
     finally:
-        _close_old_db_connections()
-
-
-def _close_old_db_connections() -> None:
-    """What Django does around each request: drop connections that are broken or too old."""
-    from django.apps import apps
-
-    if apps.ready:
-        from django.db import close_old_connections
         close_old_connections()
-
 
 
 # === 3. Routing ===
@@ -1158,8 +1063,7 @@ def _compile_filters(filters: dict[str, Any], where: str) -> dict[str, re.Patter
         if regex.groups > len(regex.groupindex):
             raise ValueError(
                 f"Filter {key!r} for {where} uses an unnamed group (got {regex.pattern!r}). "
-                f"Name it, e.g. (?P<room_id>\\d+), or make it non-capturing with (?:...)."
-            )
+                f"Name it, e.g. (?P<room_id>\\d+), or make it non-capturing with (?:...).")
         compiled[key] = regex
     return compiled
 
@@ -1167,9 +1071,7 @@ def _compile_filters(filters: dict[str, Any], where: str) -> dict[str, re.Patter
 def _match_filters(filters: dict[str, re.Pattern], content: Any,
                    partial: bool = False) -> tuple[dict, dict] | None:
     """Match every filter; return (kwargs, matched parts by key), or None if one fails.
-
-    *partial* skips filters on keys the content lacks: "could this route match?".
-    """
+    *partial* skips filters on keys the content lacks: "could this route match?"."""
     kwargs: dict[str, Any] = {}
     matched: dict[str, re.Match] = {}
     for key, regex in filters.items():
@@ -1269,27 +1171,19 @@ class Include(_Matcher):
 
     def __init__(self, routing: Any, **prefixes: Any):
         self.router = Router(routing)
+        self.channels = self.router.channels
         self.prefixes = _compile_filters(prefixes, "include()")
 
-    @property
-    def channels(self) -> set[str]:
-        return self.router.channels
-
     def _find(self, channel: str, content: Any, partial: bool = False) -> tuple[Route, dict] | None:
-        if channel not in self.router.channels:
+        if channel not in self.channels:
             return None
         result = _match_filters(self.prefixes, content, partial)
         if result is None:
             return None
         kwargs, matched = result
-        stripped = dict(content)
-        for key, found in matched.items():
-            stripped[key] = found.string[found.end():]
+        stripped = {**content, **{key: found.string[found.end():] for key, found in matched.items()}}
         inner = self.router._find(channel, stripped, partial)
-        if inner is None:
-            return None
-        matched_route, inner_kwargs = inner
-        return matched_route, {**kwargs, **inner_kwargs}  # the inner route's names win
+        return None if inner is None else (inner[0], {**kwargs, **inner[1]})  # the inner route's names win
 
     def __repr__(self) -> str:
         return f"include({self.router.routes!r}{_filters_repr(self.prefixes)})"
@@ -1360,7 +1254,6 @@ def _resolve_consumer(consumer: Any, where: str) -> Any:
 # through `_run_handler`). `_handle_message` runs one message: route, consumer, then its
 # deferred sends.
 
-
 class BaseConsumer:
     """A class-based consumer: one instance per message, dispatched by ``method_mapping``.
 
@@ -1404,8 +1297,7 @@ class BaseConsumer:
             raise ValueError(
                 f"{type(self).__name__} has no method for channel {channel!r}: its "
                 f"method_mapping is {self.method_mapping!r}. Add the channel, or route "
-                f"only the channels it lists."
-            )
+                f"only the channels it lists.")
         await _run_handler(getattr(self, name), self.message, **self.kwargs)
 
     @classmethod
@@ -1495,10 +1387,9 @@ class WebsocketConsumer(BaseConsumer):
             await hook(self, kwargs)
 
     async def raw_receive(self, message: Message, **kwargs: Any) -> None:
-        if message.get("text") is not None:
-            await _run_handler(self.receive, text=message["text"], **kwargs)
-        else:
-            await _run_handler(self.receive, bytes=message.get("bytes"), **kwargs)
+        text = message.get("text")
+        frame = {"text": text} if text is not None else {"bytes": message.get("bytes")}
+        await _run_handler(self.receive, **frame, **kwargs)
 
     async def raw_disconnect(self, message: Message, **kwargs: Any) -> None:
         """Call ``disconnect``: the connection has already left every group it joined."""
@@ -1616,7 +1507,10 @@ class Binding:
                 f"{cls.__name__} must set exactly one of 'fields' or 'exclude' (got "
                 f"fields={cls.fields!r}, exclude={cls.exclude!r}). Use fields = "
                 f"['__all__'] to bind every field.")
-        _register_binding(cls)
+        _connect_model_signals()  # once: the receivers have a dispatch_uid
+        _bindings.append(cls)
+        if "<locals>" not in cls.__qualname__:
+            _module_bindings.append(cls)
 
     # -- outbound: what you override --
 
@@ -1635,7 +1529,8 @@ class Binding:
 
     def serialize_data(self, instance: Any) -> dict:
         """The bound fields of *instance*, written as Django's JSON serializer writes them."""
-        return self._serialized(instance)["fields"]
+        from django.core import serializers
+        return json.loads(serializers.serialize("json", [instance], fields=self._field_names()))[0]["fields"]
 
     @classmethod
     def encode(cls, stream: str, payload: dict) -> dict:
@@ -1660,10 +1555,6 @@ class Binding:
         meta = cls.model_class()._meta
         return [f.name for f in (*meta.concrete_fields, *meta.many_to_many)
                 if f.name not in cls.exclude and not f.primary_key]
-
-    def _serialized(self, instance: Any) -> dict:
-        from django.core import serializers
-        return json.loads(serializers.serialize("json", [instance], fields=self._field_names()))[0]
 
     @classmethod
     def _announce(cls, instance: Any, stored: Any, before: list[str], after: list[str],
@@ -1758,21 +1649,13 @@ def _report_send_failure(binding: type[Binding], group: str, error: Exception) -
                  key=f"binding send failure {_error_kind(error)}", every=10.0, burst=1)
 
 
-def _register_binding(binding: type[Binding]) -> None:
-    _connect_model_signals()  # once: the receivers have a dispatch_uid
-    _bindings.append(binding)
-    if "<locals>" not in binding.__qualname__:
-        _module_bindings.append(binding)
-
-
 def _connect_model_signals() -> None:
     # Connected for every sender: a binding may name its model before the app registry
     # can turn the label into a class.
     from django.db.models import signals
 
     for signal, receiver in ((signals.pre_save, _before_save), (signals.post_save, _after_save),
-                             (signals.pre_delete, _before_delete),
-                             (signals.post_delete, _after_delete)):
+                             (signals.pre_delete, _before_delete), (signals.post_delete, _after_delete)):
         signal.connect(receiver, weak=False, dispatch_uid=f"{__name__}.{receiver.__name__}")
 
 
@@ -1818,14 +1701,10 @@ def _after_delete(sender: Any, instance: Any, using: str, **kwargs: Any) -> None
 # === 6. Connection ===
 # One websocket, as Channels 1.x's interface server saw it. *In*: the server's ASGI events
 # become the messages `websocket.connect` / `receive` / `disconnect`, handled one at a time,
-# in order, with a turn for the other sockets after each. *Out*: whatever is sent to the
-# reply channel -- by its own handlers, group sends, other sockets, threads, views -- waits in
-# one outbox (the reply channel's queue in an in-memory layer) and leaves through `_deliver`.
-# Sends to a connection of this process stay in the process, whatever the layer. `_Connection`
-# is the part a routed HTTP request shares (section 12).
-
-_process_outboxes: InMemoryChannelLayer | None = None  # outboxes when the app's layer is shared
-
+# in order, with a turn for the other sockets after each. *Out*: whatever is sent to the reply
+# channel -- by its handlers, group sends, other sockets, threads, views -- waits in one outbox,
+# in this process's memory whatever the layer, and leaves through `_deliver`. `_Connection` is
+# the part a routed HTTP request shares (section 12).
 
 def _connect_message(scope: Scope, reply_channel: str) -> dict:
     return {"reply_channel": reply_channel, "path": scope.get("path", ""),
@@ -1835,16 +1714,9 @@ def _connect_message(scope: Scope, reply_channel: str) -> dict:
 
 
 def _receive_message(reply_channel: str, path: str, order: int, event: dict) -> dict:
-    content = {"reply_channel": reply_channel, "path": path, "order": order}
     if event.get("text") is not None:
-        content["text"] = event["text"]
-    else:
-        content["bytes"] = event.get("bytes") or b""
-    return content
-
-
-def _disconnect_message(reply_channel: str, path: str, order: int, code: int) -> dict:
-    return {"reply_channel": reply_channel, "path": path, "order": order, "code": code}
+        return {"reply_channel": reply_channel, "path": path, "order": order, "text": event["text"]}
+    return {"reply_channel": reply_channel, "path": path, "order": order, "bytes": event.get("bytes") or b""}
 
 
 def _frame_size(event: dict) -> int:
@@ -1854,21 +1726,12 @@ def _frame_size(event: dict) -> int:
     return len(event.get("bytes") or b"")
 
 
-def _outbox_layer(layer: Any) -> InMemoryChannelLayer:
-    """Where a socket's outbox lives: the app's layer if in memory, else one per process."""
-    global _process_outboxes
-    if _is_in_memory(layer):
-        return layer
-    if _process_outboxes is None:
-        _process_outboxes = InMemoryChannelLayer(capacity=getattr(layer, "capacity", 100))
-    return _process_outboxes
-
-
 class _Connection:
     """What every connection shares: a reply channel, its outbox, and the one way out.
 
-    A subclass says how requests come in (`_run`) and how one reply becomes ASGI events
-    (`_deliver`); everything sent to the reply channel reaches `_deliver` through `_write`.
+    A subclass says how requests come in (`_run`), how one reply becomes ASGI events
+    (`_deliver`) and how to end at once when a reply cannot be delivered (`_abort`);
+    everything sent to the reply channel reaches `_deliver` through `_write`.
     """
 
     kind = "connection"  # the reply channel's prefix
@@ -1877,11 +1740,12 @@ class _Connection:
     def __init__(self, scope: Scope, send: Send, router: Router, layer: Any):
         self.scope, self._send, self.router, self.layer = scope, send, router, layer
         self.path: str = scope.get("path", "")
-        self.outbox = _outbox_layer(layer)
+        self.outbox = layer  # the reply channel's queue; an opened hook may move it (a shared layer)
         self.reply_channel = ""
         self.closed = False  # nothing more reaches the client
         self.closing = False  # a close is queued: what comes in from now on is dropped
         self.shared: dict = {}  # what every message of the connection carries (the http user)
+        self.groups: set[str] = set()  # joined through connection_groups or Group.add
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path} {self.reply_channel} closed={self.closed}>"
@@ -1890,22 +1754,23 @@ class _Connection:
         """Serve the connection until the client or a consumer ends it."""
         # channels_redis reads each prefix of process-local channels with its own blocking
         # read, one at a time: with a shared layer, one prefix keeps replies from waiting.
-        prefix = self.kind if _is_in_memory(self.layer) else "websocket.send"
+        prefix = self.kind if isinstance(self.layer, InMemoryChannelLayer) else "websocket.send"
         self.reply_channel = await self.layer.new_channel(prefix)
-        self.local = _LocalSocket(self.layer, self.outbox, self._queue_close)
-        _local_sockets[self.reply_channel] = self.local
-        tasks = [asyncio.create_task(self._write())]
-        tasks += filter(None, (hook(self) for hook in _hooks.opened))  # e.g. a shared layer's listener
+        self.loop = asyncio.get_running_loop()
+        tasks = [task for hook in _hooks.opened if (task := hook(self))]  # e.g. a shared layer's listener
+        _local_sockets[self.reply_channel] = self
+        tasks.append(asyncio.create_task(self._write()))
         try:
             await self._run(receive)
-        finally:
-            await self._stop(tasks)
-
-    async def _run(self, receive: Receive) -> None:
-        raise NotImplementedError
-
-    async def _deliver(self, reply: dict) -> None:
-        raise NotImplementedError
+        finally:  # the client is gone (also when serving stopped without a disconnect event)
+            self.closed = True
+            await self._leave_groups()
+            for hook in _hooks.closed:  # extensions let go of what it held: presence, sessions (Part II)
+                await hook(self)
+            del _local_sockets[self.reply_channel]
+            for task in tasks:  # the writer: an in-memory receive is safe to cancel
+                await _cancel_and_wait(task)
+            self.outbox.discard_channel(self.reply_channel, gone=True)  # later sends: dropped quietly
 
     def _message(self, channel: str, content: dict) -> Message:
         message = Message(content, channel, self.layer)
@@ -1937,47 +1802,24 @@ class _Connection:
                                  reply, self.what, self.path)
                 await self._abort()
 
-    async def _abort(self) -> None:
-        """End the connection at once (a reply could not be delivered)."""
-
     async def _emit(self, event: dict) -> None:
         try:
             await self._send(event)
         except OSError:  # the client went away; its disconnect event follows
             self.closed = True
 
-    async def _end(self) -> None:
-        """The client is gone: leave every group; extensions let go of what the connection held."""
-        self.closed = True
-        await self._leave_groups()
-        for hook in _hooks.closed:  # e.g. presence, the channel session (Part II)
-            await hook(self)
-
     async def _leave_groups(self) -> None:
         """Leave every group the connection joined, through connection_groups or Group.add."""
-        for group in list(self.local.groups):
+        for group in list(self.groups):
             try:
                 await self.layer.group_discard(group, self.reply_channel)
             except Exception:
                 _log_limited(logging.ERROR, "Cannot remove %s %s from group %r on the channel layer; "
                                    "the layer's group_expiry will.", self.what, self.path, group, **_OUTAGE)
-        self.local.groups.clear()
+        self.groups.clear()
 
-    async def _stop(self, tasks: list[asyncio.Task]) -> None:
-        await self._end()  # also when serving stopped without a disconnect event
-        del _local_sockets[self.reply_channel]
-        for task in tasks:  # the writer: an in-memory receive is safe to cancel
-            await _cancel_and_wait(task)
-        self.outbox.discard_channel(self.reply_channel, gone=True)  # later sends: dropped quietly
 
 # -- websockets --
-
-def _closing_with_1011(channel: str) -> str:
-    """What a failed handler's socket gets, as its log line says it."""
-    if channel == "websocket.connect":  # a close before the accept is a refused handshake
-        return "closing that socket with 1011, or refusing its handshake (HTTP 403) if not accepted yet."
-    return "closing that socket with 1011."
-
 
 class _WebsocketConnection(_Connection):
     """One websocket: its frames in as messages, its outbox out as frames."""
@@ -2000,8 +1842,9 @@ class _WebsocketConnection(_Connection):
                 self.closed = True
                 self.order += 1
                 await self._leave_groups()  # before disconnect(), as connection_groups promise
-                await self._handle("websocket.disconnect", _disconnect_message(
-                    self.reply_channel, self.path, self.order, event.get("code", 1000)))
+                await self._handle("websocket.disconnect", {
+                    "reply_channel": self.reply_channel, "path": self.path, "order": self.order,
+                    "code": event.get("code", 1000)})
                 return
             if event["type"] == "websocket.receive" and not self.closing and not self.closed:
                 if _frame_size(event) > self.max_message_size:
@@ -2036,13 +1879,16 @@ class _WebsocketConnection(_Connection):
                 return True
             logger.error("DenyConnection raised while handling %s on %.200s: it only rejects "
                          "in websocket.connect. Closing that socket with 1011.", channel, self.path)
-        except _InvalidName as error:  # a name built from the URL or a frame, most often
-            ending = _closing_with_1011(channel)
-            _log_limited(logging.WARNING, "Consumer failed on %s for %.200s (order %s): %s %s",
-                         channel, self.path, content.get("order"), error, ending[0].upper() + ending[1:])
-        except Exception:
-            logger.exception("Consumer failed on %s for %.200s (order %s); %s", channel, self.path,
-                             content.get("order"), _closing_with_1011(channel))
+        except Exception as error:
+            # On connect, a close before the accept is a refused handshake.
+            ending = (", or refusing its handshake (HTTP 403) if not accepted yet."
+                      if channel == "websocket.connect" else ".")
+            if isinstance(error, _InvalidName):  # a name built from the URL or a frame, most often
+                _log_limited(logging.WARNING, "Consumer failed on %s for %.200s (order %s): %s Closing that "
+                             "socket with 1011%s", channel, self.path, content.get("order"), error, ending)
+            else:
+                logger.exception("Consumer failed on %s for %.200s (order %s); closing that socket with "
+                                 "1011%s", channel, self.path, content.get("order"), ending)
         self._queue_close(1011)
         return True
 
@@ -2177,15 +2023,6 @@ class Application:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _http_app(self) -> ASGIApp:
-        if self.http is None:
-            if _settings_ready():
-                from django.core.asgi import get_asgi_application
-                self.http = get_asgi_application()
-            else:
-                self.http = _not_found
-        return self.http
-
     # -- HTTP and websockets --
 
     async def _http_request(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -2194,16 +2031,22 @@ class Application:
             connection = hook(self, scope, send)
             if connection is not None:
                 return await connection.serve(receive)
-        await self._http_app()(scope, receive, send)
+        if self.http is None:  # Django's handler; without settings, a 404 for every request
+            if _settings_ready():
+                from django.core.asgi import get_asgi_application
+                self.http = get_asgi_application()
+            else:
+                self.http = _not_found
+        await self.http(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
-        origin = _header(scope, b"origin")
+        origin = next((value.decode("latin-1") for name, value in scope.get("headers", ())
+                       if name.lower() == b"origin"), None)
         if not self.origin_allowed(origin):
             _log_limited(logging.WARNING, "Rejected websocket to %.200s from origin %.200r: not in the "
-                                 "allowed origins (ALLOWED_HOSTS or allowed_origins).",
-                                 scope.get("path"), origin)
+                         "allowed origins (ALLOWED_HOSTS or allowed_origins).", scope.get("path"), origin)
             await send({"type": "websocket.close", "code": 1008})  # 403 before accepting
             return
         connection = _WebsocketConnection(scope, send, self.router, self.channel_layer,
@@ -2230,9 +2073,12 @@ def _background_channels(router: Router) -> list[str]:
 
 
 def _routing_from_settings() -> Any:
+    import django
+    from django.apps import apps
     from django.conf import settings
 
-    _setup_django()
+    if not apps.ready:
+        django.setup(set_prefix=False)
     routing = getattr(settings, "CHANNEL_ROUTING", None)
     if routing is None:  # Channels 1.x kept it in the layer's settings
         routing = (getattr(settings, "CHANNEL_LAYERS", None) or {}).get("default", {}).get("ROUTING")
@@ -2242,14 +2088,6 @@ def _routing_from_settings() -> Any:
             "in Channels 1.x), so the module-level 'application' has no routes. Set it to a "
             "routing list or its dotted path, e.g. CHANNEL_ROUTING = 'mysite.routing.channel_routing'.")
     return routing
-
-
-def _setup_django() -> None:
-    from django.apps import apps
-
-    if not apps.ready:
-        import django
-        django.setup(set_prefix=False)
 
 
 def _origin_matches(origin: str, patterns: Iterable[str]) -> bool:
@@ -2282,13 +2120,6 @@ async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.start", "status": 404,
                 "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
     await send({"type": "http.response.body", "body": body})
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
 
 
 class _BackgroundWorkers:
@@ -2357,9 +2188,7 @@ class _BackgroundWorkers:
 # `reset_channel_layers()` clears all module state between tests.
 
 class WebsocketCommunicator:
-    """Drives an ASGI app as one websocket client would, without a server.
-
-    ::
+    """Drives an ASGI app as one websocket client would, without a server::
 
         communicator = WebsocketCommunicator(application, "/chat/lobby/")
         connected, _ = await communicator.connect()
@@ -2527,7 +2356,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ImproperlyConfigured, ImportError) as error:
         logger.error("runworker cannot start: %s", error)
         return 2
-    if _is_in_memory(layer):
+    if isinstance(layer, InMemoryChannelLayer):
         logger.error("runworker cannot start: channel layer %r is an InMemoryChannelLayer, which "
                      "lives inside one process, so nothing could ever reach this worker. Configure "
                      "a shared layer such as channels_redis.core.RedisChannelLayer in "
@@ -2632,6 +2461,10 @@ class JsonWebsocketConsumer(WebsocketConsumer):
     def decode_json(cls, text: str) -> Any:
         """Turn a frame's text into content; raise ``ValueError`` for bad input."""
         return json.loads(text)
+
+
+class SendNotAvailableOnDemultiplexer(Exception):
+    """A demultiplexer cannot send by itself: send through a stream's multiplexer."""
 
 
 class WebsocketMultiplexer:
@@ -2917,7 +2750,6 @@ def _report_refusal(binding: type[Binding], error: str) -> None:
     """Log a refused request: a client's mistake, so one line, no traceback, once a second."""
     _log_limited(logging.WARNING, "%s refused {held} request(s) since the last report, e.g.: %s",
                  binding.__name__, error, key=f"refusals {binding.__name__}", burst=1)
-
 
 
 # === 11. Sessions and logins ===
@@ -3416,10 +3248,10 @@ def _ended_logins(logins: Iterable[tuple[str, Any, Any]]) -> set[str]:
 def _end_logins(session_keys: set[str]) -> None:
     """Close (4401) this process's connections opened with one of *session_keys*; any thread."""
     for reply_channel, login in list(_logins.items()):
-        local = _local_sockets.get(reply_channel)
-        if local is not None and login[0] in session_keys:
+        connection = _local_sockets.get(reply_channel)
+        if connection is not None and login[0] in session_keys:
             try:
-                local.loop.call_soon_threadsafe(local.close, _LOGGED_OUT_CLOSE_CODE)
+                connection.loop.call_soon_threadsafe(connection._queue_close, _LOGGED_OUT_CLOSE_CODE)
             except RuntimeError:  # its loop has closed: so has the connection
                 pass
 
@@ -3485,7 +3317,6 @@ def _start_login_watch(app: Any) -> Any:
     _login_check_interval()  # a bad setting fails here, at start-up, not in the task
     _watch_logouts()
     return _LoginWatch().run()
-
 
 
 _hooks.message.append(_load_for_class)
@@ -3845,7 +3676,6 @@ def _anonymous_key(channel: str) -> str:
     return "anonymous." + _keyed_digest("presence", channel)[:24]
 
 
-
 # -- the Group and consumer API --
 
 class _GroupPresence:
@@ -3874,7 +3704,6 @@ class _GroupPresence:
     async def apresence(self) -> dict[str, list[dict]]:
         """``presence``, from async code."""
         return await _in_session_thread(self.presence)
-
 
 
 class _ConsumerPresence:
@@ -3986,15 +3815,16 @@ _hooks.serving.append(_start_heartbeat)
 
 
 # === 14. Several processes: shared layers ===
-# With a shared layer (channels_redis), what other processes send to a socket of this one
-# arrives through Redis: a listener per connection moves it into the connection's outbox.
-# Sync sends made on an event loop go to one layer thread, so they never block the loop. And
+# With a shared layer (channels_redis), a connection's outbox stays in this process's memory,
+# and what other processes send to it arrives through Redis: a listener per connection moves
+# it into the outbox. Sync sends made on an event loop go to one layer thread, so they never
+# block the loop (elsewhere they wait for Redis, as Channels 1.x's did). And
 # a Redis restart can lose every group membership while the sockets stay open: each server
 # process keeps a canary group and joins its sockets to their groups again when it is gone.
 # (The core already keeps sends to this process's sockets off Redis, so an outage does not
 # close them.) And a group send that reaches nobody in a process without consumers (a bound
 # save in `manage.py shell`) says once that it needs a shared layer. Hooks: `opened`/`closed`
-# (the listener), `loop_call` (the layer thread), `serving` (the membership keeper),
+# (the outbox and listener), `layer_call` (the layer thread), `serving` (the membership keeper),
 # `unheard` (the warning). Costs: nothing with the in-memory layer; one Redis read per
 # connection, and one group send every 2 s per process.
 
@@ -4002,10 +3832,18 @@ _STOP = {"channels_mini.connection": "stop"}  # never a user reply: those hold a
 _listeners: dict[str, asyncio.Task] = _module_state({})  # reply channel -> its listener
 
 
+_process_outboxes: InMemoryChannelLayer | None = None  # the outboxes of this process's connections
+
+
 def _start_listener(connection: Any) -> asyncio.Task | None:
-    """Hook ``opened``: with a shared layer, listen for what reaches the connection through it."""
-    if connection.outbox is connection.layer:
+    """Hook ``opened``: with a shared layer, the connection's outbox lives in this process's memory,
+    and a listener moves into it what reaches the connection through the shared layer."""
+    global _process_outboxes
+    if isinstance(connection.layer, InMemoryChannelLayer):
         return None
+    if _process_outboxes is None:
+        _process_outboxes = InMemoryChannelLayer(capacity=getattr(connection.layer, "capacity", 100))
+    connection.outbox = _process_outboxes
     task = _listeners[connection.reply_channel] = asyncio.create_task(_listen(connection))
     return task
 
@@ -4123,9 +3961,9 @@ class _MembershipKeeper:
 
     async def _rejoin(self) -> None:
         await self.layer.group_add(self.group, self.channel)
-        for reply_channel, local in list(_local_sockets.items()):
-            if local.layer is self.layer:
-                for group in list(local.groups):
+        for reply_channel, connection in list(_local_sockets.items()):
+            if connection.layer is self.layer:
+                for group in list(connection.groups):
                     await self.layer.group_add(group, reply_channel)
 
     async def _listen(self) -> None:
@@ -4134,6 +3972,17 @@ class _MembershipKeeper:
                 self.heard = max(self.heard, (await self.layer.receive(self.channel))["n"])
             except Exception:  # the layer is down: run() reports it
                 await asyncio.sleep(1)
+
+
+def _call_shared_layer(function: Callable[..., Awaitable], args: tuple) -> None:
+    """Hook ``layer_call``: a sync-form call of a shared layer waits for its coroutine in a plain
+    thread (or a sync handler's worker thread); on an event loop, waiting would freeze every
+    socket, so the layer thread applies it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return async_to_sync(function)(*args)
+    _LayerThread.submit(function, args)
 
 
 _nobody_listens_warned = threading.Event()  # set once a group send has "reached nobody"
@@ -4165,13 +4014,14 @@ def _warn_if_nobody_listens(layer: InMemoryChannelLayer, group: str) -> None:
 
 def _start_membership_keeper(app: Any) -> Any:
     """Hook ``serving``: keep memberships on a shared layer (nothing to keep in memory)."""
-    return None if _is_in_memory(app.channel_layer) else _MembershipKeeper(app.channel_layer).run()
+    layer = app.channel_layer
+    return None if isinstance(layer, InMemoryChannelLayer) else _MembershipKeeper(layer).run()
 
 
 _hooks.unheard.append(_warn_if_nobody_listens)
 _hooks.opened.append(_start_listener)
 _hooks.closed.append(_stop_listener)
-_hooks.loop_call.append(_LayerThread.submit)
+_hooks.layer_call.append(_call_shared_layer)
 _hooks.serving.append(_start_membership_keeper)
 
 

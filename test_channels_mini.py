@@ -8551,3 +8551,135 @@ def test_readme_porting_changes_only_the_imports():
             assert not line.startswith(("from channels ", "from channels.")), line
     assert "channels_redis.core.RedisChannelLayer" in section and "asgiref.inmemory.ChannelLayer" in section
     assert "no decorator" not in section and "there are no" not in section
+
+
+# -- the shape of the module: the core, then the extensions --
+# Read from channels_mini.py's source with `ast`: the banners (`# === ...` lines) cut it into
+# sections, and a section may use only what the sections above it define (STYLE.md §1).
+
+MODULE_SOURCE = os.path.join(ROOT, "channels_mini.py")
+PART_I_LAST_LINE = 2400
+
+
+def module_banners(source: str) -> list[tuple[int, str]]:
+    """The module's banners in order: (line number, banner)."""
+    return [(number, line) for number, line in enumerate(source.splitlines(), 1)
+            if line.startswith("# === ")]
+
+
+def names_bound_by(function) -> set[str]:
+    """The names a function (or lambda) binds for itself: parameters, assignments, imports,
+    loop and ``with`` targets, nested definitions, minus what it declares ``global``."""
+    import ast
+    arguments = function.args
+    bound = {argument.arg for argument in (*arguments.posonlyargs, *arguments.args,
+                                           *arguments.kwonlyargs, arguments.vararg, arguments.kwarg)
+             if argument is not None}
+    declared_global: set[str] = set()
+    pending = list(function.body) if isinstance(function.body, list) else [function.body]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)  # its body is a scope of its own
+            continue
+        if isinstance(node, ast.Lambda):
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, ast.Global):
+            declared_global.update(node.names)
+        pending.extend(ast.iter_child_nodes(node))
+    return bound - declared_global
+
+
+def module_names_loaded(node, own: frozenset = frozenset()):
+    """(name, line) for each name *node* loads that no enclosing function binds itself: the
+    module-level names it uses. (A parameter called ``application`` is not the module's.)"""
+    import ast
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        own = own | names_bound_by(node)
+    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in own:
+        yield node.id, node.lineno
+    for child in ast.iter_child_nodes(node):
+        yield from module_names_loaded(child, own)
+
+
+def module_level_names(statement) -> set[str]:
+    """The module-level names a top-level statement defines."""
+    import ast
+    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {statement.name}
+    names, pending = set(), [statement]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue  # what those bind is their own
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        pending.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def module_forward_uses(source: str) -> list[str]:
+    """Each use, by a top-level statement, of a module-level name that a later section defines."""
+    import ast
+    starts = [number for number, _ in module_banners(source)]
+
+    def section_of(line: int) -> int:
+        return sum(1 for start in starts if start <= line)  # 0: the header, above every banner
+
+    tree = ast.parse(source)
+    defined_in: dict[str, int] = {}
+    for statement in tree.body:
+        for name in module_level_names(statement):
+            defined_in.setdefault(name, section_of(statement.lineno))
+    banners = ["(header)"] + [banner for _, banner in module_banners(source)]
+    found = []
+    for statement in tree.body:
+        section = section_of(statement.lineno)
+        for name, line in module_names_loaded(statement):
+            if defined_in.get(name, section) > section:
+                found.append(f"line {line}: {name!r} of {banners[defined_in[name]]} used in "
+                             f"{banners[section]}")
+    return found
+
+
+def test_docs_module_part_i_ends_by_line_2400_and_sections_use_only_earlier_ones():
+    """Part I, the core, ends by line 2,400; no section (the core above all) names a
+    module-level definition of a later section, Part II included."""
+    with open(MODULE_SOURCE, encoding="utf-8") as handle:
+        source = handle.read()
+    part_two = [number for number, banner in module_banners(source)
+                if banner == "# === Part II: extensions ==="]
+    assert len(part_two) == 1 and part_two[0] <= PART_I_LAST_LINE, part_two
+    assert module_forward_uses(source) == []
+
+
+def test_docs_module_shape_check_finds_forward_uses_and_ignores_parameters():
+    """The check above, on a module of three sections: a use of a later section's name is
+    found (in a body, a default, an annotation); a parameter or local of the same name is not."""
+    source = (
+        "# === 1. First ===\n"
+        "def early(application, x=later):\n"
+        "    helper = 1\n"
+        "    return application, helper, [later for _ in ()]\n"
+        "def early_annotated(y: Later = None):\n"
+        "    global counter\n"
+        "    counter = y\n"
+        "    return counter\n"
+        "# === 2. Second ===\n"
+        "def later(): return early\n"
+        "class Later: pass\n"
+        "application = counter = helper = None\n")
+    assert module_forward_uses(source) == [
+        "line 2: 'later' of # === 2. Second === used in # === 1. First ===",
+        "line 4: 'later' of # === 2. Second === used in # === 1. First ===",
+        "line 5: 'Later' of # === 2. Second === used in # === 1. First ===",
+        "line 8: 'counter' of # === 2. Second === used in # === 1. First ===",
+    ]
