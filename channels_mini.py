@@ -221,6 +221,9 @@ class _Hooks:
         self.loop_call: list[Callable[[Callable[..., Awaitable], tuple], None]] = []
         #: ``hook(app, scope, send)`` returns a connection to serve an HTTP scope (or None: Django).
         self.http: list[Callable[[Any, Scope, Send], Any]] = []
+        #: ``hook(layer)`` for each layer built from settings or served by an ``Application``
+        #: (once per loop, so it may be called again with the same layer): it may tune it.
+        self.layer: list[Callable[[Any], None]] = []
 
 
 _hooks = _Hooks()
@@ -709,12 +712,15 @@ def _build_layer(alias: str) -> Any:
     else:
         layer_class = _import_by_path(backend, f"CHANNEL_LAYERS[{alias!r}]['BACKEND']")
     try:
-        return layer_class(**config.get("CONFIG", {}))
+        layer = layer_class(**config.get("CONFIG", {}))
     except Exception as error:
         raise ImproperlyConfigured(
             f"Channel layer {alias!r} ({backend}) could not be built with CONFIG "
             f"{config.get('CONFIG', {})!r}: {error}"
         ) from error
+    for hook in _hooks.layer:  # e.g. a Redis layer's capacities and pools (Part II)
+        hook(layer)
+    return layer
 
 
 def _settings_ready() -> bool:
@@ -2147,6 +2153,8 @@ class Application:
             self.router = Router(_routing_from_settings())
         loop = asyncio.get_running_loop()
         if self._workers is None or self._workers.loop is not loop:
+            for hook in _hooks.layer:  # a layer given to the app, not built from settings
+                hook(self.channel_layer)
             self._workers = _BackgroundWorkers(self, _background_channels(self.router))
             self._workers.start(serving=True)
 
@@ -2199,6 +2207,12 @@ class Application:
         connection = _WebsocketConnection(scope, send, self.router, self.channel_layer,
                                           self.max_message_size)
         await connection.serve(receive)
+
+    def stats(self) -> dict[str, int]:
+        """What waits for this process's connections, as ``InMemoryChannelLayer.stats()`` counts
+        it in the layer holding their outboxes; ``"dropped"`` counts every message dropped on its
+        way to one of them (with a shared layer, also those the shared layer dropped)."""
+        return _outbox_layer(self.channel_layer).stats()
 
     def origin_allowed(self, origin: str | None) -> bool:
         """Is a handshake with this ``Origin`` header value allowed? (None: no header.)"""
@@ -3966,15 +3980,20 @@ _hooks.serving.append(_start_heartbeat)
 # === 14. Several processes: shared layers ===
 # With a shared layer (channels_redis), what other processes send to a socket of this one
 # arrives through Redis: a listener per connection moves it into the connection's outbox.
-# Sync sends made on an event loop go to one layer thread, so they never block the loop. And
-# a Redis restart can lose every group membership while the sockets stay open: each server
-# process keeps a canary group and joins its sockets to their groups again when it is gone.
-# (The core already keeps sends to this process's sockets off Redis, so an outage does not
-# close them.) And a group send that reaches nobody in a process without consumers (a bound
-# save in `manage.py shell`) says once that it needs a shared layer. Hooks: `opened`/`closed`
-# (the listener), `loop_call` (the layer thread), `serving` (the membership keeper),
-# `unheard` (the warning). Costs: nothing with the in-memory layer; one Redis read per
-# connection, and one group send every 2 s per process.
+# Sync sends made on an event loop go to one layer thread, so they never block the loop.
+# channels_redis keeps every socket of a process in one Redis list, capped by the layer's
+# `capacity` (100) unless told otherwise, and its connection pools raise when 100 are busy:
+# a layer is given room for a burst to every socket of the process and pools that wait, and
+# what it still drops is counted and logged as a warning (it logs it at INFO). A Redis restart
+# (empty, from a snapshot, a failover) can lose group memberships while the sockets stay
+# open: each server process watches the Redis servers' run ids and a canary group, and joins
+# its sockets to their groups again when either tells. (The core already keeps sends to this
+# process's sockets off Redis, so an outage does not close them.) And a group send that
+# reaches nobody in a process without consumers (a bound save in `manage.py shell`) says once
+# that it needs a shared layer. Hooks: `layer` (capacity, pools, counting), `opened`/`closed`
+# (the listener), `loop_call` (the layer thread), `serving` (the membership keeper), `unheard`
+# (the warning). Costs: nothing with the in-memory layer; one Redis read per connection, and
+# a group send and an INFO every 2 s per process.
 
 _STOP = {"channels_mini.connection": "stop"}  # never a user reply: those hold accept/text/bytes/close
 _listeners: dict[str, asyncio.Task] = _module_state({})  # reply channel -> its listener
@@ -4067,16 +4086,99 @@ class _LayerThread:
                                  getattr(function, "__name__", function), args)
 
 
+#: The channels of a process's sockets on a shared layer (section 6 names them all
+#: "websocket.send..."): channels_redis keeps them in one Redis list per process.
+_PROCESS_INBOX = "websocket.send.*!*"
+_PROCESS_INBOX_CAPACITY = 100_000  # messages for all the sockets of one process; they expire
+_POOL_WAIT = 20.0  # seconds a Redis command waits for a pooled connection before it fails
+_tuned_layers: Any = None  # weakref.WeakSet of the layers already tuned
+
+
+def _redis_core_layer(layer: Any) -> bool:
+    """Is *layer* channels_redis's core layer (or a subclass)? Only looked up if imported."""
+    import sys
+
+    module = sys.modules.get("channels_redis.core")
+    return module is not None and isinstance(layer, module.RedisChannelLayer)
+
+
+def _tune_shared_layer(layer: Any) -> None:
+    """Hook ``layer``: give a channels_redis core layer room for a burst to every socket of a
+    process, connection pools that wait rather than raise, and drops that are counted."""
+    global _tuned_layers
+    import weakref
+
+    if not _redis_core_layer(layer):
+        return
+    if _tuned_layers is None:
+        _tuned_layers = weakref.WeakSet()
+    if layer in _tuned_layers:
+        return
+    _tuned_layers.add(layer)
+    sample = "websocket.send.process!socket"
+    if not any(pattern.match(sample) for pattern, _ in layer.channel_capacity):
+        inbox = re.compile(fnmatch.translate(_PROCESS_INBOX))
+        layer.channel_capacity.insert(0, (inbox, max(_PROCESS_INBOX_CAPACITY, layer.capacity)))
+    layer.create_pool = functools.partial(_waiting_pool, layer.create_pool)
+    redis_logger = logging.getLogger("channels_redis.core")
+    if not any(isinstance(f, _CountRedisDrops) for f in redis_logger.filters):
+        redis_logger.addFilter(_CountRedisDrops(layer))
+        if not redis_logger.isEnabledFor(logging.INFO):  # else the filter never sees the record
+            redis_logger.setLevel(logging.INFO)
+
+
+def _waiting_pool(create_pool: Callable[[int], Any], index: int) -> Any:
+    """channels_redis's pool for host *index*, made to wait for a free connection (up to
+    ``_POOL_WAIT`` s): redis-py's default pool raises ``MaxConnectionsError`` at 100 busy, and a
+    reconnect storm (600 handshakes at once) would be refused, memberships left behind."""
+    from redis import asyncio as aioredis
+
+    pool = create_pool(index)
+    if type(pool) is not aioredis.ConnectionPool:  # Sentinel pools and others: as configured
+        return pool
+    return aioredis.BlockingConnectionPool(max_connections=pool.max_connections, timeout=_POOL_WAIT,
+                                           connection_class=pool.connection_class,
+                                           **pool.connection_kwargs)
+
+
+class _CountRedisDrops(logging.Filter):
+    """channels_redis says only at INFO that a group send skipped full channels: count them
+    with the other drops of this process and say it instead as a rate-limited warning."""
+
+    def __init__(self, layer: Any):
+        super().__init__()
+        self.capacity = layer.get_capacity("websocket.send.process!socket")
+        self.outboxes = _outbox_layer(layer)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg.startswith("%s of %s channels over capacity") and len(record.args) == 3:
+            skipped, _, group = record.args
+            outboxes = self.outboxes
+            with outboxes._lock:
+                outboxes.dropped += skipped
+            _log_limited(logging.WARNING, "The Redis channel layer dropped a message to group %r "
+                         "for {held} channel(s) at capacity (%d dropped in all). A receiving "
+                         "process's sockets share one Redis list; raise its capacity with CONFIG "
+                         "'channel_capacity': {%r: N} in CHANNEL_LAYERS (now %d).", group,
+                         outboxes.dropped, _PROCESS_INBOX, self.capacity,
+                         key="redis drops", burst=1, count=skipped)
+            return False
+        return True
+
+
 class _MembershipKeeper:
     """With a shared layer, joins this process's sockets to their groups again when the layer
-    has lost them (Redis restarted empty): a canary group, checked every *interval* seconds,
-    tells. Without it, those sockets would stay open and hear nothing."""
+    may have lost them. Two signs, checked every *interval* seconds: a Redis server's run id
+    changed (any restart or failover, also one from a snapshot that still holds the canary), or
+    a canary group of this process no longer answers (any layer). Without it, those sockets
+    would stay open and hear nothing."""
 
     def __init__(self, layer: Any, interval: float = 2.0):
         self.layer, self.interval = layer, interval
         self.group = f"channels_mini.canary.{secrets.token_hex(8)}"
         self.channel = ""
         self.sent = self.heard = 0
+        self.servers: list | None = None  # the Redis servers' run ids at the last check
 
     async def run(self) -> None:
         # The sockets' prefix: channels_redis serves the process-local channels of a prefix
@@ -4087,8 +4189,10 @@ class _MembershipKeeper:
             lost = True
             while True:
                 try:
-                    if lost or self.heard < self.sent:  # the last canary never came back
+                    servers = await self._servers()
+                    if lost or self.heard < self.sent or servers != self.servers:
                         await self._rejoin()
+                    self.servers = servers
                     await self.layer.group_send(self.group, {"n": self.sent + 1})
                     self.sent += 1
                     lost = False
@@ -4098,6 +4202,13 @@ class _MembershipKeeper:
                 await asyncio.sleep(self.interval)
         finally:
             await _cancel_and_wait(listener)
+
+    async def _servers(self) -> list | None:
+        """The run id of each Redis server of a channels_redis layer: a new one is a restart."""
+        if not _redis_core_layer(self.layer):
+            return None
+        return [(await self.layer.connection(index).info("server"))["run_id"]
+                for index in range(self.layer.ring_size)]
 
     async def _rejoin(self) -> None:
         await self.layer.group_add(self.group, self.channel)
@@ -4146,6 +4257,7 @@ def _start_membership_keeper(app: Any) -> Any:
     return None if _is_in_memory(app.channel_layer) else _MembershipKeeper(app.channel_layer).run()
 
 
+_hooks.layer.append(_tune_shared_layer)
 _hooks.unheard.append(_warn_if_nobody_listens)
 _hooks.opened.append(_start_listener)
 _hooks.closed.append(_stop_listener)
