@@ -3730,18 +3730,25 @@ _hooks.http.append(_http_connection)
 # Who is in a group, which Channels never had (Phoenix calls it Presence). A socket is
 # tracked in a group under a key -- its user, or one opaque anonymous key per socket -- with a
 # small JSON-able `meta`; `Group(name).presence()` lists one entry per key with the metas of
-# its sockets. Each process keeps its own members in Django's cache (one entry per group and
-# process, refreshed by a heartbeat), so with a shared cache (Django's RedisCache) every
-# process sees the same members, and those of a process that dies vanish when its entry
-# expires. Keys that join or leave go to the group as one "presence_diff" frame. Hooks:
-# `connected` (track a consumer's socket), `closed` (untrack it), `serving` (the heartbeat).
-# Costs: nothing for a group nobody tracks; a cache read and write per join and leave.
+# its sockets. Each process keeps its own members in a cache (one entry per group and process,
+# refreshed by a heartbeat, and an index of the processes per group; every key expires and is
+# deleted when it empties). By default that cache is the module's own, in this process: it
+# never evicts the application's cache entries or sessions. Point it at a shared cache
+# (Django's RedisCache) and every process sees the same members; those of a process that dies
+# leave when its entry has expired and stays gone for two heartbeats. Keys that join or leave
+# go to the group as one "presence_diff" frame; within a process one lock makes joins, leaves
+# and reads exact. A cache outage degrades presence to this process's members and closes
+# nothing; the joins and leaves it held up go out when the cache returns. Hooks: `connected`
+# (track a consumer's socket), `closed` (untrack it), `serving` (the heartbeat). Costs:
+# nothing for a group nobody tracks; a few cache reads and writes per join and leave.
 
-_PRESENCE_DEFAULTS = {"CACHE": "default", "HEARTBEAT": 5.0, "TIMEOUT": 20.0}
+_PRESENCE_DEFAULTS = {"CACHE": None, "HEARTBEAT": 5.0, "TIMEOUT": 20.0}
 _process_id = secrets.token_hex(6)  # names this process's presence entries
 _tracked: dict[str, dict[str, tuple[str, dict]]] = _module_state({})  # group -> {channel: (key, meta)}, here
-_tracked_lock = threading.Lock()
-_private_cache: Any = None  # without Django settings
+#: What the cache has not heard yet (it was down): group -> {"joins"/"leaves": {channel: (key, meta)}}.
+_held_back: dict[str, dict[str, dict[str, tuple[str, dict]]]] = _module_state({})
+_presence_lock = threading.RLock()  # one join, leave or beat at a time: each reads, then writes
+_own_cache: Any = None  # the module's own presence storage, made on first use
 
 
 def _presence_setting(name: str) -> Any:
@@ -3752,15 +3759,17 @@ def _presence_setting(name: str) -> Any:
 
 
 def _presence_cache() -> Any:
-    """The Django cache named by ``CHANNELS_MINI_PRESENCE["CACHE"]`` (default: "default")."""
-    global _private_cache
-    if _settings_ready():
+    """The Django cache named by ``CHANNELS_MINI_PRESENCE["CACHE"]``; without one, the module's
+    own in-process storage (never Django's default cache: presence would evict its entries)."""
+    global _own_cache
+    alias = _presence_setting("CACHE")
+    if alias is not None:
         from django.core.cache import caches
-        return caches[_presence_setting("CACHE")]
-    if _private_cache is None:
+        return caches[alias]
+    if _own_cache is None:
         from django.core.cache.backends.locmem import LocMemCache
-        _private_cache = LocMemCache("channels_mini.presence", {})
-    return _private_cache
+        _own_cache = LocMemCache("channels_mini.presence", {"OPTIONS": {"MAX_ENTRIES": 10**7}})
+    return _own_cache
 
 
 def _presence_index(group: str) -> str:
@@ -3768,17 +3777,20 @@ def _presence_index(group: str) -> str:
 
 
 def _publish_tracked(group: str) -> None:
-    """Write this process's members of *group*, and its name in the group's index."""
-    cache, index_key = _presence_cache(), _presence_index(group)
-    with _tracked_lock:
-        members = dict(_tracked.get(group, {}))
-    if not members:
-        cache.delete(f"{index_key}.{_process_id}")
-        return
-    cache.set(f"{index_key}.{_process_id}", members, _presence_setting("TIMEOUT"))
+    """Write this process's members of *group* and refresh its name in the group's index;
+    with none left, delete both (the index when nobody else is in it)."""
+    cache, index_key, timeout = _presence_cache(), _presence_index(group), _presence_setting("TIMEOUT")
+    members = dict(_tracked.get(group, {}))
     index = cache.get(index_key) or set()
-    if _process_id not in index:  # two processes adding at once: the heartbeat mends it
-        cache.set(index_key, index | {_process_id}, None)
+    if members:
+        cache.set(f"{index_key}.{_process_id}", members, timeout)
+        cache.set(index_key, index | {_process_id}, timeout)  # a lost race: the next beat mends it
+        return
+    cache.delete(f"{index_key}.{_process_id}")
+    if index - {_process_id}:
+        cache.set(index_key, index - {_process_id}, timeout)
+    else:
+        cache.delete(index_key)
 
 
 def _presence_entries(group: str) -> dict[str, dict]:
@@ -3796,32 +3808,63 @@ def _members(entries: dict[str, dict]) -> dict[str, list[dict]]:
     return members
 
 
+def _keys_here(group: str) -> set[str]:
+    return {key for key, _ in _tracked.get(group, {}).values()}
+
+
 def _announce_presence(group: Group, joins: dict, leaves: dict) -> None:
     if joins or leaves:
         diff = {"type": "presence_diff", "group": group.name, "joins": joins, "leaves": leaves}
         group.send({"text": json.dumps(diff)})  # in a consumer: after its own replies
 
 
+def _presence_outage(group: str) -> None:
+    _log_limited(logging.ERROR, "Cannot read or write the presence of group %r in the cache: "
+                 "presence lists only this process's members until it is back; its joins and "
+                 "leaves go out then.", group, **{**_OUTAGE, "key": "presence outage"})
+
+
 def _track(group: Group, channel: str, key: str, meta: dict) -> None:
     json.dumps(meta)  # a meta that is not JSON-able fails here, in the caller's code
     group.add(channel)  # tracked sockets hear the diffs
-    before = _members(_presence_entries(group.name))
-    with _tracked_lock:
+    with _presence_lock:
+        here = key in _keys_here(group.name)
         _tracked.setdefault(group.name, {})[channel] = (key, meta)
-    _publish_tracked(group.name)
-    _announce_presence(group, {} if key in before else {key: [meta]}, {})
+        try:
+            before = here or key in _members(_presence_entries(group.name))
+            _publish_tracked(group.name)
+        except Exception:
+            _held_back.setdefault(group.name, {"joins": {}, "leaves": {}})["joins"][channel] = (key, meta)
+            return _presence_outage(group.name)
+    _announce_presence(group, {} if before else {key: [meta]}, {})
 
 
 def _untrack(group: Group, channel: str) -> None:
-    with _tracked_lock:
+    with _presence_lock:
         key, meta = _tracked.get(group.name, {}).pop(channel, (None, None))
         if group.name in _tracked and not _tracked[group.name]:
             del _tracked[group.name]
-    if key is None:
-        return
-    _publish_tracked(group.name)
-    still_here = key in _members(_presence_entries(group.name))  # another tab of the same user
+        if key is None:
+            return
+        held = _held_back.get(group.name)
+        if held is not None and held["joins"].pop(channel, None):
+            return  # it came and went while the cache was down: nobody heard of it
+        try:
+            _publish_tracked(group.name)
+            still_here = key in _members(_presence_entries(group.name))  # another tab of that user
+        except Exception:
+            _held_back.setdefault(group.name, {"joins": {}, "leaves": {}})["leaves"][channel] = (key, meta)
+            return _presence_outage(group.name)
     _announce_presence(group, {}, {} if still_here else {key: [meta]})
+
+
+def _presence_read(group: str) -> dict[str, list[dict]]:
+    with _presence_lock:
+        try:
+            return _members(_presence_entries(group))
+        except Exception:
+            _presence_outage(group)
+            return _members({_process_id: dict(_tracked.get(group, {}))})
 
 
 def _presence_key(user: Any, channel: str) -> str:
@@ -3835,7 +3878,6 @@ def _anonymous_key(channel: str) -> str:
     """An anonymous socket's presence key: opaque, so that the members of a group, who all
     see it, learn nothing of the socket's reply channel (nor, from it, its channel session)."""
     return "anonymous." + _keyed_digest("presence", channel)[:24]
-
 
 
 # -- the Group and consumer API --
@@ -3855,8 +3897,9 @@ class _GroupPresence:
         _untrack(self, _channel_name(channel))
 
     def presence(self) -> dict[str, list[dict]]:
-        """Who is in the group, in every process: ``{key: [meta, ...]}``, a meta per socket."""
-        return _members(_presence_entries(self.name))
+        """Who is in the group, in every process: ``{key: [meta, ...]}``, a meta per socket
+        (while the cache is down, those of this process only)."""
+        return _presence_read(self.name)
 
     async def atrack(self, channel: Channel | str, key: str | None = None,
                      meta: dict | None = None) -> None:
@@ -3908,7 +3951,7 @@ async def _track_connected(consumer: WebsocketConsumer, kwargs: dict) -> None:
 
 async def _untrack_closed(connection: Any) -> None:
     """Hook ``closed``: the socket leaves every presence list, announced as a leave."""
-    with _tracked_lock:
+    with _presence_lock:
         groups = [group for group, members in _tracked.items() if connection.reply_channel in members]
     for group in groups:
         try:
@@ -3920,50 +3963,102 @@ async def _untrack_closed(connection: Any) -> None:
 
 
 class _PresenceHeartbeat:
-    """Refreshes this process's presence entries; announces the keys of a process that died
-    as leaves, on *layer* (the app's, where its sockets' groups live). Of the processes that
-    saw the dead one, the first to claim it in the cache announces, so each leave goes once."""
+    """Refreshes this process's presence entries, sends the joins and leaves an outage held
+    back, and announces the keys of a process that died as leaves, on *layer* (the app's, where
+    its sockets' groups live).
+
+    A process is dead when its entry is missing at two beats in a row: a cache that restarted
+    empty is refilled by every live process within one beat, so none of them is announced gone.
+    Of the processes that saw the dead one, the first to claim it in the cache announces, so
+    each leave goes once; a live process that finds itself claimed announces its keys back."""
 
     def __init__(self, layer: Any):
         self.layer = layer
-        self.seen: dict[str, dict[str, dict]] = {}  # group -> entries at the last beat
+        self.seen: dict[str, dict[str, dict]] = {}  # group -> {process: entry} at the last beat
+        self.missing: dict[str, set[str]] = {}  # group -> processes missing at the last beat
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(_presence_setting("HEARTBEAT"))
+        period = _presence_setting("HEARTBEAT")
+        next_beat = time.monotonic() + period
+        while True:  # a fixed period, whatever a beat takes: the death rule counts on it
+            await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+            next_beat += period
             try:
                 await _in_session_thread(self.beat)
             except Exception:
                 _log_limited(logging.ERROR, "Cannot refresh this process's presence entries in the "
-                                   "cache; retrying.", **_OUTAGE)
+                                   "cache; retrying.", **{**_OUTAGE, "key": "presence outage"})
 
     def beat(self) -> None:
-        with _tracked_lock:
-            groups = list(_tracked)
+        with _presence_lock:
+            groups = set(_tracked) | set(_held_back) | set(self.seen)
         for group in groups:
-            _publish_tracked(group)
-            entries = _presence_entries(group)
-            dead = [process for process in self.seen.get(group, {}) if process not in entries]
-            claimed = [process for process in dead if self._claim(group, process)]
-            if claimed:
-                members = _members(entries)
-                gone: dict[str, list[dict]] = {}
-                for process in claimed:
-                    for key, meta in self.seen[group][process].values():
-                        if key not in members:
-                            gone.setdefault(key, []).append(meta)
-                _announce_presence(Group(group, channel_layer=self.layer), {}, gone)
-            self.seen[group] = entries
-        self.seen = {group: self.seen[group] for group in groups}
+            with _presence_lock:
+                self._beat(group, Group(group, channel_layer=self.layer))
+        self.seen = {group: seen for group, seen in self.seen.items() if group in _tracked}
+
+    def _beat(self, group: str, target: Group) -> None:
+        _publish_tracked(group)
+        entries = _presence_entries(group)
+        elsewhere = _members({process: entry for process, entry in entries.items()
+                              if process != _process_id})
+        self._release_held_back(group, target, elsewhere)
+        self._announce_back_if_claimed(group, target)
+        seen = self.seen.get(group, {})
+        missing = {process for process in seen if process not in entries}
+        dead = [process for process in missing & self.missing.get(group, set())
+                if self._claim(group, process)]
+        gone: dict[str, list[dict]] = {}
+        for process in dead:
+            for key, meta in seen[process].values():
+                if key not in elsewhere and key not in _keys_here(group):
+                    gone.setdefault(key, []).append(meta)
+        _announce_presence(target, {}, gone)
+        self.missing[group] = missing - set(dead)
+        self.seen[group] = {**{process: seen[process] for process in self.missing[group]}, **entries}
+
+    @staticmethod
+    def _release_held_back(group: str, target: Group, elsewhere: dict) -> None:
+        """The cache is back: send the joins and leaves it missed, as they stand now."""
+        held = _held_back.pop(group, None)
+        if held is None:
+            return
+        here = _keys_here(group)
+        heard_before = {key for channel, (key, _) in _tracked.get(group, {}).items()
+                        if channel not in held["joins"]}
+        heard_before |= {key for key, _ in held["leaves"].values()}
+        joins: dict[str, list[dict]] = {}
+        leaves: dict[str, list[dict]] = {}
+        for key, meta in held["joins"].values():
+            if key not in heard_before and key not in elsewhere:
+                joins.setdefault(key, []).append(meta)
+        for key, meta in held["leaves"].values():
+            if key not in here and key not in elsewhere:
+                leaves.setdefault(key, []).append(meta)
+        _announce_presence(target, joins, leaves)
+
+    @staticmethod
+    def _announce_back_if_claimed(group: str, target: Group) -> None:
+        """Another process took this one for dead (its entry went missing too long): say that
+        its keys are here after all."""
+        cache, marker = _presence_cache(), f"{_presence_index(group)}.{_process_id}.gone"
+        if cache.get(marker) is None:
+            return
+        cache.delete(marker)
+        joins: dict[str, list[dict]] = {}
+        for key, meta in _tracked.get(group, {}).values():
+            joins.setdefault(key, []).append(meta)
+        _announce_presence(target, joins, {})
 
     @staticmethod
     def _claim(group: str, process: str) -> bool:
         """Be the one process that announces *process*'s death (``cache.add`` sets only once)."""
         cache, index_key = _presence_cache(), _presence_index(group)
-        if not cache.add(f"{index_key}.{process}.gone", True, 3600):
+        if not cache.add(f"{index_key}.{process}.gone", True, _presence_setting("TIMEOUT")):
             return False
         index = cache.get(index_key) or set()
-        cache.set(index_key, index - {process}, None)  # the others' ids stay
+        if index - {process}:
+            cache.set(index_key, index - {process}, _presence_setting("TIMEOUT"))
         return True
 
 
