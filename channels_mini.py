@@ -4076,10 +4076,10 @@ _hooks.serving.append(_start_heartbeat)
 # With a shared layer (channels_redis), what other processes send to a socket of this one
 # arrives through Redis: a listener per connection moves it into the connection's outbox.
 # Sync sends made on an event loop go to one layer thread, so they never block the loop.
-# channels_redis keeps every socket of a process in one Redis list, capped by the layer's
-# `capacity` (100) unless told otherwise, and its connection pools raise when 100 are busy:
-# a layer is given room for a burst to every socket of the process and pools that wait, and
-# what it still drops is counted and logged as a warning (it logs it at INFO). A Redis restart
+# channels_redis keeps the messages for every socket of a process under one Redis key, capped
+# by the layer's `capacity` (100) unless told otherwise, and its connection pools raise when
+# 100 are busy: a layer gets room for a burst to every socket of the process and pools that
+# wait, and what it still drops is counted and logged as a warning (it logs it at INFO). A Redis restart
 # (empty, from a snapshot, a failover) can lose group memberships while the sockets stay
 # open: each server process watches the Redis servers' run ids and a canary group, and joins
 # its sockets to their groups again when either tells. (The core already keeps sends to this
@@ -4182,7 +4182,7 @@ class _LayerThread:
 
 
 #: The channels of a process's sockets on a shared layer (section 6 names them all
-#: "websocket.send..."): channels_redis keeps them in one Redis list per process.
+#: "websocket.send..."): channels_redis keeps their messages under one Redis key per process.
 _PROCESS_INBOX = "websocket.send.*!*"
 _PROCESS_INBOX_CAPACITY = 100_000  # messages for all the sockets of one process; they expire
 _POOL_WAIT = 20.0  # seconds a Redis command waits for a pooled connection before it fails
@@ -4253,7 +4253,7 @@ class _CountRedisDrops(logging.Filter):
                 outboxes.dropped += skipped
             _log_limited(logging.WARNING, "The Redis channel layer dropped a message to group %r "
                          "for {held} channel(s) at capacity (%d dropped in all). A receiving "
-                         "process's sockets share one Redis list; raise its capacity with CONFIG "
+                         "process's sockets share one Redis key; raise its capacity with CONFIG "
                          "'channel_capacity': {%r: N} in CHANNEL_LAYERS (now %d).", group,
                          outboxes.dropped, _PROCESS_INBOX, self.capacity,
                          key="redis drops", burst=1, count=skipped)

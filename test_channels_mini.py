@@ -8114,7 +8114,7 @@ async def redis_count_frames(sockets: list, each: int, timeout: float) -> int:
 @pytest.mark.parametrize("inbox", [None, 5], ids=["default", "inbox-of-5"])
 def test_command_line_redis_a_burst_to_300_single_member_groups_arrives_or_drops_are_counted(inbox):
     """Four handlers at once each send a message to each of 300 groups of one socket, all in
-    one server process. channels_redis keeps that process's sockets in one Redis list, capped
+    one server process. channels_redis keeps that process's messages under one Redis key, capped
     at 100 by default, and dropped the rest, saying so only at INFO: now all 1,200 arrive; with
     a small inbox configured, every drop is counted in stats() and logged as a rate-limited
     warning naming the setting."""
