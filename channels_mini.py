@@ -194,10 +194,9 @@ def _module_state(holder: Any) -> Any:
 
 
 class _Hooks:
-    """Where Part II plugs into the core. The core calls each list, in order, at one point of
-    its work; an extension appends to it when the module is imported. Without Part II they
-    would all be empty. The two that run on every message return an awaitable or None, so
-    that having nothing to do costs no coroutine."""
+    """Where Part II plugs into the core: the core calls each list, in order, at one point of
+    its work, and an extension appends to it when the module is imported. The two that run on
+    every message return an awaitable or None, so that having nothing to do costs no coroutine."""
 
     def __init__(self) -> None:
         #: ``hook(consumer)`` before a consumer class's method runs: what its message carries.
@@ -218,6 +217,8 @@ class _Hooks:
         self.layer_call: list[Callable[[Callable[..., Awaitable], tuple], None]] = []
         #: ``hook(app, scope, send)`` returns a connection to serve an HTTP scope (or None: Django).
         self.http: list[Callable[[Any, Scope, Send], Any]] = []
+        #: ``hook(layer)`` may tune a layer built from settings or served by an app (maybe twice).
+        self.layer: list[Callable[[Any], None]] = []
 
 
 _hooks = _Hooks()
@@ -649,12 +650,14 @@ def get_channel_layer(alias: str = "default") -> Any:
         }}
 
     Without the setting, ``"default"`` is one process-wide ``InMemoryChannelLayer``.
-    Layers are built once per alias and shared.
+    Layers are built once per alias and shared; the ``layer`` hooks may tune them (Redis).
     """
     layer = _layers.get(alias)
     if layer is None:
         with _layers_lock:  # built once, however many threads ask at the same time
             layer = _layers.get(alias) or _layers.setdefault(alias, _build_layer(alias))
+            for hook in _hooks.layer:
+                hook(layer)
     return layer
 
 
@@ -2001,8 +2004,9 @@ class Application:
         """Load the routing (module-level ``application``) and start workers, once per loop."""
         if self.router is None:
             self.router = Router(_routing_from_settings())
-        loop = asyncio.get_running_loop()
-        if self._workers is None or self._workers.loop is not loop:
+        if self._workers is None or self._workers.loop is not asyncio.get_running_loop():
+            for hook in _hooks.layer:  # a layer given to the app, not built from settings
+                hook(self.channel_layer)
             self._workers = _BackgroundWorkers(self, _background_channels(self.router))
             self._workers.start(serving=True)
 
@@ -3569,18 +3573,25 @@ _hooks.http.append(_http_connection)
 # Who is in a group, which Channels never had (Phoenix calls it Presence). A socket is
 # tracked in a group under a key -- its user, or one opaque anonymous key per socket -- with a
 # small JSON-able `meta`; `Group(name).presence()` lists one entry per key with the metas of
-# its sockets. Each process keeps its own members in Django's cache (one entry per group and
-# process, refreshed by a heartbeat), so with a shared cache (Django's RedisCache) every
-# process sees the same members, and those of a process that dies vanish when its entry
-# expires. Keys that join or leave go to the group as one "presence_diff" frame. Hooks:
-# `connected` (track a consumer's socket), `closed` (untrack it), `serving` (the heartbeat).
-# Costs: nothing for a group nobody tracks; a cache read and write per join and leave.
+# its sockets. Each process keeps its own members in a cache (one entry per group and process,
+# refreshed by a heartbeat, and an index of the processes per group; every key expires and is
+# deleted when it empties). By default that cache is the module's own, in this process: it
+# never evicts the application's cache entries or sessions. Point it at a shared cache
+# (Django's RedisCache) and every process sees the same members; those of a process that dies
+# leave when its entry has expired and stays gone for two heartbeats. Keys that join or leave
+# go to the group as one "presence_diff" frame; within a process one lock makes joins, leaves
+# and reads exact. A cache outage degrades presence to this process's members and closes
+# nothing; the joins and leaves it held up go out when the cache returns. Hooks: `connected`
+# (track a consumer's socket), `closed` (untrack it), `serving` (the heartbeat). Costs:
+# nothing for a group nobody tracks; a few cache reads and writes per join and leave.
 
-_PRESENCE_DEFAULTS = {"CACHE": "default", "HEARTBEAT": 5.0, "TIMEOUT": 20.0}
+_PRESENCE_DEFAULTS = {"CACHE": None, "HEARTBEAT": 5.0, "TIMEOUT": 20.0}
 _process_id = secrets.token_hex(6)  # names this process's presence entries
 _tracked: dict[str, dict[str, tuple[str, dict]]] = _module_state({})  # group -> {channel: (key, meta)}, here
-_tracked_lock = threading.Lock()
-_private_cache: Any = None  # without Django settings
+#: What the cache has not heard yet (it was down): group -> {"joins"/"leaves": {channel: (key, meta)}}.
+_held_back: dict[str, dict[str, dict[str, tuple[str, dict]]]] = _module_state({})
+_presence_lock = threading.RLock()  # one join, leave or beat at a time: each reads, then writes
+_own_cache: Any = None  # the module's own presence storage, made on first use
 
 
 def _presence_setting(name: str) -> Any:
@@ -3591,15 +3602,17 @@ def _presence_setting(name: str) -> Any:
 
 
 def _presence_cache() -> Any:
-    """The Django cache named by ``CHANNELS_MINI_PRESENCE["CACHE"]`` (default: "default")."""
-    global _private_cache
-    if _settings_ready():
+    """The Django cache named by ``CHANNELS_MINI_PRESENCE["CACHE"]``; without one, the module's
+    own in-process storage (never Django's default cache: presence would evict its entries)."""
+    global _own_cache
+    alias = _presence_setting("CACHE")
+    if alias is not None:
         from django.core.cache import caches
-        return caches[_presence_setting("CACHE")]
-    if _private_cache is None:
+        return caches[alias]
+    if _own_cache is None:
         from django.core.cache.backends.locmem import LocMemCache
-        _private_cache = LocMemCache("channels_mini.presence", {})
-    return _private_cache
+        _own_cache = LocMemCache("channels_mini.presence", {"OPTIONS": {"MAX_ENTRIES": 10**7}})
+    return _own_cache
 
 
 def _presence_index(group: str) -> str:
@@ -3607,17 +3620,20 @@ def _presence_index(group: str) -> str:
 
 
 def _publish_tracked(group: str) -> None:
-    """Write this process's members of *group*, and its name in the group's index."""
-    cache, index_key = _presence_cache(), _presence_index(group)
-    with _tracked_lock:
-        members = dict(_tracked.get(group, {}))
-    if not members:
-        cache.delete(f"{index_key}.{_process_id}")
-        return
-    cache.set(f"{index_key}.{_process_id}", members, _presence_setting("TIMEOUT"))
+    """Write this process's members of *group* and refresh its name in the group's index;
+    with none left, delete both (the index when nobody else is in it)."""
+    cache, index_key, timeout = _presence_cache(), _presence_index(group), _presence_setting("TIMEOUT")
+    members = dict(_tracked.get(group, {}))
     index = cache.get(index_key) or set()
-    if _process_id not in index:  # two processes adding at once: the heartbeat mends it
-        cache.set(index_key, index | {_process_id}, None)
+    if members:
+        cache.set(f"{index_key}.{_process_id}", members, timeout)
+        cache.set(index_key, index | {_process_id}, timeout)  # a lost race: the next beat mends it
+        return
+    cache.delete(f"{index_key}.{_process_id}")
+    if index - {_process_id}:
+        cache.set(index_key, index - {_process_id}, timeout)
+    else:
+        cache.delete(index_key)
 
 
 def _presence_entries(group: str) -> dict[str, dict]:
@@ -3635,32 +3651,63 @@ def _members(entries: dict[str, dict]) -> dict[str, list[dict]]:
     return members
 
 
+def _keys_here(group: str) -> set[str]:
+    return {key for key, _ in _tracked.get(group, {}).values()}
+
+
 def _announce_presence(group: Group, joins: dict, leaves: dict) -> None:
     if joins or leaves:
         diff = {"type": "presence_diff", "group": group.name, "joins": joins, "leaves": leaves}
         group.send({"text": json.dumps(diff)})  # in a consumer: after its own replies
 
 
+def _presence_outage(group: str) -> None:
+    _log_limited(logging.ERROR, "Cannot read or write the presence of group %r in the cache: "
+                 "presence lists only this process's members until it is back; its joins and "
+                 "leaves go out then.", group, **{**_OUTAGE, "key": "presence outage"})
+
+
 def _track(group: Group, channel: str, key: str, meta: dict) -> None:
     json.dumps(meta)  # a meta that is not JSON-able fails here, in the caller's code
     group.add(channel)  # tracked sockets hear the diffs
-    before = _members(_presence_entries(group.name))
-    with _tracked_lock:
+    with _presence_lock:
+        here = key in _keys_here(group.name)
         _tracked.setdefault(group.name, {})[channel] = (key, meta)
-    _publish_tracked(group.name)
-    _announce_presence(group, {} if key in before else {key: [meta]}, {})
+        try:
+            before = here or key in _members(_presence_entries(group.name))
+            _publish_tracked(group.name)
+        except Exception:
+            _held_back.setdefault(group.name, {"joins": {}, "leaves": {}})["joins"][channel] = (key, meta)
+            return _presence_outage(group.name)
+    _announce_presence(group, {} if before else {key: [meta]}, {})
 
 
 def _untrack(group: Group, channel: str) -> None:
-    with _tracked_lock:
+    with _presence_lock:
         key, meta = _tracked.get(group.name, {}).pop(channel, (None, None))
         if group.name in _tracked and not _tracked[group.name]:
             del _tracked[group.name]
-    if key is None:
-        return
-    _publish_tracked(group.name)
-    still_here = key in _members(_presence_entries(group.name))  # another tab of the same user
+        if key is None:
+            return
+        held = _held_back.get(group.name)
+        if held is not None and held["joins"].pop(channel, None):
+            return  # it came and went while the cache was down: nobody heard of it
+        try:
+            _publish_tracked(group.name)
+            still_here = key in _members(_presence_entries(group.name))  # another tab of that user
+        except Exception:
+            _held_back.setdefault(group.name, {"joins": {}, "leaves": {}})["leaves"][channel] = (key, meta)
+            return _presence_outage(group.name)
     _announce_presence(group, {}, {} if still_here else {key: [meta]})
+
+
+def _presence_read(group: str) -> dict[str, list[dict]]:
+    with _presence_lock:
+        try:
+            return _members(_presence_entries(group))
+        except Exception:
+            _presence_outage(group)
+            return _members({_process_id: dict(_tracked.get(group, {}))})
 
 
 def _presence_key(user: Any, channel: str) -> str:
@@ -3693,8 +3740,9 @@ class _GroupPresence:
         _untrack(self, _channel_name(channel))
 
     def presence(self) -> dict[str, list[dict]]:
-        """Who is in the group, in every process: ``{key: [meta, ...]}``, a meta per socket."""
-        return _members(_presence_entries(self.name))
+        """Who is in the group, in every process: ``{key: [meta, ...]}``, a meta per socket
+        (while the cache is down, those of this process only)."""
+        return _presence_read(self.name)
 
     async def atrack(self, channel: Channel | str, key: str | None = None,
                      meta: dict | None = None) -> None:
@@ -3745,7 +3793,7 @@ async def _track_connected(consumer: WebsocketConsumer, kwargs: dict) -> None:
 
 async def _untrack_closed(connection: Any) -> None:
     """Hook ``closed``: the socket leaves every presence list, announced as a leave."""
-    with _tracked_lock:
+    with _presence_lock:
         groups = [group for group, members in _tracked.items() if connection.reply_channel in members]
     for group in groups:
         try:
@@ -3757,50 +3805,102 @@ async def _untrack_closed(connection: Any) -> None:
 
 
 class _PresenceHeartbeat:
-    """Refreshes this process's presence entries; announces the keys of a process that died
-    as leaves, on *layer* (the app's, where its sockets' groups live). Of the processes that
-    saw the dead one, the first to claim it in the cache announces, so each leave goes once."""
+    """Refreshes this process's presence entries, sends the joins and leaves an outage held
+    back, and announces the keys of a process that died as leaves, on *layer* (the app's, where
+    its sockets' groups live).
+
+    A process is dead when its entry is missing at two beats in a row: a cache that restarted
+    empty is refilled by every live process within one beat, so none of them is announced gone.
+    Of the processes that saw the dead one, the first to claim it in the cache announces, so
+    each leave goes once; a live process that finds itself claimed announces its keys back."""
 
     def __init__(self, layer: Any):
         self.layer = layer
-        self.seen: dict[str, dict[str, dict]] = {}  # group -> entries at the last beat
+        self.seen: dict[str, dict[str, dict]] = {}  # group -> {process: entry} at the last beat
+        self.missing: dict[str, set[str]] = {}  # group -> processes missing at the last beat
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(_presence_setting("HEARTBEAT"))
+        period = _presence_setting("HEARTBEAT")
+        next_beat = time.monotonic() + period
+        while True:  # a fixed period, whatever a beat takes: the death rule counts on it
+            await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+            next_beat += period
             try:
                 await _in_session_thread(self.beat)
             except Exception:
                 _log_limited(logging.ERROR, "Cannot refresh this process's presence entries in the "
-                                   "cache; retrying.", **_OUTAGE)
+                                   "cache; retrying.", **{**_OUTAGE, "key": "presence outage"})
 
     def beat(self) -> None:
-        with _tracked_lock:
-            groups = list(_tracked)
+        with _presence_lock:
+            groups = set(_tracked) | set(_held_back) | set(self.seen)
         for group in groups:
-            _publish_tracked(group)
-            entries = _presence_entries(group)
-            dead = [process for process in self.seen.get(group, {}) if process not in entries]
-            claimed = [process for process in dead if self._claim(group, process)]
-            if claimed:
-                members = _members(entries)
-                gone: dict[str, list[dict]] = {}
-                for process in claimed:
-                    for key, meta in self.seen[group][process].values():
-                        if key not in members:
-                            gone.setdefault(key, []).append(meta)
-                _announce_presence(Group(group, channel_layer=self.layer), {}, gone)
-            self.seen[group] = entries
-        self.seen = {group: self.seen[group] for group in groups}
+            with _presence_lock:
+                self._beat(group, Group(group, channel_layer=self.layer))
+        self.seen = {group: seen for group, seen in self.seen.items() if group in _tracked}
+
+    def _beat(self, group: str, target: Group) -> None:
+        _publish_tracked(group)
+        entries = _presence_entries(group)
+        elsewhere = _members({process: entry for process, entry in entries.items()
+                              if process != _process_id})
+        self._release_held_back(group, target, elsewhere)
+        self._announce_back_if_claimed(group, target)
+        seen = self.seen.get(group, {})
+        missing = {process for process in seen if process not in entries}
+        dead = [process for process in missing & self.missing.get(group, set())
+                if self._claim(group, process)]
+        gone: dict[str, list[dict]] = {}
+        for process in dead:
+            for key, meta in seen[process].values():
+                if key not in elsewhere and key not in _keys_here(group):
+                    gone.setdefault(key, []).append(meta)
+        _announce_presence(target, {}, gone)
+        self.missing[group] = missing - set(dead)
+        self.seen[group] = {**{process: seen[process] for process in self.missing[group]}, **entries}
+
+    @staticmethod
+    def _release_held_back(group: str, target: Group, elsewhere: dict) -> None:
+        """The cache is back: send the joins and leaves it missed, as they stand now."""
+        held = _held_back.pop(group, None)
+        if held is None:
+            return
+        here = _keys_here(group)
+        heard_before = {key for channel, (key, _) in _tracked.get(group, {}).items()
+                        if channel not in held["joins"]}
+        heard_before |= {key for key, _ in held["leaves"].values()}
+        joins: dict[str, list[dict]] = {}
+        leaves: dict[str, list[dict]] = {}
+        for key, meta in held["joins"].values():
+            if key not in heard_before and key not in elsewhere:
+                joins.setdefault(key, []).append(meta)
+        for key, meta in held["leaves"].values():
+            if key not in here and key not in elsewhere:
+                leaves.setdefault(key, []).append(meta)
+        _announce_presence(target, joins, leaves)
+
+    @staticmethod
+    def _announce_back_if_claimed(group: str, target: Group) -> None:
+        """Another process took this one for dead (its entry went missing too long): say that
+        its keys are here after all."""
+        cache, marker = _presence_cache(), f"{_presence_index(group)}.{_process_id}.gone"
+        if cache.get(marker) is None:
+            return
+        cache.delete(marker)
+        joins: dict[str, list[dict]] = {}
+        for key, meta in _tracked.get(group, {}).values():
+            joins.setdefault(key, []).append(meta)
+        _announce_presence(target, joins, {})
 
     @staticmethod
     def _claim(group: str, process: str) -> bool:
         """Be the one process that announces *process*'s death (``cache.add`` sets only once)."""
         cache, index_key = _presence_cache(), _presence_index(group)
-        if not cache.add(f"{index_key}.{process}.gone", True, 3600):
+        if not cache.add(f"{index_key}.{process}.gone", True, _presence_setting("TIMEOUT")):
             return False
         index = cache.get(index_key) or set()
-        cache.set(index_key, index - {process}, None)  # the others' ids stay
+        if index - {process}:
+            cache.set(index_key, index - {process}, _presence_setting("TIMEOUT"))
         return True
 
 
@@ -3818,15 +3918,20 @@ _hooks.serving.append(_start_heartbeat)
 # With a shared layer (channels_redis), a connection's outbox stays in this process's memory,
 # and what other processes send to it arrives through Redis: a listener per connection moves
 # it into the outbox. Sync sends made on an event loop go to one layer thread, so they never
-# block the loop (elsewhere they wait for Redis, as Channels 1.x's did). And
-# a Redis restart can lose every group membership while the sockets stay open: each server
-# process keeps a canary group and joins its sockets to their groups again when it is gone.
-# (The core already keeps sends to this process's sockets off Redis, so an outage does not
-# close them.) And a group send that reaches nobody in a process without consumers (a bound
-# save in `manage.py shell`) says once that it needs a shared layer. Hooks: `opened`/`closed`
-# (the outbox and listener), `layer_call` (the layer thread), `serving` (the membership keeper),
-# `unheard` (the warning). Costs: nothing with the in-memory layer; one Redis read per
-# connection, and one group send every 2 s per process.
+# block the loop (elsewhere they wait for Redis, as Channels 1.x's did). channels_redis keeps
+# the messages for every socket of a process under one Redis key, capped by the layer's
+# `capacity` (100) unless told otherwise, and its connection pools raise when 100 are busy: a
+# layer gets room for a burst to every socket of the process and pools that wait, and what it
+# still drops is counted and logged as a warning (it logs it at INFO). A Redis restart (empty,
+# from a snapshot, a failover) can lose group memberships while the sockets stay open: each
+# server process watches the Redis servers' run ids and a canary group, and joins its sockets
+# to their groups again when either tells. (The core already keeps sends to this process's
+# sockets off Redis, so an outage does not close them.) And a group send that reaches nobody
+# in a process without consumers (a bound save in `manage.py shell`) says once that it needs a
+# shared layer. Hooks: `layer` (capacity, pools, counting), `opened`/`closed` (the outbox and
+# listener), `layer_call` (the layer thread), `serving` (the membership keeper), `unheard` (the
+# warning). Costs: nothing with the in-memory layer; one Redis read per connection, and a
+# group send and an INFO every 2 s per process.
 
 _STOP = {"channels_mini.connection": "stop"}  # never a user reply: those hold accept/text/bytes/close
 _listeners: dict[str, asyncio.Task] = _module_state({})  # reply channel -> its listener
@@ -3835,15 +3940,34 @@ _listeners: dict[str, asyncio.Task] = _module_state({})  # reply channel -> its 
 _process_outboxes: InMemoryChannelLayer | None = None  # the outboxes of this process's connections
 
 
+def _outboxes(layer: Any) -> InMemoryChannelLayer:
+    """Where the outboxes of connections on *layer* live: the layer itself if in memory, else
+    one in-memory layer for the whole process."""
+    global _process_outboxes
+    if isinstance(layer, InMemoryChannelLayer):
+        return layer
+    if _process_outboxes is None:
+        _process_outboxes = InMemoryChannelLayer(capacity=getattr(layer, "capacity", 100))
+    return _process_outboxes
+
+
+def _application_stats(app: Any) -> dict[str, int]:
+    """``Application.stats()``: what waits for this process's connections, as
+    ``InMemoryChannelLayer.stats()`` counts it in the layer holding their outboxes. ``"dropped"``
+    counts every message dropped on its way to one of them, and with a shared layer also the
+    group messages that layer dropped when this process sent them."""
+    return _outboxes(app.channel_layer).stats()
+
+
+Application.stats = _application_stats  # type: ignore[attr-defined]
+
+
 def _start_listener(connection: Any) -> asyncio.Task | None:
     """Hook ``opened``: with a shared layer, the connection's outbox lives in this process's memory,
     and a listener moves into it what reaches the connection through the shared layer."""
-    global _process_outboxes
     if isinstance(connection.layer, InMemoryChannelLayer):
         return None
-    if _process_outboxes is None:
-        _process_outboxes = InMemoryChannelLayer(capacity=getattr(connection.layer, "capacity", 100))
-    connection.outbox = _process_outboxes
+    connection.outbox = _outboxes(connection.layer)
     task = _listeners[connection.reply_channel] = asyncio.create_task(_listen(connection))
     return task
 
@@ -3927,16 +4051,99 @@ class _LayerThread:
                                  getattr(function, "__name__", function), args)
 
 
+#: The channels of a process's sockets on a shared layer (section 6 names them all
+#: "websocket.send..."): channels_redis keeps their messages under one Redis key per process.
+_PROCESS_INBOX = "websocket.send.*!*"
+_PROCESS_INBOX_CAPACITY = 100_000  # messages for all the sockets of one process; they expire
+_POOL_WAIT = 20.0  # seconds a Redis command waits for a pooled connection before it fails
+_tuned_layers: Any = None  # weakref.WeakSet of the layers already tuned
+
+
+def _redis_core_layer(layer: Any) -> bool:
+    """Is *layer* channels_redis's core layer (or a subclass)? Only looked up if imported."""
+    import sys
+
+    module = sys.modules.get("channels_redis.core")
+    return module is not None and isinstance(layer, module.RedisChannelLayer)
+
+
+def _tune_shared_layer(layer: Any) -> None:
+    """Hook ``layer``: give a channels_redis core layer room for a burst to every socket of a
+    process, connection pools that wait rather than raise, and drops that are counted."""
+    global _tuned_layers
+    import weakref
+
+    if not _redis_core_layer(layer):
+        return
+    if _tuned_layers is None:
+        _tuned_layers = weakref.WeakSet()
+    if layer in _tuned_layers:
+        return
+    _tuned_layers.add(layer)
+    sample = "websocket.send.process!socket"
+    if not any(pattern.match(sample) for pattern, _ in layer.channel_capacity):
+        inbox = re.compile(fnmatch.translate(_PROCESS_INBOX))
+        layer.channel_capacity.insert(0, (inbox, max(_PROCESS_INBOX_CAPACITY, layer.capacity)))
+    layer.create_pool = functools.partial(_waiting_pool, layer.create_pool)
+    redis_logger = logging.getLogger("channels_redis.core")
+    if not any(isinstance(f, _CountRedisDrops) for f in redis_logger.filters):
+        redis_logger.addFilter(_CountRedisDrops(layer))
+        if not redis_logger.isEnabledFor(logging.INFO):  # else the filter never sees the record
+            redis_logger.setLevel(logging.INFO)
+
+
+def _waiting_pool(create_pool: Callable[[int], Any], index: int) -> Any:
+    """channels_redis's pool for host *index*, made to wait for a free connection (up to
+    ``_POOL_WAIT`` s): redis-py's default pool raises ``MaxConnectionsError`` at 100 busy, and a
+    reconnect storm (600 handshakes at once) would be refused, memberships left behind."""
+    from redis import asyncio as aioredis
+
+    pool = create_pool(index)
+    if type(pool) is not aioredis.ConnectionPool:  # Sentinel pools and others: as configured
+        return pool
+    return aioredis.BlockingConnectionPool(max_connections=pool.max_connections, timeout=_POOL_WAIT,
+                                           connection_class=pool.connection_class,
+                                           **pool.connection_kwargs)
+
+
+class _CountRedisDrops(logging.Filter):
+    """channels_redis says only at INFO that a group send skipped full channels: count them
+    with the other drops of this process and say it instead as a rate-limited warning."""
+
+    def __init__(self, layer: Any):
+        super().__init__()
+        self.capacity = layer.get_capacity("websocket.send.process!socket")
+        self.outboxes = _outboxes(layer)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg.startswith("%s of %s channels over capacity") and len(record.args) == 3:
+            skipped, _, group = record.args
+            outboxes = self.outboxes
+            with outboxes._lock:
+                outboxes.dropped += skipped
+            _log_limited(logging.WARNING, "The Redis channel layer dropped a message to group %r "
+                         "for {held} channel(s) at capacity (%d dropped in all). A receiving "
+                         "process's sockets share one Redis key; raise its capacity with CONFIG "
+                         "'channel_capacity': {%r: N} in CHANNEL_LAYERS (now %d).", group,
+                         outboxes.dropped, _PROCESS_INBOX, self.capacity,
+                         key="redis drops", burst=1, count=skipped)
+            return False
+        return True
+
+
 class _MembershipKeeper:
     """With a shared layer, joins this process's sockets to their groups again when the layer
-    has lost them (Redis restarted empty): a canary group, checked every *interval* seconds,
-    tells. Without it, those sockets would stay open and hear nothing."""
+    may have lost them. Two signs, checked every *interval* seconds: a Redis server's run id
+    changed (any restart or failover, also one from a snapshot that still holds the canary), or
+    a canary group of this process no longer answers (any layer). Without it, those sockets
+    would stay open and hear nothing."""
 
     def __init__(self, layer: Any, interval: float = 2.0):
         self.layer, self.interval = layer, interval
         self.group = f"channels_mini.canary.{secrets.token_hex(8)}"
         self.channel = ""
         self.sent = self.heard = 0
+        self.servers: list | None = None  # the Redis servers' run ids at the last check
 
     async def run(self) -> None:
         # The sockets' prefix: channels_redis serves the process-local channels of a prefix
@@ -3947,8 +4154,10 @@ class _MembershipKeeper:
             lost = True
             while True:
                 try:
-                    if lost or self.heard < self.sent:  # the last canary never came back
+                    servers = await self._servers()
+                    if lost or self.heard < self.sent or servers != self.servers:
                         await self._rejoin()
+                    self.servers = servers
                     await self.layer.group_send(self.group, {"n": self.sent + 1})
                     self.sent += 1
                     lost = False
@@ -3958,6 +4167,13 @@ class _MembershipKeeper:
                 await asyncio.sleep(self.interval)
         finally:
             await _cancel_and_wait(listener)
+
+    async def _servers(self) -> list | None:
+        """The run id of each Redis server of a channels_redis layer: a new one is a restart."""
+        if not _redis_core_layer(self.layer):
+            return None
+        return [(await self.layer.connection(index).info("server"))["run_id"]
+                for index in range(self.layer.ring_size)]
 
     async def _rejoin(self) -> None:
         await self.layer.group_add(self.group, self.channel)
@@ -4018,6 +4234,7 @@ def _start_membership_keeper(app: Any) -> Any:
     return None if isinstance(layer, InMemoryChannelLayer) else _MembershipKeeper(layer).run()
 
 
+_hooks.layer.append(_tune_shared_layer)
 _hooks.unheard.append(_warn_if_nobody_listens)
 _hooks.opened.append(_start_listener)
 _hooks.closed.append(_stop_listener)

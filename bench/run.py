@@ -5,6 +5,7 @@ Run from the repository root:
     python bench/run.py            # full run (about 7-10 minutes on 2 cores)
     python bench/run.py --quick    # short run (under 2 minutes)
     python bench/run.py --rounds 7 # more rounds for layer + echo benchmarks
+    python bench/run.py --only redis stalled   # some sections only
 
 Every benchmark runs its implementations back to back (channels_mini, Channels 4, floor;
 the order is reversed on odd rounds), and each ratio is computed inside a round and then
@@ -36,10 +37,10 @@ import django  # noqa: E402
 
 django.setup()
 
-from bench import layerbench, presencebench, webbench  # noqa: E402
+from bench import layerbench, presencebench, redisbench, stalledbench, webbench  # noqa: E402
 
 IMPLS = ("mini", "ch4", "floor")
-SECTIONS = ("layer", "echo", "broadcast", "memory", "flood", "presence")
+SECTIONS = ("layer", "echo", "broadcast", "memory", "flood", "presence", "redis", "stalled")
 HEADERS = {"mini": "channels_mini", "ch4": "Channels 4", "floor": "floor"}
 
 
@@ -88,6 +89,19 @@ def make_config(args) -> dict:
         "flood_cap": 5000,
         "flood_drain_timeout": 30.0,
         "presence_members": 1000,
+        "redis_clients": 1000,
+        "redis_senders": 4,
+        "redis_rounds": 5,
+        "redis_batch": 50,
+        "redis_idle_timeout": 5.0,
+        "redis_straggler_timeout": 15.0,
+        # about 85 s a round (four servers, each held 15 s + 5 s): 2 rounds, quick 1
+        "stalled_rounds": args.heavy_rounds or (1 if quick else 2),
+        "stalled_clients": 20,
+        "stalled_sends": 1500,
+        "stalled_size": 16384,
+        "stalled_hold": 15.0,
+        "stalled_after": 5.0,
     }
 
 
@@ -300,6 +314,83 @@ class PresenceRow(Row):
         return super().ratio_text() + " — no Channels 4 figure: Channels has no presence"
 
 
+class RedisBurstRow(Row):
+    """A redis burst row: channels_mini and Channels 4 on one channels_redis layer; no floor."""
+
+    def cell(self, impl):
+        return "—" if impl == "floor" else super().cell(impl)
+
+    def _runs(self, impl):
+        return [r[impl] for r in self.rounds if self.value(r.get(impl)) is not None]
+
+    def extra(self, impl):
+        runs = self._runs(impl)
+        if not runs:
+            return ""
+        if self.metric == "received":
+            lowest = min(run["received"] for run in runs)
+            text = f"of {runs[0]['expected']:,}"
+            if lowest != self.median(impl):
+                text += f", min {lowest:,}"
+            dropped = [run.get("dropped") for run in runs if run.get("dropped") is not None]
+            if dropped:
+                text += f"; dropped {statistics.median(dropped):,.0f}"
+                text += (" (stats())" if runs[0].get("dropped_source", "").startswith(
+                    "channels_mini") else " (channels_redis INFO log)")
+            return text
+        sends = statistics.median(run["sends_done_s"] for run in runs)
+        cpu = statistics.median(run["server_cpu_burst_s"] for run in runs)
+        return f"sends done at {sends:.2f} s; server CPU {cpu:.1f} s in the burst"
+
+    def ratio_text(self):
+        text = super().ratio_text()
+        incomplete = sorted({HEADERS[impl] for impl in ("mini", "ch4") for run in self._runs(impl)
+                             if not run["complete"]})
+        if incomplete:
+            text += f" — incomplete: {', '.join(incomplete)}"
+            if self.metric == "seconds":
+                text += " (time = last arrival, of fewer messages)"
+        return text
+
+
+class StalledRow(Row):
+    """A stalled-readers row: channels_mini only, under one ASGI server."""
+
+    def __init__(self, key, label, metric):
+        super().__init__(key, label, "MiB", False, fmt="{:+.1f}", metric=metric)
+
+    def cell(self, impl):
+        return "—" if impl != "mini" else super().cell(impl)
+
+    def extra(self, impl):
+        runs = [r[impl] for r in self.rounds if self.value(r.get(impl)) is not None]
+        if not runs:
+            return ""
+        med = lambda key: statistics.median(run[key] for run in runs)  # noqa: E731
+        if self.metric == "growth_after_sends_mib":
+            dropped = med_stat(runs, "stats_after_sends", "dropped")
+            queued = med_stat(runs, "stats_after_sends", "messages")
+            offered = runs[0]["offered_mib"]
+            return (f"{med('rss_before_mib'):.1f} → {med('rss_after_sends_mib'):.1f} MiB, "
+                    f"peak {med('rss_peak_mib'):.1f}; {offered:.0f} MiB offered, "
+                    f"{dropped} frames dropped, {queued} queued")
+        closed = "; ".join(
+            f"{run['closed_by_server']}/{run['closed_by_server'] + run['held_at_end_of_hold']}"
+            + (f" at {min(run['closed_by_server_s']):.1f}–{max(run['closed_by_server_s']):.1f} s"
+               if run["closed_by_server_s"] else "")
+            for run in runs)
+        return (f"{med('rss_after_leave_mib'):.1f} MiB; closed by the server within "
+                f"{int(runs[0]['hold_s'])} s of connecting: {closed}")
+
+    def ratio_text(self):
+        return "— (channels_mini only, no ratio)"
+
+
+def med_stat(runs, stats_key, field):
+    values = [run[stats_key][field] for run in runs if field in run.get(stats_key, {})]
+    return f"{statistics.median(values):,.0f}" if values else "?"
+
+
 def measure(fn, *args, **kwargs):
     """Run one measurement; an exception becomes {"error": ...} instead of ending the run."""
     failed = [a for a in args if isinstance(a, Exception)]  # e.g. a server that never started
@@ -383,7 +474,8 @@ def _short(value):
                 ("msgs_per_s", "p99_ms", "server_cpu_us_per_msg", "received", "seconds",
                  "server_cpu_s", "kib_per_socket", "kib_per_socket_marginal", "error",
                  "p50_during_ms", "p99_during_ms", "flood_replies_per_s", "flood_complete",
-                 "in_order")}
+                 "in_order", "dropped", "growth_after_sends_mib", "growth_after_leave_mib",
+                 "closed_by_server", "server_cpu_burst_s")}
     return value
 
 
@@ -639,6 +731,84 @@ def run_presence(cfg, mini, rows, log_dir):
         server.close()  # stops redis-server
 
 
+# -- 4. redis burst ----------------------------------------------------------------------------
+
+REDIS_APPS = {"mini": "mini_redis", "ch4": "ch4_redis"}
+
+
+def run_redis(cfg, have_mini, rows, log_dir):
+    """The issue's burst on one channels_redis layer: 1,000 single-member groups, 4 handlers
+    x 250 group sends a round, 5 rounds; channels_mini and Channels 4 against the same
+    redis-server (emptied before each run), a fresh uvicorn process for each run."""
+    n = cfg["redis_clients"]
+    expected = n * cfg["redis_rounds"]
+    per = n // cfg["redis_senders"]
+    what = (f"{n:,} clients in {n:,} one-member groups, {cfg['redis_senders']} handlers × {per} "
+            f"group sends × {cfg['redis_rounds']} rounds")
+    delivered = RedisBurstRow("redis_burst_delivered", f"redis burst ({what}): messages "
+                              "delivered", "msgs", True, fmt="{:,.0f}", metric="received")
+    seconds = RedisBurstRow("redis_burst_seconds", "redis burst: s from the first frame to the "
+                            "last delivery", "s", False, metric="seconds")
+    rows += [delivered, seconds]
+    options = dict(clients=n, senders=cfg["redis_senders"], rounds=cfg["redis_rounds"],
+                   batch=cfg["redis_batch"], idle_timeout=cfg["redis_idle_timeout"],
+                   straggler_timeout=cfg["redis_straggler_timeout"])
+    server = contextlib.ExitStack()
+    try:
+        try:
+            port = server.enter_context(presencebench.redis_server(log_dir))
+            log(f"[redis] redis-server {presencebench.redis_version()} on 127.0.0.1:{port}")
+        except Exception as exc:  # every run then shows ERROR
+            port = exc
+            log(f"    ! redis-server: {exc!r}")
+        for r in range(cfg["heavy_rounds"]):
+            log(f"[redis] round {r + 1}/{cfg['heavy_rounds']}")
+            cells = {}
+            for impl in ordered(["mini", "ch4"], r):
+                if impl == "mini" and not have_mini:
+                    continue
+                cells[impl] = measure(redisbench.fresh, REDIS_APPS[impl], port,
+                                      f"r{r}{impl}", log_dir, **options)
+            delivered.rounds.append(cells)
+            seconds.rounds.append(cells)
+            log("   ", {i: _short(v) for i, v in cells.items()}, f"(expected {expected:,})")
+    finally:
+        server.close()  # stops redis-server
+
+
+# -- 5. stalled readers --------------------------------------------------------------------------
+
+def run_stalled(cfg, have_mini, rows, log_dir):
+    """channels_mini under each ASGI server: 20 clients stop reading while 1,500 group sends
+    of 16 KB go to them; the server's RSS and whether it closes them. A fresh server each run."""
+    size_kb = cfg["stalled_size"] // 1024
+    stalled_rows = {}
+    for key, label, _, _ in stalledbench.SERVERS:
+        prefix = f"stalled readers, {label}: server RSS growth"
+        stalled_rows[key] = [
+            StalledRow(f"stalled_{key}_sends", f"{prefix} after {cfg['stalled_sends']:,} group "
+                       f"sends of {size_kb} KB to {cfg['stalled_clients']} clients that never "
+                       "read", "growth_after_sends_mib"),
+            StalledRow(f"stalled_{key}_left", f"{prefix} {cfg['stalled_after']:.0f} s after "
+                       "those clients went away", "growth_after_leave_mib"),
+        ]
+        rows.extend(stalled_rows[key])
+    if not have_mini:
+        return
+    problems = stalledbench.warm(log_dir)
+    log("[stalled] bytecode cache warmed for each server" +
+        (f"; problems: {problems}" if problems else ""))
+    options = dict(clients=cfg["stalled_clients"], sends=cfg["stalled_sends"],
+                   size=cfg["stalled_size"], hold=cfg["stalled_hold"], after=cfg["stalled_after"])
+    for r in range(cfg["stalled_rounds"]):
+        log(f"[stalled] round {r + 1}/{cfg['stalled_rounds']}")
+        for key, label, kind, extra in ordered(stalledbench.SERVERS, r):
+            result = measure(stalledbench.fresh, kind, extra, log_dir, **options)
+            for row in stalled_rows[key]:
+                row.rounds.append({"mini": result})
+            log(f"    {label}:", _short(result))
+
+
 # -- output ----------------------------------------------------------------------------------
 
 def table(rows) -> str:
@@ -674,6 +844,13 @@ def environment(mini_path: Path) -> dict:
     except ImportError:
         env["redis_py"] = "unavailable"
     env["redis_server"] = presencebench.redis_version()
+    from importlib import metadata
+
+    for package in ("channels_redis", "daphne", "hypercorn"):  # the redis and stalled rows
+        try:
+            env[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            env[package] = "unavailable"
     if mini_path.exists():
         env["channels_mini_sha256"] = hashlib.sha256(mini_path.read_bytes()).hexdigest()[:16]
     try:
@@ -690,7 +867,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds for layer and echo benchmarks "
                         "(default 5, quick 2)")
     parser.add_argument("--heavy-rounds", type=int, help="rounds for broadcast, memory, "
-                        "flood and presence (default min(rounds, 3), quick 1)")
+                        "flood, presence and redis (default min(rounds, 3), quick 1), and for "
+                        "stalled (default 2, quick 1)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS,
                         help="run only these sections")
     parser.add_argument("--output", default=str(Path(__file__).with_name("results.json")))
@@ -731,7 +909,9 @@ def main(argv=None) -> int:
                "broadcast": lambda: run_broadcast(cfg, mini is not None, rows, log_dir),
                "memory": lambda: run_memory(cfg, mini is not None, rows, log_dir),
                "flood": lambda: run_flood(cfg, mini is not None, rows, log_dir),
-               "presence": lambda: run_presence(cfg, mini, rows, log_dir)}
+               "presence": lambda: run_presence(cfg, mini, rows, log_dir),
+               "redis": lambda: run_redis(cfg, mini is not None, rows, log_dir),
+               "stalled": lambda: run_stalled(cfg, mini is not None, rows, log_dir)}
     for section in sections:
         t = time.perf_counter()
         runners[section]()
@@ -742,7 +922,8 @@ def main(argv=None) -> int:
     markdown = table(rows)
     print(markdown)
     print(f"\n_{'quick' if cfg['quick'] else 'full'} run, {cfg['rounds']} rounds "
-          f"(broadcast/memory/flood/presence: {cfg['heavy_rounds']}), {elapsed:.0f} s; figures are medians "
+          f"(broadcast/memory/flood/presence/redis: {cfg['heavy_rounds']}, stalled: "
+          f"{cfg['stalled_rounds']}), {elapsed:.0f} s; figures are medians "
           "over rounds, ratios are medians of per-round ratios; 1-minute load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after, {os.cpu_count()} CPUs._")
     results = {

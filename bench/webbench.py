@@ -2,7 +2,8 @@
 
 The bench process is the load generator (``websockets`` asyncio client); each server is
 ``python -m uvicorn bench.apps.<module>:application`` on 127.0.0.1 and a free port, started
-with ``Server`` and always stopped in ``finally``. Every wait is bounded.
+with ``Server`` and always stopped in ``finally``. Every wait is bounded. ``Server`` also
+starts hypercorn and daphne (``kind=``), for the stalled-readers rows (``stalledbench.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,27 @@ APPS = {
     "mini": ("bench.apps.mini_app:application", "bench.apps.settings_mini"),
     "ch4": ("bench.apps.ch4_app:application", "bench.apps.settings_ch4"),
     "bare": ("bench.apps.bare_app:application", "bench.apps.settings_common"),
+    # the redis burst rows (redisbench.py): both on channels_redis, BENCH_REDIS_URL in env
+    "mini_redis": ("bench.apps.redis_mini_app:application", "bench.apps.settings_redis"),
+    "ch4_redis": ("bench.apps.redis_ch4_app:application", "bench.apps.settings_redis"),
+    # the stalled-readers rows (stalledbench.py): channels_mini, its default in-memory layer
+    "mini_stalled": ("bench.apps.stalled_app:application", "bench.apps.settings_mini"),
 }
+
+#: ASGI servers a ``Server`` can start (all on 127.0.0.1, a free port, their defaults).
+SERVER_KINDS = ("uvicorn", "hypercorn", "daphne")
+
+
+def server_command(kind: str, module: str, port: int) -> list[str]:
+    """The command line that serves *module* with the ASGI server *kind*."""
+    if kind == "uvicorn":
+        return [sys.executable, "-m", "uvicorn", module, "--host", "127.0.0.1", "--port",
+                str(port), "--log-level", "warning", "--no-access-log", "--lifespan", "auto"]
+    if kind == "hypercorn":
+        return [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", module]
+    if kind == "daphne":
+        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), module]
+    raise ValueError(f"unknown server {kind!r}; one of {SERVER_KINDS}")
 
 #: Bytecode cache for the servers, outside the repository. Without it (this machine sets
 #: PYTHONDONTWRITEBYTECODE=1, and channels_mini.py has no __pycache__), every server start
@@ -50,14 +71,19 @@ def free_port() -> int:
 
 
 class Server:
-    """One uvicorn subprocess; use as a context manager so it is always stopped."""
+    """One server subprocess (uvicorn unless *kind* says otherwise); use as a context manager
+    so it is always stopped. *extra_args* go at the end of its command line, *env* on top of
+    this process's environment."""
 
-    def __init__(self, app: str, log_dir: str | None = None) -> None:
-        self.app = app
+    def __init__(self, app: str, log_dir: str | None = None, kind: str = "uvicorn",
+                 extra_args: list[str] | None = None, env: dict | None = None) -> None:
+        self.app, self.kind = app, kind
         self.module, self.settings = APPS[app]
+        self.extra_args, self.extra_env = list(extra_args or ()), dict(env or {})
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
-        self.log_path = Path(log_dir or tempfile.gettempdir()) / f"bench-{app}-{self.port}.log"
+        name = app if kind == "uvicorn" else f"{app}-{kind}"
+        self.log_path = Path(log_dir or tempfile.gettempdir()) / f"bench-{name}-{self.port}.log"
         self._log = None
 
     def start(self, timeout: float = 30.0) -> "Server":
@@ -68,9 +94,8 @@ class Server:
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(PYCACHE_DIR)
-        command = [sys.executable, "-m", "uvicorn", self.module,
-                   "--host", "127.0.0.1", "--port", str(self.port),
-                   "--log-level", "warning", "--no-access-log", "--lifespan", "auto"]
+        env.update(self.extra_env)
+        command = server_command(self.kind, self.module, self.port) + self.extra_args
         prefix = os.environ.get("BENCH_SERVER_PREFIX")  # e.g. "py-spy record -o x.svg --"
         if prefix and self.app in os.environ.get("BENCH_SERVER_PREFIX_APPS", "mini").split(","):
             command = prefix.split() + command
@@ -92,11 +117,22 @@ class Server:
 
     @property
     def pid(self) -> int:
-        """The pid to measure: uvicorn itself (the innermost python, if wrapped)."""
+        """The pid to measure: the process that serves (the innermost python, if wrapped;
+        hypercorn's worker, which its own process spawns, even with one worker)."""
         proc = psutil.Process(self.proc.pid)
+        if self.kind == "hypercorn":
+            deadline = time.monotonic() + 20
+            while True:
+                for child in proc.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if "spawn_main" in " ".join(child.cmdline()):
+                            return child.pid
+                if time.monotonic() > deadline:
+                    raise RuntimeError("hypercorn's worker process did not appear")
+                time.sleep(0.05)
         if os.environ.get("BENCH_SERVER_PREFIX"):
             for child in proc.children(recursive=True):
-                if "uvicorn" in " ".join(child.cmdline()):
+                if self.kind in " ".join(child.cmdline()):
                     return child.pid
         return proc.pid
 
@@ -105,7 +141,7 @@ class Server:
 
     def require_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
-            raise RuntimeError(f"{self.app} server died:\n" + self.log_tail())
+            raise RuntimeError(f"{self.app} server ({self.kind}) died:\n" + self.log_tail())
 
     def log_tail(self, chars: int = 3000) -> str:
         with contextlib.suppress(OSError):
