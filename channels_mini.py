@@ -105,7 +105,7 @@ import time
 from collections import UserDict, deque
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.core.exceptions import ImproperlyConfigured
@@ -130,13 +130,7 @@ __all__ = [
     "WebsocketCommunicator", "reset_channel_layers",
     # 9. command line
     "main",
-    # 10.-12. extensions: JSON and streams, sessions and logins, HTTP consumers (13-14: none)
-    "JsonWebsocketConsumer", "WebsocketDemultiplexer", "WebsocketMultiplexer",
-    "SendNotAvailableOnDemultiplexer",
-    "channel_session", "http_session", "http_session_user", "channel_session_user",
-    "channel_session_user_from_http", "channel_and_http_session",
-    "channel_and_http_session_user_from_http", "enforce_ordering", "allowed_hosts_only",
-    "AsgiRequest", "AsgiHandler", "sse_event", "SSE_HEADERS",
+    # Part II's names: each extension section adds its own
 ]
 
 logger = logging.getLogger("channels_mini")
@@ -293,11 +287,9 @@ def _log_limited(level: int, text: str, *args: Any, key: str | None = None, ever
     """Log ``text % args``, at most *burst* lines per *every* seconds for each kind of report
     (*key*, default: *text*), each saying how many like it were left out (*count*: events this
     call stands for) -- or, where *text* holds ``{held}``, how many events the line stands for.
-
     A client repeats a mistake as fast as it sends, an outage fails every retry, a flood drops
     thousands of messages: the log must not grow with them. The default suits a client's
-    mistake; `_OUTAGE` a failure of ours. Cut values short in *text* (``%.200r``).
-    """
+    mistake; `_OUTAGE` a failure of ours. Cut values short in *text* (``%.200r``)."""
     throttle = _log_throttles.get(key or text) or _log_throttles.setdefault(
         key or text, _Throttle(every, burst))
     held = throttle.ready(count)
@@ -963,6 +955,9 @@ class Message(UserDict):
 # after, as around a request -- so a slow sync handler holds up only its own socket.
 
 _bridges: dict[str, Callable[..., Awaitable]] = {}  # asgiref's bridge to each thread pool
+#: True while a test case runs consumers inside its own transaction (the 1.x test client): sync
+#: code runs in the test's thread, and bound changes leave at once (that transaction never commits).
+_inside_test_transaction = contextvars.ContextVar("channels_mini_inside_test_transaction", default=False)
 _THREAD_POOL_SIZE = 32  # sync handlers running at once; a blocked one holds only its own socket
 
 
@@ -991,6 +986,8 @@ async def _run_handler(handler: Any, /, *args: Any, **kwargs: Any) -> Any:
 
 def _bridge(pool_name: str, size: int) -> Callable[..., Awaitable]:
     """asgiref's bridge to a thread pool of its own, so async_to_sync in there finds this loop."""
+    if _inside_test_transaction.get():  # the test's thread: its connection, inside its transaction
+        return sync_to_async(_with_fresh_db_connections, thread_sensitive=True)
     bridge = _bridges.get(pool_name)
     if bridge is None:
         from concurrent.futures import ThreadPoolExecutor
@@ -1005,7 +1002,7 @@ def _with_fresh_db_connections(function: Callable, *args: Any, **kwargs: Any) ->
     from django.apps import apps
     from django.db import close_old_connections
 
-    if not apps.ready:  # no database to tidy
+    if not apps.ready or _inside_test_transaction.get():  # none to tidy, or the test's own
         return function(*args, **kwargs)
     close_old_connections()
     try:
@@ -1429,8 +1426,9 @@ class WebsocketConsumer(BaseConsumer):
 
 # -- running one message --
 
-async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
-    """Route *message* and run its consumer, then send what it deferred; False if unrouted."""
+async def _handle_message(router: Router, layer: Any, message: Message, results: list | None = None) -> bool:
+    """Route *message* and run its consumer, then send what it deferred; False if unrouted.
+    *results* gets the consumer's instance (a class) or return value (a function)."""
     matched = router._find(message.channel_name, message.content)
     if matched is None:
         return False
@@ -1438,9 +1436,12 @@ async def _handle_message(router: Router, layer: Any, message: Message) -> bool:
     async with consumer_context(layer) as state:  # its exit sends what the handler deferred
         try:
             if isinstance(route.consumer, type) and issubclass(route.consumer, BaseConsumer):
-                await route.consumer._instance(message, kwargs).dispatch()  # one per message
+                result = route.consumer._instance(message, kwargs)  # one per message
+                await result.dispatch()
             else:
-                await _run_handler(route.consumer, message, **kwargs)
+                result = await _run_handler(route.consumer, message, **kwargs)
+            if results is not None:  # the 1.x test client returns it
+                results.append(result)
         except DenyConnection:
             # A rejection wins over an accept the handler queued before raising.
             state.deferred = [op for op in state.deferred if not (
@@ -1575,7 +1576,9 @@ class Binding:
             if payload:
                 message = cls.encode(cls.stream, payload)
                 messages += [(group, message) for group in cls._groups_checked(names, using)]
-        if messages:
+        if messages and _inside_test_transaction.get():  # it never commits: send now, as 1.x did
+            cls._send_to_groups(messages)
+        elif messages:
             transaction.on_commit(functools.partial(cls._send_to_groups, messages), using=using)
 
     @classmethod
@@ -2203,8 +2206,6 @@ class WebsocketCommunicator:
 
     def __init__(self, application: ASGIApp, path: str, headers: list | None = None,
                  subprotocols: list[str] | None = None):
-        from urllib.parse import unquote
-
         path, _, query = path.partition("?")
         self.application = application
         self.scope: Scope = {
@@ -2215,8 +2216,7 @@ class WebsocketCommunicator:
             "client": ["127.0.0.1", 50000], "server": ["127.0.0.1", 80],
             "subprotocols": list(subprotocols or []),
         }
-        self._input: asyncio.Queue = asyncio.Queue()
-        self._output: asyncio.Queue = asyncio.Queue()
+        self._input, self._output = asyncio.Queue(), asyncio.Queue()  # events to the app, from it
         self._task: asyncio.Task | None = None
         self._held: dict | None = None  # an event receive_nothing() saw, for the next receive
         self._disconnect_sent = False
@@ -2410,7 +2410,8 @@ async def _run_worker(app: Application, channels: list[str]) -> None:
 # none of the core's; it defines `_write_checks`, where later sections refuse a write (a login
 # that has ended). Costs: a JSON decode per frame on these consumers; none elsewhere.
 
-_ACTIONS = ("create", "update", "delete")
+CREATE, UPDATE, DELETE = "create", "update", "delete"  # a binding's actions, by their 1.x names
+_ACTIONS = (CREATE, UPDATE, DELETE)
 #: ``check(message)`` returns ``(why, close code or None)`` to refuse a binding write, or None.
 _write_checks: list[Callable[[Message], tuple[str, int | None] | None]] = []
 
@@ -2519,6 +2520,8 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
 
     #: ``{stream name: consumer}``; consumers are classes or functions, as in routing.
     consumers: dict[str, Any] = {}
+    #: What each consumer gets as its ``multiplexer`` kwarg: ``cls(stream, reply_channel)``.
+    multiplexer_class: type = WebsocketMultiplexer
 
     async def raw_connect(self, message: Message, **kwargs: Any) -> None:
         await super().raw_connect(message, **kwargs)
@@ -2549,7 +2552,7 @@ class WebsocketDemultiplexer(JsonWebsocketConsumer):
         await super().raw_disconnect(message, **kwargs)
 
     async def _forward(self, stream: str, message: Message, kwargs: dict) -> None:
-        multiplexer = WebsocketMultiplexer(stream, message.reply_channel)
+        multiplexer = self.multiplexer_class(stream, message.reply_channel)
         consumer, kwargs = self.consumers[stream], {**kwargs, "multiplexer": multiplexer}
         if isinstance(consumer, type) and issubclass(consumer, BaseConsumer):
             await consumer._instance(message, kwargs).dispatch()  # as routing does
@@ -2756,6 +2759,10 @@ def _report_refusal(binding: type[Binding], error: str) -> None:
                  binding.__name__, error, key=f"refusals {binding.__name__}", burst=1)
 
 
+__all__ += ["JsonWebsocketConsumer", "WebsocketDemultiplexer", "WebsocketMultiplexer",
+            "SendNotAvailableOnDemultiplexer", "CREATE", "UPDATE", "DELETE"]
+
+
 # === 11. Sessions and logins ===
 # Channels 1.x's per-socket state and auth: `message.channel_session` (a Django session keyed
 # by the reply channel), `message.http_session` and `message.user` from the handshake's
@@ -2838,12 +2845,13 @@ def _channel_session_for(reply_channel: str) -> Any:
     try:
         session.keys()  # load now; a store that has no such row forgets the key ...
     except Exception as error:
-        if type(error).__name__ == "SynchronousOnlyOperation":
-            raise RuntimeError(
-                "message.channel_session reads the session store, which Django forbids on the "
-                "event loop. In an async def handler, decorate it with @channel_session (it "
-                "loads the session in a thread first).") from error
-        raise
+        if type(error).__name__ != "SynchronousOnlyOperation":
+            raise
+        # An async def handler read it on the event loop, where Django forbids the query: read
+        # it in a thread while the loop waits (@channel_session reads it without that wait).
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(1) as thread:
+            thread.submit(session.keys).result()
     session._session_key = key  # ... so give it back, as Channels 1.x did
     return session
 
@@ -3002,6 +3010,8 @@ def _load_http_user(message: Message) -> None:
         message.http_session = _socket_cache(message)["http_session"] = engine.SessionStore()
     if message.channel_name == "websocket.connect" and message.user.is_authenticated:
         _transfer_user(message.http_session, message.channel_session)
+    elif message._socket_state is None and not message.user.is_authenticated and message.channel_session:
+        _load_channel_session_user(message)  # no connection (the 1.x test client): as 1.1 did
 
 
 def _load_channel_session(message: Message) -> None:
@@ -3048,7 +3058,8 @@ def _message_in(args: tuple, decorator: str) -> Message:
     for arg in args[:2]:  # a function's first argument, or a method's after self
         if isinstance(arg, Message):
             return arg
-    raise ValueError(f"@{decorator} needs a consumer called with a Message (got {args[:2]!r:.200}).")
+    raise ValueError(f"{decorator} called without Message instance: @{decorator} needs a consumer "
+                     f"called with the message first (a method: after self); got {args[:2]!r:.200}.")
 
 
 def _session_decorator(load: Callable[[Message], None], name: str, doc: str) -> Callable:
@@ -3059,8 +3070,12 @@ def _session_decorator(load: Callable[[Message], None], name: str, doc: str) -> 
                 return await func(*args, **kwargs)
         else:
             def handler(*args: Any, **kwargs: Any) -> Any:
-                load(_message_in(args, name))  # a sync handler already runs in a worker thread
-                return func(*args, **kwargs)
+                message = _message_in(args, name)
+                load(message)  # a sync handler already runs in a worker thread
+                result = func(*args, **kwargs)
+                if _consumer_state.get() is None:  # called directly, not routed: save now, as 1.x
+                    _save_changed(_changed_sessions(message))
+                return result
         return functools.wraps(func)(handler)
 
     decorator.__name__ = decorator.__qualname__ = name
@@ -3095,9 +3110,28 @@ def enforce_ordering(func: Callable | None = None, slight: bool = False) -> Any:
     return func if func is not None else (lambda function: function)
 
 
-def allowed_hosts_only(func: Callable) -> Callable:
-    """Accepted for Channels 1.x code: ``Application`` checks every handshake's origin."""
-    return func
+def _check_origin(message: Message) -> None:
+    """Raise ``DenyConnection`` unless a handshake's ``Origin`` is an ASCII URL whose host is in
+    ``ALLOWED_HOSTS`` (with ``DEBUG`` and none set: localhost), as Channels 1.x's check did."""
+    from django.http.request import validate_host
+
+    if message.channel_name != "websocket.connect":
+        return
+    headers = message.content.get("headers") or ()
+    pairs = headers.items() if isinstance(headers, dict) else (pair for pair in headers if len(pair) > 1)
+    origins = [value for name, value, *_ in pairs if _as_bytes(name).lower() == b"origin"]
+    try:
+        host = urlsplit(_as_bytes(origins[0]).decode("ascii")).hostname if origins else None
+    except (UnicodeDecodeError, ValueError):
+        host = None
+    allowed = _setting("ALLOWED_HOSTS") or (["localhost", "127.0.0.1", "[::1]"] if _setting("DEBUG") else [])
+    if not host or not validate_host(host, allowed):
+        raise DenyConnection
+
+
+allowed_hosts_only = _session_decorator(_check_origin, "allowed_hosts_only", """\
+Refuses (``DenyConnection``) a handshake whose ``Origin`` header is missing or not in ALLOWED_HOSTS,
+as in 1.x. ``Application`` checks every handshake's origin too (a missing one is allowed there).""")
 
 
 # -- the 1.1 class attributes --
@@ -3152,9 +3186,13 @@ def _run_loaders(loaders: list[Callable[[Message], None]], message: Message) -> 
 def _save_sessions(message: Message) -> Awaitable[None] | None:
     """Hook ``handled``: save the sessions the handler changed, before its sends leave (their
     consumers may read them); None when none changed."""
-    changed = [session for session in (vars(message).get("_channel_session"), message.http_session)
-               if session is not None and getattr(session, "modified", False)]
+    changed = _changed_sessions(message)
     return _in_session_thread(_save_changed, changed) if changed else None
+
+
+def _changed_sessions(message: Message) -> list:
+    return [session for session in (vars(message).get("_channel_session"), message.http_session)
+            if session is not None and getattr(session, "modified", False)]
 
 
 def _save_changed(sessions: list) -> None:
@@ -3323,10 +3361,349 @@ def _start_login_watch(app: Any) -> Any:
     return _LoginWatch().run()
 
 
+# -- the 1.x test client --
+# `channels.test` as of 1.1.8, so that a 1.x project's tests run with their imports changed.
+# `ChannelTestCase` gives each test a fresh in-memory layer; `Client` sends a message to a
+# channel and runs the consumer the routing picks for it, as a server would (sessions loaded
+# and saved, deferred sends applied) but in the test's own thread and transaction;
+# `WSClient` adds cookies, a session and logins. `apply_routes` swaps the routing they use
+# (else `CHANNEL_ROUTING`). Bound changes are sent at once inside a test case, whose
+# transaction never commits.
+
+_test_routings: list[Any] = _module_state([])  # what apply_routes applied, innermost last
+_json = json  # for WSClient.receive, whose json= argument (1.x's) hides the module
+_UNANSWERED_HANDSHAKE = 10.0  # seconds before a handshake nobody answers is logged
+
+
+DEFAULT_CHANNEL_LAYER = "default"
+
+
+class _ChannelLayers:
+    """``channel_layers[alias]``: Channels 1.x's way to reach a layer (``get_channel_layer``)."""
+
+    def __getitem__(self, alias: str) -> Any:
+        return get_channel_layer(alias)
+
+
+channel_layers = _ChannelLayers()
+
+
+def session_for_reply_channel(reply_channel: str) -> Any:
+    """The channel session of *reply_channel*, loaded (Channels 1.x's name)."""
+    return _channel_session_for(reply_channel)
+
+
+def _test_router() -> Router:
+    return Router(_test_routings[-1] if _test_routings else _routing_from_settings())
+
+
+def _next_message(channel: str, alias: str) -> Message | None:
+    """The next message on *channel*, or None at once if there is none (1.x's receive_many)."""
+    layer = get_channel_layer(alias)
+    if isinstance(layer, InMemoryChannelLayer):
+        with layer._lock:
+            queue = layer._queues.get(channel)
+            content = layer._take(queue) if queue is not None else None
+    else:
+        raise TypeError(f"The 1.x test client reads the in-memory layer; {alias!r} is "
+                        f"{type(layer).__name__}. Use ChannelTestCase, which gives each test one.")
+    return None if content is None else Message(content, channel, layer)
+
+
+class ChannelTestCaseMixin:
+    """A fresh in-memory layer for each alias of ``test_channel_aliases`` during each test."""
+
+    test_channel_aliases = ["default"]
+
+    def _pre_setup(self) -> None:
+        super()._pre_setup()  # type: ignore[misc]
+        self._old_layers = {alias: _layers.get(alias) for alias in self.test_channel_aliases}
+        for alias in self.test_channel_aliases:
+            _layers[alias] = InMemoryChannelLayer()
+        self._in_test = _inside_test_transaction.set(True)
+
+    def _post_teardown(self) -> None:
+        _inside_test_transaction.reset(self._in_test)
+        for alias, layer in self._old_layers.items():
+            if layer is None:
+                _layers.pop(alias, None)
+            else:
+                _layers[alias] = layer
+        super()._post_teardown()  # type: ignore[misc]
+
+    def get_next_message(self, channel: str, alias: str = "default", require: bool = False) -> Message | None:
+        """The next message sent to *channel* during the test, or None (a failure if *require*)."""
+        message = _next_message(channel, alias)
+        if message is None and require:
+            self.fail(f"Expected a message on channel {channel}, got none")  # type: ignore[attr-defined]
+        return message
+
+
+class Client:
+    """Sends messages from one reply channel and runs their consumers, as a worker would."""
+
+    def __init__(self, alias: str = "default"):
+        self.alias = alias
+        self.reply_channel = alias + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
+
+    @property
+    def channel_layer(self) -> Any:
+        return get_channel_layer(self.alias)
+
+    def get_next_message(self, channel: str) -> Message | None:
+        return _next_message(channel, self.alias)
+
+    def get_consumer_by_channel(self, channel: str) -> Any:
+        matched = _test_router().match(Message({"text": ""}, channel, self.channel_layer))
+        return matched[0] if matched else None
+
+    def send(self, to: str, content: dict | None = None) -> None:
+        """Send *content* to channel *to*, from this client's reply channel."""
+        content = copy.deepcopy(content or {})
+        content.setdefault("reply_channel", self.reply_channel)
+        Channel(to, alias=self.alias).send(content, immediately=True)
+
+    def consume(self, channel: str, fail_on_none: bool = True) -> Any:
+        """Run the consumer the routing picks for the next message on *channel*."""
+        message = self.get_next_message(channel)
+        if message is None:
+            if fail_on_none:
+                raise AssertionError(f"No message for channel {channel}")
+            return None
+        router = _test_router()
+        if router._find(channel, message.content) is None:
+            if fail_on_none:
+                raise AssertionError(f"Can't find consumer for message {message!r}")
+            return None
+        token, results = _inside_test_transaction.set(True), []
+        try:
+            async_to_sync(_handle_message)(router, self.channel_layer, message, results)
+        finally:
+            _inside_test_transaction.reset(token)
+        return results[0] if results else None  # a class's instance, or what a function returned
+
+    def send_and_consume(self, channel: str, content: dict | None = None, fail_on_none: bool = True) -> Any:
+        self.send(channel, content)
+        return self.consume(channel, fail_on_none=fail_on_none)
+
+    def receive(self) -> dict | None:
+        """The content of the next message sent to this client's reply channel, or None."""
+        message = self.get_next_message(self.reply_channel)
+        return message.content if message is not None else None
+
+    def join_group(self, group_name: str) -> None:
+        Group(group_name, alias=self.alias).add(self.reply_channel, immediately=True)
+
+
+class WSClient(Client):
+    """A websocket client for tests: cookies, headers, a Django session and logins."""
+
+    def __init__(self, alias: str = "default", ordered: bool = False):
+        super().__init__(alias)
+        self._ordered = ordered
+        self._session: Any = None
+        self._headers: dict[str, Any] = {}
+        self._cookies: dict[str, str] = {}
+        self._session_cookie = True  # the first message carries the session cookie, as in 1.x
+        self.order = 0
+
+    def set_cookie(self, key: str, value: str) -> None:
+        self._cookies[key] = value
+
+    def set_header(self, key: str, value: Any) -> None:
+        if key == "cookie":
+            raise ValueError("Use set_cookie method for cookie header")
+        self._headers[key] = value
+
+    def get_cookies(self) -> dict[str, str]:
+        from django.apps import apps
+
+        cookies = dict(self._cookies)
+        if self._session_cookie and apps.is_installed("django.contrib.sessions"):
+            cookies[_setting("SESSION_COOKIE_NAME")] = self.session.session_key
+        return cookies
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        from django.http.cookie import SimpleCookie
+
+        headers = copy.deepcopy(self._headers)
+        cookies = SimpleCookie()
+        for key, value in self.get_cookies().items():
+            cookies[key] = value
+        headers.setdefault("cookie", cookies.output(header="", sep=";").encode("ascii"))
+        return headers
+
+    @property
+    def session(self) -> Any:
+        """The client's HTTP session (Django's session engine): a login goes into it, and its
+        cookie goes with the first message. (1.x used the channel session for this; a channel
+        session here is never a login.)"""
+        from django.apps import apps
+
+        if not apps.is_installed("django.contrib.sessions"):
+            raise OSError("Add django.contrib.sessions to the INSTALLED_APPS to use session")
+        if self._session is None:
+            self._session = importlib.import_module(_setting("SESSION_ENGINE")).SessionStore()
+            self._session.create()
+        return self._session
+
+    def receive(self, json: bool = True) -> Any:  # type: ignore[override]
+        """The next reply's text (decoded from JSON if *json*), else its content; or None."""
+        content = super().receive()
+        if content and json and isinstance(content.get("text"), str):
+            return _json.loads(content["text"])
+        return content.get("text", content) if content else None
+
+    def send(self, to: str, content: dict | None = None,  # type: ignore[override]
+             text: Any = None, path: str = "/") -> None:
+        if to != "websocket.connect" and "?" in path:
+            path = path.split("?")[0]
+        Channel(to, alias=self.alias).send(self._get_content(content, text, path), immediately=True)
+        self._session_cookie = False
+
+    def _get_content(self, content: dict | None = None, text: Any = None, path: str = "/") -> dict:
+        content = copy.deepcopy(content or {})
+        content.setdefault("reply_channel", self.reply_channel)
+        path, _, query = path.partition("?")
+        content.setdefault("path", path)
+        if query:
+            content.setdefault("query_string", query)
+        content.setdefault("headers", self.headers)
+        if self._ordered:
+            if "order" in content:
+                raise ValueError('Do not use "order" manually with "ordered=True"')
+            content["order"], self.order = self.order, self.order + 1
+        text = text or content.get("text")
+        if text is not None:
+            content["text"] = text if isinstance(text, str) else _json.dumps(text)
+        return content
+
+    def send_and_consume(self, channel: str, content: dict | None = None, text: Any = None,  # type: ignore[override]
+                         path: str = "/", fail_on_none: bool = True, check_accept: bool = True) -> Any:
+        self.send(channel, content, text, path)
+        return self.consume(channel, fail_on_none=fail_on_none, check_accept=check_accept)
+
+    def consume(self, channel: str, fail_on_none: bool = True,  # type: ignore[override]
+                check_accept: bool = True) -> Any:
+        result = super().consume(channel, fail_on_none=fail_on_none)
+        if channel == "websocket.connect" and check_accept:
+            received = self.receive(json=False)
+            if received != {"accept": True}:
+                raise AssertionError(f"Connection rejected: {received} != '{{accept: True}}'")
+        return result
+
+    def login(self, **credentials: Any) -> bool:
+        """Log in as Django's test client does; False if the credentials are refused."""
+        from django.contrib.auth import authenticate
+
+        user = authenticate(**credentials)
+        if user is None or not user.is_active:
+            return False
+        self._login(user)
+        return True
+
+    def force_login(self, user: Any, backend: str | None = None) -> None:
+        user.backend = backend or _setting("AUTHENTICATION_BACKENDS")[0]
+        self._login(user)
+
+    def _login(self, user: Any) -> None:
+        from django.contrib.auth import login
+
+        login(type("FakeRequest", (), {"session": self.session, "META": {}})(), user)
+        self.session.save()
+
+
+HttpClient = WSClient  # 1.x's older name
+
+
+class apply_routes:
+    """Use *routes* as the routing of the test clients, as a context manager or a decorator
+    of a test function or class."""
+
+    def __init__(self, routes: Any, aliases: list[str] | None = None):
+        if isinstance(routes, (list, tuple)) and routes and isinstance(routes[0], (list, tuple)):
+            routes = [Include(inner) for inner in routes]
+        self.routes = routes if isinstance(routes, (list, tuple)) else [routes]
+
+    def enter(self) -> None:
+        _test_routings.append(self.routes)
+
+    def exit(self, *exc_info: Any) -> None:
+        _test_routings.remove(self.routes)
+
+    __enter__, __exit__ = enter, exit
+
+    def __call__(self, test: Any) -> Any:
+        if isinstance(test, type):
+            set_up, tear_down = test.setUp, test.tearDown
+
+            def setUp(case: Any) -> None:
+                self.enter()
+                set_up(case)
+
+            def tearDown(case: Any) -> None:
+                self.exit()
+                tear_down(case)
+
+            test.setUp, test.tearDown = setUp, tearDown
+            return test
+
+        @functools.wraps(test)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return test(*args, **kwargs)
+        return inner
+
+
+def name_that_thing(thing: Any) -> str:
+    """A dotted name for a function or class, a classmethod's class, or an object's class;
+    else its repr (Channels 1.x's helper for messages about consumers)."""
+    if inspect.ismethod(thing) and isinstance(thing.__self__, type):
+        thing = thing.__self__
+    elif not isinstance(thing, type) and not inspect.isroutine(thing):
+        thing = type(thing)
+    module, name = getattr(thing, "__module__", None), getattr(thing, "__name__", None)
+    return f"{module}.{name}" if module and name else repr(thing)
+
+
+def _add_route(router: Router, route: Route | Include) -> None:
+    """``Router.add_route(route)``: *route* at the end of the routing (Channels 1.x)."""
+    router.routes.append(route)
+    router.channels = router.channels | route.channels
+
+
+Router.add_route = _add_route  # type: ignore[attr-defined]
+
+
+def _warn_if_never_accepted(connection: Any) -> None:
+    """Hook ``opened``: say so when a websocket's handshake is neither accepted nor refused
+    10 s after it began (a connect consumer that sends no accept leaves the client waiting)."""
+    import weakref
+
+    def check(reference: weakref.ref = weakref.ref(connection)) -> None:
+        connection = reference()  # the timer must not keep a closed connection alive
+        if connection is not None and not (connection.accepted or connection.closed or connection.closing):
+            _log_limited(logging.WARNING, "Websocket %.200s: no consumer accepted or refused its "
+                         "handshake within 10 s; the client is still waiting. Send {'accept': True} "
+                         "(or raise DenyConnection) from the websocket.connect consumer.", connection.path)
+
+    if connection.kind == "websocket.send":
+        asyncio.get_running_loop().call_later(_UNANSWERED_HANDSHAKE, check)
+
+
+
 _hooks.message.append(_load_for_class)
 _hooks.handled.append(_save_sessions)
 _hooks.closed.append(_forget_channel_session)
 _hooks.serving.append(_start_login_watch)
+_hooks.opened.append(_warn_if_never_accepted)
+__all__ += ["ChannelTestCase", "TransactionChannelTestCase", "Client", "WSClient", "HttpClient",
+            "apply_routes", "session_for_reply_channel", "name_that_thing", "channel_layers",
+            "DEFAULT_CHANNEL_LAYER",
+            "channel_session", "http_session", "http_session_user", "channel_session_user",
+            "channel_session_user_from_http", "channel_and_http_session",
+            "channel_and_http_session_user_from_http", "enforce_ordering", "allowed_hosts_only"]
 _write_checks.append(_refuse_ended_login)
 
 
@@ -3338,25 +3715,102 @@ _write_checks.append(_refuse_ended_login)
 # frames). Costs: one route match per HTTP request when `http.request` is routed; else none.
 
 
-def AsgiRequest(message: Message) -> Any:
-    """A Django ``HttpRequest`` for an ``http.request`` message, under Channels 1.x's name.
+class RequestTimeout(Exception):
+    """A request's body did not arrive within ``AsgiRequest.body_receive_timeout`` (1.x)."""
 
-    ``request = AsgiRequest(message)``, then ``request.GET``, ``request.POST``,
-    ``request.COOKIES`` and ``request.body`` as in a view. Django's own ``ASGIRequest``.
-    """
+
+class RequestAborted(Exception):
+    """The client went away while its request's body was arriving (1.x)."""
+
+
+def _asgi_request_class() -> type:
+    """``AsgiRequest``: made on first use, as it subclasses Django's ``ASGIRequest``, whose
+    module takes as long to import as this whole one."""
+    made = globals().get("AsgiRequest")
+    if made is not None:
+        return made
     import io
 
     from django.core.handlers.asgi import ASGIRequest
 
-    scope = {"type": "http", **{key: message.get(key) for key in (
-        "http_version", "method", "path", "root_path", "scheme", "query_string", "headers",
-        "client", "server")}}
-    scope["root_path"], scope["headers"] = scope["root_path"] or "", _header_items(scope["headers"])
-    return ASGIRequest(scope, io.BytesIO(message.get("body") or b""))
+    class AsgiRequest(ASGIRequest):
+        """A Django ``HttpRequest`` for an ``http.request`` message (Channels 1.x's name):
+        ``request = AsgiRequest(message)``, then ``request.GET``, ``request.POST``,
+        ``request.COOKIES`` and ``request.body`` as in a view. A body sent in chunks on the
+        message's ``body_channel`` (1.x) is read first: ``RequestTimeout`` if it takes over
+        ``body_receive_timeout`` seconds, ``RequestAborted`` if the client goes away."""
+
+        body_receive_timeout = 60
+
+        def __init__(self, message: Message):
+            self.message, self.reply_channel = message, message.reply_channel
+            scope = {"type": "http", **{key: message.get(key) for key in (
+                "http_version", "method", "path", "root_path", "scheme", "query_string",
+                "headers", "client", "server")}}
+            if isinstance(scope["path"], bytes):
+                scope["path"] = scope["path"].decode("utf-8")
+            scope["root_path"], scope["headers"] = scope["root_path"] or "", _header_items(scope["headers"])
+            body = message.get("body") or b""
+            if message.get("body_channel"):
+                body += _body_from_channel(message, self.body_receive_timeout)
+            super().__init__(scope, io.BytesIO(body))
+
+    globals()["AsgiRequest"] = AsgiRequest
+    return AsgiRequest
+
+
+def _body_from_channel(message: Message, timeout: float) -> bytes:
+    """The chunks of a body that 1.x sent on ``body_channel``, until one says there is no more."""
+    layer, channel = message.channel_layer or get_channel_layer(), message["body_channel"]
+    body, deadline = b"", time.monotonic() + timeout
+    while True:
+        try:
+            chunk = async_to_sync(asyncio.wait_for)(layer.receive(channel), deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"The body of {message.get('path')!r} did not arrive on "
+                                 f"{channel!r} within {timeout} s.") from None
+        if chunk.get("closed"):
+            raise RequestAborted(f"The client of {message.get('path')!r} went away mid-body.")
+        body += chunk.get("content") or b""
+        if not chunk.get("more_content"):
+            return body
 
 
 class AsgiHandler:
-    """Channels 1.x's name for turning Django responses into reply messages."""
+    """Channels 1.x's handler: ``AsgiHandler()(message)`` runs an ``http.request`` message
+    through Django's middleware and views and yields its reply messages (``ViewConsumer``'s
+    work); ``encode_response(response)`` gives the replies for a response you made."""
+
+    #: Bytes of body per reply message.
+    chunk_size = 512 * 1024
+
+    def __init__(self) -> None:
+        from django.core.handlers.base import BaseHandler
+
+        self._django = BaseHandler()
+        self._django.load_middleware()
+
+    def get_response(self, request: Any) -> Any:
+        return self._django.get_response(request)
+
+    def __call__(self, message: Message) -> Iterable[dict]:
+        from django.http import FileResponse, HttpResponse, HttpResponseBadRequest
+        from django.urls import set_script_prefix
+
+        set_script_prefix(message.get("root_path") or "")
+        try:
+            request = _asgi_request_class()(message)
+        except UnicodeDecodeError:
+            response = HttpResponseBadRequest()
+        except RequestTimeout:
+            response = HttpResponse("408 Request Timeout (upload too slow)", status=408)
+        except RequestAborted:
+            return
+        else:
+            response = self.get_response(request)
+            if isinstance(response, FileResponse):
+                response.block_size = self.chunk_size
+        yield from self.encode_response(response)
 
     @classmethod
     def encode_response(cls, response: Any) -> list[dict]:
@@ -3370,14 +3824,22 @@ class AsgiHandler:
         async def collect(event: dict) -> None:
             events.append(event)
 
-        # Django's own encoder (headers, cookies, chunks, streaming), without building a
-        # handler: a handler would load the middleware, and the encoder needs none of it.
-        async_to_sync(ASGIHandler.send_response)(ASGIHandler, response, collect)
+        # Django's own encoder (headers, cookies, streaming), with this class's chunks, and
+        # without building a handler: that would load the middleware, which it needs none of.
+        async_to_sync(ASGIHandler.send_response)(cls, response, collect)
         start, bodies = events[0], events[1:]
         replies = [{"content": body.get("body", b""), "more_content": body.get("more_body", False)}
                    for body in bodies] or [{"content": b"", "more_content": False}]
         replies[0].update(status=start["status"], headers=start["headers"])
         return replies
+
+    @classmethod
+    def chunk_bytes(cls, data: bytes) -> Iterable[tuple[bytes, bool]]:
+        """*data* in pieces of ``chunk_size``: ``(piece, is_last)`` pairs (one for no data)."""
+        if not data:
+            yield data, True
+        for start in range(0, len(data), cls.chunk_size):
+            yield data[start:start + cls.chunk_size], start + cls.chunk_size >= len(data)
 
 
 def sse_event(data: str | None = None, *, event: str | None = None, id: str | None = None,
@@ -3567,6 +4029,7 @@ def _http_connection(app: Any, scope: Scope, send: Send) -> _HttpConnection | No
 
 
 _hooks.http.append(_http_connection)
+__all__ += ["AsgiRequest", "AsgiHandler", "RequestTimeout", "RequestAborted", "sse_event", "SSE_HEADERS"]
 
 
 # === 13. Presence ===
@@ -4240,6 +4703,21 @@ _hooks.opened.append(_start_listener)
 _hooks.closed.append(_stop_listener)
 _hooks.layer_call.append(_call_shared_layer)
 _hooks.serving.append(_start_membership_keeper)
+
+
+# -- what is made on first use --
+
+def __getattr__(name: str) -> Any:
+    """``AsgiRequest``, ``ChannelTestCase`` and ``TransactionChannelTestCase``, made when first
+    used: they subclass Django classes whose modules are slow to import, and few need them."""
+    if name == "AsgiRequest":
+        return _asgi_request_class()
+    if name in ("ChannelTestCase", "TransactionChannelTestCase"):
+        from django import test
+        base = test.TestCase if name == "ChannelTestCase" else test.TransactionTestCase
+        made = globals()[name] = type(name, (ChannelTestCaseMixin, base), {"__module__": __name__})
+        return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the module-level application --

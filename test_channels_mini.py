@@ -99,6 +99,10 @@ from channels_mini import (  # noqa: E402
     channel_session_user_from_http, consumer_context, enforce_ordering, get_channel_layer,
     http_session, http_session_user, include, reset_channel_layers, route, route_class,
 )
+from channels_mini import (  # noqa: E402  -- the 1.x names (channels.test, channels.utils, ...)
+    CREATE, DELETE, UPDATE, ChannelTestCase, Client, RequestAborted, RequestTimeout, WSClient,
+    apply_routes, name_that_thing, session_for_reply_channel,
+)
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.db import models  # noqa: E402
 
@@ -5937,7 +5941,8 @@ def test_consumers_1x_decorator_errors_say_what_to_do():
         return "ran"
 
     with pytest.raises(ValueError, match=re.escape(
-            "@channel_session needs a consumer called with a Message (got ('not a message',)).")):
+            "channel_session called without Message instance: @channel_session needs a consumer "
+            "called with the message first (a method: after self); got ('not a message',).")):
         needs_a_message("not a message")
     no_reply_channel = Message({"text": "hi"}, "app.deco.background", get_channel_layer())
     with pytest.raises(ValueError, match=re.escape(
@@ -6887,6 +6892,317 @@ def test_security_6000_unanswered_polls_log_at_most_ten_lines_a_second():
     # Those after the last line wait for the next one: at most the last round.
     assert 5000 <= counted + len(lines) <= 6000, (counted, len(lines))
 
+
+
+# -- a 1.x project and its tests, as written for Channels 1.1.8 (issue 22) --
+# The consumers, routing and test cases below are a small Channels 1.x project -- function
+# consumers with the session decorators, a class consumer, an outbound and an inbound
+# binding, an HTTP consumer -- and its tests against `channels.test`. Only the import lines
+# would differ from 1.1.8 (they name this module). Django's TestCase runs them: the test DB
+# file is migrated before the first test (`_onex_database` below plays the test runner's part).
+
+@pytest.fixture(autouse=True, scope="session")
+def _onex_database():
+    ensure_database()
+
+
+@channel_session_user_from_http
+def onex_chat_connect(message, room):
+    message.reply_channel.send({"accept": True})
+    message.channel_session["room"] = room
+    Group("onex-chat-%s" % room).add(message.reply_channel)
+
+
+@channel_session_user
+def onex_chat_message(message, room):
+    Group("onex-chat-%s" % message.channel_session["room"]).send({"text": json.dumps({
+        "user": message.user.username, "text": message["text"]})})
+
+
+@channel_session_user
+def onex_chat_disconnect(message, room):
+    Group("onex-chat-%s" % message.channel_session["room"]).discard(message.reply_channel)
+
+
+class onex_Echo(JsonWebsocketConsumer):
+    http_user = True
+
+    def receive(self, content, **kwargs):
+        self.send({"echo": content, "user": self.message.user.username})
+
+
+class onex_ItemBinding(WebsocketBinding):
+    model = f"{__name__}.Item"
+    stream = "items"
+    fields = ["name", "team"]
+
+    @classmethod
+    def group_names(cls, instance):
+        return ["onex-items"] if instance.name.startswith("onex-") else []
+
+    def has_permission(self, user, action, pk):
+        return user.is_authenticated
+
+
+class onex_Items(WebsocketDemultiplexer):
+    consumers = {"items": onex_ItemBinding.consumer}
+    groups = ["onex-items"]
+
+
+def onex_hello(message):
+    from django.http import HttpResponse
+    response = HttpResponse("Hello, %s" % message.content["path"], content_type="text/plain")
+    for chunk in AsgiHandler.encode_response(response):
+        message.reply_channel.send(chunk)
+
+
+onex_routing = [
+    route("websocket.connect", onex_chat_connect, path=r"^/chat/(?P<room>\w+)/$"),
+    route("websocket.receive", onex_chat_message, path=r"^/chat/(?P<room>\w+)/$"),
+    route("websocket.disconnect", onex_chat_disconnect, path=r"^/chat/(?P<room>\w+)/$"),
+    onex_Echo.as_route(path=r"^/echo/$"),
+    onex_Items.as_route(path=r"^/items/$"),
+    route("http.request", onex_hello, path=r"^/hello/"),
+]
+
+
+@apply_routes(onex_routing)
+class OneXProjectTests(ChannelTestCase):
+
+    def test_chat_carries_the_logged_in_user_to_the_room(self):
+        from django.contrib.auth.models import User
+        ada = User.objects.create_user("onex-ada", password="pw")
+        client, other = WSClient(), WSClient()
+        self.assertTrue(client.login(username="onex-ada", password="pw"))
+        client.send_and_consume("websocket.connect", path="/chat/lobby/")
+        other.send_and_consume("websocket.connect", path="/chat/lobby/")
+        client.send_and_consume("websocket.receive", path="/chat/lobby/", text="hi")
+        self.assertEqual(other.receive(), {"user": ada.username, "text": "hi"})
+        self.assertEqual(client.receive(), {"user": ada.username, "text": "hi"})
+        client.send_and_consume("websocket.disconnect", path="/chat/lobby/")
+        other.send_and_consume("websocket.receive", path="/chat/lobby/", text="anyone?")
+        self.assertEqual(other.receive(), {"user": "", "text": "anyone?"})
+        self.assertIsNone(client.receive())
+
+    def test_class_consumer_answers_json_with_its_user(self):
+        from django.contrib.auth.models import User
+        client = WSClient()
+        client.force_login(User.objects.create_user("onex-bob"))
+        client.send_and_consume("websocket.connect", path="/echo/")
+        consumer = client.send_and_consume("websocket.receive", path="/echo/", text={"n": 1})
+        self.assertIsInstance(consumer, onex_Echo)
+        self.assertEqual(client.receive(), {"echo": {"n": 1}, "user": "onex-bob"})
+
+    def test_outbound_binding_reaches_the_group_inside_the_test(self):
+        client = WSClient()
+        client.join_group("onex-items")
+        item = Item.objects.create(name="onex-lamp")
+        received = client.receive()
+        self.assertEqual(received["stream"], "items")
+        self.assertEqual(received["payload"]["action"], CREATE)
+        self.assertEqual(received["payload"]["pk"], item.pk)
+        self.assertEqual(received["payload"]["data"], {"name": "onex-lamp", "team": "red"})
+        item.delete()
+        self.assertEqual(client.receive()["payload"]["action"], DELETE)
+        self.assertIsNone(client.receive())
+
+    def test_inbound_binding_saves_for_a_user_and_refuses_anonymous(self):
+        from django.contrib.auth.models import User
+        anonymous, client = WSClient(), WSClient()
+        client.force_login(User.objects.create_user("onex-cy"))
+        for someone in (anonymous, client):
+            someone.send_and_consume("websocket.connect", path="/items/")
+        request = {"stream": "items", "payload": {"action": CREATE, "data": {"name": "onex-desk"}}}
+        anonymous.send_and_consume("websocket.receive", path="/items/", text=request)
+        self.assertFalse(Item.objects.filter(name="onex-desk").exists())
+        client.send_and_consume("websocket.receive", path="/items/", text=request)
+        item = Item.objects.get(name="onex-desk")
+        update = {"stream": "items", "payload": {"action": UPDATE, "pk": item.pk, "data": {"team": "blue"}}}
+        client.send_and_consume("websocket.receive", path="/items/", text=update)
+        item.refresh_from_db()
+        self.assertEqual(item.team, "blue")
+
+    def test_http_consumer_answers_on_the_reply_channel(self):
+        client = Client()
+        client.send_and_consume("http.request", {"path": "/hello/world", "method": "GET"})
+        reply = client.receive()
+        self.assertEqual(reply["status"], 200)
+        self.assertEqual(reply["content"], b"Hello, /hello/world")
+        self.assertEqual(self.get_next_message(client.reply_channel), None)
+
+    def test_unrouted_and_missing_messages_fail_the_test(self):
+        client = Client()
+        with self.assertRaisesRegex(AssertionError, "No message for channel websocket.connect"):
+            client.consume("websocket.connect")
+        client.send("nobody.listens", {"x": 1})
+        with self.assertRaisesRegex(AssertionError, "Can't find consumer"):
+            client.consume("nobody.listens")
+        with self.assertRaisesRegex(AssertionError, "Expected a message on channel nowhere"):
+            self.get_next_message("nowhere", require=True)
+
+
+class OneXSessionTests(ChannelTestCase):
+    """Channels 1.1.8's session tests, in its words: decorated consumers called directly keep
+    what they stored; the channel session is found again by reply channel."""
+
+    def test_channel_session_called_directly_is_saved(self):
+        message = Message({"reply_channel": "onex-reply"}, None, None)
+
+        @channel_session
+        def inner(message):
+            message.channel_session["num_ponies"] = -1
+
+        inner(message)
+        self.assertEqual(session_for_reply_channel("onex-reply")["num_ponies"], -1)
+
+    def test_channel_session_without_a_message_says_so(self):
+        @channel_session
+        def inner(message):
+            pass
+
+        with self.assertRaisesRegex(ValueError, "channel_session called without Message instance"):
+            inner(None, "not a message", "nor this")
+
+
+
+def test_onex_allowed_hosts_only_refuses_origins_outside_allowed_hosts_as_1x_did():
+    """1.x's check: the handshake's Origin must be an ASCII URL whose host is in ALLOWED_HOSTS;
+    a missing, empty or non-ASCII one is refused too. Other channels pass."""
+    @allowed_hosts_only
+    def connect(message):
+        return True
+
+    def handshake(*headers):
+        return Message({"headers": [list(header) for header in headers]}, "websocket.connect", None)
+
+    assert connect(handshake((b"origin", b"http://localhost")))
+    assert connect(Message({"headers": {"origin": b"http://testserver"}}, "websocket.connect", None))
+    for refused in [handshake((b"origin", b"http://example.org")), handshake(), handshake((b"origin", b"")),
+                    handshake((b"origin", b"\xc3\xa4")), handshake((b"origin",))]:
+        with pytest.raises(DenyConnection):
+            connect(refused)
+    assert connect(Message({}, "websocket.receive", None))
+
+
+def test_onex_names_that_thing_and_adds_routes():
+    assert name_that_thing(onex_hello) == f"{__name__}.onex_hello"
+    assert name_that_thing(onex_Echo) == f"{__name__}.onex_Echo"
+    assert name_that_thing(onex_Echo.as_route) == f"{__name__}.onex_Echo"  # a classmethod: its class
+    assert name_that_thing(Client()) == "channels_mini.Client"
+    router = Router([])
+    router.add_route(route("onex.added", onex_hello))
+    assert router.channels == {"onex.added"}
+    assert router.match(Message({}, "onex.added", None)) == (onex_hello, {})
+
+
+def test_onex_asgi_handler_runs_a_request_through_django_and_chunks_the_reply():
+    from django.http import HttpResponse, StreamingHttpResponse
+
+    class Fixed(AsgiHandler):
+        chunk_size = 4
+
+        def __init__(self, response):
+            self.response = response
+            super().__init__()
+
+        def get_response(self, request):
+            assert request.path == "/here/" and request.GET["q"] == "1"
+            return self.response
+
+    message = Message({"reply_channel": "r", "method": "GET", "path": b"/here/", "query_string": b"q=1",
+                       "headers": [], "body": b""}, "http.request", None)
+    replies = list(Fixed(HttpResponse(b"0123456789", content_type="text/plain"))(message))
+    assert [reply["content"] for reply in replies] == [b"0123", b"4567", b"89"]
+    assert [reply["more_content"] for reply in replies] == [True, True, False]
+    assert replies[0]["status"] == 200 and (b"Content-Type", b"text/plain") in replies[0]["headers"]
+    streamed = list(Fixed(StreamingHttpResponse(iter([b"ab", b"cdefg"])))(message))
+    assert b"".join(reply["content"] for reply in streamed) == b"abcdefg"
+    assert streamed[-1]["more_content"] is False
+    assert list(AsgiHandler.chunk_bytes(b"")) == [(b"", True)]
+
+
+def test_onex_asgi_request_reads_a_body_sent_in_chunks_or_times_out_or_aborts():
+    layer = InMemoryChannelLayer()
+    head = {"reply_channel": "r", "method": "POST", "path": "/p/", "body": b"a=1",
+            "body_channel": "onex-body", "headers": {"content-type": b"application/x-www-form-urlencoded"}}
+    for chunk in ({"content": b"&b=", "more_content": True}, {"content": b"2"}):
+        layer.send_now("onex-body", chunk)
+    request = AsgiRequest(Message(dict(head), "http.request", layer))
+    assert request.body == b"a=1&b=2" and request.POST["b"] == "2"
+
+    class Impatient(AsgiRequest):
+        body_receive_timeout = 0.2
+
+    layer.send_now("onex-body", {"content": b"&b=", "more_content": True})
+    with pytest.raises(RequestTimeout, match="did not arrive on 'onex-body' within 0.2 s"):
+        Impatient(Message(dict(head), "http.request", layer))
+    layer.send_now("onex-body", {"closed": True})
+    with pytest.raises(RequestAborted):
+        AsgiRequest(Message(dict(head), "http.request", layer))
+
+
+@asynchronous
+async def test_onex_demultiplexer_uses_its_multiplexer_class():
+    class Tagged(WebsocketMultiplexer):
+        def send(self, payload):
+            super().send({**payload, "tagged": True})
+
+    def answer(message, multiplexer=None, **kwargs):
+        if message.channel_name == "websocket.receive":
+            multiplexer.send({"got": json.loads(message["text"])})
+
+    class Demux(WebsocketDemultiplexer):
+        consumers = {"s": answer}
+        multiplexer_class = Tagged
+
+    app = Application([Demux.as_route(path=r"^/d/$")], channel_layer=InMemoryChannelLayer())
+    socket = WebsocketCommunicator(app, "/d/")
+    assert (await socket.connect())[0]
+    await socket.send_json_to({"stream": "s", "payload": {"n": 1}})
+    assert await socket.receive_json_from() == {"stream": "s", "payload": {"got": {"n": 1}, "tagged": True}}
+    await socket.disconnect()
+
+
+class onex_AsyncCounter(WebsocketConsumer):
+    """An async def handler using message.channel_session without a decorator (database engine)."""
+
+    async def receive(self, text=None, bytes=None, **kwargs):
+        session = self.message.channel_session
+        session["count"] = session.get("count", 0) + 1
+        self.send(text=str(session["count"]))
+
+
+@asynchronous
+async def test_onex_async_handler_reads_the_channel_session_from_the_database_engine():
+    """It closed the socket with 1011 (SynchronousOnlyOperation); a sync handler worked."""
+    from django.conf import settings as django_settings
+    assert django_settings.SESSION_ENGINE == "django.contrib.sessions.backends.db"
+    await asyncio.to_thread(ensure_database)
+    app = Application([onex_AsyncCounter.as_route(path=r"^/count/$")], channel_layer=InMemoryChannelLayer())
+    socket = WebsocketCommunicator(app, "/count/")
+    assert (await socket.connect())[0]
+    for expected in ("1", "2", "3"):
+        await socket.send_to(text_data="+")
+        assert await socket.receive_from(timeout=5) == expected
+    await socket.disconnect()
+
+
+@asynchronous
+async def test_onex_a_handshake_nobody_accepts_is_logged(caplog, monkeypatch):
+    """A connect consumer that sends no accept left the client waiting with nothing logged."""
+    monkeypatch.setattr(channels_mini, "_UNANSWERED_HANDSHAKE", 0.2)
+
+    def silent(message, **kwargs):
+        pass
+
+    app = Application([route("websocket.connect", silent, path=r"^/silent/$")],
+                      channel_layer=InMemoryChannelLayer())
+    socket = WebsocketCommunicator(app, "/silent/")
+    with pytest.raises(asyncio.TimeoutError):
+        await socket.connect(timeout=0.6)
+    await socket.disconnect(timeout=2)
+    assert "Websocket /silent/: no consumer accepted or refused its handshake" in caplog.text
+    assert "Send {'accept': True}" in caplog.text
 
 
 # === 12. HTTP consumers and event streams ===
@@ -8129,6 +8445,7 @@ def test_command_line_redis_restart_puts_open_sockets_back_in_their_groups():
                 await speaker.close()
 
         heard, seconds, close_code = run(scenario(), timeout=60)
+    print(f"\nRedis back (empty): the listener heard its room again after {seconds:.2f} s")
     assert close_code is None  # the listener stayed open
     assert heard is not None and heard.startswith("after "), heard
     assert seconds < 10, seconds
@@ -8236,6 +8553,7 @@ def test_command_line_redis_600_simultaneous_handshakes_are_all_accepted_and_lea
             return len(sockets), seconds, members, sum(heard)
 
         opened, seconds, members, heard = run(scenario(), timeout=90)
+        print(f"\n600 simultaneous handshakes: {opened} accepted in {seconds:.2f} s")
         wait_until(lambda: redis_group_size(url, f"redis-room-{room}") == 0, 15,
                    "every membership left")
         log = server.log()
@@ -8373,6 +8691,7 @@ def test_command_line_redis_restart_with_older_data_puts_every_socket_back_in_it
                 return len(heard), time.monotonic() - restarted, [s.close_code for s in first + later]
 
         heard, seconds, close_codes = run(scenario(), timeout=90)
+    print(f"\nRedis back ({kind}): {heard}/20 sockets heard their room again after {seconds:.2f} s")
     assert close_codes == [None] * 20  # every socket stayed open
     assert heard == 20, heard
     assert seconds < 10, seconds
