@@ -2849,11 +2849,20 @@ def _channel_session_for(reply_channel: str) -> Any:
             raise
         # An async def handler read it on the event loop, where Django forbids the query: read
         # it in a thread while the loop waits (@channel_session reads it without that wait).
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(1) as thread:
-            thread.submit(session.keys).result()
+        _log_limited(logging.WARNING, "message.channel_session was read in an async def handler: "
+                     "every socket waited for the session store meanwhile. Decorate the handler "
+                     "with @channel_session (or set channel_session = True) to read it in a thread "
+                     "first.", key="channel session on the loop", every=3600.0, burst=1)
+        _session_reader().submit(_with_fresh_db_connections, session.keys).result()
     session._session_key = key  # ... so give it back, as Channels 1.x did
     return session
+
+
+@functools.lru_cache(maxsize=None)
+def _session_reader() -> Any:
+    """The one thread that reads a channel session for an async def handler on the loop."""
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(1, thread_name_prefix="channel-session-on-loop")
 
 
 async def _in_session_thread(function: Callable, *args: Any) -> Any:
@@ -3011,7 +3020,9 @@ def _load_http_user(message: Message) -> None:
     if message.channel_name == "websocket.connect" and message.user.is_authenticated:
         _transfer_user(message.http_session, message.channel_session)
     elif message._socket_state is None and not message.user.is_authenticated and message.channel_session:
-        _load_channel_session_user(message)  # no connection (the 1.x test client): as 1.1 did
+        # Not from a connection's handshake (the 1.x test client, a background channel): the
+        # user the connect copied into the channel session, as 1.1 did.
+        _load_channel_session_user(message)
 
 
 def _load_channel_session(message: Message) -> None:
@@ -3113,15 +3124,15 @@ def enforce_ordering(func: Callable | None = None, slight: bool = False) -> Any:
 def _check_origin(message: Message) -> None:
     """Raise ``DenyConnection`` unless a handshake's ``Origin`` is an ASCII URL whose host is in
     ``ALLOWED_HOSTS`` (with ``DEBUG`` and none set: localhost), as Channels 1.x's check did."""
-    from django.http.request import validate_host
+    from django.http.request import split_domain_port, validate_host
 
     if message.channel_name != "websocket.connect":
         return
     headers = message.content.get("headers") or ()
     pairs = headers.items() if isinstance(headers, dict) else (pair for pair in headers if len(pair) > 1)
     origins = [value for name, value, *_ in pairs if _as_bytes(name).lower() == b"origin"]
-    try:
-        host = urlsplit(_as_bytes(origins[0]).decode("ascii")).hostname if origins else None
+    try:  # the host as a Host header has it: IPv6 in brackets, as ALLOWED_HOSTS writes it
+        host = split_domain_port(urlsplit(_as_bytes(origins[0]).decode("ascii")).netloc)[0] if origins else None
     except (UnicodeDecodeError, ValueError):
         host = None
     allowed = _setting("ALLOWED_HOSTS") or (["localhost", "127.0.0.1", "[::1]"] if _setting("DEBUG") else [])
@@ -3205,7 +3216,11 @@ async def _forget_channel_session(connection: Any) -> None:
     _logins.pop(connection.reply_channel, None)
     if connection.reply_channel in _sessions_used:  # else no session row was ever made here
         _sessions_used.discard(connection.reply_channel)
-        await _in_session_thread(_delete_channel_session, connection.reply_channel)
+        try:  # the session store may be down: the later hooks must run all the same
+            await _in_session_thread(_delete_channel_session, connection.reply_channel)
+        except Exception:
+            _log_limited(logging.ERROR, "Cannot delete the channel session of a closed connection; "
+                         "it expires with SESSION_COOKIE_AGE.", **_OUTAGE)
 
 
 # -- connections end with their login --
@@ -3579,8 +3594,9 @@ class WSClient(Client):
             content["text"] = text if isinstance(text, str) else _json.dumps(text)
         return content
 
-    def send_and_consume(self, channel: str, content: dict | None = None, text: Any = None,  # type: ignore[override]
-                         path: str = "/", fail_on_none: bool = True, check_accept: bool = True) -> Any:
+    def send_and_consume(self, channel: str, content: dict | None = None,  # type: ignore[override]
+                         text: Any = None, path: str = "/", fail_on_none: bool = True,
+                         check_accept: bool = True) -> Any:
         self.send(channel, content, text, path)
         return self.consume(channel, fail_on_none=fail_on_none, check_accept=check_accept)
 
@@ -4099,10 +4115,12 @@ def _publish_tracked(group: str) -> None:
         cache.delete(index_key)
 
 
-def _presence_entries(group: str) -> dict[str, dict]:
-    """``{process id: {channel: (key, meta)}}`` for every live process with members."""
+def _presence_entries(group: str, also: Iterable[str] = ()) -> dict[str, dict]:
+    """``{process id: {channel: (key, meta)}}`` for every live process with members: those in
+    the group's index, and *also* these."""
     cache, index_key = _presence_cache(), _presence_index(group)
-    found = cache.get_many([f"{index_key}.{process}" for process in cache.get(index_key) or ()])
+    processes = {*(cache.get(index_key) or ()), *also}
+    found = cache.get_many([f"{index_key}.{process}" for process in processes])
     return {name.rsplit(".", 1)[1]: entry for name, entry in found.items()}
 
 
@@ -4256,8 +4274,8 @@ async def _track_connected(consumer: WebsocketConsumer, kwargs: dict) -> None:
 
 async def _untrack_closed(connection: Any) -> None:
     """Hook ``closed``: the socket leaves every presence list, announced as a leave."""
-    with _presence_lock:
-        groups = [group for group, members in _tracked.items() if connection.reply_channel in members]
+    # No lock here, on the event loop: a heartbeat thread may hold it while it waits for the loop.
+    groups = [group for group, members in list(_tracked.items()) if connection.reply_channel in members]
     for group in groups:
         try:
             untrack = Group(group, channel_layer=connection.layer).untrack
@@ -4299,61 +4317,63 @@ class _PresenceHeartbeat:
             groups = set(_tracked) | set(_held_back) | set(self.seen)
         for group in groups:
             with _presence_lock:
-                self._beat(group, Group(group, channel_layer=self.layer))
+                diffs = self._beat(group)
+            target = Group(group, channel_layer=self.layer)
+            for joins, leaves in diffs:  # sent without the lock: a send may wait for the loop
+                _announce_presence(target, joins, leaves)
         self.seen = {group: seen for group, seen in self.seen.items() if group in _tracked}
 
-    def _beat(self, group: str, target: Group) -> None:
+    def _beat(self, group: str) -> list[tuple[dict, dict]]:
+        """Refresh *group*'s entry and read the others: the diffs to announce (joins, leaves)."""
         _publish_tracked(group)
-        entries = _presence_entries(group)
+        seen = self.seen.get(group, {})
+        entries = _presence_entries(group, also=seen)  # a process a lost index write left out is no death
         elsewhere = _members({process: entry for process, entry in entries.items()
                               if process != _process_id})
-        self._release_held_back(group, target, elsewhere)
-        self._announce_back_if_claimed(group, target)
-        seen = self.seen.get(group, {})
+        diffs = [self._held_back(group, elsewhere), self._claimed_but_here(group)]
         missing = {process for process in seen if process not in entries}
-        dead = [process for process in missing & self.missing.get(group, set())
-                if self._claim(group, process)]
+        twice = missing & self.missing.get(group, set())  # dead: decided, whoever announces it
         gone: dict[str, list[dict]] = {}
-        for process in dead:
-            for key, meta in seen[process].values():
-                if key not in elsewhere and key not in _keys_here(group):
-                    gone.setdefault(key, []).append(meta)
-        _announce_presence(target, {}, gone)
-        self.missing[group] = missing - set(dead)
+        for process in twice:
+            if self._claim(group, process):
+                for key, meta in seen[process].values():
+                    if key not in elsewhere and key not in _keys_here(group):
+                        gone.setdefault(key, []).append(meta)
+        self.missing[group] = missing - twice
         self.seen[group] = {**{process: seen[process] for process in self.missing[group]}, **entries}
+        return [*diffs, ({}, gone)]
 
     @staticmethod
-    def _release_held_back(group: str, target: Group, elsewhere: dict) -> None:
-        """The cache is back: send the joins and leaves it missed, as they stand now."""
+    def _held_back(group: str, elsewhere: dict) -> tuple[dict, dict]:
+        """The cache is back: the joins and leaves it missed, as they stand now."""
         held = _held_back.pop(group, None)
+        joins: dict[str, list[dict]] = {}
+        leaves: dict[str, list[dict]] = {}
         if held is None:
-            return
+            return joins, leaves
         here = _keys_here(group)
         heard_before = {key for channel, (key, _) in _tracked.get(group, {}).items()
                         if channel not in held["joins"]}
         heard_before |= {key for key, _ in held["leaves"].values()}
-        joins: dict[str, list[dict]] = {}
-        leaves: dict[str, list[dict]] = {}
         for key, meta in held["joins"].values():
             if key not in heard_before and key not in elsewhere:
                 joins.setdefault(key, []).append(meta)
         for key, meta in held["leaves"].values():
             if key not in here and key not in elsewhere:
                 leaves.setdefault(key, []).append(meta)
-        _announce_presence(target, joins, leaves)
+        return joins, leaves
 
     @staticmethod
-    def _announce_back_if_claimed(group: str, target: Group) -> None:
-        """Another process took this one for dead (its entry went missing too long): say that
-        its keys are here after all."""
+    def _claimed_but_here(group: str) -> tuple[dict, dict]:
+        """Another process took this one for dead (its entry went missing too long): its keys,
+        to say they are here after all."""
         cache, marker = _presence_cache(), f"{_presence_index(group)}.{_process_id}.gone"
-        if cache.get(marker) is None:
-            return
-        cache.delete(marker)
         joins: dict[str, list[dict]] = {}
-        for key, meta in _tracked.get(group, {}).values():
-            joins.setdefault(key, []).append(meta)
-        _announce_presence(target, joins, {})
+        if cache.get(marker) is not None:
+            cache.delete(marker)
+            for key, meta in _tracked.get(group, {}).values():
+                joins.setdefault(key, []).append(meta)
+        return joins, {}
 
     @staticmethod
     def _claim(group: str, process: str) -> bool:
@@ -4632,11 +4652,20 @@ class _MembershipKeeper:
             await _cancel_and_wait(listener)
 
     async def _servers(self) -> list | None:
-        """The run id of each Redis server of a channels_redis layer: a new one is a restart."""
+        """The run id of each Redis server of a channels_redis layer: a new one is a restart.
+        None when unknown: another layer, or a Redis user not allowed INFO (the canary tells)."""
         if not _redis_core_layer(self.layer):
             return None
-        return [(await self.layer.connection(index).info("server"))["run_id"]
-                for index in range(self.layer.ring_size)]
+        try:
+            return [(await self.layer.connection(index).info("server"))["run_id"]
+                    for index in range(self.layer.ring_size)]
+        except Exception as error:
+            if type(error).__name__ != "NoPermissionError":
+                raise  # Redis is down: run() reports it
+            _log_limited(logging.WARNING, "The Redis user may not run INFO (%s), so a restart from a "
+                         "snapshot or a failover may go unnoticed: allow +info.", error,
+                         key="redis info", every=3600.0, burst=1)
+            return None
 
     async def _rejoin(self) -> None:
         await self.layer.group_add(self.group, self.channel)

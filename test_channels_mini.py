@@ -7066,6 +7066,7 @@ class OneXSessionTests(ChannelTestCase):
 
 
 def test_onex_allowed_hosts_only_refuses_origins_outside_allowed_hosts_as_1x_did():
+    from django.test import override_settings
     """1.x's check: the handshake's Origin must be an ASCII URL whose host is in ALLOWED_HOSTS;
     a missing, empty or non-ASCII one is refused too. Other channels pass."""
     @allowed_hosts_only
@@ -7076,6 +7077,8 @@ def test_onex_allowed_hosts_only_refuses_origins_outside_allowed_hosts_as_1x_did
         return Message({"headers": [list(header) for header in headers]}, "websocket.connect", None)
 
     assert connect(handshake((b"origin", b"http://localhost")))
+    with override_settings(ALLOWED_HOSTS=["[::1]"]):
+        assert connect(handshake((b"origin", b"http://[::1]:8000")))
     assert connect(Message({"headers": {"origin": b"http://testserver"}}, "websocket.connect", None))
     for refused in [handshake((b"origin", b"http://example.org")), handshake(), handshake((b"origin", b"")),
                     handshake((b"origin", b"\xc3\xa4")), handshake((b"origin",))]:
@@ -8695,6 +8698,37 @@ def test_command_line_redis_restart_with_older_data_puts_every_socket_back_in_it
     assert close_codes == [None] * 20  # every socket stayed open
     assert heard == 20, heard
     assert seconds < 10, seconds
+
+
+def test_command_line_redis_a_user_without_info_still_gets_its_sockets_back_after_a_restart():
+    """A hardened Redis user (+@all -@dangerous) may not run INFO, so run ids are unknown: the
+    server says so once and the canary still puts the sockets back in their groups."""
+    room = f"r{uuid.uuid4().hex[:8]}"
+    acl = ("--user", "default", "on", ">admin", "+@all", "~*", "&*",
+           "--user", "app", "on", ">secret", "+@all", "-@dangerous", "~*", "&*")
+    with running_redis(None, None, *acl) as plain_url:
+        port = int(plain_url.rsplit(":", 1)[1])
+        url, admin = f"redis://app:secret@127.0.0.1:{port}", f"redis://default:admin@127.0.0.1:{port}"
+        with running_server(app=f"{__name__}:redis_app", env=redis_server_env(url)) as server:
+
+            async def scenario():
+                async with contextlib.AsyncExitStack() as stack:
+                    [listener] = await redis_open_sockets(server, [f"/redis/room/{room}/"], stack)
+                    await asyncio.sleep(3)  # a check has run: INFO refused
+                    redis_command(admin, "FLUSHALL")  # the memberships are gone, as after a restart
+                    restarted = time.monotonic()
+                    for attempt in range(40):
+                        async with ws_connect(server.url(f"/redis/say/{room}/")) as speaker:
+                            await speaker.send(f"after {attempt}")
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            return await recv(listener, timeout=0.5), time.monotonic() - restarted
+                    return None, time.monotonic() - restarted
+
+            heard, seconds = run(scenario(), timeout=60)
+            log = server.log()
+    assert heard is not None and heard.startswith("after "), heard
+    assert seconds < 10, seconds
+    assert log.count("The Redis user may not run INFO") == 1, log[-2000:]
 
 
 def test_command_line_redis_group_add_from_receive_is_left_when_the_socket_goes():
