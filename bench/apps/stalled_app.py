@@ -22,6 +22,8 @@ django.setup()
 
 from channels_mini import Application, WebsocketConsumer  # noqa: E402
 
+from bench.apps.common import drain_body  # noqa: E402
+
 #: The group of the stalled clients.
 GROUP = "stalled"
 
@@ -47,10 +49,7 @@ async def stats_http(scope, receive, send):
     """Any HTTP request: the layer's stats() as JSON. (The Application answers lifespan.)"""
     if scope["type"] != "http":
         return
-    while True:  # drain the body
-        event = await receive()
-        if not event.get("more_body"):
-            break
+    await drain_body(receive)
     body = json.dumps(application.stats()).encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json")]})
