@@ -8531,7 +8531,9 @@ def test_command_line_redis_a_burst_to_300_single_member_groups_arrives_or_drops
         assert (heard, dropped) == (1200, 0)
         assert "dropped" not in log, log[-2000:]
     else:
-        assert heard < 1200 and dropped == 1200 - heard, (heard, dropped)
+        # Every lost frame is counted; the server's own canary (every 2 s, into the same full
+        # inbox) may be dropped and counted too.
+        assert heard < 1200 and 1200 - heard <= dropped <= 1200 - heard + 10, (heard, dropped)
         assert "'channel_capacity': {'websocket.send.*!*': N}" in log, log[-2000:]
         assert log.count("The Redis channel layer dropped") <= 3  # rate-limited, not one per drop
 
