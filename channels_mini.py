@@ -4090,7 +4090,8 @@ def _presence_cache() -> Any:
         return caches[alias]
     if _own_cache is None:
         from django.core.cache.backends.locmem import LocMemCache
-        _own_cache = LocMemCache("channels_mini.presence", {"OPTIONS": {"MAX_ENTRIES": 10**7}})
+        own = LocMemCache("channels_mini.presence", {"OPTIONS": {"MAX_ENTRIES": 10**7}})
+        _own_cache = _module_state(own)  # reset_channel_layers() empties it
     return _own_cache
 
 
