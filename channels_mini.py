@@ -29,6 +29,7 @@ Part II holds the extensions. Each plugs into the core through the named hooks o
 12. HTTP consumers and event streams -- ``http.request``, long-polling, server-sent events.
 13. Presence -- who is in a group, in every process.
 14. Several processes -- a shared layer (Redis): listeners, the layer thread, restarts.
+15. History and resume -- group messages kept with positions; a socket resumes where it left.
 
 Two paths to follow, each a chain of calls you can find with grep. A frame from the browser
 reaches your ``receive()`` in 10 hops; incoming frames go straight to the router, never
@@ -110,27 +111,16 @@ from urllib.parse import unquote, urlsplit
 from asgiref.sync import async_to_sync, sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 
-__all__ = [
-    # 0. errors
-    "ChannelFull", "DenyConnection", "ChannelSocketException", "WebsocketCloseException",
-    # 1. channel layer
-    "InMemoryChannelLayer", "get_channel_layer",
-    # 2. messages
-    "Message", "Channel", "Group", "consumer_context",
-    # 3. routing
-    "route", "route_class", "include", "Route", "RouteClass", "Include", "Router",
-    # 4. consumers
-    "BaseConsumer", "WebsocketConsumer",
-    # 5. binding
-    "Binding", "WebsocketBinding",
-    # 6. connection: nothing public (Application makes them)
-    # 7. ASGI app
-    "Application", "application",
-    # 8. test helpers
-    "WebsocketCommunicator", "reset_channel_layers",
-    # 9. command line
-    "main",
-    # Part II's names: each extension section adds its own
+__all__ = [  # by section; each section of Part II adds its own names
+    "ChannelFull", "DenyConnection", "ChannelSocketException", "WebsocketCloseException",  # errors
+    "InMemoryChannelLayer", "get_channel_layer",  # 1. channel layer
+    "Message", "Channel", "Group", "consumer_context",  # 2. messages
+    "route", "route_class", "include", "Route", "RouteClass", "Include", "Router",  # 3. routing
+    "BaseConsumer", "WebsocketConsumer",  # 4. consumers
+    "Binding", "WebsocketBinding",  # 5. binding (6. connection: nothing public)
+    "Application", "application",  # 7. ASGI app
+    "WebsocketCommunicator", "reset_channel_layers",  # 8. test helpers
+    "main",  # 9. command line
 ]
 
 logger = logging.getLogger("channels_mini")
@@ -189,8 +179,8 @@ def _module_state(holder: Any) -> Any:
 
 class _Hooks:
     """Where Part II plugs into the core: the core calls each list, in order, at one point of
-    its work, and an extension appends to it when the module is imported. The two that run on
-    every message return an awaitable or None, so that having nothing to do costs no coroutine."""
+    its work, and an extension appends to it when the module is imported. Those that run for
+    every message or reply return None when they have nothing to do, so that costs no coroutine."""
 
     def __init__(self) -> None:
         #: ``hook(consumer)`` before a consumer class's method runs: what its message carries.
@@ -213,6 +203,10 @@ class _Hooks:
         self.http: list[Callable[[Any, Scope, Send], Any]] = []
         #: ``hook(layer)`` may tune a layer built from settings or served by an app (maybe twice).
         self.layer: list[Callable[[Any], None]] = []
+        #: ``hook(layer, group, message)`` returns the message an in-memory group send fans out.
+        self.group_send: list[Callable[[Any, str, dict], dict]] = []
+        #: ``hook(connection, reply)`` returns an awaitable that delivers *reply* itself, or None.
+        self.reply: list[Callable[[Any, dict], Awaitable[None] | None]] = []
 
 
 _hooks = _Hooks()
@@ -450,6 +444,8 @@ class InMemoryChannelLayer:
         """The same as ``group_send``, for synchronous code."""
         _require_name("Group", group, _GROUP_NAME)
         _require_dict(message)
+        for hook in _hooks.group_send:  # e.g. history stores it first and stamps its position (Part II)
+            message = hook(self, group, message)
         skipped = []
         with self._lock:
             members = self._groups.get(group)
@@ -1802,7 +1798,12 @@ class _Connection:
         while True:
             reply = await self.outbox.receive(self.reply_channel)
             try:
-                await self._deliver(reply)
+                for hook in _hooks.reply:  # e.g. history drops a duplicate, fills a gap first (Part II)
+                    if (delivering := hook(self, reply)) is not None:
+                        break
+                else:
+                    delivering = self._deliver(reply)
+                await delivering
             except Exception:  # a malformed reply: that connection ends
                 logger.exception("Cannot send reply %.200r to %s %.200s; closing it.",
                                  reply, self.what, self.path)
@@ -2361,10 +2362,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("runworker cannot start: %s", error)
         return 2
     if isinstance(layer, InMemoryChannelLayer):
-        logger.error("runworker cannot start: channel layer %r is an InMemoryChannelLayer, which "
-                     "lives inside one process, so nothing could ever reach this worker. Configure "
-                     "a shared layer such as channels_redis.core.RedisChannelLayer in "
-                     "CHANNEL_LAYERS.", args.layer)
+        logger.error("runworker cannot start: channel layer %r is an InMemoryChannelLayer, which lives "
+                     "inside one process, so nothing could ever reach this worker. Configure a shared "
+                     "layer such as channels_redis.core.RedisChannelLayer in CHANNEL_LAYERS.", args.layer)
         return 2
     channels = _select_channels(_background_channels(router), args.only_channels, args.exclude_channels)
     if not channels:
@@ -4733,6 +4733,543 @@ _hooks.opened.append(_start_listener)
 _hooks.closed.append(_stop_listener)
 _hooks.layer_call.append(_call_shared_layer)
 _hooks.serving.append(_start_membership_keeper)
+
+
+# === 15. History and resume ===
+# A socket drops for a few seconds all the time (a phone changes networks, a server restarts),
+# and whatever its groups said meanwhile is gone. For the groups a project names in
+# `CHANNELS_MINI_HISTORY`, every message is stored first, then fanned out, stamped with its
+# *position*: an offset that grows by one per message of the group, and an epoch that changes
+# whenever the stored history is lost (an in-memory process restarts, Redis restarts). In memory
+# a bounded log per group; with channels_redis a Redis stream per group, written with one
+# script per send. A consumer with `resumable = True` gets those messages in an envelope with
+# their position; its one way out drops duplicates and fills gaps from history, and says
+# "lost" for a gap history cannot fill. A client that reconnects with its last positions gets
+# an ordinary handshake (origin, login, `connect()`), then what it missed, in order, then
+# "resumed" or "lost" per group. Hooks: `group_send` (store and stamp, in memory), `layer`
+# (the same on Redis), `connected` (read the client's positions), `reply` (the way out),
+# `closed` (forget the socket), `http` (serve the JS client). Costs: a cached pattern check per
+# group send; for groups with history, a deque append or one Redis script per send; nothing
+# kept per socket once it closes.
+
+_STAMP = "__history__"  # in a group message: [group, epoch, offset]; never sent to a client
+_RESUME = "__resume__"  # a socket's reply: the handshake is done, catch up and say how it went
+_META_LIFETIME = 86_400  # seconds a group's position outlives its messages (a few bytes)
+_MAX_RESUME_TEXT = 65_536  # characters of the ?resume= parameter read at most
+_CLIENT_PATH = "/channels_mini.js"  # where `Application` serves the JS client
+
+
+class _HistoryRules:
+    """``CHANNELS_MINI_HISTORY``: which groups keep history, as ``(SIZE, TTL)`` by group name.
+    A group's answer is cached: the check is a dict lookup for every group send."""
+
+    def __init__(self) -> None:
+        self.patterns: list[tuple[re.Pattern, tuple[int, float]]] | None = None
+        self.by_group: dict[str, tuple[int, float] | None] = {}
+
+    def clear(self) -> None:  # reset_channel_layers(): settings may have changed
+        self.patterns = None
+        self.by_group.clear()
+
+    def __call__(self, group: str) -> tuple[int, float] | None:
+        try:
+            return self.by_group[group]
+        except KeyError:
+            pass
+        if self.patterns is None:
+            self.patterns = self._read_setting()
+        if len(self.by_group) > 10_000:  # per-user groups: keep the cache bounded
+            self.by_group.clear()
+        rule = self.by_group[group] = next(
+            (rule for pattern, rule in self.patterns if pattern.fullmatch(group)), None)
+        return rule
+
+    @staticmethod
+    def _read_setting() -> list[tuple[re.Pattern, tuple[int, float]]]:
+        from django.conf import settings
+
+        setting = getattr(settings, "CHANNELS_MINI_HISTORY", None) if _settings_ready() else None
+        if not setting:
+            return []
+        if not isinstance(setting, dict):
+            raise ImproperlyConfigured(f"CHANNELS_MINI_HISTORY must map group-name patterns to "
+                                       f"{{'SIZE': ..., 'TTL': ...}} (got {setting!r:.200}).")
+        rules = []
+        for pattern, options in setting.items():
+            size, ttl = (options.get("SIZE"), options.get("TTL")) if isinstance(options, dict) else (0, 0)
+            if (not isinstance(pattern, str) or type(size) is not int or size < 1
+                    or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf")):
+                raise ImproperlyConfigured(
+                    f"CHANNELS_MINI_HISTORY[{pattern!r:.100}] is {options!r:.200}: give a glob "
+                    f"pattern a positive integer SIZE (messages kept) and a positive TTL (seconds), "
+                    f"e.g. {{'chat-*': {{'SIZE': 200, 'TTL': 300}}}}.")
+            rules.append((re.compile(fnmatch.translate(pattern)), (size, float(ttl))))
+        return rules
+
+
+_history_rule = _module_state(_HistoryRules())
+
+
+def _group_key(group: str) -> str:
+    """The name a client sees for *group*: a keyed digest, so internal names stay hidden."""
+    key = _group_keys.get(group)
+    if key is None:
+        if len(_group_keys) > 10_000:
+            _group_keys.clear()
+        key = _group_keys[group] = _keyed_digest("history", group)[:16]
+    return key
+
+
+_group_keys: dict[str, str] = _module_state({})
+
+
+# -- storing: in memory --
+
+@dataclasses.dataclass
+class _Log:
+    """One group's history in memory: its epoch, its last offset, the messages still kept."""
+    epoch: str
+    ttl: float
+    entries: deque  # (offset, sent at, message), oldest first, at most SIZE
+    top: int = 0
+    last_sent: float = 0.0
+
+
+#: What a history read finds: the epoch, the last offset, and the messages after the offset
+#: asked for that are still kept (offset, message), in order. A group never sent to (or not for
+#: a day, or whose history was lost) gets a new epoch at offset 0.
+_Found = tuple[str, int, list[tuple[int, dict]]]
+
+
+class _MemoryHistory:
+    """The history of one in-memory layer's groups, in this process: gone with it."""
+
+    def __init__(self, layer: InMemoryChannelLayer):
+        self.layer = layer
+        self.lock = threading.Lock()
+        self.logs: dict[str, _Log] = {}
+        self.next_sweep = 0.0
+
+    def append(self, group: str, message: dict, size: int, ttl: float) -> tuple[str, int]:
+        with self.lock:
+            log = self._log(group, size, ttl)
+            log.top += 1
+            log.entries.append((log.top, log.last_sent, message))
+            return log.epoch, log.top
+
+    async def read(self, group: str, after: int, size: int, ttl: float, limit: int) -> _Found:
+        with self.lock:
+            log = self._log(group, size, ttl, sending=False)
+            if not limit:
+                return log.epoch, log.top, []
+            alive = time.monotonic() - ttl
+            kept = [(offset, message) for offset, sent, message in log.entries
+                    if offset > after and sent > alive][:limit]
+            return log.epoch, log.top, kept
+
+    def _log(self, group: str, size: int, ttl: float, sending: bool = True) -> _Log:
+        """The group's log; a new one (a new epoch) if it has none or its SIZE changed."""
+        now = time.monotonic()
+        self._sweep(now)
+        log = self.logs.get(group)
+        if log is None or log.entries.maxlen != size:
+            log = self.logs[group] = _Log(secrets.token_hex(6), ttl, deque(maxlen=size), last_sent=now)
+        log.ttl = ttl
+        if sending:
+            log.last_sent = now
+        return log
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            self._sweep(time.monotonic(), force=True)
+            return {"history_groups": sum(1 for log in self.logs.values() if log.entries),
+                    "history_messages": sum(len(log.entries) for log in self.logs.values())}
+
+    def _sweep(self, now: float, force: bool = False) -> None:
+        """Once a second: free the messages older than their TTL, and positions a day unused."""
+        if now < self.next_sweep and not force:
+            return
+        self.next_sweep = now + 1.0
+        for group, log in list(self.logs.items()):
+            while log.entries and log.entries[0][1] <= now - log.ttl:
+                log.entries.popleft()
+            if log.last_sent < now - _META_LIFETIME:
+                del self.logs[group]
+
+
+def _stamp_in_memory(layer: InMemoryChannelLayer, group: str, message: dict) -> dict:
+    """Hook ``group_send``: store a message to a group with history, and stamp its position."""
+    rule = _history_rule(group)
+    if rule is None:  # a stamp is only ours to make: a forged one goes
+        return message if _STAMP not in message else {k: v for k, v in message.items() if k != _STAMP}
+    message = {k: v for k, v in message.items() if k != _STAMP}
+    epoch, offset = _history_of(layer).append(group, message, *rule)
+    return {**message, _STAMP: [group, epoch, offset]}
+
+
+# -- storing: Redis --
+# One Redis stream per group, its entry ids the offsets, beside a small hash: the epoch, the
+# last offset, and the run id of the Redis server that holds them. A send runs one script:
+# a missing hash or another run id (Redis restarted empty, from a snapshot, or failed over)
+# starts a new epoch; then the offset, the entry (trimmed to SIZE) and the expiries.
+
+_REDIS_POSITION = """
+local ok, info = pcall(redis.call, 'INFO', 'server')
+local run = ok and string.match(info, 'run_id:(%x+)') or ''
+local meta = redis.call('HMGET', KEYS[2], 'e', 'r', 's')
+local epoch, top = meta[1], tonumber(meta[3])
+if not epoch or meta[2] ~= run then
+  epoch, top = ARGV[1], 0
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 'r', run, 's', 0)
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+"""
+_REDIS_APPEND = _REDIS_POSITION + """
+top = redis.call('HINCRBY', KEYS[2], 's', 1)
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], top .. '-0', 'd', ARGV[5], 't', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return {epoch, top}
+"""
+_REDIS_READ = _REDIS_POSITION + """
+local entries = {}
+if tonumber(ARGV[4]) > 0 then
+  entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', ARGV[4])
+end
+return {epoch, top, now, entries}
+"""
+
+
+class _RedisHistory:
+    """The history of a channels_redis layer's groups, on the layer's own Redis servers (the
+    same ``CONFIG["hosts"]``, either layer); messages serialized as the layer does (encrypted
+    if it encrypts)."""
+
+    def __init__(self, layer: Any):
+        from channels_redis.utils import _consistent_hash, decode_hosts
+
+        self.layer = layer
+        config = getattr(layer, "_kwargs", {})  # the pub/sub layer keeps its arguments
+        self.hosts = getattr(layer, "hosts", None) or decode_hosts(
+            config.get("hosts") or (layer._args[0] if getattr(layer, "_args", ()) else None))
+        self.prefix = getattr(layer, "prefix", None) or config.get("prefix", "asgi")
+        self.shard = functools.partial(_consistent_hash, ring_size=len(self.hosts))
+        self.clients: Any = None  # WeakKeyDictionary: event loop -> {host index: client}
+
+    def _redis(self, group: str) -> Any:
+        index = self.shard(group)
+        if _redis_core_layer(self.layer):
+            return self.layer.connection(index)  # its pools, per event loop
+        import weakref
+        from channels_redis.utils import create_pool
+        from redis import asyncio as aioredis
+
+        self.clients = self.clients if self.clients is not None else weakref.WeakKeyDictionary()
+        clients = self.clients.setdefault(asyncio.get_running_loop(), {})
+        if index not in clients:
+            clients[index] = aioredis.Redis(connection_pool=create_pool(self.hosts[index]))
+        return clients[index]
+
+    def _keys(self, group: str) -> list[str]:
+        base = f"{self.prefix}:history:{{{group}}}"  # {group}: one cluster slot for both keys
+        return [base + ":messages", base + ":position"]
+
+    async def append(self, group: str, message: dict, size: int, ttl: float) -> tuple[str, int]:
+        epoch, offset = await self._redis(group).eval(
+            _REDIS_APPEND, 2, *self._keys(group), secrets.token_hex(6), max(_META_LIFETIME, int(ttl)),
+            size, max(1, int(ttl * 1000)), self.layer.serialize(message))
+        return epoch.decode(), int(offset)
+
+    async def read(self, group: str, after: int, size: int, ttl: float, limit: int) -> _Found:
+        epoch, top, now, entries = await self._redis(group).eval(
+            _REDIS_READ, 2, *self._keys(group), secrets.token_hex(6), max(_META_LIFETIME, int(ttl)),
+            f"{after + 1}-0", limit)
+        kept = []
+        for entry_id, fields in entries:
+            fields = dict(zip(fields[::2], fields[1::2]))
+            if int(fields[b"t"]) > int(now) - ttl * 1000:
+                kept.append((int(entry_id.split(b"-")[0]), self.layer.deserialize(fields[b"d"])))
+        return epoch.decode(), int(top), kept
+
+
+def _redis_layer(layer: Any) -> bool:
+    """A channels_redis layer, core or pub/sub (only looked up if imported)?"""
+    import sys
+
+    module = sys.modules.get("channels_redis.pubsub")
+    return _redis_core_layer(layer) or (module is not None and isinstance(layer, module.RedisPubSubChannelLayer))
+
+
+def _stamp_on_redis(layer: Any) -> None:
+    """Hook ``layer``: a channels_redis layer's ``group_send`` stores a message to a group with
+    history on Redis first, then fans it out stamped with its position."""
+    if not _redis_layer(layer) or getattr(layer.group_send, "stores_history", False):
+        return
+    fan_out = layer.group_send
+
+    async def group_send(group: str, message: dict) -> None:
+        rule = _history_rule(group)
+        if rule is not None or _STAMP in message:
+            message = {k: v for k, v in message.items() if k != _STAMP}
+        if rule is not None:
+            epoch, offset = await _history_of(layer).append(group, message, *rule)
+            message[_STAMP] = [group, epoch, offset]
+        await fan_out(group, message)
+
+    group_send.stores_history = True  # type: ignore[attr-defined]
+    layer.group_send = group_send
+
+
+def _history_of(layer: Any) -> _MemoryHistory | _RedisHistory:
+    """Where the history of *layer*'s groups is kept: in memory, or on its Redis servers."""
+    history = _histories.get(id(layer))
+    if history is None or history.layer is not layer:
+        kind = _MemoryHistory if isinstance(layer, InMemoryChannelLayer) else _RedisHistory
+        history = _histories[id(layer)] = kind(layer)
+    return history
+
+
+_histories: dict[int, Any] = _module_state({})  # id(layer) -> its history
+
+
+# -- resumable sockets --
+
+class _ResumableSocket:
+    """What a resumable socket has sent of each of its groups with history, by group:
+    ``[epoch, offset]``. Its stamped replies pass through `deliver`, one at a time, in order."""
+
+    def __init__(self, connection: Any):
+        self.connection = connection
+        self.history = _history_of(connection.layer)
+        self.sent: dict[str, list] = {}
+        self.resuming: set[str] = set()  # asked with a position that history may catch up
+        self.lost: set[str] = set()  # asked, but what it missed is gone
+        self.ready = False  # "$resume" has gone: a loss from now on is told at once
+
+    async def start(self, asked: dict[str, tuple[str, int]]) -> None:
+        """Where each group with history starts: at the client's position if history still has
+        it (caught up in `_finish_resume`), else at the group's last offset."""
+        for group in sorted(self.connection.groups):
+            position = asked.get(_group_key(group))
+            epoch, top = await self._position(group)
+            if position is not None and position[0] == epoch and position[1] <= top:
+                self.sent[group] = list(position)
+                self.resuming.add(group)
+            elif epoch is not None:
+                self.sent[group] = [epoch, top]
+                if position is not None:
+                    self.lost.add(group)
+
+    async def deliver(self, reply: dict) -> None:
+        if _RESUME in reply:
+            return await self._finish_resume()
+        group, epoch, offset = reply[_STAMP]
+        sent = self.sent.get(group)
+        if sent is None:  # joined after the handshake: it starts here
+            sent = self.sent[group] = [epoch, offset - 1]
+        elif sent[0] != epoch:  # the history its position was in is gone
+            await self._lose(group, epoch, 0)
+            sent = self.sent[group]
+        if offset <= sent[1]:
+            return  # a duplicate: filling a gap brought it already
+        if offset > sent[1] + 1 and not await self._fill(group, offset - 1):
+            await self._lose(group, epoch, offset - 1)
+        await self._send(group, epoch, offset, reply)
+
+    async def _position(self, group: str) -> tuple[str | None, int]:
+        """The group's epoch and last offset; (None, 0) if it has no history (or it is down)."""
+        rule = _history_rule(group)
+        if rule is None:
+            return None, 0
+        try:
+            epoch, top, _ = await self.history.read(group, 0, *rule, 0)
+            return epoch, top
+        except Exception:
+            _log_limited(logging.ERROR, "Cannot read the history of group %r.", group, **_OUTAGE)
+            return None, 0
+
+    async def _fill(self, group: str, upto: int) -> bool:
+        """Send this group's messages after the last one sent, up to *upto*, from history.
+        False (and nothing sent) unless history still holds every one of them."""
+        epoch, after = self.sent[group]
+        rule = _history_rule(group)
+        if upto <= after:
+            return True
+        if rule is None or upto - after > rule[0]:  # more than history keeps: never a partial replay
+            return False
+        try:
+            found_epoch, _, found = await self.history.read(group, after, *rule, upto - after)
+        except Exception:
+            _log_limited(logging.ERROR, "Cannot read the history of group %r to fill a gap; telling "
+                         "the client it lost messages.", group, **_OUTAGE)
+            return False
+        if found_epoch != epoch or [offset for offset, _ in found] != list(range(after + 1, upto + 1)):
+            return False
+        for offset, message in found:  # a close is not repeated: the client came back
+            await self._send(group, epoch, offset, {k: v for k, v in message.items() if k != "close"})
+        return True
+
+    async def _lose(self, group: str, epoch: str, offset: int) -> None:
+        """What the client missed of *group* is gone: it starts again at *offset*, and is told."""
+        self.sent[group] = [epoch, offset]
+        self.resuming.discard(group)
+        if not self.ready:
+            self.lost.add(group)  # told with the others in "$resume"
+            return
+        positions = {_group_key(group): [epoch, offset]}
+        await self.connection._deliver({"text": _compact({"$lost": {"positions": positions}})})
+
+    async def _send(self, group: str, epoch: str, offset: int, reply: dict) -> None:
+        self.sent[group] = [epoch, offset]
+        frame = {key: reply[key] for key in ("accept", "close") if key in reply}
+        position = [_group_key(group), epoch, offset]
+        if reply.get("text") is not None:
+            frame["text"] = _compact({"$pos": position, "text": reply["text"]})
+        elif reply.get("bytes") is not None:
+            import base64
+            frame["text"] = _compact({"$pos": position, "bytes": base64.b64encode(reply["bytes"]).decode()})
+        if frame:
+            await self.connection._deliver(frame)
+
+    async def _finish_resume(self) -> None:
+        """Behind the handshake's replies: send what each resumed group missed, then the frame
+        that says where every group stands, and which resumed or lost."""
+        for group in sorted(self.resuming):
+            epoch, top = await self._position(group)
+            if epoch != self.sent[group][0] or not await self._fill(group, top):
+                await self._lose(group, epoch or "", top)
+        self.ready = True
+        keys = functools.partial(map, _group_key)
+        await self.connection._deliver({"text": _compact({"$resume": {
+            "positions": {_group_key(group): sent for group, sent in self.sent.items()},
+            "resumed": sorted(keys(self.resuming)), "lost": sorted(keys(self.lost))}})})
+
+
+def _compact(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+_resumable: dict[str, _ResumableSocket] = _module_state({})  # reply channel -> its socket
+
+
+async def _resume_connected(consumer: WebsocketConsumer, kwargs: dict) -> None:
+    """Hook ``connected``: a resumable socket reads the positions its client sent, after an
+    ordinary handshake (origin, login, groups joined, ``connect()``), and queues its catch-up
+    behind the handshake's replies."""
+    if not consumer.resumable:
+        return
+    connection = _local_sockets.get(consumer.message.reply_channel.name)
+    if connection is None or connection.closing:
+        return
+    socket = _resumable[connection.reply_channel] = _ResumableSocket(connection)
+    await socket.start(_positions_asked(connection))
+    consumer.message.reply_channel.send({_RESUME: True})  # deferred: after the accept
+
+
+def _positions_asked(connection: Any) -> dict[str, tuple[str, int]]:
+    """The ``resume`` parameter of the handshake, ``{key: [epoch, offset]}``, as far as it is
+    well formed: one warning for the rest (a client can send anything)."""
+    from urllib.parse import parse_qsl
+
+    query = connection.scope.get("query_string", b"").decode("latin-1")
+    text = next((value for name, value in parse_qsl(query) if name == "resume"), "")
+    if not text:
+        return {}
+    asked: Any = None
+    if len(text) <= _MAX_RESUME_TEXT:
+        try:
+            asked = json.loads(text)
+        except ValueError:
+            pass
+    if not isinstance(asked, dict):
+        _log_limited(logging.WARNING, "Ignored the resume positions of a websocket to %.200s: expected "
+                     "a JSON object {key: [epoch, offset]} of at most %d characters, got %.100r.",
+                     connection.path, _MAX_RESUME_TEXT, text, key="resume positions")
+        return {}
+    keys = {_group_key(group) for group in connection.groups if _history_rule(group)}
+    good = {key: tuple(value) for key, value in asked.items() if key in keys and isinstance(value, list)
+            and len(value) == 2 and isinstance(value[0], str) and type(value[1]) is int and value[1] >= 0}
+    if len(good) < len(asked):
+        _log_limited(logging.WARNING, "Ignored %d of the %d resume positions of a websocket to %.200s: "
+                     "each must be key: [epoch, offset >= 0] for a group with history that the socket "
+                     "is in.", len(asked) - len(good), len(asked), connection.path, key="resume positions")
+    return good
+
+
+async def _forget_resumable(connection: Any) -> None:
+    """Hook ``closed``: nothing of a socket is kept once it closes."""
+    _resumable.pop(connection.reply_channel, None)
+
+
+def _resumable_reply(connection: Any, reply: dict) -> Awaitable[None] | None:
+    """Hook ``reply``: a resumable socket's replies go through it (others: unchanged, the
+    stamp ignored)."""
+    if _STAMP not in reply and _RESUME not in reply:
+        return None
+    socket = _resumable.get(connection.reply_channel)
+    stamp = reply.get(_STAMP)
+    if socket is None or (_RESUME not in reply and not (
+            isinstance(stamp, list) and len(stamp) == 3 and stamp[0] in connection.groups
+            and isinstance(stamp[1], str) and type(stamp[2]) is int)):
+        return None  # not resumable, or not a group it is in: as sent, the stamp ignored
+    return socket.deliver(reply)
+
+
+WebsocketConsumer.resumable = False  # type: ignore[attr-defined]
+# True: the groups with history of its sockets are resumed across reconnects (section 15).
+
+
+# -- the JS client --
+
+class _ClientScript:
+    """``GET /channels_mini.js``: the reconnecting client, from this file (vendoring brings it)."""
+
+    def __init__(self, scope: Scope, send: Send):
+        self.scope, self.send = scope, send
+
+    async def serve(self, receive: Receive) -> None:
+        body = _CLIENT_JS.encode()
+        etag = b'"' + hashlib.sha256(body).hexdigest()[:16].encode() + b'"'
+        unchanged = dict(_header_items(self.scope.get("headers", ()))).get(b"if-none-match") == etag
+        headers = [(b"content-type", b"text/javascript; charset=utf-8"), (b"etag", etag),
+                   (b"cache-control", b"no-cache")]
+        if not unchanged:
+            headers.append((b"content-length", str(len(body)).encode()))
+        await self.send({"type": "http.response.start", "status": 304 if unchanged else 200,
+                         "headers": headers})
+        sent = b"" if unchanged or self.scope.get("method") == "HEAD" else body
+        await self.send({"type": "http.response.body", "body": sent})
+
+
+def _serve_client(app: Any, scope: Scope, send: Send) -> _ClientScript | None:
+    """Hook ``http``: the JS client at ``/channels_mini.js``."""
+    if scope.get("path") == _CLIENT_PATH and scope.get("method") in ("GET", "HEAD"):
+        return _ClientScript(scope, send)
+    return None
+
+
+def _stats_with_history(app: Any) -> dict[str, int]:
+    """``Application.stats()``, plus what in-memory history holds for the app's layer."""
+    stats = _application_stats(app)
+    if isinstance(app.channel_layer, InMemoryChannelLayer):
+        stats.update(_history_of(app.channel_layer).stats())
+    return stats
+
+
+Application.stats = _stats_with_history  # type: ignore[attr-defined]
+_hooks.group_send.append(_stamp_in_memory)
+_hooks.layer.append(_stamp_on_redis)
+_hooks.connected.append(_resume_connected)
+_hooks.reply.append(_resumable_reply)
+_hooks.closed.append(_forget_resumable)
+_hooks.http.insert(0, _serve_client)
+
+_CLIENT_JS = r"""
+/* placeholder */
+"""
 
 
 # -- what is made on first use --
