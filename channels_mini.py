@@ -5254,6 +5254,7 @@ def _serve_client(app: Any, scope: Scope, send: Send) -> _ClientScript | None:
 def _stats_with_history(app: Any) -> dict[str, int]:
     """``Application.stats()``, plus what in-memory history holds for the app's layer."""
     stats = _application_stats(app)
+    stats["resumable"] = len(_resumable)  # open resumable sockets, in this process
     if isinstance(app.channel_layer, InMemoryChannelLayer):
         stats.update(_history_of(app.channel_layer).stats())
     return stats
@@ -5267,8 +5268,228 @@ _hooks.reply.append(_resumable_reply)
 _hooks.closed.append(_forget_resumable)
 _hooks.http.insert(0, _serve_client)
 
-_CLIENT_JS = r"""
-/* placeholder */
+#: The JS client, served at ``/channels_mini.js`` (section 15): ``new ChannelsMini.Bridge()``.
+_CLIENT_JS = r"""/* channels_mini.js: the browser side of channels_mini. A WebSocket client in
+ * the style of Django Channels 1.x's WebSocketBridge: it reconnects by itself,
+ * routes multiplexed streams and (new here) asks the server to replay the group
+ * messages sent while it was away. Plain ES2017: the server serves this text as is.
+ */
+(function () {
+  "use strict";
+
+  // 4401: the server says the login ended. 1008: refused on policy.
+  // Knocking again would only be refused again, so these end the bridge.
+  const FINAL_CODES = [4401, 1008];
+
+  function orDefault(value, fallback) { return value === undefined ? fallback : value; }
+  function isObject(x) { return x !== null && typeof x === "object" && !Array.isArray(x); }
+
+  // One faulty callback must not take the socket handling down with it.
+  function callAll(callbacks, args) {
+    for (const cb of callbacks.slice()) {
+      try { cb.apply(null, args); } catch (err) { console.error("channels_mini: a callback threw", err); }
+    }
+  }
+
+  // Paths are relative to the page, and the socket scheme follows the
+  // page's (an https page may only open wss sockets).
+  function toSocketUrl(url) {
+    const full = new URL(url || window.location.pathname, window.location.href);
+    full.hash = ""; // a WebSocket URL may not carry a fragment
+    return full.href.replace(/^http/, "ws");
+  }
+
+  // App text frames are JSON by convention, but not every app keeps to it.
+  function parseOrRaw(text) {
+    try { return JSON.parse(text); } catch (err) { return text; }
+  }
+
+  // The server wraps binary group messages in base64 inside a JSON frame.
+  function base64ToBuffer(text) {
+    return Uint8Array.from(atob(text), (c) => c.charCodeAt(0)).buffer;
+  }
+
+  // Group keys are opaque server strings, so positions maps have no prototype:
+  // a key such as "__proto__" then stays an ordinary entry.
+  function mergePositions(into, from) {
+    if (isObject(from)) {
+      for (const key of Object.keys(from)) into[key] = from[key];
+    }
+    return into;
+  }
+
+  class Bridge {
+    constructor(options) {
+      const opt = options || {};
+      this.minDelay = orDefault(opt.minDelay, 500);
+      this.maxDelay = orDefault(opt.maxDelay, 10000);
+      this.factor = orDefault(opt.factor, 2);
+      this.jitter = Math.min(1, Math.max(0, orDefault(opt.jitter, 0.5)));
+      this.resume = orDefault(opt.resume, true);
+      this.positions = Object.create(null); // group key -> [epoch, offset] last seen
+      this.socket = null;
+      this.status = null;
+      this._url = null; // as given to connect(); the resume query is added per attempt
+      this._stopped = true;
+      this._failures = 0; // attempts in a row that never opened
+      this._timer = null;
+      this._streams = new Map(); // a Map, so a stream named "constructor" is safe
+      this._callbacks = {message: [], open: [], close: [], status: [], resumed: [], lost: []};
+    }
+
+    connect(url, protocols) {
+      this._url = toSocketUrl(url);
+      this._protocols = protocols;
+      this._stopped = false;
+      this._failures = 0;
+      this._dropSocket();
+      this._open();
+    }
+
+    close(code) {
+      this._stopped = true;
+      clearTimeout(this._timer);
+      const ws = this.socket;
+      if (ws && ws.readyState < WebSocket.CLOSING) ws.close(code);
+      this._setStatus("closed");
+    }
+
+    listen(cb) { this._callbacks.message.push(cb); }
+    onOpen(cb) { this._callbacks.open.push(cb); }
+    onClose(cb) { this._callbacks.close.push(cb); }
+    onStatus(cb) { this._callbacks.status.push(cb); }
+    onResumed(cb) { this._callbacks.resumed.push(cb); }
+    onLost(cb) { this._callbacks.lost.push(cb); }
+
+    demultiplex(stream, cb) {
+      if (!this._streams.has(stream)) this._streams.set(stream, []);
+      this._streams.get(stream).push(cb);
+    }
+
+    // Nothing is queued while offline: a message sent into a stale state
+    // is worse than a caller who knows it was not sent.
+    send(data) {
+      const ws = this.socket;
+      if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+      ws.send(JSON.stringify(data));
+      return true;
+    }
+
+    stream(name) { return {send: (payload) => this.send({stream: name, payload: payload})}; }
+
+    _open() {
+      this._setStatus("connecting");
+      const ws = new WebSocket(this._attemptUrl(), this._protocols);
+      ws.binaryType = "arraybuffer";
+      let opened = false;
+      // Each handler checks it still belongs to the current socket: an old
+      // socket replaced by connect() may still report events.
+      ws.onopen = () => {
+        if (ws !== this.socket) return;
+        opened = true;
+        this._failures = 0;
+        this._setStatus("online");
+        callAll(this._callbacks.open, []);
+      };
+      ws.onmessage = (event) => {
+        if (ws !== this.socket) return;
+        // A malformed frame (say, bad base64) is reported; the next may be fine.
+        try { this._receive(event.data); } catch (err) { console.error("channels_mini: bad frame", err); }
+      };
+      ws.onclose = (event) => { if (ws === this.socket) this._closed(ws, event, opened); };
+      this.socket = ws;
+    }
+
+    // Rebuilt from the connect() URL each time, so resume never piles up.
+    _attemptUrl() {
+      if (!this.resume || Object.keys(this.positions).length === 0) return this._url;
+      const sep = this._url.includes("?") ? "&" : "?";
+      return this._url + sep + "resume=" + encodeURIComponent(JSON.stringify(this.positions));
+    }
+
+    _closed(ws, event, opened) {
+      callAll(this._callbacks.close, [event]);
+      if (ws !== this.socket) return; // a callback called connect() again
+      if (FINAL_CODES.includes(event.code)) this._stopped = true;
+      if (this._stopped) return this._setStatus("closed");
+      this._failures = opened ? 0 : this._failures + 1;
+      this._setStatus("offline");
+      this._timer = setTimeout(() => this._open(), this._delay());
+    }
+
+    // Exponential backoff, shrunk by a random share so that the clients a
+    // server restart dropped together do not all come back together.
+    _delay() {
+      const step = Math.min(this.maxDelay, this.minDelay * Math.pow(this.factor, this._failures));
+      return step * (1 - this.jitter * Math.random());
+    }
+
+    _dropSocket() {
+      clearTimeout(this._timer);
+      const old = this.socket;
+      this.socket = null; // first, so the old socket's close is ignored
+      if (old && old.readyState < WebSocket.CLOSING) old.close();
+    }
+
+    _setStatus(state) {
+      if (state === this.status) return;
+      this.status = state;
+      callAll(this._callbacks.status, [state]);
+    }
+
+    // "$" frames are the resume protocol; everything else belongs to the app.
+    _receive(data) {
+      if (typeof data !== "string") return this._dispatch(data);
+      const frame = parseOrRaw(data);
+      if (isObject(frame)) {
+        if ("$pos" in frame) return this._onPos(frame);
+        if ("$resume" in frame) return this._onResume(frame.$resume);
+        if ("$lost" in frame) return this._onLost(frame.$lost);
+      }
+      this._dispatch(frame);
+    }
+
+    // The position is recorded before the app sees the message, so a
+    // callback that reconnects already asks for what follows it.
+    _onPos(frame) {
+      const pos = frame.$pos;
+      if (Array.isArray(pos) && pos.length === 3) this.positions[pos[0]] = [pos[1], pos[2]];
+      if (typeof frame.text === "string") this._dispatch(parseOrRaw(frame.text));
+      else if (typeof frame.bytes === "string") this._dispatch(base64ToBuffer(frame.bytes));
+    }
+
+    // The server's view after replay is the truth, so it replaces ours whole.
+    _onResume(info) {
+      if (!isObject(info)) return;
+      this.positions = mergePositions(Object.create(null), info.positions);
+      const nonEmpty = (list) => Array.isArray(list) && list.length > 0;
+      if (nonEmpty(info.resumed)) callAll(this._callbacks.resumed, [info.resumed]);
+      if (nonEmpty(info.lost)) callAll(this._callbacks.lost, [info.lost]);
+    }
+
+    _onLost(info) {
+      if (!isObject(info) || !isObject(info.positions)) return;
+      mergePositions(this.positions, info.positions);
+      callAll(this._callbacks.lost, [Object.keys(info.positions)]);
+    }
+
+    // Like 1.x: {"stream", "payload"} goes to that stream's handlers only,
+    // and silently nowhere if the page registered none.
+    _dispatch(message) {
+      if (isObject(message) && "stream" in message && "payload" in message) {
+        const handlers = this._streams.get(message.stream) || [];
+        return callAll(handlers, [message.payload, message.stream]);
+      }
+      callAll(this._callbacks.message, [message, null]);
+    }
+  }
+
+  window.ChannelsMini = {Bridge: Bridge};
+  // Pages written for Channels 1.x look for channels.WebSocketBridge; one
+  // already there (the real 1.x script) is left in place.
+  window.channels = window.channels || {};
+  if (!window.channels.WebSocketBridge) window.channels.WebSocketBridge = Bridge;
+})();
 """
 
 

@@ -80,6 +80,9 @@ if not settings.configured:
             if _redis_url else {}),
         DEFAULT_AUTO_FIELD="django.db.models.AutoField",
         LOGGING_CONFIG=None,
+        # Section 15: the groups that keep history (the tests name their groups after these).
+        CHANNELS_MINI_HISTORY={"hist-*": {"SIZE": 200, "TTL": 300}, "hsmall-*": {"SIZE": 10, "TTL": 300},
+                               "hshort-*": {"SIZE": 200, "TTL": 1.5}},
         **_on_redis,
     )
 
@@ -8825,6 +8828,683 @@ def test_command_line_redis_sockets_closing_right_after_a_reply_leave_no_error_b
     bogus = [line for line in log.splitlines() if "Cannot receive replies" in line]
     assert bogus == [], f"{len(bogus)} error(s) for closed sockets, e.g. {bogus[0]!r}"
     assert stopped_after < 3, f"{stopped_after:.1f} s to stop"
+
+
+# === 15. History and resume ===
+# Groups named hist-* (SIZE 200), hsmall-* (SIZE 10) and hshort-* (TTL 1.5 s) keep history
+# (CHANNELS_MINI_HISTORY in the settings above). `hist_Client` is a resuming client as the JS
+# client is: it keeps the last position of each group and sends them when it reconnects.
+
+class hist_Room(WebsocketConsumer):
+    """A resumable socket in one group; a frame it receives goes to the group ("!drop": the
+    server closes the socket, as a restart or a balancer would)."""
+    resumable = True
+
+    def connection_groups(self, group, **kwargs):
+        return [group]
+
+    def receive(self, text=None, bytes=None, group=None, **kwargs):
+        if text == "!drop":
+            self.close(4000)
+        else:
+            Group(group).send({"text": text} if text is not None else {"bytes": bytes})
+
+
+class hist_Plain(hist_Room):
+    """The same socket, not resumable: its frames must stay exactly as sent."""
+    resumable = False
+
+
+class hist_Speaker(WebsocketConsumer):
+    """Not in the group: each frame it receives is sent to the group ("n*K": K messages)."""
+
+    def receive(self, text=None, bytes=None, group=None, **kwargs):
+        if text == "!sync":  # the frames before it are handled, their sends gone
+            self.send(text="synced")
+        elif text is not None and text.startswith("n*"):
+            for number in range(int(text[2:])):
+                Group(group).send({"text": f"n{number}"})
+        else:
+            Group(group).send({"text": text} if text is not None else {"bytes": bytes})
+
+
+class hist_Member(hist_Room):
+    """A members-only room: an anonymous handshake is refused."""
+    http_user = True
+
+    def connect(self, message, **kwargs):
+        if not message.user.is_authenticated:
+            raise DenyConnection
+        super().connect(message, **kwargs)
+
+
+hist_routing = [
+    hist_Room.as_route(path=r"^/hist/(?P<group>[\w-]+)/$"),
+    hist_Plain.as_route(path=r"^/hist-plain/(?P<group>[\w-]+)/$"),
+    hist_Speaker.as_route(path=r"^/hist-say/(?P<group>[\w-]+)/$"),
+    hist_Member.as_route(path=r"^/hist-member/(?P<group>[\w-]+)/$"),
+]
+hist_app = Application(hist_routing)  # the layer from settings: in memory, or Redis in its env
+
+
+def hist_group(prefix: str = "hist") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+class hist_Client:
+    """A resuming client over real websockets: frames unwrapped, positions kept."""
+
+    def __init__(self, url: str, headers: list | None = None):
+        self.url, self.headers = url, headers or []
+        self.positions: dict[str, list] = {}
+        self.seen: list[tuple[str, str, int, str]] = []  # (key, epoch, offset, text), all connections
+        self.outcomes: list[dict] = []  # each "$resume" and "$lost"
+        self.socket = None
+
+    def resume_url(self, url: str | None = None) -> str:
+        from urllib.parse import quote
+        url = url or self.url
+        return url + ("?resume=" + quote(json.dumps(self.positions)) if self.positions else "")
+
+    async def connect(self, url: str | None = None, timeout: float = 10) -> list[tuple]:
+        """Open (resuming), read up to the "$resume" frame; the messages read before it."""
+        self.socket = await ws_connect(self.resume_url(url), additional_headers=self.headers).__aenter__()
+        before = len(self.seen)
+        while True:
+            frame = await self.next(timeout)
+            if isinstance(frame, dict) and "$resume" in frame:
+                return self.seen[before:]
+
+    async def next(self, timeout: float = 10):
+        """The next frame: a message as (key, epoch, offset, text), else the decoded frame."""
+        text = await recv(self.socket, timeout)
+        frame = json.loads(text) if isinstance(text, str) and text.startswith("{") else text
+        if isinstance(frame, dict) and "$pos" in frame:
+            key, epoch, offset = frame["$pos"]
+            self.positions[key] = [epoch, offset]
+            self.seen.append((key, epoch, offset, frame.get("text", frame.get("bytes"))))
+            return self.seen[-1]
+        if isinstance(frame, dict) and ("$resume" in frame or "$lost" in frame):
+            outcome = frame.get("$resume") or frame["$lost"]
+            self.outcomes.append(frame)
+            if "$resume" in frame:
+                self.positions = dict(outcome["positions"])
+            else:
+                self.positions.update(outcome["positions"])
+        return frame
+
+    async def messages(self, count: int, timeout: float = 10) -> list[tuple]:
+        got = []
+        while len(got) < count:
+            frame = await self.next(timeout)
+            if isinstance(frame, tuple):
+                got.append(frame)
+        return got
+
+    async def close(self) -> None:
+        if self.socket is not None:
+            await self.socket.close()
+
+
+def hist_texts(messages: list[tuple]) -> list[str]:
+    return [message[3] for message in messages]
+
+
+def hist_consecutive(messages: list[tuple]) -> bool:
+    offsets = [message[2] for message in messages]
+    return offsets == list(range(offsets[0], offsets[0] + len(offsets))) if offsets else True
+
+
+async def hist_say(server: Server, group: str, texts: list[str], pause: float = 0.0) -> None:
+    async with ws_connect(server.url(f"/hist-say/{group}/")) as speaker:
+        for text in texts:
+            await speaker.send(text)
+            if pause:
+                await asyncio.sleep(pause)
+        await speaker.send("!sync")  # a socket's frames are handled in order
+        assert await recv(speaker) == "synced"
+
+
+async def hist_drop_and_miss(client: hist_Client, server: Server, group: str, texts: list[str],
+                             seconds: float) -> None:
+    """The client's socket closes; *texts* are said over *seconds* while it is away."""
+    await client.close()
+    await hist_say(server, group, texts, pause=seconds / len(texts))
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_history_a_3_s_drop_with_50_sends_is_replayed_once_in_order_then_resumed(where):
+    """The socket drops for 3 s while 50 messages are said: reconnecting (in memory: to the
+    same server; on Redis: to the other of two), it gets the 50, once each, in order, each
+    with the next offset, then "resumed" -- and what is said after, live."""
+    group = hist_group()
+
+    def scenario(first: Server, second: Server):
+        async def steps():
+            client = hist_Client(first.url(f"/hist/{group}/"))
+            assert await client.connect() == []
+            fresh = client.outcomes[-1]["$resume"]
+            await hist_say(first, group, ["a0", "a1"])
+            before = await client.messages(2)
+            missed = [f"m{n}" for n in range(50)]
+            await hist_drop_and_miss(client, first, group, missed, 3.0)
+            replayed = await client.connect(second.url(f"/hist/{group}/"))
+            outcome = client.outcomes[-1]["$resume"]
+            await hist_say(first, group, ["after"])
+            after = await client.messages(1)
+            await client.close()
+            return fresh, before, replayed, outcome, after
+        return run(steps(), timeout=60)
+
+    if where == "memory":
+        with running_server(app=f"{__name__}:hist_app") as server:
+            fresh, before, replayed, outcome, after = scenario(server, server)
+    else:
+        with running_redis() as url:
+            env = redis_server_env(url)
+            with running_server(app=f"{__name__}:hist_app", env=env) as first, \
+                    running_server(app=f"{__name__}:hist_app", env=env) as second:
+                fresh, before, replayed, outcome, after = scenario(first, second)
+    key = next(iter(fresh["positions"]))
+    assert fresh == {"positions": {key: [fresh["positions"][key][0], 0]}, "resumed": [], "lost": []}
+    assert hist_texts(before) == ["a0", "a1"] and [m[2] for m in before] == [1, 2]
+    assert hist_texts(replayed) == [f"m{n}" for n in range(50)]
+    assert [m[2] for m in replayed] == list(range(3, 53))
+    assert outcome["resumed"] == [key] and outcome["lost"] == [] and outcome["positions"][key][1] == 52
+    assert hist_texts(after) == ["after"] and after[0][2] == 53
+    assert len({m[1] for m in before + replayed + after}) == 1  # one epoch throughout
+
+
+def test_history_drops_at_random_moments_under_500_sends_a_second_keep_offsets_consecutive():
+    """A speaker says ~500 messages a second while the client's socket drops at a random
+    moment 100 times, each time resuming: across all its connections it sees every message
+    once, in order, the offsets strictly consecutive -- and every resume says "resumed"."""
+    import random
+    group = hist_group()
+    rng = random.Random(23)
+    with running_server(app=f"{__name__}:hist_app") as server:
+        async def steps():
+            client = hist_Client(server.url(f"/hist/{group}/"))
+            await client.connect()
+            said = 0
+            stop = asyncio.Event()
+
+            async def speak():
+                nonlocal said
+                async with ws_connect(server.url(f"/hist-say/{group}/")) as speaker:
+                    began = time.monotonic()
+                    while not stop.is_set():
+                        while said < 500 * (time.monotonic() - began):  # paced at 500 a second
+                            await speaker.send(f"f{said}")
+                            said += 1
+                        await asyncio.sleep(0.002)
+                    await speaker.send("!sync")
+                    assert await recv(speaker) == "synced"
+
+            speaker = asyncio.create_task(speak())
+            started = time.monotonic()
+            for _ in range(100):
+                deadline = time.monotonic() + rng.uniform(0, 0.05)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    while time.monotonic() < deadline:
+                        await client.next(timeout=max(0.001, deadline - time.monotonic()))
+                await client.close()
+                await client.connect()
+            rate = said / (time.monotonic() - started)
+            stop.set()
+            await asyncio.wait_for(speaker, 20)
+            await client.messages(said - len(client.seen), timeout=10)
+            await client.close()
+            return client, said, rate
+        client, said, rate = run(steps(), timeout=120)
+    print(f"\n100 drops under {rate:.0f} sends/s: {said} messages, each seen once, in order")
+    assert rate > 400, rate
+    assert [m[2] for m in client.seen] == list(range(1, said + 1))
+    assert hist_texts(client.seen) == [f"f{n}" for n in range(said)]
+    resumes = [frame["$resume"] for frame in client.outcomes[1:]]
+    assert len(resumes) == 100 and all(r["resumed"] and not r["lost"] for r in resumes)
+
+
+def test_history_two_processes_sending_to_one_group_every_socket_sees_offsets_in_order():
+    """Two uvicorn processes on one Redis both say 200 messages to one group at once: a
+    resumable socket on each sees all 400, offsets 1..400 in order, each speaker's in its order."""
+    group = hist_group()
+    with running_redis() as url:
+        env = redis_server_env(url)
+        with running_server(app=f"{__name__}:hist_app", env=env) as first, \
+                running_server(app=f"{__name__}:hist_app", env=env) as second:
+            async def steps():
+                clients = [hist_Client(server.url(f"/hist/{group}/")) for server in (first, second)]
+                for client in clients:
+                    await client.connect()
+                await asyncio.gather(hist_say(first, group, [f"a{n}" for n in range(200)]),
+                                     hist_say(second, group, [f"b{n}" for n in range(200)]))
+                heard = [await client.messages(400, timeout=20) for client in clients]
+                for client in clients:
+                    await client.close()
+                return heard
+            heard = run(steps(), timeout=90)
+    for messages in heard:
+        assert [m[2] for m in messages] == list(range(1, 401))
+        texts = hist_texts(messages)
+        assert [t for t in texts if t[0] == "a"] == [f"a{n}" for n in range(200)]
+        assert [t for t in texts if t[0] == "b"] == [f"b{n}" for n in range(200)]
+    assert hist_texts(heard[0]) == hist_texts(heard[1])  # one order for everyone: the offsets'
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_history_a_restarted_in_memory_server_says_lost_never_resumed(how):
+    """The only in-memory process restarts while the client is away (stopped, or killed):
+    its history is gone, so the client is told "lost" -- never a false "resumed" -- and gets
+    the new epoch's position; nothing is replayed."""
+    group = hist_group()
+    with running_server(app=f"{__name__}:hist_app") as server:
+        client = hist_Client(server.url(f"/hist/{group}/"))
+
+        async def before():
+            await client.connect()
+            await hist_say(server, group, ["one", "two"])
+            await client.messages(2)
+            await client.close()
+        run(before())
+        if how == "sigkill":
+            server.process.kill()
+        stop_process(server.process)
+    with running_server(app=f"{__name__}:hist_app") as server:
+        async def after():
+            await hist_say(server, group, ["three"])
+            replayed = await client.connect(server.url(f"/hist/{group}/"))
+            await client.close()
+            return replayed
+        replayed = run(after())
+    first, last = client.outcomes[0]["$resume"], client.outcomes[-1]["$resume"]
+    key = next(iter(first["positions"]))
+    assert replayed == [] and last["resumed"] == [] and last["lost"] == [key]
+    assert last["positions"][key][0] != first["positions"][key][0]  # a new epoch
+    assert last["positions"][key][1] == 1  # where the new history stands: "three"
+
+
+def test_history_one_of_two_processes_killed_the_client_resumes_on_the_other():
+    """Two uvicorns share Redis; the client's process is killed (kill -9) and 20 messages are
+    said on the other meanwhile: the client reconnects there and resumes all 20."""
+    group = hist_group()
+    with running_redis() as url:
+        env = redis_server_env(url)
+        with running_server(app=f"{__name__}:hist_app", env=env) as doomed, \
+                running_server(app=f"{__name__}:hist_app", env=env) as survivor:
+            client = hist_Client(doomed.url(f"/hist/{group}/"))
+
+            async def steps():
+                await client.connect()
+                await hist_say(survivor, group, ["before"])
+                await client.messages(1)
+                doomed.process.kill()
+                with contextlib.suppress(Exception):
+                    while True:  # the socket ends with its process
+                        await client.next(timeout=5)
+                await hist_say(survivor, group, [f"m{n}" for n in range(20)])
+                replayed = await client.connect(survivor.url(f"/hist/{group}/"))
+                await client.close()
+                return replayed
+            replayed = run(steps(), timeout=60)
+    outcome = client.outcomes[-1]["$resume"]
+    assert hist_texts(replayed) == [f"m{n}" for n in range(20)]
+    assert [m[2] for m in replayed] == list(range(2, 22))
+    assert outcome["resumed"] and not outcome["lost"]
+
+
+@pytest.mark.parametrize("restart", ["empty", "older_snapshot"])
+def test_history_redis_restarted_empty_or_from_an_older_snapshot_says_lost(restart):
+    """Redis restarts while the client is away -- empty, or from a snapshot taken before the
+    messages it missed (those offsets are then said again, with other texts): the client is
+    told "lost", never "resumed" with messages that are not the ones it missed."""
+    import redis
+    group = hist_group()
+    workdir = tempfile.mkdtemp(prefix="channels-mini-redis-")
+    with running_redis(None, workdir) as url:
+        env = redis_server_env(url)
+        with running_server(app=f"{__name__}:hist_app", env=env) as server:
+            client = hist_Client(server.url(f"/hist/{group}/"))
+
+            async def before():
+                await client.connect()
+                await hist_say(server, group, ["one", "two"])
+                await client.messages(2)
+                await client.close()
+                if restart == "older_snapshot":
+                    redis.Redis.from_url(url).save()
+                await hist_say(server, group, ["missed three", "missed four"])
+            run(before())
+            redis_shutdown(url)
+            with redis_server_on(url, workdir if restart == "older_snapshot" else None):
+                async def after():
+                    for attempt in range(40):  # until the server's Redis clients reconnect
+                        try:
+                            await hist_say(server, group, ["new three", "new four"])
+                            break
+                        except Exception:
+                            await asyncio.sleep(0.25)
+                    replayed = await client.connect()
+                    await client.close()
+                    return replayed
+                replayed = run(after(), timeout=60)
+    outcome = client.outcomes[-1]["$resume"]
+    assert replayed == [] and outcome["resumed"] == [] and len(outcome["lost"]) == 1
+
+
+@pytest.mark.parametrize("gap", ["within_size", "longer_than_size", "longer_than_ttl"])
+def test_history_a_gap_longer_than_size_or_ttl_is_lost_never_a_partial_replay(gap):
+    """A group keeps 10 messages (hsmall) or 1.5 s of them (hshort): 10 missed messages are
+    replayed; 15, or any older than the TTL, are "lost" with nothing replayed."""
+    group = hist_group("hshort" if gap == "longer_than_ttl" else "hsmall")
+    with running_server(app=f"{__name__}:hist_app") as server:
+        async def steps():
+            client = hist_Client(server.url(f"/hist/{group}/"))
+            await client.connect()
+            await client.close()
+            count = 15 if gap == "longer_than_size" else 10 if gap == "within_size" else 3
+            await hist_say(server, group, [f"m{n}" for n in range(count)])
+            if gap == "longer_than_ttl":
+                await asyncio.sleep(2.0)
+            replayed = await client.connect()
+            await client.close()
+            return client, replayed, count
+        client, replayed, count = run(steps())
+    outcome = client.outcomes[-1]["$resume"]
+    key = next(iter(outcome["positions"]))
+    if gap == "within_size":
+        assert hist_texts(replayed) == [f"m{n}" for n in range(10)] and outcome["resumed"] == [key]
+    else:
+        assert replayed == [] and outcome["lost"] == [key] and outcome["resumed"] == []
+    assert outcome["positions"][key][1] == count
+
+
+def test_history_hostile_positions_get_one_warning_each_and_never_more_than_history_holds():
+    """Positions a client can forge -- another epoch, negative, huge, malformed, not JSON,
+    another group's key, 100 unknown keys: the handshake goes on, each connection logs one warning
+    line at most, nothing of another group arrives, and no replay is longer than SIZE."""
+    from urllib.parse import quote
+    group, other = hist_group("hsmall"), hist_group("hsmall")
+    with running_server(app=f"{__name__}:hist_app") as server:
+        async def steps():
+            own, theirs = hist_Client(server.url(f"/hist/{group}/")), hist_Client(server.url(f"/hist/{other}/"))
+            await own.connect()
+            await theirs.connect()
+            await hist_say(server, other, ["secret"])
+            await theirs.messages(1)
+            await hist_say(server, group, [f"m{n}" for n in range(15)])
+            await own.messages(15)
+            await own.close()
+            await theirs.close()
+            key, (epoch, top) = next(iter(own.positions.items()))
+            other_key = next(iter(theirs.positions))
+            many = {uuid.uuid4().hex[:16]: [epoch, 0] for _ in range(100)}  # servers cap URLs
+            hostile = {
+                "forged_epoch": json.dumps({key: ["forged", 10]}),
+                "negative": json.dumps({key: [epoch, -1]}),
+                "huge": json.dumps({key: [epoch, 10**30]}),
+                "malformed": json.dumps({key: {"epoch": epoch}}),
+                "not_json": "{not json",
+                "a_list": json.dumps([[key, epoch, 1]]),
+                "other_group": json.dumps({other_key: [theirs.positions[other_key][0], 0]}),
+                "a_hundred": json.dumps({**many, key: [epoch, 5]}),
+            }
+            results = {}
+            for name, text in hostile.items():
+                lines_before = server.log().count("\n")
+                async with ws_connect(server.url(f"/hist/{group}/?resume={quote(text)}")) as socket:
+                    frames = []
+                    while True:
+                        frame = json.loads(await recv(socket))
+                        frames.append(frame)
+                        if "$resume" in frame:
+                            break
+                await asyncio.sleep(0.2)
+                results[name] = frames, server.log().count("\n") - lines_before
+            return key, top, results
+        key, top, results = run(steps(), timeout=60)
+        log = server.log()
+    assert "Traceback" not in log, log
+    for name, (frames, new_lines) in results.items():
+        replayed = [frame for frame in frames if "$pos" in frame]
+        outcome = frames[-1]["$resume"]
+        assert new_lines <= 1, (name, log)
+        assert list(outcome["positions"]) == [key], (name, outcome)  # only its own group
+        assert all(frame["$pos"][0] == key for frame in replayed) and len(replayed) <= 10, name
+        assert "secret" not in json.dumps(frames) and "hsmall-" not in json.dumps(frames), name
+    assert results["forged_epoch"][0][-1]["$resume"]["lost"] == [key]
+    assert results["huge"][0][-1]["$resume"]["lost"] == [key]
+    for name in ("negative", "malformed", "not_json", "a_list", "other_group", "a_hundred"):
+        assert results[name][1] == 1, (name, log)  # the one warning line
+    assert [f["$pos"][2] for f in results["a_hundred"][0][:-1]] == list(range(6, top + 1))
+
+
+@asynchronous
+async def test_history_10000_resume_keys_cost_one_warning_and_a_bounded_handshake(caplog):
+    """uvicorn refuses a URL that long (400), but if a server passed one: 10,000
+    keys in the resume parameter are ignored with one warning, and the handshake stays quick."""
+    from urllib.parse import quote
+    app = Application(hist_routing, channel_layer=InMemoryChannelLayer())
+    group = hist_group()
+    many = json.dumps({uuid.uuid4().hex[:16]: ["e", 0] for _ in range(10_000)})
+    assert len(many) < 512_000
+    socket = WebsocketCommunicator(app, f"/hist/{group}/?resume={quote(many)}")
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="channels_mini"):
+        assert (await socket.connect())[0]
+        frame = await socket.receive_json_from()
+    seconds = time.monotonic() - started
+    await socket.disconnect()
+    assert frame["$resume"]["resumed"] == [] and frame["$resume"]["lost"] == []
+    assert len([r for r in caplog.records if "resume positions" in r.getMessage()]) == 1
+    assert seconds < 1, seconds
+
+
+def test_history_a_logout_during_the_gap_refuses_the_reconnect_and_replays_nothing():
+    """A members-only resumable room: its user logs out while the socket is away; the
+    reconnect with the same cookie and positions is refused (403) and nothing is replayed."""
+    from websockets.exceptions import InvalidStatus
+    user, cookie = rel_login("resumer")
+    group = hist_group()
+    with running_server(app=f"{__name__}:hist_app") as server:
+        async def steps():
+            client = hist_Client(server.url(f"/hist-member/{group}/"), headers=[("Cookie", cookie)])
+            await client.connect()
+            await hist_say(server, group, ["before"])
+            await client.messages(1)
+            await client.close()
+            await asyncio.to_thread(http_request, server.url("/logout/", "http"), None, {"Cookie": cookie})
+            await hist_say(server, group, ["said after the logout"])
+            with pytest.raises(InvalidStatus) as refused:
+                await client.connect()
+            return client, refused.value.response.status_code
+        client, status = run(steps())
+    assert status == 403
+    assert hist_texts(client.seen) == ["before"]
+
+
+def test_history_1000_clients_resuming_within_2_seconds_all_resume():
+    """1,000 resumable sockets drop; 5 messages are said; all 1,000 reconnect within 2 s and
+    each resumes with the 5. The handshake-to-"resumed" time and the server's memory are
+    printed."""
+    import statistics
+    group = hist_group()
+    count = 1000
+    with running_server(app=f"{__name__}:hist_app") as server:
+        server_process = psutil.Process(server.process.pid)
+
+        async def steps():
+            clients = [hist_Client(server.url(f"/hist/{group}/")) for _ in range(count)]
+            for start in range(0, count, 100):
+                await asyncio.gather(*(client.connect(timeout=30) for client in clients[start:start + 100]))
+            await asyncio.gather(*(client.close() for client in clients))
+            rss_before = server_process.memory_info().rss
+            await hist_say(server, group, [f"m{n}" for n in range(5)])
+            began = time.monotonic()
+
+            async def resume(client, delay):
+                await asyncio.sleep(delay)
+                started = time.monotonic()
+                replayed = await client.connect(timeout=30)
+                return time.monotonic() - started, replayed, client.outcomes[-1]["$resume"]
+
+            results = await asyncio.gather(*(resume(client, 2.0 * n / count) for n, client in enumerate(clients)))
+            spread = time.monotonic() - began
+            rss_after = server_process.memory_info().rss
+            await asyncio.gather(*(client.close() for client in clients))
+            return results, spread, rss_before, rss_after
+        results, spread, rss_before, rss_after = run(steps(), timeout=180)
+    seconds = sorted(result[0] for result in results)
+    p99 = seconds[int(0.99 * len(seconds)) - 1]
+    print(f"\n{count} resumes within {spread:.2f} s: handshake to 'resumed' median "
+          f"{statistics.median(seconds) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; server RSS "
+          f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MB")
+    assert all(hist_texts(result[1]) == [f"m{n}" for n in range(5)] for result in results)
+    assert all(result[2]["resumed"] and not result[2]["lost"] for result in results)
+
+
+@asynchronous
+async def test_history_a_client_that_never_returns_leaves_nothing_and_history_goes_after_its_ttl():
+    """Sockets that close and never come back leave nothing behind per socket; the messages
+    of a group kept for 1.5 s (hshort) are freed then (``Application.stats()``)."""
+    app = Application(hist_routing, channel_layer=InMemoryChannelLayer())
+    group = hist_group("hshort")
+    sockets = [WebsocketCommunicator(app, f"/hist/{group}/") for _ in range(20)]
+    for socket in sockets:
+        assert (await socket.connect())[0]
+        assert "$resume" in await socket.receive_json_from()
+    assert app.stats()["resumable"] == 20
+    for n in range(5):
+        await Group(group, channel_layer=app.channel_layer).asend({"text": f"m{n}"})
+    for socket in sockets:
+        await socket.disconnect()
+    stats = app.stats()
+    assert (stats["resumable"], stats["history_groups"], stats["history_messages"]) == (0, 1, 5)
+    await asyncio.sleep(1.6)
+    stats = app.stats()
+    assert (stats["history_groups"], stats["history_messages"]) == (0, 0)
+
+
+def test_history_on_redis_messages_expire_after_the_ttl_and_the_position_stays_small():
+    """On Redis a group's messages live in one stream that expires TTL after the last send;
+    only its position (a small hash) outlives it, so a late client is told "lost" exactly."""
+    import redis
+    group = hist_group("hshort")
+    from django.test import override_settings
+    with running_redis() as url, override_settings(CHANNEL_LAYERS={"default": {
+            "BACKEND": redis_CORE, "CONFIG": {"hosts": [url]}}}):
+        reset_channel_layers()
+        layer = get_channel_layer()  # a layer from settings: section 15 stores its history sends
+        run(layer.group_send(group, {"text": "one"}))
+        client = redis.Redis.from_url(url)
+        try:
+            keys = sorted(key.decode() for key in client.keys(f"*{group}*"))
+            ttl_ms = client.pttl(f"asgi:history:{{{group}}}:messages")
+            time.sleep(1.7)
+            left = sorted(key.decode() for key in client.keys(f"*{group}*"))
+        finally:
+            client.close()
+    assert keys == [f"asgi:history:{{{group}}}:messages", f"asgi:history:{{{group}}}:position"]
+    assert 0 < ttl_ms <= 1500
+    assert left == [f"asgi:history:{{{group}}}:position"]
+
+
+
+@asynchronous
+async def test_history_frames_of_sockets_not_resumable_and_of_groups_without_history_are_unchanged():
+    """A socket that did not opt in gets a history group's frames exactly as sent (text and
+    bytes); a resumable socket gets a group without history's frames exactly as sent, and a
+    history group's in the documented envelope (bytes as base64)."""
+    import base64
+    app = Application(hist_routing + [hist_Room.as_route(path=r"^/two/(?P<group>[\w-]+)/$",
+                                                         attrs={"connection_groups": lambda self, group, **kw: [group, "plain-x"]})],
+                      channel_layer=InMemoryChannelLayer())
+    group = hist_group()
+    plain, resumable = WebsocketCommunicator(app, f"/hist-plain/{group}/"), WebsocketCommunicator(app, f"/two/{group}/")
+    for socket in (plain, resumable):
+        assert (await socket.connect())[0]
+    start = await resumable.receive_json_from()
+    key = next(iter(start["$resume"]["positions"]))
+    epoch = start["$resume"]["positions"][key][0]
+    layer = app.channel_layer
+    await Group(group, channel_layer=layer).asend({"text": "héllo"})
+    await Group(group, channel_layer=layer).asend({"bytes": b"\x00\xff"})
+    await Group("plain-x", channel_layer=layer).asend({"text": "unchanged"})
+    assert await plain.receive_output() == {"type": "websocket.send", "text": "héllo"}
+    assert await plain.receive_output() == {"type": "websocket.send", "bytes": b"\x00\xff"}
+    assert json.loads(await resumable.receive_from()) == {"$pos": [key, epoch, 1], "text": "héllo"}
+    assert json.loads(await resumable.receive_from()) == {
+        "$pos": [key, epoch, 2], "bytes": base64.b64encode(b"\x00\xff").decode()}
+    assert await resumable.receive_output() == {"type": "websocket.send", "text": "unchanged"}
+    assert group not in json.dumps(start) and len(key) == 16
+    for socket in (plain, resumable):
+        await socket.disconnect()
+
+
+@asynchronous
+async def test_history_a_stamp_in_a_message_is_only_ever_the_stores_own():
+    """A message that arrives with a position of its own (say, a client's JSON forwarded as a
+    group message) has it replaced in a group with history and removed in one without."""
+    layer = InMemoryChannelLayer()
+    group = hist_group()
+    await layer.group_add(group, "watcher.one")
+    await layer.group_add("plain-y", "watcher.one")
+    forged = {"text": "x", "__history__": [group, "forged", 999]}
+    await layer.group_send(group, forged)
+    await layer.group_send("plain-y", forged)
+    stored, passed = await layer.receive("watcher.one"), await layer.receive("watcher.one")
+    assert stored["__history__"][0] == group and stored["__history__"][1:] != ["forged", 999]
+    assert stored["__history__"][2] == 1 and passed == {"text": "x"}
+
+
+@asynchronous
+async def test_history_messages_a_full_outbox_dropped_are_filled_in_from_history():
+    """A burst overflows a resumable socket's outbox (capacity 5): the drops leave a gap that
+    the next message reveals, and the way out fills it from history -- every message arrives,
+    in order (a socket that did not opt in loses them, as it always did)."""
+    app = Application(hist_routing, channel_layer=InMemoryChannelLayer(capacity=5))
+    group = hist_group()
+    socket = WebsocketCommunicator(app, f"/hist/{group}/")
+    assert (await socket.connect())[0]
+    await socket.receive_json_from()
+    for number in range(30):  # no await between them: the writer cannot drain
+        app.channel_layer.group_send_now(group, {"text": f"m{number}"})
+    await asyncio.sleep(0.05)
+    app.channel_layer.group_send_now(group, {"text": "last"})
+    frames = [json.loads(await socket.receive_from()) for _ in range(31)]
+    assert [frame["$pos"][2] for frame in frames] == list(range(1, 32))
+    assert [frame["text"] for frame in frames] == [f"m{n}" for n in range(30)] + ["last"]
+    assert app.channel_layer.dropped > 0
+    await socket.disconnect()
+
+
+@pytest.mark.parametrize("setting, wrong", [
+    (["chat-*"], "must map group-name patterns"),
+    ({"chat-*": {"SIZE": 0, "TTL": 10}}, "positive integer SIZE"),
+    ({"chat-*": {"SIZE": 10}}, "positive TTL"),
+    ({"chat-*": 200}, "e.g. {'chat-*': {'SIZE': 200, 'TTL': 300}}"),
+])
+def test_history_a_wrong_setting_is_refused_with_what_to_write(setting, wrong):
+    from django.test import override_settings
+    layer = InMemoryChannelLayer()
+    with override_settings(CHANNELS_MINI_HISTORY=setting):
+        reset_channel_layers()
+        with pytest.raises(ImproperlyConfigured, match=re.escape(wrong)):
+            run(layer.group_send("chat-1", {"text": "x"}))
+    reset_channel_layers()
+
+
+def test_history_the_js_client_is_served_by_the_application():
+    """``GET /channels_mini.js`` from any ``Application``: the client, as JavaScript, with an
+    ETag (a 304 when unchanged); vendoring the one file brings it along."""
+    with running_server(app=f"{__name__}:hist_app") as server:
+        status, body, headers = http_request(server.url("/channels_mini.js", "http"))
+        etag = headers["ETag"]
+        again = http_request(server.url("/channels_mini.js", "http"), headers={"If-None-Match": etag})
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert b"class Bridge" in body and b"window.channels.WebSocketBridge" in body
+    assert again[0] == 304 and again[1] == b""
+
 
 
 # === Documentation ===

@@ -6,6 +6,7 @@ Run from the repository root:
     python bench/run.py --quick    # short run (under 2 minutes)
     python bench/run.py --rounds 7 # more rounds for layer + echo benchmarks
     python bench/run.py --only redis stalled   # some sections only
+    python bench/run.py --only history         # group sends with history vs without
 
 Every benchmark runs its implementations back to back (channels_mini, Channels 4, floor;
 the order is reversed on odd rounds), and each ratio is computed inside a round and then
@@ -37,10 +38,12 @@ import django  # noqa: E402
 
 django.setup()
 
-from bench import layerbench, presencebench, redisbench, stalledbench, webbench  # noqa: E402
+from bench import (historybench, layerbench, presencebench, redisbench,  # noqa: E402
+                   stalledbench, webbench)
 
 IMPLS = ("mini", "ch4", "floor")
-SECTIONS = ("layer", "echo", "broadcast", "memory", "flood", "presence", "redis", "stalled")
+SECTIONS = ("layer", "echo", "broadcast", "memory", "flood", "presence", "redis", "stalled",
+            "history")
 HEADERS = {"mini": "channels_mini", "ch4": "Channels 4", "floor": "floor"}
 
 
@@ -102,6 +105,12 @@ def make_config(args) -> dict:
         "stalled_size": 16384,
         "stalled_hold": 15.0,
         "stalled_after": 5.0,
+        # history: one process per flavour and round (`rounds`), about 6 s a round
+        "history_members": [1, 100],
+        "history_deliveries": 5_000 if quick else 20_000,
+        "history_min_sends": 500 if quick else 2_000,
+        "history_redis_sends": 300 if quick else 1_000,
+        "history_batch": 50,
     }
 
 
@@ -384,6 +393,33 @@ class StalledRow(Row):
 
     def ratio_text(self):
         return "— (channels_mini only, no ratio)"
+
+
+class HistoryRow(Row):
+    """A history row: one layer's group_send to a group with history (channels_mini column)
+    and to a group without (floor column), in the same process; no Channels 4 figure."""
+
+    def __init__(self, key, label):
+        super().__init__(key, label, "µs/send", False, metric="us_per_send")
+
+    def cell(self, impl):
+        return "—" if impl == "ch4" else super().cell(impl)
+
+    def extra(self, impl):
+        median = self.median(impl)
+        if not median:
+            return ""
+        kind = "with history" if impl == "mini" else "no history"
+        return f"{kind}, {1e6 / median:,.0f} sends/s"
+
+    def ratio_text(self):
+        value, _ = self.ratio("mini", "floor")
+        if value is None:
+            return "n/a"
+        extra = [self.value(r["mini"]) - self.value(r["floor"]) for r in self.rounds
+                 if self.value(r.get("mini")) is not None and self.value(r.get("floor")) is not None]
+        return (f"history/plain {value:.2f}× (+{statistics.median(extra):,.1f} µs/send) — "
+                "floor column: the same layer, a group without history")
 
 
 def med_stat(runs, stats_key, field):
@@ -809,6 +845,76 @@ def run_stalled(cfg, have_mini, rows, log_dir):
             log(f"    {label}:", _short(result))
 
 
+# -- 6. history --------------------------------------------------------------------------------
+
+#: (flavour, label of the layer, member counts measured)
+HISTORY_FLAVOURS = [
+    ("memory", "in memory (InMemoryChannelLayer)", None),
+    ("redis", "Redis (channels_redis RedisChannelLayer)", [1]),
+    ("pubsub", "Redis pub/sub (channels_redis RedisPubSubChannelLayer)", [1]),
+]
+
+
+def run_history(cfg, have_mini, rows, log_dir):
+    """A group send of 100 characters to a group with history (CHANNELS_MINI_HISTORY) and to
+    one without, on the same layer in one process: in memory with 1 and 100 members, on a
+    local redis-server with 1 (core and pub/sub layers). One fresh process per flavour and
+    round (historybench.child), the Redis emptied before each."""
+    history_rows = {}
+    for flavour, label, members in HISTORY_FLAVOURS:
+        for m in members or cfg["history_members"]:
+            row = HistoryRow(f"history_{flavour}_{m}", f"history, {label}: group_send of 100 "
+                             f"chars to {m} member{'s' * (m > 1)}, a group with history "
+                             "(SIZE 200) vs one without")
+            history_rows[(flavour, m)] = row
+            rows.append(row)
+    if not have_mini:
+        return
+    options = {
+        "memory": dict(members=cfg["history_members"], deliveries=cfg["history_deliveries"],
+                       min_sends=cfg["history_min_sends"], batch=cfg["history_batch"]),
+        "redis": dict(sends=cfg["history_redis_sends"], batch=cfg["history_batch"]),
+    }
+    options["pubsub"] = options["redis"]
+    server = contextlib.ExitStack()
+    try:
+        try:
+            port = server.enter_context(presencebench.redis_server(log_dir))
+            log(f"[history] redis-server {presencebench.redis_version()} on 127.0.0.1:{port}")
+        except Exception as exc:  # the Redis rows then show ERROR; the in-memory rows run
+            port = exc
+            log(f"    ! redis-server: {exc!r}")
+
+        def one(flavour, redis_port):
+            if redis_port is not None:
+                redisbench.flush(redis_port)  # no stream, group or message of an earlier run
+            return historybench.child(flavour, str(Path(log_dir) / f"history-{flavour}.log"),
+                                      redis_port, webbench.PYCACHE_DIR, **options[flavour])
+
+        for r in range(cfg["rounds"]):
+            log(f"[history] round {r + 1}/{cfg['rounds']}")
+            summary = {}
+            for flavour, _, _ in ordered(HISTORY_FLAVOURS, r):
+                # with no redis-server (port is its exception) measure() skips the Redis runs
+                result = measure(one, flavour, None if flavour == "memory" else port)
+                for (row_flavour, m), row in history_rows.items():
+                    if row_flavour != flavour:
+                        continue
+                    case = result.get("cases", {}).get(str(m)) if "error" not in result else None
+                    if case is None:
+                        error = result if "error" in result else {"error": f"no case for {m}"}
+                        row.rounds.append({"mini": error, "floor": error})
+                        continue
+                    row.rounds.append({
+                        "mini": {"us_per_send": case["history_us_per_send"], **case},
+                        "floor": {"us_per_send": case["plain_us_per_send"], **case}})
+                    summary[f"{flavour}/{m}"] = (round(case["history_us_per_send"], 2),
+                                                 round(case["plain_us_per_send"], 2))
+            log("    (history µs, plain µs):", summary)
+    finally:
+        server.close()  # stops redis-server
+
+
 # -- output ----------------------------------------------------------------------------------
 
 def table(rows) -> str:
@@ -864,8 +970,8 @@ def environment(mini_path: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (under 2 minutes)")
-    parser.add_argument("--rounds", type=int, help="rounds for layer and echo benchmarks "
-                        "(default 5, quick 2)")
+    parser.add_argument("--rounds", type=int, help="rounds for layer, echo and history "
+                        "benchmarks (default 5, quick 2)")
     parser.add_argument("--heavy-rounds", type=int, help="rounds for broadcast, memory, "
                         "flood, presence and redis (default min(rounds, 3), quick 1), and for "
                         "stalled (default 2, quick 1)")
@@ -898,7 +1004,7 @@ def main(argv=None) -> int:
         log(f"note: load average is {load_before[0]:.1f} on {os.cpu_count()} CPUs; other work "
             "will add noise (the interleaved ratios are the figures to trust)")
     started = time.perf_counter()
-    if set(sections) - {"layer", "presence"}:  # the in-process sections start no servers
+    if set(sections) - {"layer", "presence", "history"}:  # these start no ASGI servers
         apps = ["bare", "ch4"] + (["mini"] if mini is not None else [])
         problems = webbench.warm_bytecode_cache(apps)
         log(f"bytecode cache {webbench.PYCACHE_DIR} warmed" +
@@ -911,7 +1017,8 @@ def main(argv=None) -> int:
                "flood": lambda: run_flood(cfg, mini is not None, rows, log_dir),
                "presence": lambda: run_presence(cfg, mini, rows, log_dir),
                "redis": lambda: run_redis(cfg, mini is not None, rows, log_dir),
-               "stalled": lambda: run_stalled(cfg, mini is not None, rows, log_dir)}
+               "stalled": lambda: run_stalled(cfg, mini is not None, rows, log_dir),
+               "history": lambda: run_history(cfg, mini is not None, rows, log_dir)}
     for section in sections:
         t = time.perf_counter()
         runners[section]()
