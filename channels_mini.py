@@ -5055,13 +5055,14 @@ class _ResumableSocket:
         for group in sorted(self.connection.groups):
             position = asked.get(_group_key(group))
             epoch, top = await self._position(group)
-            if position is not None and position[0] == epoch and position[1] <= top:
+            if epoch is not None and position is not None and position[0] == epoch and position[1] <= top:
                 self.sent[group] = list(position)
                 self.resuming.add(group)
-            elif epoch is not None:
+                continue
+            if epoch is not None:  # else no history, or it cannot be read now
                 self.sent[group] = [epoch, top]
-                if position is not None:
-                    self.lost.add(group)
+            if position is not None:
+                self.lost.add(group)
 
     async def deliver(self, reply: dict) -> None:
         if _RESUME in reply:

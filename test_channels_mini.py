@@ -8972,11 +8972,11 @@ async def hist_drop_and_miss(client: hist_Client, server: Server, group: str, te
     await hist_say(server, group, texts, pause=seconds / len(texts))
 
 
-@pytest.mark.parametrize("where", ["memory", "redis"])
+@pytest.mark.parametrize("where", ["memory", "redis_core", "redis_pubsub"])
 def test_history_a_3_s_drop_with_50_sends_is_replayed_once_in_order_then_resumed(where):
     """The socket drops for 3 s while 50 messages are said: reconnecting (in memory: to the
-    same server; on Redis: to the other of two), it gets the 50, once each, in order, each
-    with the next offset, then "resumed" -- and what is said after, live."""
+    same server; on Redis, either channels_redis layer: to the other of two), it gets the 50,
+    once each, in order, each with the next offset, then "resumed" -- and what is said after, live."""
     group = hist_group()
 
     def scenario(first: Server, second: Server):
@@ -9001,7 +9001,7 @@ def test_history_a_3_s_drop_with_50_sends_is_replayed_once_in_order_then_resumed
             fresh, before, replayed, outcome, after = scenario(server, server)
     else:
         with running_redis() as url:
-            env = redis_server_env(url)
+            env = redis_server_env(url, redis_CORE if where == "redis_core" else redis_PUBSUB)
             with running_server(app=f"{__name__}:hist_app", env=env) as first, \
                     running_server(app=f"{__name__}:hist_app", env=env) as second:
                 fresh, before, replayed, outcome, after = scenario(first, second)

@@ -13,11 +13,12 @@ settings, layer or module state of one flavour reaches another, nor the harness'
 In each process one layer serves two groups of the same size: ``hist-...``, which matches
 ``HISTORY``, and ``plain-...``, which does not. Sends go in batches of ``--batch``,
 alternating between the two groups (history, plain, plain, history, ...), so drift hits both
-alike; only the ``group_send`` calls are timed, and after each batch every member receives
-its messages outside the clock (so no channel ever fills) and checks them: the text, and for
-the history group the position channels_mini stamped on it (one epoch, offsets one apart),
-for the plain group no stamp. A lost message, a missing stamp or a stamp where none belongs
-fails the run.
+alike. Only the ``group_send`` calls are timed; the figure is the median over the batches
+of µs per send, which a moment descheduled by other work on 2 cores does not move (the mean
+is in the JSON too). After each batch every member receives its messages outside the clock
+(so no channel ever fills) and checks them: the text, and for the history group the
+position channels_mini stamped on it (one epoch, offsets one apart), for the plain group no
+stamp. A lost message, a missing stamp or a stamp where none belongs fails the run.
 
 - ``memory``: ``channels_mini.InMemoryChannelLayer`` (capacity ``--batch`` + 10), built
   directly; its ``group_send`` hook stores each message of a history group in a bounded
@@ -37,6 +38,7 @@ import asyncio
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -183,13 +185,16 @@ async def compare(layer, mini, members: int, sends: int, batch: int, tag: str,
 
     for kind in groups:  # warm-up: first-use costs (the log or stream, the script, the pools)
         await one_batch(kind, min(batch, 10))
+    per_send = {kind: [] for kind in groups}  # seconds per send, one figure per batch
     seconds = {kind: 0.0 for kind in groups}
     done = {kind: 0 for kind in groups}
     index = 0
     while done["history"] < sends:
         count = min(batch, sends - done["history"])
         for kind in (("history", "plain") if index % 2 == 0 else ("plain", "history")):
-            seconds[kind] += await one_batch(kind, count)
+            elapsed = await one_batch(kind, count)
+            per_send[kind].append(elapsed / count)
+            seconds[kind] += elapsed
             done[kind] += count
         index += 1
     result = {"members": members, "sends": sends, "batch": batch}
@@ -198,7 +203,8 @@ async def compare(layer, mini, members: int, sends: int, batch: int, tag: str,
         expected = (sends + min(batch, 10)) * members
         if received != expected:
             raise AssertionError(f"{groups[kind]}: {received} received, {expected} expected")
-        result[f"{kind}_us_per_send"] = seconds[kind] / sends * 1e6
+        result[f"{kind}_us_per_send"] = statistics.median(per_send[kind]) * 1e6
+        result[f"{kind}_mean_us_per_send"] = seconds[kind] / sends * 1e6
     result["last_offset"] = checkers["history"][0].offset
     return result
 

@@ -75,12 +75,34 @@ class ChatConsumer(WebsocketConsumer):
     of their tabs are one entry), otherwise one key per socket (the names
     picked on the index page are not accounts, so two tabs of "alice" are two
     entries). The meta carries the name picked on the index page.
+
+    The room resumes: its group keeps a short history (CHANNELS_MINI_HISTORY
+    in demo/settings.py) and the socket is `resumable`, so a page that drops
+    for a few seconds and reconnects with the served client
+    (/channels_mini.js) first gets every group message it missed, in order
+    and once each, then a "$resume" frame; the client unwraps all of that,
+    the page only hears "resumed" or "lost" (see room.html). Everything sent
+    to the room's group is in that history: chat lines, join/leave events,
+    job results and presence diffs alike. The presence_state snapshot is a
+    direct reply to this socket, not a group message, so it is never
+    replayed: each connection gets a fresh one.
+
+    The text "/drop" makes the server close the socket (code 4000): the
+    page's "Drop connection" button, to watch a reconnect and its catch-up.
     """
 
     # Load the Django session and user from the handshake's cookies, and keep
     # them on every message of this socket (message.http_session,
     # message.user).
     http_user = True
+
+    # The room's group has history (demo/settings.py): replay what this socket
+    # missed when it comes back, and say so when that history is gone.
+    resumable = True
+
+    #: The close code of a socket closed on request ("/drop"). Any code but
+    #: 4401 and 1008 makes the client reconnect; 4000-4999 are the app's own.
+    DROP_CODE = 4000
 
     def connection_groups(self, room, **kwargs):
         # Joined on connect and left on disconnect, automatically. `room`
@@ -115,6 +137,12 @@ class ChatConsumer(WebsocketConsumer):
     def receive(self, text=None, bytes=None, **kwargs):
         text = (text or "").strip()[:MAX_TEXT_LENGTH]
         if not text:
+            return
+        if text == "/drop":
+            # A teaching aid: the server closes this socket, as a flaky network
+            # or a restart would. The page reconnects and catches up; the others
+            # see "<name> left", then "<name> joined".
+            self.close(self.DROP_CODE)
             return
         payload = {"user": display_name(self.message), "text": text}
         # Sent to the group when this handler returns, like every send a

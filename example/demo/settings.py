@@ -92,6 +92,16 @@ CHANNEL_ROUTING = "demo.routing.channel_routing"
 # }
 # CHANNELS_MINI_PRESENCE = {"CACHE": "presence", "HEARTBEAT": 5.0, "TIMEOUT": 20.0}
 
+# History of the chat rooms' groups (chat.consumers.room_group(): "chat-"
+# plus the room): the last 200 messages of each room, for 300 seconds. The
+# chat consumer is `resumable`, so a page that reconnects within that window
+# (a dropped Wi-Fi, a laptop lid, the room's "Drop connection" button) gets
+# what it missed; after longer, or after a server restart (the in-process
+# layer keeps history in memory), the page is told it lost messages instead.
+# With a shared Redis layer (CHANNEL_LAYERS above) the history lives in Redis
+# and outlives a restart of the web server.
+CHANNELS_MINI_HISTORY = {"chat-*": {"SIZE": 200, "TTL": 300}}
+
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
