@@ -8965,6 +8965,22 @@ async def hist_say(server: Server, group: str, texts: list[str], pause: float = 
         assert await recv(speaker) == "synced"
 
 
+async def hist_hear_then_leave(client: hist_Client, server: Server, group: str, texts: list[str]) -> None:
+    """The client connects, hears *texts* said to the group, and leaves."""
+    await client.connect()
+    await hist_say(server, group, texts)
+    await client.messages(len(texts))
+    await client.close()
+
+
+async def hist_resume_after(client: hist_Client, server: Server, group: str, texts: list[str]) -> list:
+    """*texts* are said on *server*; the client then resumes there: what it replayed."""
+    await hist_say(server, group, texts)
+    replayed = await client.connect(server.url(f"/hist/{group}/"))
+    await client.close()
+    return replayed
+
+
 async def hist_drop_and_miss(client: hist_Client, server: Server, group: str, texts: list[str],
                              seconds: float) -> None:
     """The client's socket closes; *texts* are said over *seconds* while it is away."""
@@ -9101,27 +9117,34 @@ def test_history_a_restarted_in_memory_server_says_lost_never_resumed(how):
     with running_server(app=f"{__name__}:hist_app") as server:
         client = hist_Client(server.url(f"/hist/{group}/"))
 
-        async def before():
-            await client.connect()
-            await hist_say(server, group, ["one", "two"])
-            await client.messages(2)
-            await client.close()
-        run(before())
+        run(hist_hear_then_leave(client, server, group, ["one", "two"]))
         if how == "sigkill":
             server.process.kill()
         stop_process(server.process)
     with running_server(app=f"{__name__}:hist_app") as server:
-        async def after():
-            await hist_say(server, group, ["three"])
-            replayed = await client.connect(server.url(f"/hist/{group}/"))
-            await client.close()
-            return replayed
-        replayed = run(after())
+        replayed = run(hist_resume_after(client, server, group, ["three"]))
     first, last = client.outcomes[0]["$resume"], client.outcomes[-1]["$resume"]
     key = next(iter(first["positions"]))
     assert replayed == [] and last["resumed"] == [] and last["lost"] == [key]
     assert last["positions"][key][0] != first["positions"][key][0]  # a new epoch
     assert last["positions"][key][1] == 1  # where the new history stands: "three"
+
+
+def test_history_a_server_restarted_on_redis_resumes_without_losing_a_line():
+    """The only server, on Redis, is killed while the client is away and started again; a
+    message is said on the new one: the client resumes with the line it missed."""
+    group = hist_group()
+    with running_redis() as url:
+        env = redis_server_env(url)
+        with running_server(app=f"{__name__}:hist_app", env=env) as server:
+            client = hist_Client(server.url(f"/hist/{group}/"))
+            run(hist_hear_then_leave(client, server, group, ["one", "two"]))
+            server.process.kill()
+            stop_process(server.process)
+        with running_server(app=f"{__name__}:hist_app", env=env) as server:
+            replayed = run(hist_resume_after(client, server, group, ["three"]))
+    assert hist_texts(replayed) == ["three"] and replayed[0][2] == 3
+    assert client.outcomes[-1]["$resume"]["resumed"] and not client.outcomes[-1]["$resume"]["lost"]
 
 
 def test_history_one_of_two_processes_killed_the_client_resumes_on_the_other():
@@ -9167,10 +9190,7 @@ def test_history_redis_restarted_empty_or_from_an_older_snapshot_says_lost(resta
             client = hist_Client(server.url(f"/hist/{group}/"))
 
             async def before():
-                await client.connect()
-                await hist_say(server, group, ["one", "two"])
-                await client.messages(2)
-                await client.close()
+                await hist_hear_then_leave(client, server, group, ["one", "two"])
                 if restart == "older_snapshot":
                     redis.Redis.from_url(url).save()
                 await hist_say(server, group, ["missed three", "missed four"])

@@ -5,8 +5,11 @@ a fresh SQLite database, and drives Chromium through Playwright: two visitors
 chat and see each other in the room's "Here now" list, share the live item
 list, run a background job, and an edit in the admin reaches an open page.
 The live list also runs on its server-sent events fallback (EventSource on
-/live/events/, no WebSocket), fed by the same binding group. It also restarts
-the server under an open page to check that the page reconnects.
+/live/events/, no WebSocket), fed by the same binding group. Pages connect
+their sockets with the client the server itself serves, /channels_mini.js. A
+chat page whose socket drops and stays offline for a few seconds catches up
+on what the room said meanwhile; a server restart under an open page makes
+it reconnect and say that it lost messages (the in-memory history is gone).
 
 Run it from the repository root:
 
@@ -429,10 +432,88 @@ def test_event_stream_answers_as_server_sent_events(server):
         connection.close()
 
 
+def chat_lines(page):
+    return page.locator("#messages li.chat")
+
+
+def lost_notice(page):
+    return page.locator("#messages li.lost")
+
+
+def test_the_served_client_is_javascript(server):
+    with urllib.request.urlopen(server.url + "/channels_mini.js", timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["content-type"].startswith("text/javascript")
+        body = response.read().decode()
+    assert "class Bridge" in body and "window.ChannelsMini" in body
+
+
+@pytest.mark.parametrize("path", ["/chat/client/", "/items/"])
+def test_pages_connect_with_the_served_client(visitors, path):
+    alice = visitors("alice")
+    alice.add_init_script(RECORD_TRANSPORTS)
+    responses = []
+    alice.on("response", lambda response: responses.append((response.url, response.status)))
+    open_online(alice, path)
+    assert (alice.url.split(path)[0] + "/channels_mini.js", 200) in responses, responses
+    expect(alice.locator('script[src="/channels_mini.js"]')).to_have_count(1)
+    assert alice.evaluate("typeof window.ChannelsMini.Bridge") == "function"
+    # The page's socket is the bridge's, and the page opens none of its own.
+    assert alice.evaluate("socketOwner() instanceof ChannelsMini.Bridge".replace(
+        "socketOwner()", "bridge" if path.startswith("/chat/") else "socket"))
+    assert transports(alice) == ["WebSocket " + path]
+    inline = "\n".join(alice.locator("script:not([src])").all_text_contents())
+    assert "new WebSocket" not in inline and "setTimeout" not in inline.split("function openEvents")[0]
+
+
+def test_a_tab_offline_for_3_s_catches_up(visitors):
+    alice, bob = visitors("alice"), visitors("bob")
+    open_online(alice, "/chat/catch-up/")
+    open_online(bob, "/chat/catch-up/")
+    expect(alice.locator("#messages li.event", has_text="bob joined")).to_be_visible()
+
+    # alice's network goes, and the server closes her socket ("/drop"): every
+    # reconnect fails until she is back online.
+    alice.context.set_offline(True)
+    alice.click("#drop-button")
+    expect(bob.locator("#messages li.event", has_text="alice left")).to_be_visible()
+    expect(alice.locator("#status")).not_to_have_attribute("data-state", "online")
+    offline_since = time.monotonic()
+
+    said = [f"bob: line {n} while alice is away" for n in range(1, 6)]
+    for line in said:
+        bob.fill("#chat-input", line.removeprefix("bob: "))
+        bob.press("#chat-input", "Enter")
+        expect(bob.locator("#messages li.chat", has_text=line)).to_be_visible()
+    time.sleep(max(0.0, 3.0 - (time.monotonic() - offline_since)))
+    expect(chat_lines(alice)).to_have_count(0)  # nothing came through meanwhile
+    assert alice.evaluate("bridge.status") != "online"
+
+    alice.context.set_offline(False)
+    expect(alice.locator("#status")).to_have_attribute("data-state", "online")
+    # "resumed" comes after the replay: by then every missed line is in.
+    expect(alice.locator("#messages li.resumed")).to_have_count(1)
+    expect(chat_lines(alice)).to_have_text(said)  # every line, once each, in order
+    expect(lost_notice(alice)).to_have_count(0)
+    expect(bob.locator("#messages li.event", has_text="alice joined")).to_have_count(2)
+
+    # and the room goes on as usual, both ways
+    bob.fill("#chat-input", "welcome back")
+    bob.press("#chat-input", "Enter")
+    expect(chat_lines(alice)).to_have_text([*said, "bob: welcome back"])
+    alice.fill("#chat-input", "thanks")
+    alice.press("#chat-input", "Enter")
+    expect(bob.locator("#messages li.chat", has_text="alice: thanks")).to_be_visible()
+    expect(here_now(bob)).to_have_text(["alice", "bob"])
+    expect(here_now(alice)).to_have_text(["alice", "bob"])
+
+
 def test_page_reconnects_after_a_server_restart(visitors, server):
     alice, bob = visitors("alice"), visitors("bob")
     open_online(alice, "/chat/restart/")
     open_online(bob, "/chat/restart/")
+    expect(alice.locator("#messages li.event", has_text="bob joined")).to_be_visible()
+    expect(lost_notice(alice)).to_have_count(0)
 
     server.stop()
     expect(alice.locator("#status")).to_have_attribute("data-state", "offline")
@@ -446,6 +527,14 @@ def test_page_reconnects_after_a_server_restart(visitors, server):
     expect(bob.locator("#messages li.chat", has_text="alice: still here")).to_be_visible()
     # the new server's presence, rebuilt from the reconnected sockets
     expect(here_now(alice)).to_have_text(["alice", "bob"])
+    # The restart took the in-memory history with it: both pages say they may
+    # have missed messages, once, and neither claims to have caught up.
+    for page in (alice, bob):
+        expect(lost_notice(page)).to_have_count(1)
+        expect(lost_notice(page)).to_have_text(
+            "Some messages may have been missed while you were away "
+            "(the server lost its history).")
+        expect(page.locator("#messages li.resumed")).to_have_count(0)
 
 
 def test_server_logged_no_errors(server):
