@@ -4943,6 +4943,11 @@ return {epoch, top, now, entries}
 """
 
 
+@functools.lru_cache(maxsize=None)
+def _script_sha(script: str) -> str:
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+
 class _RedisHistory:
     """The history of a channels_redis layer's groups, on the layer's own Redis servers (the
     same ``CONFIG["hosts"]``, either layer); messages serialized as the layer does (encrypted
@@ -4973,20 +4978,28 @@ class _RedisHistory:
             clients[index] = aioredis.Redis(connection_pool=create_pool(self.hosts[index]))
         return clients[index]
 
+    async def _script(self, script: str, group: str, ttl: float, *args: Any) -> Any:
+        """Run *script* on the group's keys: by its SHA1 (the text is sent once per server)."""
+        from redis.exceptions import NoScriptError
+
+        redis = self._redis(group)
+        args = (*self._keys(group), secrets.token_hex(6), max(_META_LIFETIME, int(ttl)), *args)
+        try:
+            return await redis.evalsha(_script_sha(script), 2, *args)
+        except NoScriptError:
+            return await redis.eval(script, 2, *args)
+
     def _keys(self, group: str) -> list[str]:
         base = f"{self.prefix}:history:{{{group}}}"  # {group}: one cluster slot for both keys
         return [base + ":messages", base + ":position"]
 
     async def append(self, group: str, message: dict, size: int, ttl: float) -> tuple[str, int]:
-        epoch, offset = await self._redis(group).eval(
-            _REDIS_APPEND, 2, *self._keys(group), secrets.token_hex(6), max(_META_LIFETIME, int(ttl)),
-            size, max(1, int(ttl * 1000)), self.layer.serialize(message))
+        epoch, offset = await self._script(_REDIS_APPEND, group, ttl, size, max(1, int(ttl * 1000)),
+                                           self.layer.serialize(message))
         return epoch.decode(), int(offset)
 
     async def read(self, group: str, after: int, size: int, ttl: float, limit: int) -> _Found:
-        epoch, top, now, entries = await self._redis(group).eval(
-            _REDIS_READ, 2, *self._keys(group), secrets.token_hex(6), max(_META_LIFETIME, int(ttl)),
-            f"{after + 1}-0", limit)
+        epoch, top, now, entries = await self._script(_REDIS_READ, group, ttl, f"{after + 1}-0", limit)
         kept = []
         for entry_id, fields in entries:
             fields = dict(zip(fields[::2], fields[1::2]))
