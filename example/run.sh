@@ -49,6 +49,7 @@ fi
 echo
 echo "==> channels_mini demo: http://$HOST:$PORT/   (admin: http://$HOST:$PORT/admin/, admin / admin)"
 echo "    Open a chat room or the live list in two windows. Ctrl-C stops the server."
+echo "    In a room, \"Drop connection\" cuts that window's socket: talk in the other, watch it catch up."
 echo
 # --ws-max-size: the same limit as Application(max_message_size=1_048_576), so uvicorn refuses
 # larger frames before buffering them (its own default is 16 MiB).

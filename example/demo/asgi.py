@@ -44,5 +44,6 @@ if settings.DEBUG:
     http_app = ASGIStaticFilesHandler(http_app)
 
 # 3. WebSockets, the /live/events/ stream and background channels: the
-#    Channels 1.x routing.
+#    Channels 1.x routing. The Application also answers /channels_mini.js
+#    itself: the reconnecting (and resuming) WebSocket client the pages load.
 application = Application(channel_routing, http=http_app)
