@@ -4753,7 +4753,10 @@ _hooks.serving.append(_start_membership_keeper)
 # kept per socket once it closes.
 
 _STAMP = "__history__"  # in a group message: [group, epoch, offset]; never sent to a client
-_RESUME = "__resume__"  # a socket's reply: the handshake is done, catch up and say how it went
+#: A socket's reply: the handshake is done, catch up and say how it went. Random: no message
+#: from elsewhere can carry it.
+_RESUME = f"__resume_{secrets.token_hex(8)}__"
+_HELD_AT_MOST = 1_000  # stamped replies a socket keeps while its handshake runs
 _META_LIFETIME = 86_400  # seconds a group's position outlives its messages (a few bytes)
 _MAX_RESUME_TEXT = 65_536  # characters of the ?resume= parameter read at most
 _CLIENT_PATH = "/channels_mini.js"  # where `Application` serves the JS client
@@ -4776,12 +4779,13 @@ class _HistoryRules:
             return self.by_group[group]
         except KeyError:
             pass
-        if self.patterns is None:
-            self.patterns = self._read_setting()
+        patterns = self.patterns
+        if patterns is None:
+            patterns = self.patterns = self._read_setting()
         if len(self.by_group) > 10_000:  # per-user groups: keep the cache bounded
             self.by_group.clear()
         rule = self.by_group[group] = next(
-            (rule for pattern, rule in self.patterns if pattern.fullmatch(group)), None)
+            (rule for pattern, rule in patterns if pattern.fullmatch(group)), None)
         return rule
 
     @staticmethod
@@ -4883,18 +4887,19 @@ class _MemoryHistory:
         with self.lock:
             self._sweep(time.monotonic(), force=True)
             return {"history_groups": sum(1 for log in self.logs.values() if log.entries),
-                    "history_messages": sum(len(log.entries) for log in self.logs.values())}
+                    "history_messages": sum(len(log.entries) for log in self.logs.values()),
+                    "history_positions": len(self.logs)}
 
     def _sweep(self, now: float, force: bool = False) -> None:
-        """Once a second: free the messages older than their TTL, and positions a day unused."""
+        """Once a second: free the messages older than their TTL, and positions a day unsent."""
         if now < self.next_sweep and not force:
             return
         self.next_sweep = now + 1.0
         for group, log in list(self.logs.items()):
             while log.entries and log.entries[0][1] <= now - log.ttl:
                 log.entries.popleft()
-            if log.last_sent < now - _META_LIFETIME:
-                del self.logs[group]
+            if log.last_sent < now - (_META_LIFETIME if log.top else log.ttl):
+                del self.logs[group]  # a position only read (never sent to) lasts TTL
 
 
 def _stamp_in_memory(layer: InMemoryChannelLayer, group: str, message: dict) -> dict:
@@ -4943,6 +4948,22 @@ return {epoch, top, now, entries}
 """
 
 
+def _close_with_loop(loop: asyncio.AbstractEventLoop, clients: dict) -> None:
+    """Close *clients* (Redis clients of *loop*) when the loop closes, as channels_redis does
+    for its own: ``async_to_sync`` gives each sync send outside a server a loop of its own."""
+    close = loop.close
+
+    def closing() -> None:
+        for client in clients.values():
+            try:
+                loop.run_until_complete(client.aclose())
+            except Exception:  # the connection is gone anyway
+                pass
+        close()
+
+    loop.close = closing  # type: ignore[method-assign]
+
+
 @functools.lru_cache(maxsize=None)
 def _script_sha(script: str) -> str:
     return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
@@ -4973,17 +4994,24 @@ class _RedisHistory:
         from redis import asyncio as aioredis
 
         self.clients = self.clients if self.clients is not None else weakref.WeakKeyDictionary()
-        clients = self.clients.setdefault(asyncio.get_running_loop(), {})
+        loop = asyncio.get_running_loop()
+        if loop not in self.clients:
+            self.clients[loop] = {}
+            _close_with_loop(loop, self.clients[loop])
+        clients = self.clients[loop]
         if index not in clients:
             clients[index] = aioredis.Redis(connection_pool=create_pool(self.hosts[index]))
         return clients[index]
 
-    async def _script(self, script: str, group: str, ttl: float, *args: Any) -> Any:
-        """Run *script* on the group's keys: by its SHA1 (the text is sent once per server)."""
+    async def _script(self, script: str, group: str, keep: float, *args: Any) -> Any:
+        """Run *script* on the group's keys, by its SHA1 (the text is sent once per server). A
+        position it has to make lasts *keep* seconds."""
+        import math
+
         from redis.exceptions import NoScriptError
 
         redis = self._redis(group)
-        args = (*self._keys(group), secrets.token_hex(6), max(_META_LIFETIME, int(ttl)), *args)
+        args = (*self._keys(group), secrets.token_hex(6), max(1, math.ceil(keep)), *args)
         try:
             return await redis.evalsha(_script_sha(script), 2, *args)
         except NoScriptError:
@@ -4994,7 +5022,8 @@ class _RedisHistory:
         return [base + ":messages", base + ":position"]
 
     async def append(self, group: str, message: dict, size: int, ttl: float) -> tuple[str, int]:
-        epoch, offset = await self._script(_REDIS_APPEND, group, ttl, size, max(1, int(ttl * 1000)),
+        epoch, offset = await self._script(_REDIS_APPEND, group, max(_META_LIFETIME, ttl), size,
+                                           max(1, int(ttl * 1000)),
                                            self.layer.serialize(message))
         return epoch.decode(), int(offset)
 
@@ -5040,19 +5069,25 @@ def _history_of(layer: Any) -> _MemoryHistory | _RedisHistory:
     """Where the history of *layer*'s groups is kept: in memory, or on its Redis servers."""
     history = _histories.get(id(layer))
     if history is None or history.layer is not layer:
-        kind = _MemoryHistory if isinstance(layer, InMemoryChannelLayer) else _RedisHistory
-        history = _histories[id(layer)] = kind(layer)
+        with _histories_lock:  # two threads' first sends must share one history (one epoch)
+            history = _histories.get(id(layer))
+            if history is None or history.layer is not layer:
+                kind = _MemoryHistory if isinstance(layer, InMemoryChannelLayer) else _RedisHistory
+                history = _histories[id(layer)] = kind(layer)
     return history
 
 
 _histories: dict[int, Any] = _module_state({})  # id(layer) -> its history
+_histories_lock = threading.Lock()
 
 
 # -- resumable sockets --
 
 class _ResumableSocket:
     """What a resumable socket has sent of each of its groups with history, by group:
-    ``[epoch, offset]``. Its stamped replies pass through `deliver`, one at a time, in order."""
+    ``[epoch, offset]``. It exists before the socket joins its groups; its stamped replies pass
+    through `deliver`, one at a time, in order, and wait while the handshake finds out where
+    each group starts (a message can arrive before that is known)."""
 
     def __init__(self, connection: Any):
         self.connection = connection
@@ -5060,7 +5095,7 @@ class _ResumableSocket:
         self.sent: dict[str, list] = {}
         self.resuming: set[str] = set()  # asked with a position that history may catch up
         self.lost: set[str] = set()  # asked, but what it missed is gone
-        self.ready = False  # "$resume" has gone: a loss from now on is told at once
+        self.held: list[dict] | None = []  # stamped replies during the handshake; None once it is done
 
     async def start(self, asked: dict[str, tuple[str, int]]) -> None:
         """Where each group with history starts: at the client's position if history still has
@@ -5079,12 +5114,21 @@ class _ResumableSocket:
 
     async def deliver(self, reply: dict) -> None:
         if _RESUME in reply:
-            return await self._finish_resume()
+            await self._finish_resume()
+        elif self.held is not None:
+            if len(self.held) < _HELD_AT_MOST:  # beyond it, history fills the gap (or says lost)
+                self.held.append(reply)
+        else:
+            await self._deliver_stamped(reply)
+
+    async def _deliver_stamped(self, reply: dict) -> None:
         group, epoch, offset = reply[_STAMP]
         sent = self.sent.get(group)
         if sent is None:  # joined after the handshake: it starts here
             sent = self.sent[group] = [epoch, offset - 1]
-        elif sent[0] != epoch:  # the history its position was in is gone
+        if (sent[0] != epoch or offset > sent[1] + 1) and not await self._stored(group, epoch, offset):
+            return await self.connection._deliver(reply)  # not a position the store gave: as sent
+        if sent[0] != epoch:  # the history its position was in is gone
             await self._lose(group, epoch, 0)
             sent = self.sent[group]
         if offset <= sent[1]:
@@ -5092,6 +5136,12 @@ class _ResumableSocket:
         if offset > sent[1] + 1 and not await self._fill(group, offset - 1):
             await self._lose(group, epoch, offset - 1)
         await self._send(group, epoch, offset, reply)
+
+    async def _stored(self, group: str, epoch: str, offset: int) -> bool:
+        """Did the store give this position? Asked only when it breaks the sequence: a stamp
+        copied into a direct send, or from a history since lost, must not move the socket on."""
+        stored_epoch, top = await self._position(group)
+        return stored_epoch == epoch and offset <= top
 
     async def _position(self, group: str) -> tuple[str | None, int]:
         """The group's epoch and last offset; (None, 0) if it has no history (or it is down)."""
@@ -5130,36 +5180,54 @@ class _ResumableSocket:
         """What the client missed of *group* is gone: it starts again at *offset*, and is told."""
         self.sent[group] = [epoch, offset]
         self.resuming.discard(group)
-        if not self.ready:
+        if self.held is not None:
             self.lost.add(group)  # told with the others in "$resume"
             return
         positions = {_group_key(group): [epoch, offset]}
         await self.connection._deliver({"text": _compact({"$lost": {"positions": positions}})})
 
     async def _send(self, group: str, epoch: str, offset: int, reply: dict) -> None:
+        """One group message, in its envelope (its position moves on even if it cannot go)."""
         self.sent[group] = [epoch, offset]
         frame = {key: reply[key] for key in ("accept", "close") if key in reply}
         position = [_group_key(group), epoch, offset]
-        if reply.get("text") is not None:
-            frame["text"] = _compact({"$pos": position, "text": reply["text"]})
-        elif reply.get("bytes") is not None:
+        text, data = reply.get("text"), reply.get("bytes")
+        if isinstance(text, str):
+            frame["text"] = _compact({"$pos": position, "text": text})
+        elif isinstance(data, bytes):
             import base64
-            frame["text"] = _compact({"$pos": position, "bytes": base64.b64encode(reply["bytes"]).decode()})
+            frame["text"] = _compact({"$pos": position, "bytes": base64.b64encode(data).decode()})
+        elif text is not None or data is not None:
+            logger.error("Group message to %r has text or bytes of the wrong type (%.100r); not sent.",
+                         group, text if text is not None else data)
         if frame:
             await self.connection._deliver(frame)
 
     async def _finish_resume(self) -> None:
-        """Behind the handshake's replies: send what each resumed group missed, then the frame
-        that says where every group stands, and which resumed or lost."""
+        """Behind the handshake's replies: send what each resumed group missed, then what came
+        during the handshake, then the frame that says where every group stands, and which
+        resumed or lost. A group the client did not ask for starts before the first message it
+        heard during the handshake, if any, else at the last offset."""
+        held, self.held = self.held or [], []
+        for reply in held:
+            group, epoch, offset = reply[_STAMP]
+            sent = self.sent.get(group)
+            if group not in self.resuming and sent is not None and sent[0] == epoch and offset <= sent[1]:
+                sent[1] = offset - 1
         for group in sorted(self.resuming):
             epoch, top = await self._position(group)
             if epoch != self.sent[group][0] or not await self._fill(group, top):
                 await self._lose(group, epoch or "", top)
-        self.ready = True
-        keys = functools.partial(map, _group_key)
+        for reply in held:
+            await self._deliver_stamped(reply)
+        self.held = None
         await self.connection._deliver({"text": _compact({"$resume": {
             "positions": {_group_key(group): sent for group, sent in self.sent.items()},
-            "resumed": sorted(keys(self.resuming)), "lost": sorted(keys(self.lost))}})})
+            "resumed": _keys_of(self.resuming), "lost": _keys_of(self.lost)}})})
+
+
+def _keys_of(groups: Iterable[str]) -> list[str]:
+    return sorted(_group_key(group) for group in groups)
 
 
 def _compact(data: Any) -> str:
@@ -5169,17 +5237,36 @@ def _compact(data: Any) -> str:
 _resumable: dict[str, _ResumableSocket] = _module_state({})  # reply channel -> its socket
 
 
+class _Membership(set):
+    """A resumable socket's groups (``connection.groups``): leaving one forgets its position,
+    so that joining it again starts afresh rather than replaying what was said meanwhile."""
+
+    def __init__(self, groups: Iterable[str], sent: dict[str, list]):
+        super().__init__(groups)
+        self.sent = sent
+
+    def discard(self, group: str) -> None:
+        super().discard(group)
+        self.sent.pop(group, None)
+
+
+def _resumable_opens(consumer: BaseConsumer) -> None:
+    """Hook ``message``: a resumable socket's handshake begins (its groups are not joined yet)."""
+    if getattr(consumer, "resumable", False) and consumer.message.channel_name == "websocket.connect":
+        connection = _local_sockets.get(consumer.message.reply_channel.name)
+        if connection is not None:
+            socket = _resumable[connection.reply_channel] = _ResumableSocket(connection)
+            connection.groups = _Membership(connection.groups, socket.sent)
+
+
 async def _resume_connected(consumer: WebsocketConsumer, kwargs: dict) -> None:
     """Hook ``connected``: a resumable socket reads the positions its client sent, after an
     ordinary handshake (origin, login, groups joined, ``connect()``), and queues its catch-up
     behind the handshake's replies."""
-    if not consumer.resumable:
+    socket = _resumable.get(consumer.message.reply_channel.name)
+    if socket is None or socket.connection.closing:
         return
-    connection = _local_sockets.get(consumer.message.reply_channel.name)
-    if connection is None or connection.closing:
-        return
-    socket = _resumable[connection.reply_channel] = _ResumableSocket(connection)
-    await socket.start(_positions_asked(connection))
+    await socket.start(_positions_asked(socket.connection))
     consumer.message.reply_channel.send({_RESUME: True})  # deferred: after the accept
 
 
@@ -5219,16 +5306,17 @@ async def _forget_resumable(connection: Any) -> None:
 
 
 def _resumable_reply(connection: Any, reply: dict) -> Awaitable[None] | None:
-    """Hook ``reply``: a resumable socket's replies go through it (others: unchanged, the
-    stamp ignored)."""
+    """Hook ``reply``: a resumable socket's stamped replies go through it (others: unchanged,
+    the stamp ignored)."""
     if _STAMP not in reply and _RESUME not in reply:
         return None
     socket = _resumable.get(connection.reply_channel)
-    stamp = reply.get(_STAMP)
-    if socket is None or (_RESUME not in reply and not (
-            isinstance(stamp, list) and len(stamp) == 3 and stamp[0] in connection.groups
-            and isinstance(stamp[1], str) and type(stamp[2]) is int)):
-        return None  # not resumable, or not a group it is in: as sent, the stamp ignored
+    if socket is None or _RESUME in reply:
+        return socket.deliver(reply) if socket is not None else None
+    stamp = reply[_STAMP]
+    if not (isinstance(stamp, list) and len(stamp) == 3 and isinstance(stamp[0], str)
+            and stamp[0] in connection.groups and isinstance(stamp[1], str) and type(stamp[2]) is int):
+        return None  # malformed, or a group it has left since
     return socket.deliver(reply)
 
 
@@ -5277,6 +5365,7 @@ def _stats_with_history(app: Any) -> dict[str, int]:
 Application.stats = _stats_with_history  # type: ignore[attr-defined]
 _hooks.group_send.append(_stamp_in_memory)
 _hooks.layer.append(_stamp_on_redis)
+_hooks.message.append(_resumable_opens)
 _hooks.connected.append(_resume_connected)
 _hooks.reply.append(_resumable_reply)
 _hooks.closed.append(_forget_resumable)

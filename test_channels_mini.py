@@ -9407,7 +9407,8 @@ async def test_history_a_client_that_never_returns_leaves_nothing_and_history_go
 
 def test_history_on_redis_messages_expire_after_the_ttl_and_the_position_stays_small():
     """On Redis a group's messages live in one stream that expires TTL after the last send;
-    only its position (a small hash) outlives it, so a late client is told "lost" exactly."""
+    only its position (a small hash) outlives it, for a day, so a late client is told "lost"
+    exactly; a position a handshake only read lasts the TTL."""
     import redis
     group = hist_group("hshort")
     from django.test import override_settings
@@ -9416,16 +9417,28 @@ def test_history_on_redis_messages_expire_after_the_ttl_and_the_position_stays_s
         reset_channel_layers()
         layer = get_channel_layer()  # a layer from settings: section 15 stores its history sends
         run(layer.group_send(group, {"text": "one"}))
+        quiet = hist_group("hshort")  # a group a handshake reads but nobody sends to
+
+        async def handshake():
+            socket = WebsocketCommunicator(Application(hist_routing, channel_layer=layer), f"/hist/{quiet}/")
+            assert (await socket.connect())[0]
+            await socket.receive_json_from()
+            await socket.disconnect()
+        run(handshake())
         client = redis.Redis.from_url(url)
         try:
             keys = sorted(key.decode() for key in client.keys(f"*{group}*"))
             ttl_ms = client.pttl(f"asgi:history:{{{group}}}:messages")
+            quiet_ttl_ms = client.pttl(f"asgi:history:{{{quiet}}}:position")
+            position_ttl = client.ttl(f"asgi:history:{{{group}}}:position")
             time.sleep(1.7)
             left = sorted(key.decode() for key in client.keys(f"*{group}*"))
         finally:
             client.close()
     assert keys == [f"asgi:history:{{{group}}}:messages", f"asgi:history:{{{group}}}:position"]
     assert 0 < ttl_ms <= 1500
+    assert 0 < quiet_ttl_ms <= 2000  # a position only read lasts the TTL (rounded up), not a day
+    assert 86_000 < position_ttl <= 86_400
     assert left == [f"asgi:history:{{{group}}}:position"]
 
 
@@ -9524,6 +9537,144 @@ def test_history_the_js_client_is_served_by_the_application():
     assert status == 200 and headers["Content-Type"].startswith("text/javascript")
     assert b"class Bridge" in body and b"window.channels.WebSocketBridge" in body
     assert again[0] == 304 and again[1] == b""
+
+
+
+class hist_SlowRoom(hist_Room):
+    """A resumable room whose connect() takes 0.3 s (a database, say) and may refuse."""
+
+    async def connect(self, message, **kwargs):
+        await asyncio.sleep(0.3)
+        if "refuse" in message["path"]:
+            raise DenyConnection
+        await message.reply_channel.asend({"accept": True})
+
+    async def receive(self, text=None, bytes=None, group=None, **kwargs):
+        if text == "!leave":
+            await Group(group).adiscard(self.message.reply_channel)
+        elif text == "!join":
+            await Group(group).aadd(self.message.reply_channel)
+        elif text == "!forge":  # a relay that copies what a client sent into a direct reply
+            await self.message.reply_channel.asend({"text": "forged", "__history__": [group, "e", 10**9]})
+        await self.message.reply_channel.asend({"text": f"done {text}"})
+
+
+def hist_slow_app() -> Application:
+    return Application([hist_SlowRoom.as_route(path=r"^/slow/(?P<group>[\w-]+)/(?:refuse/)?$")],
+                       channel_layer=InMemoryChannelLayer())
+
+
+@asynchronous
+async def test_history_a_message_during_the_handshake_waits_for_its_position():
+    """A message said while the socket's connect() still runs (its groups already joined):
+    a resuming socket gets the messages it missed, then that one, each once, in order, all in
+    their envelopes; a socket whose connect() refuses hears none of them."""
+    from urllib.parse import quote
+    app = hist_slow_app()
+    group = hist_group()
+    say = functools.partial(Group(group, channel_layer=app.channel_layer).asend)
+    first = WebsocketCommunicator(app, f"/slow/{group}/")
+    assert (await first.connect())[0]
+    start = (await first.receive_json_from())["$resume"]["positions"]
+    await say({"text": "m1"})
+    seen = json.loads(await first.receive_from())
+    await first.disconnect()
+    await say({"text": "m2"})  # missed
+    key = next(iter(start))
+    again = WebsocketCommunicator(app, f"/slow/{group}/?resume={quote(json.dumps({key: [seen['$pos'][1], 1]}))}")
+    refused = WebsocketCommunicator(app, f"/slow/{group}/refuse/")
+    connecting = asyncio.gather(again.connect(timeout=3), refused.connect(timeout=3))
+    await asyncio.sleep(0.15)
+    await say({"text": "m3"})  # while both handshakes run
+    (accepted, _), (refused_accepted, code) = await connecting
+    frames = [json.loads(await again.receive_from()) for _ in range(3)]
+    assert accepted and not refused_accepted
+    assert [(f.get("$pos") or [None, None, None])[2] for f in frames[:2]] == [2, 3]
+    assert [f["text"] for f in frames[:2]] == ["m2", "m3"] and frames[2]["$resume"]["resumed"] == [key]
+    assert await refused.receive_nothing(0.2)
+    await again.disconnect()
+
+
+@asynchronous
+async def test_history_a_socket_that_leaves_and_joins_again_is_not_sent_what_it_missed_outside():
+    """A socket that leaves a group and joins it again later starts afresh: what was said
+    while it was out is not sent to it."""
+    app = hist_slow_app()
+    group = hist_group()
+    say = functools.partial(Group(group, channel_layer=app.channel_layer).asend)
+    socket = WebsocketCommunicator(app, f"/slow/{group}/")
+    assert (await socket.connect())[0]
+    await socket.receive_json_from()
+    await say({"text": "before"})
+    assert json.loads(await socket.receive_from())["text"] == "before"
+    await socket.send_to("!leave")
+    assert await socket.receive_from() == "done !leave"
+    for number in range(3):
+        await say({"text": f"private {number}"})
+    await socket.send_to("!join")
+    assert await socket.receive_from() == "done !join"
+    await say({"text": "after"})
+    frame = json.loads(await socket.receive_from())
+    assert (frame["text"], frame["$pos"][2]) == ("after", 5)
+    assert await socket.receive_nothing(0.2)
+    await socket.disconnect()
+
+
+@asynchronous
+async def test_history_a_stamp_copied_into_a_direct_reply_moves_nothing():
+    """A direct reply that carries a stamp (an app relaying what a client sent) goes out as
+    sent, and the socket's position does not move: the next group message arrives as usual."""
+    app = hist_slow_app()
+    group = hist_group()
+    socket = WebsocketCommunicator(app, f"/slow/{group}/")
+    assert (await socket.connect())[0]
+    await socket.receive_json_from()
+    await socket.send_to("!forge")
+    assert await socket.receive_from() == "forged"
+    assert await socket.receive_from() == "done !forge"
+    await Group(group, channel_layer=app.channel_layer).asend({"text": "real"})
+    frame = json.loads(await socket.receive_from())
+    assert (frame["text"], frame["$pos"][2]) == ("real", 1)
+    await socket.disconnect()
+
+
+@asynchronous
+async def test_history_a_malformed_group_message_is_logged_and_never_closes_resumable_sockets(caplog):
+    """A message with bytes that are not bytes in a group with history: logged, not sent; the
+    socket stays open, and so does a resume that replays it."""
+    from urllib.parse import quote
+    app = Application(hist_routing, channel_layer=InMemoryChannelLayer())
+    group = hist_group()
+    say = functools.partial(Group(group, channel_layer=app.channel_layer).asend)
+    socket = WebsocketCommunicator(app, f"/hist/{group}/")
+    assert (await socket.connect())[0]
+    positions = (await socket.receive_json_from())["$resume"]["positions"]
+    with caplog.at_level(logging.ERROR, logger="channels_mini"):
+        await say({"bytes": "not bytes"})
+        await say({"text": "fine"})
+        assert json.loads(await socket.receive_from())["$pos"][2] == 2
+    await socket.disconnect()
+    again = WebsocketCommunicator(app, f"/hist/{group}/?resume={quote(json.dumps(positions))}")
+    assert (await again.connect())[0]
+    assert json.loads(await again.receive_from())["text"] == "fine"
+    assert json.loads(await again.receive_from())["$resume"]["resumed"]
+    await again.disconnect()
+    assert len([r for r in caplog.records if "wrong type" in r.getMessage()]) == 2
+
+
+@asynchronous
+async def test_history_positions_only_read_by_handshakes_last_the_ttl_not_a_day():
+    """Handshakes to 50 groups nobody sends to give each a position; they are freed after the
+    group's TTL (hshort: 1.5 s), so clients cannot fill memory with them."""
+    app = Application(hist_routing, channel_layer=InMemoryChannelLayer())
+    for _ in range(50):
+        socket = WebsocketCommunicator(app, f"/hist/{hist_group('hshort')}/")
+        assert (await socket.connect())[0]
+        await socket.receive_json_from()
+        await socket.disconnect()
+    assert app.stats()["history_positions"] == 50
+    await asyncio.sleep(1.6)
+    assert app.stats()["history_positions"] == 0
 
 
 
