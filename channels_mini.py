@@ -5251,8 +5251,11 @@ class _Membership(set):
 
 
 def _resumable_opens(consumer: BaseConsumer) -> None:
-    """Hook ``message``: a resumable socket's handshake begins (its groups are not joined yet)."""
-    if getattr(consumer, "resumable", False) and consumer.message.channel_name == "websocket.connect":
+    """Hook ``message``: a resumable socket's handshake begins, before its groups are joined.
+    (A ``WebsocketConsumer`` only: its handshake ends with the ``connected`` hook, which lets
+    out what the socket holds meanwhile.)"""
+    if (isinstance(consumer, WebsocketConsumer) and consumer.resumable
+            and consumer.message.channel_name == "websocket.connect"):
         connection = _local_sockets.get(consumer.message.reply_channel.name)
         if connection is not None:
             socket = _resumable[connection.reply_channel] = _ResumableSocket(connection)

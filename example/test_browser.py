@@ -10,23 +10,29 @@ their sockets with the client the server itself serves, /channels_mini.js. A
 chat page whose socket drops and stays offline for a few seconds catches up
 on what the room said meanwhile; a server restart under an open page makes
 it reconnect and say that it lost messages (the in-memory history is gone).
+With a real redis-server as the demo's channel layer (DEMO_REDIS_URL), the
+history outlives the restart: a page that comes back after it gets every
+line said, before and after, and no such notice.
 
 Run it from the repository root:
 
     python -m pytest example/test_browser.py
 
-It needs uvicorn, Playwright for Python (the `test` extra) and a Chromium binary
-(/usr/bin/chromium, or set CHROMIUM_PATH; `.ci/run` installs Debian's). Without them it
-fails and says what is missing: a skipped browser test would read as a passing one.
+It needs uvicorn, channels_redis, Playwright for Python (the `test` extra), a Chromium
+binary (/usr/bin/chromium, or set CHROMIUM_PATH) and redis-server (on the PATH, or set
+REDIS_SERVER_PATH); `.ci/run` installs Debian's. Without them it fails and says what is
+missing: a skipped browser test would read as a passing one.
 
 The demo runs only in the subprocess: this file imports neither Django nor
 channels_mini, so it never clashes with the settings of test_channels_mini.py.
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,6 +56,7 @@ if not os.path.exists(CHROMIUM):
 expect = sync_api.expect
 TIMEOUT_MS = 10_000
 expect.set_options(timeout=TIMEOUT_MS)
+REDIS_SERVER = os.environ.get("REDIS_SERVER_PATH") or shutil.which("redis-server")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -65,10 +72,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class DemoServer:
-    """The demo under `python -m uvicorn`, with its own database and log file."""
+def _stop_process(process: subprocess.Popen | None) -> None:
+    """Terminate *process* and wait for it (10 s), then kill it if it is still there."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
-    def __init__(self, tmp_path: Path):
+
+class DemoServer:
+    """The demo under `python -m uvicorn`, with its own database and log file.
+
+    *env* adds environment variables (DEMO_REDIS_URL); without it the demo
+    runs on its in-memory layer, whatever the parent's environment says.
+    stop() then start() restarts it on the same port, with the same database.
+    """
+
+    def __init__(self, tmp_path: Path, env: dict[str, str] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / "server.log"
@@ -80,6 +104,8 @@ class DemoServer:
             DJANGO_SUPERUSER_PASSWORD="admin",
             PYTHONUNBUFFERED="1",
         )
+        self.env.pop("DEMO_REDIS_URL", None)
+        self.env.update(env or {})
         self.process: subprocess.Popen | None = None
 
     def manage(self, *args: str) -> None:
@@ -109,27 +135,22 @@ class DemoServer:
         raise RuntimeError(f"the demo server did not answer within 30 s:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        _stop_process(self.process)
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, request):
-    demo = DemoServer(tmp_path_factory.mktemp("demo"))
+@contextlib.contextmanager
+def serving_demo(demo: DemoServer, request, superuser: bool = False):
+    """Migrate *demo*'s database, start it, and always stop it; its log goes
+    to stderr if a test failed meanwhile."""
     failed_before = request.session.testsfailed
     try:
         demo.manage("migrate", "--noinput")
-        demo.manage("createsuperuser", "--noinput", "--username", "admin",
-                    "--email", "admin@example.com")
+        if superuser:
+            demo.manage("createsuperuser", "--noinput", "--username", "admin",
+                        "--email", "admin@example.com")
         demo.start()
         yield demo
     finally:
@@ -137,6 +158,56 @@ def server(tmp_path_factory, request):
         if request.session.testsfailed > failed_before:
             # Past pytest's capture, so it shows next to the failure.
             sys.__stderr__.write(f"\n--- demo server log ---\n{demo.log()[-6000:]}\n")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    with serving_demo(DemoServer(tmp_path_factory.mktemp("demo")), request,
+                      superuser=True) as demo:
+        yield demo
+
+
+@contextlib.contextmanager
+def running_redis(workdir: Path):
+    """A real redis-server on a free 127.0.0.1 port, keeping nothing on disk;
+    yields its URL and always stops it."""
+    if REDIS_SERVER is None or not os.path.exists(REDIS_SERVER):
+        raise FileNotFoundError("No redis-server: apt-get install -y redis-server, "
+                                "or set REDIS_SERVER_PATH.")
+    port = _free_port()
+    process = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited early (code {process.returncode})")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not answer PING within 20 s")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        _stop_process(process)
+
+
+@pytest.fixture
+def redis_demo(tmp_path, request):
+    """The demo on its own database, with a fresh redis-server as its channel
+    layer and presence cache (DEMO_REDIS_URL)."""
+    with running_redis(tmp_path) as url:
+        demo = DemoServer(tmp_path, env={"DEMO_REDIS_URL": url})
+        with serving_demo(demo, request) as demo:
+            yield demo
 
 
 # === the browser ===
@@ -154,13 +225,14 @@ def browser():
             browser.close()
 
 
-@pytest.fixture
-def visitors(browser, server):
-    """Return a function that opens a new browser context and picks a chat name."""
+@contextlib.contextmanager
+def visitors_of(browser, demo: DemoServer):
+    """Yield a function that opens a new browser context on *demo* and picks a
+    chat name; every context closes on exit."""
     contexts = []
 
     def visitor(name: str):
-        context = browser.new_context(base_url=server.url)
+        context = browser.new_context(base_url=demo.url)
         context.set_default_timeout(TIMEOUT_MS)
         contexts.append(context)
         page = context.new_page()
@@ -175,6 +247,12 @@ def visitors(browser, server):
     finally:
         for context in contexts:
             context.close()
+
+
+@pytest.fixture
+def visitors(browser, server):
+    with visitors_of(browser, server) as visitor:
+        yield visitor
 
 
 def open_online(page, path: str) -> None:
@@ -546,6 +624,72 @@ def test_page_reconnects_after_a_server_restart(visitors, server):
             "Some messages may have been missed while you were away "
             "(the server lost its history).")
         expect(page.locator("#messages li.resumed")).to_have_count(0)
+
+
+def say(page, text: str) -> None:
+    page.fill("#chat-input", text)
+    page.press("#chat-input", "Enter")
+
+
+def test_chat_survives_a_server_restart_with_redis(browser, redis_demo):
+    with visitors_of(browser, redis_demo) as visitors_here:
+        alice, bob = visitors_here("alice"), visitors_here("bob")
+        open_online(alice, "/chat/redis-restart/")
+        open_online(bob, "/chat/redis-restart/")
+        expect(alice.locator("#messages li.event", has_text="bob joined")).to_be_visible()
+        said = []
+        for page, name, text in [(alice, "alice", "before the restart"),
+                                 (bob, "bob", "me too")]:
+            say(page, text)
+            said.append(f"{name}: {text}")
+            expect(chat_lines(alice)).to_have_text(said)
+            expect(chat_lines(bob)).to_have_text(said)
+
+        # alice's first retry comes 2 to 4 s after the restart closes her
+        # socket: time enough to take her network away, so that she comes
+        # back only once bob has spoken, however long the server takes to
+        # start. bob retries every 0.25 to 0.5 s.
+        alice.evaluate("bridge.minDelay = 4000")
+        bob.evaluate("bridge.maxDelay = 500")
+        redis_demo.stop()
+        expect(alice.locator("#status")).to_have_attribute("data-state", "offline")
+        alice.context.set_offline(True)
+        alice.evaluate("bridge.minDelay = 500; bridge.maxDelay = 2000")
+        expect(bob.locator("#status")).not_to_have_attribute("data-state", "online")
+        redis_demo.start()  # the same port, the same Redis
+
+        expect(bob.locator("#status")).to_have_attribute("data-state", "online",
+                                                         timeout=20_000)
+        after = [f"bob: line {n} after the restart" for n in range(1, 4)]
+        for line in after:
+            say(bob, line.removeprefix("bob: "))
+            expect(bob.locator("#messages li.chat", has_text=line)).to_be_visible()
+        expect(chat_lines(bob)).to_have_text([*said, *after])
+        # alice is still away: nothing said after the restart reached her live
+        expect(chat_lines(alice)).to_have_text(said)
+        assert alice.evaluate("bridge.status") != "online"
+
+        alice.context.set_offline(False)
+        expect(alice.locator("#status")).to_have_attribute("data-state", "online",
+                                                           timeout=20_000)
+        # "resumed" comes after the replay: by then every missed line is in.
+        expect(alice.locator("#messages li.resumed")).to_have_count(1)
+        expect(chat_lines(alice)).to_have_text([*said, *after])  # once each, in order
+        # The history was in Redis: neither page lost a line to the restart.
+        for page in (alice, bob):
+            expect(lost_notice(page)).to_have_count(0)
+            expect(page.locator("#messages li.resumed")).to_have_count(1)
+
+        # and the room goes on, both ways, with both in "Here now"
+        say(alice, "back")
+        expect(chat_lines(bob)).to_have_text([*said, *after, "alice: back"])
+        expect(chat_lines(alice)).to_have_text([*said, *after, "alice: back"])
+        expect(here_now(alice)).to_have_text(["alice", "bob"])
+        expect(here_now(bob)).to_have_text(["alice", "bob"])
+
+    log = redis_demo.log()
+    assert "Traceback" not in log, log[-6000:]
+    assert " ERROR " not in log and "ERROR:" not in log, log[-6000:]
 
 
 def test_server_logged_no_errors(server):

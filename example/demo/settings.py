@@ -8,6 +8,10 @@ online. Environment variables the demo reads:
   test points it at a fresh temporary file.
 - DEMO_DEBUG: "0" turns DEBUG off.
 - DJANGO_SECRET_KEY: overrides the development key.
+- DEMO_REDIS_URL: a Redis server, e.g. redis://127.0.0.1:6379. Set, the demo
+  uses it as its channel layer (channels_redis: pip install -e '.[redis]')
+  and as the cache of its "Here now" lists, so the chat rooms' history
+  outlives a server restart and several server processes can share the work.
 """
 import os
 from pathlib import Path
@@ -70,27 +74,28 @@ ASGI_APPLICATION = "demo.asgi.application"
 CHANNEL_ROUTING = "demo.routing.channel_routing"
 
 # No CHANNEL_LAYERS: channels_mini then uses one in-process layer, which is all
-# a single uvicorn process needs. For several processes or machines, configure
-# a shared backend the way Channels does, e.g.:
+# a single uvicorn process needs. The chat rooms' "Here now" lists
+# (channels_mini's presence) then live in this process's memory too.
 #
-# CHANNEL_LAYERS = {
-#     "default": {
-#         "BACKEND": "channels_redis.core.RedisChannelLayer",
-#         "CONFIG": {"hosts": [("127.0.0.1", 6379)]},
-#     }
-# }
-
-# The chat rooms' "Here now" lists (channels_mini's presence) live in Django's
-# cache. Django's default cache is the in-process LocMemCache, which is all
-# one process needs; with several server processes, point presence at a
-# shared cache (Django's RedisCache) so every process sees every socket:
-#
-# CACHES = {
-#     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
-#     "presence": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
-#                  "LOCATION": "redis://127.0.0.1:6379"},
-# }
-# CHANNELS_MINI_PRESENCE = {"CACHE": "presence", "HEARTBEAT": 5.0, "TIMEOUT": 20.0}
+# With DEMO_REDIS_URL set, both move to that Redis server: the channel layer is
+# channels_redis's, configured the way Channels does, and presence uses a
+# shared cache (Django's RedisCache), so every process sees every socket.
+# (HEARTBEAT and TIMEOUT, in seconds, could go beside "CACHE"; the defaults
+# are 5 and 20.)
+DEMO_REDIS_URL = os.environ.get("DEMO_REDIS_URL")
+if DEMO_REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [DEMO_REDIS_URL]},
+        }
+    }
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "presence": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                     "LOCATION": DEMO_REDIS_URL},
+    }
+    CHANNELS_MINI_PRESENCE = {"CACHE": "presence"}
 
 # History of the chat rooms' groups (chat.consumers.room_group(): "chat-"
 # plus the room): the last 200 messages of each room, for 300 seconds. The
@@ -98,8 +103,9 @@ CHANNEL_ROUTING = "demo.routing.channel_routing"
 # (a dropped Wi-Fi, a laptop lid, the room's "Drop connection" button) gets
 # what it missed; after longer, or after a server restart (the in-process
 # layer keeps history in memory), the page is told it lost messages instead.
-# With a shared Redis layer (CHANNEL_LAYERS above) the history lives in Redis
-# and outlives a restart of the web server.
+# With DEMO_REDIS_URL (the Redis layer above) the history lives in Redis and
+# outlives a restart of the web server: a page that comes back within the
+# TTL catches up on every line.
 CHANNELS_MINI_HISTORY = {"chat-*": {"SIZE": 200, "TTL": 300}}
 
 DATABASES = {
