@@ -5155,21 +5155,23 @@ class _ResumableSocket:
             _log_limited(logging.ERROR, "Cannot read the history of group %r.", group, **_OUTAGE)
             return None, 0
 
-    async def _fill(self, group: str, upto: int) -> bool:
-        """Send this group's messages after the last one sent, up to *upto*, from history.
-        False (and nothing sent) unless history still holds every one of them."""
+    async def _fill(self, group: str, upto: int | None) -> bool:
+        """Send this group's messages after the last one sent, up to *upto* (None: its last
+        one), from history. False (and nothing sent) unless history still holds all of them."""
         epoch, after = self.sent[group]
         rule = _history_rule(group)
-        if upto <= after:
+        if upto is not None and upto <= after:
             return True
-        if rule is None or upto - after > rule[0]:  # more than history keeps: never a partial replay
+        if rule is None or (upto or 0) - after > rule[0]:  # more than history keeps: never a partial replay
             return False
         try:
-            found_epoch, _, found = await self.history.read(group, after, *rule, upto - after)
+            found_epoch, top, found = await self.history.read(
+                group, after, *rule, rule[0] if upto is None else upto - after)
         except Exception:
             _log_limited(logging.ERROR, "Cannot read the history of group %r to fill a gap; telling "
                          "the client it lost messages.", group, **_OUTAGE)
             return False
+        upto = top if upto is None else upto
         if found_epoch != epoch or [offset for offset, _ in found] != list(range(after + 1, upto + 1)):
             return False
         for offset, message in found:  # a close is not repeated: the client came back
@@ -5215,8 +5217,8 @@ class _ResumableSocket:
             if group not in self.resuming and sent is not None and sent[0] == epoch and offset <= sent[1]:
                 sent[1] = offset - 1
         for group in sorted(self.resuming):
-            epoch, top = await self._position(group)
-            if epoch != self.sent[group][0] or not await self._fill(group, top):
+            if not await self._fill(group, None):
+                epoch, top = await self._position(group)
                 await self._lose(group, epoch or "", top)
         for reply in held:
             await self._deliver_stamped(reply)

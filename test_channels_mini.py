@@ -9343,14 +9343,17 @@ def test_history_a_logout_during_the_gap_refuses_the_reconnect_and_replays_nothi
     assert hist_texts(client.seen) == ["before"]
 
 
-def test_history_1000_clients_resuming_within_2_seconds_all_resume():
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_history_1000_clients_resuming_within_2_seconds_all_resume(where):
     """1,000 resumable sockets drop; 5 messages are said; all 1,000 reconnect within 2 s and
-    each resumes with the 5. The handshake-to-"resumed" time and the server's memory are
-    printed."""
+    each resumes with the 5 (history in memory, or on Redis). The handshake-to-"resumed" time
+    and the server's memory are printed."""
     import statistics
     group = hist_group()
     count = 1000
-    with running_server(app=f"{__name__}:hist_app") as server:
+    with contextlib.ExitStack() as stack:
+        env = redis_server_env(stack.enter_context(running_redis())) if where == "redis" else None
+        server = stack.enter_context(running_server(app=f"{__name__}:hist_app", env=env))
         server_process = psutil.Process(server.process.pid)
 
         async def steps():
@@ -9376,7 +9379,7 @@ def test_history_1000_clients_resuming_within_2_seconds_all_resume():
         results, spread, rss_before, rss_after = run(steps(), timeout=180)
     seconds = sorted(result[0] for result in results)
     p99 = seconds[int(0.99 * len(seconds)) - 1]
-    print(f"\n{count} resumes within {spread:.2f} s: handshake to 'resumed' median "
+    print(f"\n{where}: {count} resumes within {spread:.2f} s: handshake to 'resumed' median "
           f"{statistics.median(seconds) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; server RSS "
           f"{rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MB")
     assert all(hist_texts(result[1]) == [f"m{n}" for n in range(5)] for result in results)
