@@ -703,6 +703,18 @@ PRESENCE_BACKENDS = [
 ]
 
 
+def start_redis(server: contextlib.ExitStack, section: str, log_dir):
+    """A redis-server for *section*, stopped with *server*: its port, or the error that stopped
+    it (the rows that need Redis then show ERROR; the others run)."""
+    try:
+        port = server.enter_context(presencebench.redis_server(log_dir))
+        log(f"[{section}] redis-server {presencebench.redis_version()} on 127.0.0.1:{port}")
+        return port
+    except Exception as exc:
+        log(f"    ! redis-server: {exc!r}")
+        return exc
+
+
 def run_presence(cfg, mini, rows, log_dir):
     """Join, read and leave a group of N tracked members: the sync API, from this (plain)
     thread; the in-process default cache and a real redis-server; the floor in between."""
@@ -723,12 +735,7 @@ def run_presence(cfg, mini, rows, log_dir):
             rows.append(row)
     server = contextlib.ExitStack()
     try:
-        try:
-            port = server.enter_context(presencebench.redis_server(log_dir))
-            log(f"[presence] redis-server {presencebench.redis_version()} on 127.0.0.1:{port}")
-        except Exception as exc:  # the Redis rows then show ERROR; the in-process rows run
-            port = exc
-            log(f"    ! redis-server: {exc!r}")
+        port = start_redis(server, "presence", log_dir)
 
         def mini_run(backend, run, port):
             if mini is None:
@@ -791,12 +798,7 @@ def run_redis(cfg, have_mini, rows, log_dir):
                    straggler_timeout=cfg["redis_straggler_timeout"])
     server = contextlib.ExitStack()
     try:
-        try:
-            port = server.enter_context(presencebench.redis_server(log_dir))
-            log(f"[redis] redis-server {presencebench.redis_version()} on 127.0.0.1:{port}")
-        except Exception as exc:  # every run then shows ERROR
-            port = exc
-            log(f"    ! redis-server: {exc!r}")
+        port = start_redis(server, "redis", log_dir)
         for r in range(cfg["heavy_rounds"]):
             log(f"[redis] round {r + 1}/{cfg['heavy_rounds']}")
             cells = {}
@@ -878,12 +880,7 @@ def run_history(cfg, have_mini, rows, log_dir):
     options["pubsub"] = options["redis"]
     server = contextlib.ExitStack()
     try:
-        try:
-            port = server.enter_context(presencebench.redis_server(log_dir))
-            log(f"[history] redis-server {presencebench.redis_version()} on 127.0.0.1:{port}")
-        except Exception as exc:  # the Redis rows then show ERROR; the in-memory rows run
-            port = exc
-            log(f"    ! redis-server: {exc!r}")
+        port = start_redis(server, "history", log_dir)
 
         def one(flavour, redis_port):
             if redis_port is not None:
