@@ -1,10 +1,9 @@
 r"""Channels 1.x for today's ASGI servers, in one file.
 
-channels_mini brings the Django Channels 0.17/1.x programming model -- channels,
-groups, routes with filters, class-based consumers and data binding -- to ASGI 3
-servers (uvicorn, daphne, hypercorn). It needs only Django and asgiref. It keeps
-one process's messages in memory; for several processes or machines it plugs
-into Channels' own layers (``channels_redis``) through ``CHANNEL_LAYERS``.
+channels_mini brings the Django Channels 0.17/1.x programming model -- channels, groups, routes
+with filters, class-based consumers and data binding -- to ASGI 3 servers (uvicorn, daphne,
+hypercorn). It needs only Django and asgiref. It keeps one process's messages in memory; for
+several processes or machines it plugs into Channels' own layers (``channels_redis``).
 
 Read Part I first, top to bottom: the core, in the order a message travels, up to the
 ``# === Part II`` banner (``grep -n '^# ===' channels_mini.py`` prints the sections):
@@ -19,8 +18,7 @@ Read Part I first, top to bottom: the core, in the order a message travels, up t
 8. Test helpers   -- ``WebsocketCommunicator``, ``reset_channel_layers()``.
 9. Command line   -- ``python -m channels_mini runworker``.
 
-Part II holds the extensions. Each plugs into the core through the named hooks of
-``_Hooks`` (near the top) and reads on its own:
+Part II holds the extensions; each plugs into the core through the named hooks of ``_Hooks``:
 
 10. JSON, streams and writes from clients -- ``JsonWebsocketConsumer``, the demultiplexer,
     ``Binding.consumer`` (permission-checked writes).
@@ -31,9 +29,8 @@ Part II holds the extensions. Each plugs into the core through the named hooks o
 14. Several processes -- a shared layer (Redis): listeners, the layer thread, restarts.
 15. History and resume -- group messages kept with positions; a socket resumes where it left.
 
-Two paths to follow, each a chain of calls you can find with grep. A frame from the browser
-reaches your ``receive()`` in 10 hops; incoming frames go straight to the router, never
-through the channel layer:
+Two paths to follow, each a chain of calls to find with grep. A frame from the browser reaches
+your ``receive()`` in 10 hops; incoming frames go straight to the router, never the layer:
 
 1. ``Application.__call__`` -> ``Application._websocket``: the origin is checked.
 2. ``_Connection.serve``: a reply channel and its outbox; the writer task starts.
@@ -44,9 +41,8 @@ through the channel layer:
 6. ``BaseConsumer.dispatch``: the hooks load what the message carries (sessions, the user);
    ``method_mapping`` names the method.
 7. ``_run_handler`` -> ``WebsocketConsumer.raw_receive`` -> ``_run_handler`` -> ``receive()``.
-   An ``async def`` is awaited on the event loop; a plain ``def`` runs in a worker thread
-   (a pool of 32) with Django's stale database connections closed before and after, as
-   around a request.
+   An ``async def`` is awaited on the event loop; a plain ``def`` runs in a worker thread (a
+   pool of 32), Django's stale database connections closed before and after, as for a request.
 
 A model save reaches the browser in 10 hops; replies and group messages go through the
 channel layer, into each socket's outbox:
@@ -88,6 +84,7 @@ A complete chat server::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import copy
 import dataclasses
@@ -244,9 +241,8 @@ def _is_valid_name(name: str, pattern: re.Pattern) -> bool:
 
 def _require_dict(message: Any, what: str = "Message") -> None:
     if not isinstance(message, dict):
-        raise TypeError(
-            f"{what} must be a dict (got {type(message).__name__} {message!r:.80}). "
-            f'Wrap the value, e.g. {{"text": ...}}.')
+        raise TypeError(f"{what} must be a dict (got {type(message).__name__} {message!r:.80}). "
+                        f'Wrap the value, e.g. {{"text": ...}}.')
 
 
 class _Throttle:
@@ -502,13 +498,10 @@ class InMemoryChannelLayer:
         """Counts a test or a status page can read: channels, groups, members, messages, dropped."""
         with self._lock:
             self._sweep(time.monotonic(), force=True)
-            return {
-                "channels": len(self._queues),
-                "groups": len(self._groups),
-                "members": sum(len(members) for members in self._groups.values()),
-                "messages": sum(len(queue.messages) for queue in self._queues.values()),
-                "dropped": self.dropped,
-            }
+            return {"channels": len(self._queues), "groups": len(self._groups),
+                    "members": sum(len(members) for members in self._groups.values()),
+                    "messages": sum(len(queue.messages) for queue in self._queues.values()),
+                    "dropped": self.dropped}
 
     # -- internals; the caller holds self._lock --
 
@@ -1256,8 +1249,7 @@ class BaseConsumer:
     ``method_mapping = {"websocket.receive": "on_frame"}`` sends ``websocket.receive``
     messages to ``self.on_frame(message, **kwargs)``. Methods may be sync or ``async def``.
     As in Channels 1.x, ``Cls(message, **kwargs)`` dispatches at once (from sync code);
-    routing builds the instance without ``__init__`` and awaits ``dispatch()`` instead.
-    """
+    routing builds the instance without ``__init__`` and awaits ``dispatch()`` instead."""
 
     #: Which method handles each channel: ``{channel name: method name}``.
     method_mapping: dict[str, str] = {}
@@ -1290,10 +1282,9 @@ class BaseConsumer:
         channel = self.message.channel_name
         name = self.method_mapping.get(channel)
         if name is None:
-            raise ValueError(
-                f"{type(self).__name__} has no method for channel {channel!r}: its "
-                f"method_mapping is {self.method_mapping!r}. Add the channel, or route "
-                f"only the channels it lists.")
+            raise ValueError(f"{type(self).__name__} has no method for channel {channel!r}: its "
+                             f"method_mapping is {self.method_mapping!r}. Add the channel, or route "
+                             f"only the channels it lists.")
         await _run_handler(getattr(self, name), self.message, **self.kwargs)
 
     @classmethod
@@ -1350,11 +1341,8 @@ class WebsocketConsumer(BaseConsumer):
                 self.group_send(f"room-{room}", text=text)
     """
 
-    method_mapping = {
-        "websocket.connect": "raw_connect",
-        "websocket.receive": "raw_receive",
-        "websocket.disconnect": "raw_disconnect",
-    }
+    method_mapping = {"websocket.connect": "raw_connect", "websocket.receive": "raw_receive",
+                      "websocket.disconnect": "raw_disconnect"}
     #: Groups every socket of this consumer joins on connect.
     groups: list[str] | None = None
     #: Accepted for Channels 1.x code; messages of one socket are always handled in order.
@@ -1733,8 +1721,7 @@ class _Connection:
 
     A subclass says how requests come in (`_run`), how one reply becomes ASGI events
     (`_deliver`) and how to end at once when a reply cannot be delivered (`_abort`);
-    everything sent to the reply channel reaches `_deliver` through `_write`.
-    """
+    everything sent to the reply channel reaches `_deliver` through `_write`."""
 
     kind = "connection"  # the reply channel's prefix
     what = "connection"  # its name in log lines
@@ -1838,6 +1825,8 @@ class _WebsocketConnection(_Connection):
         self.max_message_size = max_message_size
         self.order = 0
         self.accepted = False
+        self.deciding = True  # connect() has not decided yet: what reaches the socket is held
+        self.early: list[dict] = []  # held; sent once accepted, dropped if refused
 
     # frames in
 
@@ -1868,6 +1857,10 @@ class _WebsocketConnection(_Connection):
     async def _connect(self) -> None:
         content = _connect_message(self.scope, self.reply_channel)
         if await self._handle("websocket.connect", content):
+            self.deciding = False
+            if self.early and not self.closing:  # left pending with frames held: they accept it (1.x)
+                with contextlib.suppress(ChannelFull):  # a full outbox: its next frame accepts it
+                    self._queue({"accept": True})
             return
         if self.router._find("websocket.receive", content, partial=True) is not None:
             self._queue({"accept": True})  # Channels 1.x: frames are routed, so accept
@@ -1905,6 +1898,10 @@ class _WebsocketConnection(_Connection):
         """Turn one reply-channel message into ASGI events (SPEC section 2, replies)."""
         if self.closed:
             return
+        if self.deciding and not self.accepted and "accept" not in reply and "close" not in reply:
+            if len(self.early) < 100:  # a group message while connect() runs: a refused socket hears none
+                self.early.append(reply)
+            return
         if "accept" in reply:
             if not reply["accept"]:
                 return await self._close(1000)
@@ -1931,6 +1928,9 @@ class _WebsocketConnection(_Connection):
     async def _accept(self, subprotocol: str | None) -> None:
         self.accepted = True
         await self._emit({"type": "websocket.accept", "subprotocol": subprotocol})
+        early, self.early = self.early, []
+        for reply in early:  # what came while connect() ran, in order
+            await self._deliver(reply)
 
     async def _close(self, code: int) -> None:
         """Close (or, before accepting, reject with HTTP 403) -- once."""
