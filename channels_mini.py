@@ -84,7 +84,6 @@ A complete chat server::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import copy
 import dataclasses
@@ -1825,8 +1824,6 @@ class _WebsocketConnection(_Connection):
         self.max_message_size = max_message_size
         self.order = 0
         self.accepted = False
-        self.deciding = True  # connect() has not decided yet: what reaches the socket is held
-        self.early: list[dict] = []  # held; sent once accepted, dropped if refused
 
     # frames in
 
@@ -1857,10 +1854,6 @@ class _WebsocketConnection(_Connection):
     async def _connect(self) -> None:
         content = _connect_message(self.scope, self.reply_channel)
         if await self._handle("websocket.connect", content):
-            self.deciding = False
-            if self.early and not self.closing:  # left pending with frames held: they accept it (1.x)
-                with contextlib.suppress(ChannelFull):  # a full outbox: its next frame accepts it
-                    self._queue({"accept": True})
             return
         if self.router._find("websocket.receive", content, partial=True) is not None:
             self._queue({"accept": True})  # Channels 1.x: frames are routed, so accept
@@ -1898,10 +1891,6 @@ class _WebsocketConnection(_Connection):
         """Turn one reply-channel message into ASGI events (SPEC section 2, replies)."""
         if self.closed:
             return
-        if self.deciding and not self.accepted and "accept" not in reply and "close" not in reply:
-            if len(self.early) < 100:  # a group message while connect() runs: a refused socket hears none
-                self.early.append(reply)
-            return
         if "accept" in reply:
             if not reply["accept"]:
                 return await self._close(1000)
@@ -1928,9 +1917,6 @@ class _WebsocketConnection(_Connection):
     async def _accept(self, subprotocol: str | None) -> None:
         self.accepted = True
         await self._emit({"type": "websocket.accept", "subprotocol": subprotocol})
-        early, self.early = self.early, []
-        for reply in early:  # what came while connect() ran, in order
-            await self._deliver(reply)
 
     async def _close(self, code: int) -> None:
         """Close (or, before accepting, reject with HTTP 403) -- once."""

@@ -9665,34 +9665,6 @@ async def test_history_a_malformed_group_message_is_logged_and_never_closes_resu
     assert len([r for r in caplog.records if "wrong type" in r.getMessage()]) == 2
 
 
-class hist_Doorman(WebsocketConsumer):
-    """Not resumable: joins its group, then takes 0.3 s to decide; /refuse/ is refused."""
-    groups = ["doorman-room"]
-
-    async def connect(self, message, **kwargs):
-        await asyncio.sleep(0.3)
-        if "refuse" in message["path"]:
-            raise DenyConnection
-        await message.reply_channel.asend({"accept": True})
-
-
-@asynchronous
-async def test_connection_a_socket_refused_in_connect_hears_nothing_its_groups_said_meanwhile():
-    """Groups are joined before connect() runs; what they say while it runs waits for its
-    decision: a refused socket gets 403 and none of it, an accepted one gets it after the
-    accept, in order."""
-    app = Application([hist_Doorman.as_route(path=r"^/door/(?:refuse/)?$")], channel_layer=InMemoryChannelLayer())
-    refused, accepted = WebsocketCommunicator(app, "/door/refuse/"), WebsocketCommunicator(app, "/door/")
-    handshakes = asyncio.gather(refused.connect(timeout=3), accepted.connect(timeout=3))
-    await asyncio.sleep(0.1)
-    for number in range(3):
-        await Group("doorman-room", channel_layer=app.channel_layer).asend({"text": f"said {number}"})
-    (refused_ok, code), (accepted_ok, _) = await handshakes
-    assert (refused_ok, code) == (False, 1000) and await refused.receive_nothing(0.2)
-    assert accepted_ok and [await accepted.receive_from() for _ in range(3)] == ["said 0", "said 1", "said 2"]
-    await accepted.disconnect()
-
-
 @asynchronous
 async def test_history_positions_only_read_by_handshakes_last_the_ttl_not_a_day():
     """Handshakes to 50 groups nobody sends to give each a position; they are freed after the
