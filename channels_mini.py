@@ -4888,12 +4888,17 @@ class _MemoryHistory:
                 del self.logs[group]  # a position only read (never sent to) lasts TTL
 
 
+def _without_stamp(message: dict) -> dict:
+    """A copy of *message* without a position: a stamp is only the store's to make."""
+    return {key: value for key, value in message.items() if key != _STAMP}
+
+
 def _stamp_in_memory(layer: InMemoryChannelLayer, group: str, message: dict) -> dict:
     """Hook ``group_send``: store a message to a group with history, and stamp its position."""
     rule = _history_rule(group)
-    if rule is None:  # a stamp is only ours to make: a forged one goes
-        return message if _STAMP not in message else {k: v for k, v in message.items() if k != _STAMP}
-    message = {k: v for k, v in message.items() if k != _STAMP}
+    if rule is None:
+        return message if _STAMP not in message else _without_stamp(message)
+    message = _without_stamp(message)  # history's own copy: the caller may change theirs
     epoch, offset = _history_of(layer).append(group, message, *rule)
     return {**message, _STAMP: [group, epoch, offset]}
 
@@ -5041,7 +5046,7 @@ def _stamp_on_redis(layer: Any) -> None:
     async def group_send(group: str, message: dict) -> None:
         rule = _history_rule(group)
         if rule is not None or _STAMP in message:
-            message = {k: v for k, v in message.items() if k != _STAMP}
+            message = _without_stamp(message)
         if rule is not None:
             epoch, offset = await _history_of(layer).append(group, message, *rule)
             message[_STAMP] = [group, epoch, offset]
